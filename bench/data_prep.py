@@ -1,0 +1,183 @@
+"""Data preparation speed: sftkit against TRL's SFTTrainer, on the same conversations.
+
+    uv run bench/data_prep.py                 # 20k multi-turn conversations, 2 workers
+    uv run bench/data_prep.py --num 5000 --workers 4
+    uv run bench/data_prep.py --tiny          # a few hundred rows: checks that both paths run
+
+Both sides start from the same JSONL file with cold caches (fresh cache directories), use
+the same ChatML template (carrying `{% generation %}` tags so TRL's `assistant_only_loss`
+works) and the same tokenizer (a byte-level BPE trained here, no download), and the same
+number of worker processes (TRL `dataset_num_proc`, sftkit `data.num_workers`). TRL's path
+is `SFTTrainer._prepare_dataset`, the code `SFTTrainer.__init__` runs on the train set.
+Prints samples/s for both and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}{% generation %}{{- message.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+WORDS = (
+    "the model data answer question because value number system paris weather city "
+    "compute result first then finally explain reason step check list table code run "
+    "train token loss mask batch learning rate python function return error fix"
+).split()
+
+
+def conversations(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))).capitalize() + "."
+
+    rows = []
+    for _ in range(n):
+        messages = [{"role": "system", "content": text(5, 15)}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 4)):
+            messages += [
+                {"role": "user", "content": text(8, 40)},
+                {"role": "assistant", "content": text(20, 120)},
+            ]
+        rows.append({"messages": messages})
+    return rows
+
+
+def build_tokenizer(rows: list[dict], out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=2048,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(
+        (m["content"] for r in rows[:2000] for m in r["messages"]), trainer=trainer
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def run_sftkit(
+    path: Path, tok_dir: Path, workers: int, max_len: int, cache: Path
+) -> tuple[float, int]:
+    from sftkit.config.schema import MasterConfig
+    from sftkit.data import load_tokenizer, prepare_data
+
+    cfg = MasterConfig()
+    cfg.policy.tokenizer.name = str(tok_dir)
+    cfg.policy.max_total_sequence_length = max_len
+    cfg.data.train = {"dataset_name": "openai_format", "data_path": str(path)}
+    cfg.data.num_workers = workers
+    cfg.data.cache_dir = str(cache)
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.policy)
+    data = prepare_data(cfg, tokenizer)
+    return time.perf_counter() - start, len(data.train)
+
+
+def run_trl(
+    path: Path, tok_dir: Path, workers: int, max_len: int, cache: Path
+) -> tuple[float, int]:
+    import datasets
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    datasets.disable_progress_bars()
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    args = SFTConfig(
+        output_dir=str(cache / "out"),
+        assistant_only_loss=True,
+        max_length=max_len,
+        dataset_num_proc=workers if workers > 1 else None,
+        report_to=[],
+        use_cpu=True,
+    )
+    tiny = datasets.Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello"},
+                ]
+            }
+        ]
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=tiny, processing_class=tokenizer)
+    start = time.perf_counter()
+    raw = datasets.load_dataset(
+        "json", data_files=str(path), split="train", cache_dir=str(cache / "hf")
+    )
+    ds = trainer._prepare_dataset(raw, tokenizer, args, False, None, "train")
+    return time.perf_counter() - start, len(ds)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--num", type=int, default=20_000, help="conversations")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes on both sides")
+    parser.add_argument("--max-length", type=int, default=4096)
+    parser.add_argument(
+        "--tiny", action="store_true", help="300 conversations, 1 worker (a smoke test)"
+    )
+    args = parser.parse_args(argv)
+    num, workers = (300, 1) if args.tiny else (args.num, args.workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        rows = conversations(num)
+        path = root / "conversations.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        build_tokenizer(rows, root / "tok")
+        trl_s, trl_n = run_trl(path, root / "tok", workers, args.max_length, root / "trl")
+        ours_s, ours_n = run_sftkit(path, root / "tok", workers, args.max_length, root / "sftkit")
+    assert trl_n == ours_n == num, (trl_n, ours_n, num)
+    result = {
+        "num": num,
+        "workers": workers,
+        "trl_samples_per_s": num / trl_s,
+        "sftkit_samples_per_s": num / ours_s,
+        "ratio": trl_s / ours_s,
+    }
+    print(f"conversations={num} workers={workers}")
+    print(f"TRL    {result['trl_samples_per_s']:10.0f} samples/s  ({trl_s:.2f} s)")
+    print(f"sftkit {result['sftkit_samples_per_s']:10.0f} samples/s  ({ours_s:.2f} s)")
+    print(f"ratio  {result['ratio']:10.2f}x (sftkit / TRL)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""Checks on a config: unknown keys (with the nearest valid key), cross-field rules, and
+the NeMo RL settings that sftkit accepts but ignores."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from functools import cache
+from typing import Any, Union
+
+from sftkit.config.errors import ConfigError
+from sftkit.config.schema import (
+    CHOICES,
+    DATASET_KEYS,
+    DERIVED_DEFAULTS,
+    IGNORED_KEYS,
+    MasterConfig,
+)
+
+_MUST_SAVE_BY = re.compile(r"\d+:\d+:\d+:\d+")
+_MAX_LISTED_KEYS = 16
+
+
+# ---- the schema as a tree of types -------------------------------------------------------
+
+
+@cache
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type annotation of a schema dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def strip_optional(tp: Any) -> tuple[Any, bool]:
+    """(`X`, True) for `X | None`, else (`tp`, False)."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def section_class(tp: Any) -> type | None:
+    """The dataclass a field holds (a config section), or None for leaves and free dicts."""
+    inner, _ = strip_optional(tp)
+    return inner if dataclasses.is_dataclass(inner) else None
+
+
+def schema_type(path: str) -> Any | None:
+    """The annotation of a dotted schema path, or None when the schema does not know it."""
+    cls: type | None = MasterConfig
+    tp: Any = None
+    for seg in path.split("."):
+        if cls is None or seg not in field_types(cls):
+            return None
+        tp = field_types(cls)[seg]
+        cls = section_class(tp)
+    return tp
+
+
+@cache
+def schema_paths() -> tuple[str, ...]:
+    """Every dotted key of the schema, sections included."""
+    out: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for name, tp in field_types(cls).items():
+            out.append(prefix + name)
+            sub = section_class(tp)
+            if sub is not None:
+                walk(sub, f"{prefix}{name}.")
+
+    walk(MasterConfig, "")
+    return tuple(out)
+
+
+def type_name(tp: Any) -> str:
+    """A short readable name of a field type: `int`, `str or null`, `list of str`, ..."""
+    inner, optional = strip_optional(tp)
+    if section_class(inner) is not None:
+        name = f"a mapping (section {inner.__name__})"
+    elif inner is Any:
+        name = "any value"
+    elif typing.get_origin(inner) in (list, dict):
+        args = typing.get_args(inner)
+        name = f"list of {type_name(args[0])}" if typing.get_origin(inner) is list else "a mapping"
+    else:
+        name = getattr(inner, "__name__", str(inner))
+    return f"{name} or null" if optional else name
+
+
+def source_of(sources: dict[str, str], path: str) -> str | None:
+    """Where `path` was set: the entry for the key or its nearest enclosing section."""
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        found = sources.get(".".join(parts[:end]))
+        if found:
+            return found
+    return None
+
+
+def _where(sources: dict[str, str], path: str) -> str:
+    source = source_of(sources, path)
+    return f" (set in {source})" if source else ""
+
+
+# ---- unknown keys -----------------------------------------------------------------------
+
+
+def unknown_key_message(path: str) -> str | None:
+    """None if the schema knows `path` (or it lies in a free-form field), else the error text."""
+    cls: type = MasterConfig
+    walked: list[str] = []
+    for seg in path.split("."):
+        fields = field_types(cls)
+        if seg not in fields:
+            return _unknown_message(".".join(walked), seg, cls)
+        walked.append(seg)
+        sub = section_class(fields[seg])
+        if sub is None:
+            return None  # a leaf or a free-form mapping: anything below it is data
+        cls = sub
+    return None
+
+
+def _unknown_message(prefix: str, key: str, cls: type) -> str:
+    path = f"{prefix}.{key}" if prefix else key
+    candidates = list(field_types(cls))
+    if prefix == "data":
+        candidates += sorted(DATASET_KEYS)
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if close:
+        suggestion = f"{prefix}.{close[0]}" if prefix else close[0]
+    else:
+        suggestion = _elsewhere(key, path)
+    if suggestion:
+        return f"Unknown config key '{path}'. Did you mean '{suggestion}'?"
+    where = f"'{prefix}'" if prefix else "the top level"
+    if len(candidates) <= _MAX_LISTED_KEYS:
+        return (
+            f"Unknown config key '{path}'. Valid keys under {where}: "
+            f"{', '.join(sorted(candidates))}."
+        )
+    return f"Unknown config key '{path}'. See sftkit/config/schema.py for the keys under {where}."
+
+
+def _elsewhere(key: str, path: str) -> str | None:
+    """A key of the same name in another section (a misplaced key), or a close full path."""
+    same_leaf = [p for p in schema_paths() if p.rsplit(".", 1)[-1] == key]
+    if same_leaf:
+        return same_leaf[0]
+    close = difflib.get_close_matches(path, schema_paths(), n=1, cutoff=0.85)
+    return close[0] if close else None
+
+
+def check_keys(tree: dict[str, Any], sources: dict[str, str]) -> None:
+    """Raise one ConfigError listing every key of the plain `tree` that the schema does not
+    know, every section given a non-mapping value, and malformed `data.train`/`validation`."""
+    errors: list[tuple[str, str]] = []  # (path, message)
+
+    def walk(node: dict[str, Any], cls: type, prefix: str) -> None:
+        fields = field_types(cls)
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if key not in fields:
+                errors.append((path, _unknown_message(prefix.rstrip("."), str(key), cls)))
+                continue
+            sub = section_class(fields[key])
+            if sub is not None and isinstance(value, dict):
+                walk(value, sub, path + ".")
+            elif sub is not None and not _section_value_ok(value, fields[key]):
+                errors.append(
+                    (
+                        path,
+                        f"Config key '{path}' has value {value!r} ({type(value).__name__}); "
+                        f"expected {type_name(fields[key])}.",
+                    )
+                )
+
+    walk(tree, MasterConfig, "")
+    data = tree.get("data")
+    for name in ("train", "validation"):
+        value = data.get(name) if isinstance(data, dict) else None
+        message = None if _is_interpolation(value) else _dataset_shape_error(f"data.{name}", value)
+        if message:
+            errors.append((f"data.{name}", message))
+    if errors:
+        first = errors[0][0]
+        message = "\n".join(text + _where(sources, path) for path, text in errors)
+        raise ConfigError(message, path=first, source=source_of(sources, first))
+
+
+def _is_interpolation(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
+def _section_value_ok(value: Any, tp: Any) -> bool:
+    return _is_interpolation(value) or (value is None and strip_optional(tp)[1])
+
+
+# ---- cross-field rules ------------------------------------------------------------------
+
+
+def _get(obj: Any, path: str) -> Any:
+    for seg in path.split("."):
+        obj = obj[seg] if isinstance(obj, dict) else getattr(obj, seg)
+    return obj
+
+
+def check_config(cfg: MasterConfig, sources: dict[str, str] | None = None) -> None:
+    """Cross-field rules that need only the config; one ConfigError lists every violation."""
+    sources = sources or {}
+    problems: list[tuple[str, str]] = []  # (path, message)
+    policy = cfg.policy
+    if policy.train_micro_batch_size < 1 or policy.train_global_batch_size < 1:
+        problems.append(
+            (
+                "policy.train_micro_batch_size",
+                "policy.train_global_batch_size and policy.train_micro_batch_size must be "
+                f">= 1 (got {policy.train_global_batch_size} and "
+                f"{policy.train_micro_batch_size}).",
+            )
+        )
+    elif policy.train_global_batch_size % policy.train_micro_batch_size:
+        gbs, mbs = policy.train_global_batch_size, policy.train_micro_batch_size
+        problems.append(
+            (
+                "policy.train_global_batch_size",
+                f"policy.train_global_batch_size ({gbs}) must be a multiple of "
+                f"policy.train_micro_batch_size ({mbs}): set it to {gbs - gbs % mbs or mbs} "
+                f"or {gbs + mbs - gbs % mbs}, or change the micro batch size.",
+            )
+        )
+    metric = cfg.checkpointing.metric_name
+    if metric is not None and not metric.startswith(("val:", "train:")):
+        problems.append(
+            (
+                "checkpointing.metric_name",
+                f"checkpointing.metric_name is {metric!r}; it must start with 'val:' or "
+                f"'train:', e.g. 'val:{metric.split(':')[-1]}', or be null.",
+            )
+        )
+    deadline = cfg.checkpointing.checkpoint_must_save_by
+    if deadline is not None and not _MUST_SAVE_BY.fullmatch(deadline):
+        problems.append(
+            (
+                "checkpointing.checkpoint_must_save_by",
+                f"checkpointing.checkpoint_must_save_by is {deadline!r}; write the time budget "
+                "as DD:HH:MM:SS in quotes (YAML reads an unquoted 1:00:00:00 as a number), "
+                'e.g. "00:03:30:00".',
+            )
+        )
+    if policy.sequence_packing.enabled and policy.dynamic_batching.enabled:
+        problems.append(
+            (
+                "policy.sequence_packing.enabled",
+                "policy.sequence_packing.enabled and policy.dynamic_batching.enabled are both "
+                "true; they are mutually exclusive: set one of them to false.",
+            )
+        )
+    for path, allowed in CHOICES.items():
+        value = _get(cfg, path)
+        if value is not None and value not in allowed:
+            problems.append(
+                (path, f"{path} is {value!r}; choose one of {', '.join(map(repr, allowed))}.")
+            )
+    for name in ("train", "validation"):
+        message = _dataset_shape_error(f"data.{name}", getattr(cfg.data, name))
+        if message:
+            problems.append((f"data.{name}", message))
+    if problems:
+        raise ConfigError(
+            "\n".join(msg + _where(sources, path) for path, msg in problems),
+            path=problems[0][0],
+            source=source_of(sources, problems[0][0]),
+        )
+
+
+def _dataset_shape_error(path: str, value: Any) -> str | None:
+    if value is None or isinstance(value, dict):
+        return None
+    if isinstance(value, list) and all(isinstance(item, dict) for item in value):
+        return None
+    return (
+        f"{path} is {value!r}; it must be a dataset config (a mapping such as "
+        "{dataset_name: ResponseDataset, data_path: train.jsonl}), a list of them, or null."
+    )
+
+
+# ---- settings sftkit ignores ------------------------------------------------------------
+
+
+@cache
+def _default_tree() -> dict[str, Any]:
+    return dataclasses.asdict(MasterConfig())
+
+
+def _default_value(tree: dict[str, Any], path: str) -> Any:
+    if path in DERIVED_DEFAULTS:
+        return _get(tree, DERIVED_DEFAULTS[path])
+    return _get(_default_tree(), path)
+
+
+def _leaves(value: Any, path: str) -> list[str]:
+    """Leaf paths under `path` when it is a schema section, else just `path`."""
+    tp = schema_type(path)
+    if tp is None or section_class(tp) is None or not isinstance(value, dict):
+        return [path]
+    return [leaf for key, sub in value.items() for leaf in _leaves(sub, f"{path}.{key}")]
+
+
+def ignored_settings(cfg: MasterConfig | dict[str, Any]) -> list[str]:
+    """Dotted paths in `IGNORED_KEYS` (or below a listed section) set to a non-default value."""
+    tree = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    found: list[str] = []
+    for path in IGNORED_KEYS:
+        for leaf in _leaves(_get(tree, path), path):
+            value = _get(tree, leaf)
+            if value is None and leaf in DERIVED_DEFAULTS:
+                continue  # not filled yet (a schema instance built in code): the default
+            if value != _default_value(tree, leaf):
+                found.append(leaf)
+    return found
+
+
+def ignored_reason(path: str) -> str:
+    """The reason recorded in `IGNORED_KEYS` for `path` or its nearest listed section."""
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        reason = IGNORED_KEYS.get(".".join(parts[:end]))
+        if reason:
+            return reason
+    return "not acted on"

@@ -1,0 +1,125 @@
+"""The dataset table: built-in names, plus any class by dotted import path as a drop-in.
+
+A drop-in is any class whose instances have `formatted_ds` ({"train", "validation"}) and
+`task_spec` (with a `task_name`), as NeMo RL's SFT guide describes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from sftkit.data.datasets.base import RawDataset, Row, TaskDataSpec, split_rows
+from sftkit.data.datasets.gsm8k import GSM8KDataset
+from sftkit.data.datasets.oasst import OasstDataset
+from sftkit.data.datasets.openai_format import OpenAIFormatDataset
+from sftkit.data.datasets.openmath import OpenMathInstruct2Dataset
+from sftkit.data.datasets.response import ResponseDataset
+from sftkit.data.datasets.squad import SquadDataset
+from sftkit.data.datasets.tulu3 import Tulu3SftMixtureDataset
+
+logger = logging.getLogger("sftkit")
+
+DATASETS: dict[str, type] = {
+    "ResponseDataset": ResponseDataset,
+    "openai_format": OpenAIFormatDataset,
+    "squad": SquadDataset,
+    "open_assistant": OasstDataset,
+    "OpenMathInstruct-2": OpenMathInstruct2Dataset,
+    "tulu3_sft_mixture": Tulu3SftMixtureDataset,
+    "gsm8k": GSM8KDataset,
+    "GSM8K": GSM8KDataset,
+}
+# Keys of a dataset entry that select or process it rather than configure the class.
+ENTRY_KEYS = ("dataset_name", "processor", "env_name")
+
+__all__ = [
+    "DATASETS",
+    "RawDataset",
+    "TaskDataSpec",
+    "load_dataset",
+    "resolve_class",
+    "rows_of",
+    "split_rows",
+]
+
+
+def resolve_class(name: str) -> type:
+    """A built-in name or `package.module.Class`."""
+    if name in DATASETS:
+        return DATASETS[name]
+    if "." in name:
+        module_name, _, attr = name.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"dataset_name={name!r}: cannot import it ({err}).") from err
+    close = difflib.get_close_matches(name, DATASETS, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(
+        f"dataset_name={name!r} is not a built-in dataset ({', '.join(DATASETS)}) nor a dotted "
+        f"import path (my_pkg.module.MyDataset).{hint}"
+    )
+
+
+def load_dataset(entry: Mapping[str, Any]) -> Any:
+    """Build the dataset an entry of `data.train` / `data.validation` describes.
+
+    Keys the class does not take are reported once and ignored, as NeMo RL does; a
+    `prompt_file`/`system_prompt_file` the class does not take is applied to its task spec.
+    """
+    entry = dict(entry)
+    name = entry.get("dataset_name") or ("ResponseDataset" if "data_path" in entry else None)
+    if not name:
+        raise ValueError(
+            "a data.train/data.validation entry has no dataset_name. Set dataset_name to a "
+            f"built-in ({', '.join(DATASETS)}) or a dotted class path, or give data_path "
+            "(ResponseDataset)."
+        )
+    cls = resolve_class(str(name))
+    kwargs = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        ignored = sorted(k for k in kwargs if k not in params and kwargs[k] is not None)
+        if ignored:
+            logger.warning("dataset %s does not take %s; ignored", name, ", ".join(ignored))
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    dataset = cls(**kwargs)
+    _check(dataset, str(name))
+    spec = dataset.task_spec
+    for key in ("prompt_file", "system_prompt_file"):
+        if entry.get(key) and key not in params:
+            setattr(spec, key, entry[key])
+            spec.prompt = spec.system_prompt = None
+            spec.__post_init__()
+    return dataset
+
+
+def _check(dataset: Any, name: str) -> None:
+    if (
+        not isinstance(getattr(dataset, "formatted_ds", None), Mapping)
+        or "train" not in dataset.formatted_ds
+    ):
+        raise ValueError(
+            f"dataset {name}: needs a `formatted_ds` dict with 'train' and 'validation'."
+        )
+    if not getattr(getattr(dataset, "task_spec", None), "task_name", None):
+        raise ValueError(f"dataset {name}: needs a `task_spec` with a task_name (a TaskDataSpec).")
+
+
+def rows_of(dataset: Any, split: str) -> list[Row]:
+    """A split of `formatted_ds` as a list of dicts, each with an `_origin`."""
+    part = dataset.formatted_ds.get(split)
+    if part is None:
+        return []
+    label = f"{dataset.task_spec.task_name}[{split}]"
+    rows = []
+    for k, row in enumerate(part):
+        row = dict(row)
+        row.setdefault("_origin", f"{label} row {k}")
+        rows.append(row)
+    return rows

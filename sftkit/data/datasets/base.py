@@ -1,0 +1,123 @@
+"""The dataset protocol of NeMo RL's SFT guide: `formatted_ds` and `task_spec`.
+
+A dataset is any object with `formatted_ds = {"train": rows, "validation": rows | None}`
+and `task_spec` (a `TaskDataSpec` naming the task). Rows are dicts with `messages`
+(role/content dicts), optionally `tools`, and `_origin` (file and line, for errors).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sftkit.data.errors import DataError
+
+Row = dict[str, Any]
+
+
+@dataclass
+class TaskDataSpec:
+    """A task's name plus the optional prompt templates read from files.
+
+    `prompt` is a `str.format` template with one `{}` applied to the first user turn;
+    `system_prompt` is inserted as the system message when a conversation has none
+    (NeMo RL reads but never inserts it in SFT).
+    """
+
+    task_name: str
+    prompt_file: str | None = None
+    system_prompt_file: str | None = None
+    prompt: str | None = None
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_file and self.prompt is None:
+            self.prompt = _read_text(self.prompt_file, "prompt_file")
+        if self.system_prompt_file and self.system_prompt is None:
+            self.system_prompt = _read_text(self.system_prompt_file, "system_prompt_file")
+
+    def apply(self, row: Row) -> Row:
+        """Return the row with the prompt template and system prompt applied."""
+        if not self.prompt and not self.system_prompt:
+            return row
+        messages = [dict(m) if isinstance(m, dict) else m for m in row.get("messages") or []]
+        if self.prompt:
+            for message in messages:
+                if isinstance(message, dict) and message.get("role") == "user":
+                    message["content"] = self.prompt.format(message.get("content"))
+                    break
+        if self.system_prompt and not (
+            messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"
+        ):
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return {**row, "messages": messages}
+
+
+def _read_text(path: str, key: str) -> str:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"data.*.{key}={path!r}: file not found. Give an existing text file.")
+    return file.read_text(encoding="utf-8")
+
+
+class RawDataset:
+    """Base class: subclasses set `formatted_ds` and `task_spec` in `__init__`."""
+
+    formatted_ds: dict[str, list[Row] | None]
+    task_spec: TaskDataSpec
+
+    def set_splits(
+        self, rows: list[Row], split_validation_size: float | int = 0, seed: int = 42
+    ) -> None:
+        """Set `formatted_ds`, holding out a fraction (< 1) or a count (>= 1) for validation."""
+        train, validation = split_rows(rows, split_validation_size, seed)
+        self.formatted_ds = {"train": train, "validation": validation}
+
+
+def split_rows(rows: list[Row], size: float | int, seed: int) -> tuple[list[Row], list[Row] | None]:
+    """Seeded split into (train, validation); validation is None when size is 0."""
+    if not size:
+        return rows, None
+    if size < 0 or (isinstance(size, float) and size >= 1 and not float(size).is_integer()):
+        raise ValueError(
+            f"split_validation_size={size!r}: use a fraction in (0, 1) or a row count >= 1."
+        )
+    count = int(size) if size >= 1 else max(1, round(len(rows) * size))
+    if count >= len(rows):
+        raise ValueError(
+            f"split_validation_size={size!r} holds out {count} of {len(rows)} rows, leaving no "
+            "training data. Use a smaller fraction or count."
+        )
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    train = [r for i, r in enumerate(rows) if i not in held]
+    validation = [rows[i] for i in sorted(held)]
+    return train, validation
+
+
+def require(row: Row, key: str, where: str, hint: str = "") -> Any:
+    """`row[key]`, or a `DataError` naming the row when the key is missing or null."""
+    if key not in row:
+        raise DataError(
+            where,
+            f"missing key {key!r} (keys: {sorted(k for k in row if k != '_origin')}).",
+            hint or f"add {key!r} to every row, or point the dataset at the right column.",
+        )
+    if row[key] is None:
+        raise DataError(where, f"{key!r} is null.", "give it a value, or drop the row.")
+    return row[key]
+
+
+def require_text(row: Row, key: str, where: str, hint: str = "") -> str:
+    """A string field; numbers are written out, other types are errors."""
+    value = require(row, key, where, hint)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(
+            where,
+            f"{key!r} must be a string, got {type(value).__name__}.",
+            "convert it to text in your data.",
+        )
+    return value if isinstance(value, str) else str(value)

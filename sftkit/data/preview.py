@@ -1,0 +1,129 @@
+"""See what the model will be trained on: tokens, with trained ones highlighted.
+
+    uv run examples/preview_data.py --config examples/configs/sft.yaml [overrides]
+        [--split train|validation] [--num N] [--json]
+
+`--json` prints one JSON object per example on stdout and nothing else (logs go to
+stderr): `input_ids`, `tokens` (`tokenizer.decode([id])` per id), `loss_mask`
+(1 = trained target), `length`, `truncated`, `dropped` (null or the reason), `task_name`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, TextIO
+
+from sftkit.data.prepare import collect_items, settings_from_config
+from sftkit.data.processor import ORIGIN_KEY, Processor
+from sftkit.data.tokenizer import load_tokenizer
+
+logger = logging.getLogger("sftkit")
+TRAINED_ON, TRAINED_OFF = "\x1b[1;30;42m", "\x1b[0m"  # black on green
+
+
+def preview_records(
+    cfg: Any, tokenizer: Any, split: str = "train", num: int = 3
+) -> list[dict[str, Any]]:
+    """The first `num` rows of a split, processed exactly as training processes them."""
+    items = collect_items(cfg)[split][:num]
+    processor = Processor(tokenizer, settings_from_config(cfg))
+    records = []
+    for k, (row, task) in enumerate(items):
+        where = str(row.get(ORIGIN_KEY, f"{split} row {k}"))
+        ids, mask, _ = processor.encode(row, where)
+        outcome = processor.apply_policy(ids, mask, task, where)
+        if outcome.example is not None:
+            ids, mask = outcome.example.input_ids, outcome.example.loss_mask
+        records.append(
+            {
+                "input_ids": ids,
+                "tokens": [tokenizer.decode([i]) for i in ids],
+                "loss_mask": mask,
+                "length": len(ids),
+                "truncated": bool(outcome.example and outcome.example.truncated),
+                "dropped": outcome.dropped,
+                "task_name": task,
+                "origin": where,
+            }
+        )
+    return records
+
+
+def render_highlighted(record: dict[str, Any], tokenizer: Any, color: bool) -> str:
+    """Decoded text with trained runs highlighted (ANSI) or bracketed as [[...]]."""
+    on, off = (TRAINED_ON, TRAINED_OFF) if color else ("[[", "]]")
+    out, run, trained = [], [], None
+    for token, m in zip(record["input_ids"], record["loss_mask"], strict=True):
+        if trained is not None and bool(m) != trained:
+            out.append(_piece(tokenizer, run, trained, on, off))
+            run = []
+        run.append(token)
+        trained = bool(m)
+    if run:
+        out.append(_piece(tokenizer, run, bool(trained), on, off))
+    return "".join(out)
+
+
+def _piece(tokenizer: Any, ids: list[int], trained: bool, on: str, off: str) -> str:
+    text = tokenizer.decode(ids)
+    return f"{on}{text}{off}" if trained else text
+
+
+def print_records(
+    records: list[dict[str, Any]], tokenizer: Any, as_json: bool, stream: TextIO
+) -> None:
+    for k, record in enumerate(records):
+        if as_json:
+            stream.write(
+                json.dumps(
+                    {key: v for key, v in record.items() if key != "origin"}, ensure_ascii=False
+                )
+                + "\n"
+            )
+            continue
+        trained = sum(record["loss_mask"])
+        flags = [f"{record['length']} tokens", f"{trained} trained"]
+        flags += ["truncated"] * record["truncated"]
+        flags += [f"dropped: {record['dropped']}"] * bool(record["dropped"])
+        stream.write(
+            f"--- example {k} [{record['task_name']}] {record['origin']} ({', '.join(flags)})\n"
+        )
+        color = stream.isatty() and "NO_COLOR" not in os.environ
+        stream.write(render_highlighted(record, tokenizer, color) + "\n")
+    if not as_json:
+        stream.write(
+            "trained tokens are highlighted" + ("" if stream.isatty() else " as [[...]]") + "\n"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `examples/preview_data.py` and `sftkit preview`."""
+    parser = argparse.ArgumentParser(
+        description="Show tokenized examples and which tokens are trained."
+    )
+    parser.add_argument(
+        "--config", default=None, help="YAML config (default: examples/configs/sft.yaml)"
+    )
+    parser.add_argument("--split", choices=("train", "validation"), default="train")
+    parser.add_argument("--num", type=int, default=3, help="examples to show")
+    parser.add_argument("--json", action="store_true", help="JSON lines on stdout, logs on stderr")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra-style overrides, e.g. data.num_workers=2"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(message)s")
+    from sftkit.config.load import load_config  # the config package; imported at call time
+
+    cfg = load_config(args.config, args.overrides)
+    tokenizer = load_tokenizer(cfg.policy)
+    records = preview_records(cfg, tokenizer, args.split, args.num)
+    print_records(records, tokenizer, args.json, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

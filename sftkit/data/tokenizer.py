@@ -1,0 +1,90 @@
+"""Load the tokenizer and settle which chat template the run trains with."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+logger = logging.getLogger("sftkit")
+
+# NeMo RL's `chat_template: null`: data that was templated offline, contents concatenated.
+PASSTHROUGH_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+BUILTIN_PREFIX = "sftkit:"
+
+
+def load_tokenizer(policy_cfg: Any) -> PreTrainedTokenizerBase:
+    """Load `policy.tokenizer.name` (default `policy.model_name`) and set its chat template.
+
+    The name is a local directory, a hub id, or `sftkit:<builtin>`. The resolved template
+    (see `resolve_chat_template`) is stored on the tokenizer, so a saved tokenizer carries
+    the template the model was trained with. A tokenizer without a pad token pads with EOS.
+    """
+    tok_cfg = getattr(policy_cfg, "tokenizer", None)
+    name = getattr(tok_cfg, "name", None) or policy_cfg.model_name
+    name = str(name)
+    if name.startswith(BUILTIN_PREFIX):
+        from sftkit.model.builtin import resolve_model_path  # the model package owns these
+
+        name = resolve_model_path(name)
+    trust = bool(getattr(policy_cfg, "trust_remote_code", False))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"policy.tokenizer.name={name!r}: could not load a tokenizer ({err}). Set "
+            "policy.tokenizer.name (or policy.model_name) to a local directory holding "
+            "tokenizer files or to a Hugging Face hub id you can reach."
+        ) from err
+    if not getattr(tokenizer, "is_fast", False):
+        logger.warning(
+            "tokenizer %s is not a fast tokenizer: sftkit needs character offsets to build "
+            "the loss mask; expect an error when data is prepared",
+            name,
+        )
+    tokenizer.chat_template = resolve_chat_template(tok_cfg, tokenizer, name)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # as NeMo RL does
+    return tokenizer
+
+
+def resolve_chat_template(tok_cfg: Any, tokenizer: PreTrainedTokenizerBase, name: str) -> str:
+    """Return the Jinja source the run renders with.
+
+    `chat_template` (or the seed's `custom_template`, which wins when set):
+    absent or "default" -> the tokenizer's own; None -> passthrough (contents concatenated);
+    "*.jinja" -> that file; anything else -> an inline Jinja string.
+    """
+    custom = getattr(tok_cfg, "custom_template", None)
+    choice: str | None = (
+        custom if custom is not None else getattr(tok_cfg, "chat_template", "default")
+    )
+    if choice == "default":
+        own = tokenizer.chat_template
+        if isinstance(own, dict):  # several named templates: NeMo RL uses the default one
+            own = own.get("default")
+        if not own:
+            raise ValueError(
+                f"policy.tokenizer.chat_template='default' but tokenizer {name!r} has no chat "
+                "template. Set policy.tokenizer.chat_template to a Jinja string or a .jinja file, "
+                "or to null to concatenate message contents (data templated offline)."
+            )
+        return str(own)
+    if choice is None:
+        return PASSTHROUGH_TEMPLATE
+    if not isinstance(choice, str):
+        raise ValueError(
+            f"policy.tokenizer.chat_template={choice!r}: expected 'default', null, a .jinja path "
+            "or a Jinja string."
+        )
+    if choice.strip().endswith(".jinja"):
+        path = Path(choice.strip()).expanduser()
+        if not path.is_file():
+            raise ValueError(
+                f"policy.tokenizer.chat_template={choice!r}: file not found. Give an existing "
+                ".jinja file (relative paths are from the working directory)."
+            )
+        return path.read_text(encoding="utf-8")
+    return choice

@@ -1,0 +1,136 @@
+"""Keep API keys and tokens out of logs, saved configs, tracker configs and checkpoint metadata.
+
+Two rules, applied together:
+
+* a string under a secret-looking key (`api_key`, `hf_token`, `password`, ...) becomes
+  `"***"`; data-field names such as `input_key` and special-token names such as
+  `pad_token` are not secrets and are kept, because configs must reload unchanged;
+* any occurrence of the value of a secret-looking environment variable (`WANDB_API_KEY`,
+  `HF_TOKEN`, `*_KEY`, `*_TOKEN`, `*SECRET*`, ...) in any string becomes `"***"`, wherever
+  it appears (a URL, a log message, a traceback).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+REDACTED = "***"
+
+# Key names whose string values are secrets.
+_SECRET_NAME = re.compile(r"key|token|secret|passw(or)?d|credential", re.IGNORECASE)
+# Names that match the pattern above but hold public values that configs need verbatim:
+# dataset field names (`input_key: input`), special tokens (`pad_token: <pad>`), tokenizer
+# sections. Only string values are ever replaced, so counts such as `train_mb_tokens` stay.
+_PUBLIC_NAME = re.compile(
+    r"^(\w+_)?(input|output|problem|solution|prompt|system|response|answer|question|label|"
+    r"text|messages?|chosen|rejected|role|content|metric|tools?|image|task|reference|target|"
+    r"context|query|sort|group)_key$"
+    r"|^(pad|eos|bos|unk|sep|cls|mask|additional_special)_tokens?(_ids?)?$"
+    r"|tokeni[sz]er",
+    re.IGNORECASE,
+)
+# Environment variables whose values are secrets.
+_SECRET_ENV = re.compile(
+    r"(^|_)(API_?KEY|KEY|TOKEN|PASSWORD|PASSWD|CREDENTIALS?)(_|$)|SECRET", re.IGNORECASE
+)
+# Shorter values ("1", "true", "false", paths like "/tmp") would scrub ordinary text.
+_MIN_SECRET_LEN = 8
+
+
+def is_secret_name(name: str) -> bool:
+    """True when a config key's string value should be hidden (`hf_token`, `api_key`, ...)."""
+    return bool(_SECRET_NAME.search(name)) and not _PUBLIC_NAME.search(name)
+
+
+def env_secrets() -> list[str]:
+    """Values of secret-looking environment variables, longest first (read at call time)."""
+    values = {
+        value
+        for name, value in os.environ.items()
+        if _SECRET_ENV.search(name) and len(value) >= _MIN_SECRET_LEN
+    }
+    # Longest first, so that a secret containing another one is replaced whole.
+    return sorted(values, key=len, reverse=True)
+
+
+def scrub(text: str, secrets: list[str] | None = None) -> str:
+    """Replace every occurrence of an environment secret in `text` with `"***"`."""
+    for secret in env_secrets() if secrets is None else secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact(obj: Any) -> Any:
+    """A copy of `obj` (nested dicts, lists, tuples, scalars) with secrets replaced by `"***"`.
+
+    Mappings (OmegaConf configs too) come back as dicts, sequences as lists (tuples stay
+    tuples), dataclasses as dicts. Non-string scalars are kept as they are; empty or null
+    secrets stay empty, so a saved config still shows which secrets were unset.
+    """
+    return _redact(obj, env_secrets(), under_secret=False)
+
+
+def _redact(obj: Any, secrets: list[str], under_secret: bool) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, Mapping):  # dicts, OmegaConf DictConfig
+        return {
+            key: _redact(value, secrets, is_secret_name(str(key))) for key, value in obj.items()
+        }
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        items = [_redact(item, secrets, under_secret) for item in obj]
+        return tuple(items) if isinstance(obj, tuple) else items
+    if isinstance(obj, str):
+        return REDACTED if under_secret and obj else scrub(obj, secrets)
+    return obj
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that scrubs environment secrets from messages and tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = env_secrets()
+        if not secrets:
+            return True
+        message = record.getMessage()
+        cleaned = scrub(message, secrets)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        if record.exc_info and not record.exc_text:
+            # Format the traceback now so that the scrubbed text is what handlers print.
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = scrub(record.exc_text, secrets)
+        if record.stack_info:
+            record.stack_info = scrub(record.stack_info, secrets)
+        return True
+
+
+def install_redaction(logger_names: tuple[str, ...] = ("", "sftkit")) -> RedactingFilter:
+    """Add one `RedactingFilter` to the named loggers and to all their current handlers.
+
+    Handler filters see records propagated from child loggers (logger filters do not), so
+    call this after logging handlers are configured. Calling it twice adds nothing.
+    """
+    existing = _find_filter(logger_names)
+    redactor = existing or RedactingFilter()
+    for name in logger_names:
+        logger = logging.getLogger(name)
+        for target in (logger, *logger.handlers):
+            if redactor not in target.filters:
+                target.addFilter(redactor)
+    return redactor
+
+
+def _find_filter(logger_names: tuple[str, ...]) -> RedactingFilter | None:
+    for name in logger_names:
+        for f in logging.getLogger(name).filters:
+            if isinstance(f, RedactingFilter):
+                return f
+    return None

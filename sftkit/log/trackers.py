@@ -1,0 +1,183 @@
+"""Experiment trackers as metric sinks: Weights & Biases and MLflow.
+
+Each is imported only when enabled, writes under the run directory (`exp_dir/wandb`,
+`exp_dir/mlflow`) unless a server is configured, and receives the run config redacted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from sftkit.log.redact import redact
+from sftkit.log.sinks import to_number
+
+log = logging.getLogger("sftkit")
+
+# Long enough for a server on the same network, short enough that a typo fails at once.
+PROBE_TIMEOUT_S = 5.0
+# MLflow rejects longer parameter values.
+_MLFLOW_PARAM_MAX = 500
+_MLFLOW_BATCH = 100
+# Characters MLflow accepts in parameter and metric names; others become "_".
+_MLFLOW_UNSAFE = re.compile(r"[^\w\-. /:]")
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (lists are kept as values)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class WandbSink:
+    """A wandb run in `exp_dir/wandb`; offline when no `WANDB_API_KEY` is set.
+
+    `mode` (logger.wandb.mode) overrides: online | offline | disabled. Offline runs can be
+    uploaded later with `wandb sync <exp_dir>/wandb/offline-run-*`.
+    """
+
+    def __init__(
+        self,
+        exp_dir: str | Path,
+        config: dict[str, Any],
+        project: str,
+        name: str,
+        entity: str | None = None,
+        mode: str | None = None,
+    ) -> None:
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError(
+                "logger.wandb_enabled=true needs the wandb package: pip install 'sftkit[wandb]' "
+                "(or set logger.wandb_enabled=false)"
+            ) from e
+        if mode is None:
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        if mode not in ("online", "offline", "disabled"):
+            raise ValueError(
+                f"logger.wandb.mode={mode!r} is not a wandb mode: use online, offline, "
+                "disabled or null (offline when WANDB_API_KEY is unset)"
+            )
+        self.dir = Path(exp_dir) / "wandb"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.mode = mode
+        self._run = wandb.init(
+            project=project,
+            name=name,
+            entity=entity,
+            dir=str(self.dir),
+            mode=mode,
+            config=redact(config),
+            # Code and git state are not uploaded: they may hold secrets; the config is enough.
+            settings=wandb.Settings(save_code=False, disable_git=True, quiet=True),
+        )
+        log.info("wandb run %s (%s) in %s", self._run.name, mode, self.dir)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        values = {name: to_number(v) for name, v in metrics.items()}
+        self._run.log({k: v for k, v in values.items() if v is not None}, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise `ConnectionError` unless an HTTP(S) server answers at `uri` within `timeout`.
+
+    Any HTTP answer counts, even an error status: the server is there. Non-HTTP URIs
+    (files, databases, `databricks`) are not probed.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConnectionError(
+            f"MLflow tracking server logger.mlflow.tracking_uri={uri} is unreachable "
+            f"({reason}). Start it (e.g. `mlflow server --port 5000`), fix the URI, set "
+            "logger.mlflow.tracking_uri=null for a local store under the run directory, or "
+            "logger.mlflow_enabled=false."
+        ) from e
+
+
+class MlflowSink:
+    """An MLflow run: a local file store in `exp_dir/mlflow` unless `tracking_uri` is set.
+
+    A set server is probed before any MLflow call, so a wrong URI fails in seconds instead
+    of after MLflow's retries. View a local store with
+    `MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri <exp_dir>/mlflow`.
+    """
+
+    def __init__(
+        self,
+        exp_dir: str | Path,
+        config: dict[str, Any],
+        experiment_name: str,
+        run_name: str,
+        tracking_uri: str | None = None,
+    ) -> None:
+        if tracking_uri:
+            check_reachable(tracking_uri)
+        else:
+            local = (Path(exp_dir) / "mlflow").resolve()
+            local.mkdir(parents=True, exist_ok=True)
+            tracking_uri = local.as_uri()
+            # MLflow 3 refuses file stores unless asked; mlflow-skinny has no SQL backend.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        try:
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
+        except ImportError as e:
+            raise ImportError(
+                "logger.mlflow_enabled=true needs mlflow: pip install 'sftkit[mlflow]' "
+                "(or set logger.mlflow_enabled=false)"
+            ) from e
+        self.tracking_uri = tracking_uri
+        self._client = MlflowClient(tracking_uri=tracking_uri)
+        experiment = self._client.get_experiment_by_name(experiment_name)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else self._client.create_experiment(experiment_name)
+        )
+        run = self._client.create_run(experiment_id, run_name=run_name)
+        self.run_id: str = run.info.run_id
+        params = [
+            Param(_MLFLOW_UNSAFE.sub("_", key), str(value)[:_MLFLOW_PARAM_MAX])
+            for key, value in flatten(redact(config)).items()
+        ]
+        for i in range(0, len(params), _MLFLOW_BATCH):
+            self._client.log_batch(self.run_id, params=params[i : i + _MLFLOW_BATCH])
+        log.info("mlflow run %s at %s", self.run_id, tracking_uri)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(_MLFLOW_UNSAFE.sub("_", name), float(value), now, step)
+            for name, v in metrics.items()
+            if (value := to_number(v)) is not None
+        ]
+        for i in range(0, len(batch), _MLFLOW_BATCH):
+            self._client.log_batch(self.run_id, metrics=batch[i : i + _MLFLOW_BATCH])
+
+    def close(self) -> None:
+        self._client.set_terminated(self.run_id)

@@ -1,0 +1,308 @@
+"""Document-isolating attention for packed rows, as a transformers attention function.
+
+Packed rows hold several documents back to back. In transformers 5 (5.17, 5.24), restarting
+`position_ids` per document isolates documents on sdpa/eager/flex only when neither an
+`attention_mask` nor a cache is passed (`use_cache` defaults to True in most configs), and
+then through a dense [T, T] mask; measured on 5.24 with a 2D all-ones mask or the default
+`use_cache`, the second document's logits move by 0.28 (the issue measured 0.5). So the
+boundaries travel explicitly: `PackedBatch.model_kwargs()` adds transformers' flash-varlen
+kwargs (`cu_seq_lens_q/k`, `max_length_q/k`), the decoder forwards them through `**kwargs`
+to every attention call, and the function registered here as `sftkit_packed` uses them.
+
+Why it reaches us: `create_causal_mask` returns early with no mask for an implementation
+that is not in `ALL_MASK_ATTENTION_FUNCTIONS` (we register none), so no O(T^2) mask is built
+and `attention_mask` is None; the kwargs arrive untouched (LlamaModel -> decoder layer ->
+attention -> interface in 5.17 and 5.24).
+
+Backends, fastest first (H200, 4 x 4096 tokens, fwd+bwd, `reference/perf.md`):
+varlen_attn 1.86 ms, compiled flex 2.07 ms, SDPA + boolean block mask 7.70 ms. On CPU,
+`segments` (one causal SDPA per document) is the default: flex has no CPU backward and the
+block mask costs rows x T^2.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ATTN_NAME = "sftkit_packed"
+Backend = Literal["auto", "varlen", "flex", "sdpa", "segments"]
+_BACKEND_ATTR = "_sftkit_packed_backend"
+
+
+@functools.cache
+def _varlen() -> Callable[..., Tensor] | None:
+    """torch's flash varlen attention (torch >= 2.10), imported lazily: importing it pulls in
+    torch._dynamo, about 7 s on a 2-core CPU."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # pragma: no cover - depends on the torch build
+        return None
+    return varlen_attn
+
+
+@functools.cache
+def _flex_api() -> tuple[Callable[..., Any], Callable[..., Tensor]] | None:
+    """(create_block_mask, flex_attention), imported lazily for the same reason."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:  # pragma: no cover - depends on the torch build
+        return None
+    return create_block_mask, flex_attention
+
+
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    varlen = _varlen()
+    return frozenset(inspect.signature(varlen).parameters if varlen else ())
+
+
+def _varlen_kwargs(scaling: float | None, head_dim: int) -> dict[str, Any]:
+    """varlen_attn's keywords differ across torch releases: causal is `window_size=(-1, 0)`
+    on newer torch and `is_causal` before; `enable_gqa` and `scale` are newer still."""
+    params = _varlen_params()
+    kwargs: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {}
+    if "is_causal" in params:
+        kwargs["is_causal"] = True
+    if "enable_gqa" in params:  # torch 2.11 handles GQA without the flag (perf.md)
+        kwargs["enable_gqa"] = True
+    if "scale" in params:
+        kwargs["scale"] = scaling
+    elif scaling is not None and abs(scaling - head_dim**-0.5) > 1e-6 * scaling:
+        raise ValueError(
+            f"this torch's varlen_attn has no `scale` (the model uses {scaling}); use backend "
+            "'flex' or upgrade torch"
+        )
+    return kwargs
+
+
+def resolve_backend(requested: Backend, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend `requested` turns into for tensors on `device` of `dtype`."""
+    cuda = device.type == "cuda"
+    half = dtype in (torch.float16, torch.bfloat16)
+    if requested == "auto":
+        if cuda and half and _varlen() is not None:
+            return "varlen"
+        if cuda:
+            return "flex" if _flex_api() is not None else "sdpa"
+        # CPU: uncompiled flex materialises every score and has no backward, and a block
+        # mask costs rows x T^2; one causal SDPA per document costs sum(L^2) (16x less for
+        # 16 documents per row), and a host-side loop over segments is free on CPU.
+        return "segments"
+    if requested == "varlen" and not (cuda and half and _varlen() is not None):
+        raise ValueError(
+            "varlen attention needs torch.nn.attention.varlen (torch >= 2.10), CUDA and "
+            f"bf16/fp16 tensors (got {device.type}, {dtype}); use backend 'auto', 'flex' or 'sdpa'"
+        )
+    if requested == "flex" and _flex_api() is None:
+        raise ValueError("this torch has no flex_attention; use backend 'sdpa'")
+    return requested
+
+
+# One cached mask per forward: every layer receives the same cu_seqlens tensor object, so
+# the block mask is built once per micro-batch instead of once per layer.
+_mask_cache: dict[str, Any] = {}
+
+
+def _document_ids(cu_seqlens: Tensor, rows: int, width: int, device: torch.device) -> Tensor:
+    """Segment index of each token, [rows, width]; segments never span rows."""
+    tokens = torch.arange(rows * width, device=device, dtype=torch.int32)
+    cu = cu_seqlens.to(device=device, dtype=torch.int32)
+    return torch.searchsorted(cu[1:].contiguous(), tokens, right=True).view(rows, width)
+
+
+def _cached(kind: str, cu_seqlens: Tensor, shape: tuple[int, ...], build: Callable[[], Any]) -> Any:
+    hit = _mask_cache.get(kind)
+    if hit is not None and hit[0] is cu_seqlens and hit[1] == shape:
+        return hit[2]
+    value = build()
+    _mask_cache[kind] = (cu_seqlens, shape, value)
+    return value
+
+
+def _sdpa_block_mask(cu_seqlens: Tensor, rows: int, width: int, device: torch.device) -> Tensor:
+    docs = _document_ids(cu_seqlens, rows, width, device)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    return ((docs[:, :, None] == docs[:, None, :]) & causal)[:, None]  # [rows, 1, T, T]
+
+
+def _flex_block_mask(cu_seqlens: Tensor, rows: int, width: int, device: torch.device) -> Any:
+    docs = _document_ids(cu_seqlens, rows, width, device)
+
+    def document_causal(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return (docs[b, q] == docs[b, kv]) & (q >= kv)
+
+    create_block_mask = _flex_api()[0]  # type: ignore[index]
+    return create_block_mask(document_causal, rows, None, width, width, device=device)
+
+
+_compiled_flex: Callable[..., Tensor] | None = None
+
+
+def _flex(query: Tensor, key: Tensor, value: Tensor, **kwargs: Any) -> Tensor:
+    global _compiled_flex
+    flex_attention = _flex_api()[1]  # type: ignore[index]
+    if query.device.type != "cuda":
+        with warnings.catch_warnings():  # the unfused CPU path warns on every call
+            warnings.simplefilter("ignore", UserWarning)
+            return flex_attention(query, key, value, **kwargs)
+    if _compiled_flex is None:
+        # Default dynamic=None: after the first new row length, shapes become symbolic instead
+        # of one recompile per length (varying per-bin row lengths would hit the limit of 8).
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex(query, key, value, **kwargs)
+
+
+def _per_segment(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seqlens: Tensor,
+    dropout: float,
+    scaling: float | None,
+) -> Tensor:
+    """One causal SDPA per segment; [rows, T, heads, head_dim] out."""
+    rows, heads, width, head_dim = query.shape
+
+    def flat(x: Tensor) -> Tensor:  # [rows, h, T, D] -> [h, rows * T, D]
+        return x.transpose(0, 1).reshape(x.shape[1], rows * width, head_dim)
+
+    q, k, v = flat(query), flat(key), flat(value)
+    bounds = cu_seqlens.tolist()
+    outs = [
+        F.scaled_dot_product_attention(
+            q[:, s:e], k[:, s:e], v[:, s:e], dropout_p=dropout, is_causal=True, scale=scaling,
+            enable_gqa=k.shape[0] != heads,
+        )
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
+    ]  # fmt: skip
+    return torch.cat(outs, dim=1).view(heads, rows, width, head_dim).permute(1, 2, 0, 3)
+
+
+def _packed_forward(
+    backend: str,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    dropout: float,
+    scaling: float | None,
+) -> Tensor:
+    """Attention over packed rows, [rows, T, heads, head_dim] out; q/k/v are [rows, H, T, D]."""
+    rows, heads, width, head_dim = query.shape
+    if backend in ("varlen", "flex") and dropout > 0:
+        raise ValueError(
+            f"{backend} packed attention has no dropout; set the model's attention_dropout "
+            "to 0 or use backend 'sdpa'"
+        )
+    if backend == "varlen":
+        cu = cu_seqlens.to(device=query.device, dtype=torch.int32)
+
+        def flat(x: Tensor) -> Tensor:  # [rows, h, T, D] -> [rows * T, h, D]
+            return x.transpose(1, 2).reshape(rows * width, x.shape[1], head_dim)
+
+        out = _varlen()(  # type: ignore[misc]
+            flat(query), flat(key), flat(value), cu, cu, max_seqlen, max_seqlen,
+            **_varlen_kwargs(scaling, head_dim),
+        )  # fmt: skip
+        return out.view(rows, width, heads, head_dim)
+    if backend == "flex":
+        block_mask = _cached(
+            "flex", cu_seqlens, (rows, width),
+            lambda: _flex_block_mask(cu_seqlens, rows, width, query.device),
+        )  # fmt: skip
+        gqa = key.shape[1] != heads
+        out = _flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+        return out.transpose(1, 2)
+    if backend == "segments":
+        return _per_segment(query, key, value, cu_seqlens, dropout, scaling)
+    mask = _cached(
+        "sdpa", cu_seqlens, (rows, width),
+        lambda: _sdpa_block_mask(cu_seqlens, rows, width, query.device),
+    )  # fmt: skip
+    groups = heads // key.shape[1]
+    if groups > 1:  # the math/efficient SDPA kernels take a mask only with equal head counts
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
+    )
+    return out.transpose(1, 2)
+
+
+def sftkit_packed_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers attention function: document-isolated for packed rows, else causal SDPA.
+
+    Packed rows are recognised by `cu_seq_lens_q` in kwargs (see `PackedBatch.model_kwargs`).
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
+        raise ValueError(
+            "sftkit_packed attention supports neither softcapping nor sliding windows; load "
+            "the model with attn_implementation='flex_attention' or 'eager' and disable packing"
+        )
+    if cu_seqlens is None:
+        # Padded rows: plain causal SDPA. Padding is on the right, so pads only ever follow
+        # real tokens and the loss mask drops them.
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if attention_mask is not None:
+        raise ValueError(
+            "packed rows carry their boundaries in cu_seqlens; do not pass an attention_mask"
+        )
+    requested = getattr(module, _BACKEND_ATTR, "auto")
+    backend = resolve_backend(requested, query.device, query.dtype)
+    max_seqlen = int(kwargs.get("max_length_q") or query.shape[2])
+    out = _packed_forward(backend, query, key, value, cu_seqlens, max_seqlen, dropout, scaling)
+    return out, None
+
+
+def enable_packed_attention(model: nn.Module, backend: Backend = "auto") -> str:
+    """Make an HF model honour document boundaries (`cu_seq_lens_q`) in packed rows.
+
+    Registers `sftkit_packed` with transformers' `AttentionInterface` and switches the model
+    to it. `auto` picks torch's `varlen_attn` on CUDA with bf16/fp16, compiled flex attention
+    on other CUDA dtypes, and one causal SDPA per document (`segments`) on CPU; `sdpa` (one
+    SDPA with a block-diagonal causal mask) is the portable fallback. Batches without
+    `cu_seq_lens_q` run plain causal SDPA. Returns the backend chosen for the model's current
+    device and dtype (re-resolved per call, so moving the model later is fine).
+    """
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, sftkit_packed_attention)
+    param = next(model.parameters())
+    chosen = resolve_backend(backend, param.device, param.dtype)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTN_NAME)
+    else:
+        model.config._attn_implementation = ATTN_NAME
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl != ATTN_NAME:
+        raise ValueError(
+            f"{type(model).__name__} did not switch to {ATTN_NAME} (still {impl!r}); it does not "
+            "use transformers' AttentionInterface, so packed rows cannot be isolated; disable "
+            "policy.sequence_packing for this model"
+        )
+    for sub in model.modules():  # the attention function reads the request from its module
+        setattr(sub, _BACKEND_ATTR, backend)
+    return chosen

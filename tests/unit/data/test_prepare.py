@@ -1,0 +1,197 @@
+"""prepare_data: config forms, validation union, length policy, cache, workers, EOS/BOS."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES, make_tokenizer
+
+from sftkit.config.schema import MasterConfig
+from sftkit.data import DataError, prepare_data
+from sftkit.data.tokenizer import PASSTHROUGH_TEMPLATE
+
+DATA = FIXTURES / "data"
+
+
+def _write(path: Path, n: int, long_every: int = 0) -> Path:
+    with path.open("w") as f:
+        for i in range(n):
+            answer = "The answer is 42. " * (60 if long_every and i % long_every == 0 else 1)
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"What is {i} + 30?"},
+                            {"role": "assistant", "content": answer.strip()},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+    return path
+
+
+def _cfg(tmp_path: Path, train, **data) -> MasterConfig:
+    cfg = MasterConfig()
+    cfg.data.train = train
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    return cfg
+
+
+def test_validation_is_split_off_plus_validation_datasets_with_defaults(tmp_path: Path):
+    cfg = _cfg(
+        tmp_path,
+        [{"data_path": str(_write(tmp_path / "a.jsonl", 20)), "split_validation_size": 5}],
+        validation={"data_path": str(DATA / "response.jsonl")},
+        default={
+            "dataset_name": "ResponseDataset",
+            "input_key": "question",
+            "output_key": "answer",
+        },
+    )
+    data = prepare_data(cfg, make_tokenizer("qwen25"))
+    assert data.report["train/examples"] == 15
+    assert data.report["validation/examples"] == 5 + 4
+    assert {e.task_name for e in data.validation} == {
+        "tmp/a.jsonl".replace("tmp", tmp_path.name),
+        "data/response.jsonl",
+    }
+
+
+def test_flat_form_of_the_seed(tmp_path: Path):
+    cfg = _cfg(
+        tmp_path,
+        None,
+        dataset_name="openai_format",
+        extra={"data_path": str(DATA / "tools_heterogeneous.jsonl")},
+    )
+    data = prepare_data(cfg, make_tokenizer("qwen25"))
+    assert data.report["train/examples"] == 2 and not data.validation
+
+
+@pytest.mark.parametrize(
+    ("policy", "kept", "key"),
+    [
+        ("truncate", 10, "train/truncated"),
+        ("drop", 8, "train/dropped_overlong"),
+        ("mask", 10, "train/masked_overlong"),
+    ],
+)
+def test_overlong_policy_is_counted(tmp_path: Path, policy: str, kept: int, key: str):
+    cfg = _cfg(
+        tmp_path,
+        {"dataset_name": "openai_format", "data_path": str(_write(tmp_path / "d.jsonl", 10, 5))},
+        overlong_policy=policy,
+        max_input_seq_length=120,
+    )
+    data = prepare_data(cfg, make_tokenizer("qwen25"))
+    assert len(data.train) == kept and data.report[key] == 2
+    assert all(len(e.input_ids) <= 120 and len(e.loss_mask) == len(e.input_ids) for e in data.train)
+    zero = [e for e in data.train if not any(e.loss_mask)]
+    assert len(zero) == (2 if policy == "mask" else 0)
+
+
+def test_untrainable_is_an_error_or_a_counted_drop(tmp_path: Path):
+    path = tmp_path / "d.jsonl"
+    with path.open("w") as f:
+        for i in range(4):  # rows 0 and 2 have prompts longer than the limit
+            prompt = "What is the capital of France? " * (20 if i % 2 == 0 else 1)
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": prompt},
+                            {"role": "assistant", "content": "Paris."},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+    cfg = _cfg(
+        tmp_path,
+        {"dataset_name": "openai_format", "data_path": str(path)},
+        max_input_seq_length=100,
+    )
+    with pytest.raises(
+        DataError, match=r"d.jsonl:1: no token is trained after truncation.*drop_untrainable"
+    ):
+        prepare_data(cfg, make_tokenizer("qwen25"))
+    cfg.data.drop_untrainable = True
+    data = prepare_data(cfg, make_tokenizer("qwen25"))
+    assert data.report["train/dropped_untrainable"] == 2 and len(data.train) == 2
+
+
+def test_cache_hits_and_is_invalidated_by_tokenizer_and_template(tmp_path: Path):
+    cfg = _cfg(
+        tmp_path,
+        {"dataset_name": "openai_format", "data_path": str(_write(tmp_path / "d.jsonl", 30))},
+    )
+    first = prepare_data(cfg, make_tokenizer("qwen25"))
+    again = prepare_data(cfg, make_tokenizer("qwen25"))
+    assert (first.report["cache_hit"], again.report["cache_hit"]) == (0, 1)
+    assert [e.input_ids for e in again.train] == [e.input_ids for e in first.train]
+    assert [e.loss_mask for e in again.train] == [e.loss_mask for e in first.train]
+    other_template = make_tokenizer("qwen3")
+    assert prepare_data(cfg, other_template).report["cache_hit"] == 0
+    other_vocab = make_tokenizer("qwen25", "metaspace")
+    assert prepare_data(cfg, other_vocab).report["cache_hit"] == 0
+    cfg.data.max_input_seq_length = 500
+    assert prepare_data(cfg, make_tokenizer("qwen25")).report["cache_hit"] == 0
+
+
+def test_workers_give_identical_results(tmp_path: Path):
+    path = _write(tmp_path / "d.jsonl", 300)
+    one = prepare_data(
+        _cfg(
+            tmp_path / "1", {"dataset_name": "openai_format", "data_path": str(path)}, num_workers=1
+        ),
+        make_tokenizer("qwen25"),
+    )
+    two = prepare_data(
+        _cfg(
+            tmp_path / "2", {"dataset_name": "openai_format", "data_path": str(path)}, num_workers=2
+        ),
+        make_tokenizer("qwen25"),
+    )
+    assert two.report["cache_hit"] == 0
+    assert [(e.input_ids, e.loss_mask) for e in one.train] == [
+        (e.input_ids, e.loss_mask) for e in two.train
+    ]
+
+
+def test_passthrough_trains_assistant_contents_and_appended_eos(tmp_path: Path):
+    tok = make_tokenizer("none")  # eos <|endoftext|>, no BOS
+    tok.chat_template = PASSTHROUGH_TEMPLATE
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "Question: What is 12 + 30? Answer:"},
+                    {"role": "assistant", "content": " 42"},
+                ]
+            }
+        )
+        + "\n"
+    )
+    cfg = _cfg(tmp_path, {"dataset_name": "openai_format", "data_path": str(path)})
+    (example,) = prepare_data(cfg, tok).train
+    assert example.input_ids[-1] == tok.eos_token_id and example.loss_mask[-1] == 1
+    trained = [i for i, m in zip(example.input_ids, example.loss_mask, strict=True) if m]
+    assert tok.decode(trained) == " 42<|endoftext|>"
+
+
+def test_bos_added_where_the_template_lacks_it(tmp_path: Path):
+    tok = make_tokenizer("qwen25")
+    tok.bos_token = "<|begin_of_text|>"
+    cfg = _cfg(
+        tmp_path,
+        {"dataset_name": "openai_format", "data_path": str(_write(tmp_path / "d.jsonl", 2))},
+    )
+    example = prepare_data(cfg, tok).train[0]
+    assert example.input_ids[0] == tok.bos_token_id and example.loss_mask[0] == 0
+    assert example.input_ids.count(tok.bos_token_id) == 1

@@ -1,0 +1,72 @@
+"""The preview entry point: terminal highlighting and the `--json` contract of DESIGN.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES
+
+from sftkit.data.preview import main
+
+
+@pytest.fixture
+def config(tmp_path: Path, tokenizer_dir: Path) -> Path:
+    path = tmp_path / "sft.yaml"
+    path.write_text(
+        "policy:\n"
+        f"  model_name: {tokenizer_dir}\n"
+        "  max_total_sequence_length: 2048\n"
+        "  tokenizer:\n"
+        "    chat_template: default\n"
+        "data:\n"
+        f"  cache_dir: {tmp_path / 'cache'}\n"
+        "  train:\n"
+        "    dataset_name: openai_format\n"
+        f"    data_path: {FIXTURES / 'data' / 'tools_heterogeneous.jsonl'}\n"
+        "  validation: null\n"
+    )
+    return path
+
+
+def test_json_lines_only_on_stdout(config: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["--config", str(config), "--num", "2", "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        record = json.loads(line)
+        assert {"input_ids", "tokens", "loss_mask", "length", "truncated", "dropped"} <= set(record)
+        assert (
+            record["length"]
+            == len(record["input_ids"])
+            == len(record["tokens"])
+            == len(record["loss_mask"])
+        )
+        assert record["dropped"] is None and record["truncated"] is False
+        trained = "".join(
+            t for t, m in zip(record["tokens"], record["loss_mask"], strict=True) if m
+        )
+        assert trained.endswith("<|im_end|>") and "<|im_start|>" not in trained
+
+
+def test_terminal_view_marks_trained_text(config: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["--config", str(config), "--num", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "--- example 0" in out and "[[It is sunny.<|im_end|>]]" in out  # not a tty: brackets
+    assert (
+        main(
+            [
+                "--config",
+                str(config),
+                "--num",
+                "1",
+                "--json",
+                "data.max_input_seq_length=40",
+                "data.overlong_policy=mask",
+            ]
+        )
+        == 0
+    )
+    record = json.loads(capsys.readouterr().out)
+    assert record["truncated"] and record["length"] == 40 and not any(record["loss_mask"])
