@@ -1,0 +1,90 @@
+"""`sftkit sft|preview|eval|export`; `examples/*.py` are thin wrappers over these."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+logger = logging.getLogger("sftkit")
+
+USAGE = """usage: sftkit <command> [args]
+
+commands:
+  sft      fine-tune:   sftkit sft [--config YAML] [--print-config] [overrides...]
+  preview  see tokens:  sftkit preview --config YAML [--split train] [--num N] [--json]
+  eval     evaluate:    sftkit eval [--config YAML] [overrides...]
+  export   to HF:       sftkit export <checkpoint_dir/step_N> <out_dir> [--adapter]
+"""
+
+
+def _config_args(argv: list[str], prog: str) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog=prog, add_help=True)
+    parser.add_argument("--config", default=None, help="YAML config (default: the embedded one)")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    return parser.parse_known_args(argv)
+
+
+def sft_main(argv: list[str]) -> int:
+    """Entry point of `examples/run_sft.py`; returns the exit code (75: resubmit to resume)."""
+    from sftkit.config import ConfigError, config_to_yaml, load_config
+    from sftkit.log import setup_logging
+
+    args, overrides = _config_args(argv, "run_sft.py")
+    setup_logging()
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"Config error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    launched = _maybe_self_launch(cfg, argv)
+    if launched is not None:
+        return launched
+    from sftkit.train.recipe import run_sft
+
+    return run_sft(cfg)
+
+
+def _maybe_self_launch(cfg: object, argv: list[str]) -> int | None:
+    """With cluster.gpus_per_node > 1 outside any launcher, start the ranks ourselves."""
+    try:
+        from sftkit.train.launch import maybe_self_launch
+    except ImportError:
+        return None
+    return maybe_self_launch(cfg, argv)
+
+
+def eval_main(argv: list[str]) -> int:
+    from sftkit.eval.run import main
+
+    return main(argv)
+
+
+def preview_main(argv: list[str]) -> int:
+    from sftkit.data.preview import main
+
+    return main(argv) or 0
+
+
+def export_main(argv: list[str]) -> int:
+    from sftkit.train.export import main
+
+    return main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"sft": sft_main, "eval": eval_main, "preview": preview_main, "export": export_main}
+    if not argv or argv[0] not in commands:
+        print(USAGE, file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

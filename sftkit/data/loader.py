@@ -1,0 +1,142 @@
+"""Global batches, their split over data-parallel ranks, and micro-batches.
+
+Data order is a pure function of (seed, epoch): each epoch's permutation comes from a
+generator seeded with `seed + epoch`, and the sampler's whole state is two integers
+(epoch, batches consumed this epoch). That makes resume exact and the state file
+loadable with `torch.load(weights_only=True)` without an allow-list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from sftkit.data.packing import (
+    PackedBatch,
+    collate_packed,
+    collate_padded,
+    dynamic_microbatches,
+    pack_sequences,
+    round_up,
+)
+from sftkit.data.types import Example
+
+
+class GlobalBatchSampler:
+    """Yields lists of example indices, `global_batch_size` at a time, epoch after epoch.
+
+    The last partial batch of an epoch is dropped (as NeMo RL's `drop_last=True`); those
+    examples are seen in other epochs when shuffling is on.
+    """
+
+    def __init__(self, num_examples: int, global_batch_size: int, shuffle: bool, seed: int):
+        if num_examples < global_batch_size:
+            raise ValueError(
+                f"the training set has {num_examples} examples, fewer than "
+                f"policy.train_global_batch_size={global_batch_size}; lower the batch size "
+                "or add data"
+            )
+        self.num_examples = num_examples
+        self.global_batch_size = global_batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0  # global batches already taken from this epoch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_examples // self.global_batch_size
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_examples))
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_examples, generator=generator).tolist()
+
+    def next_batch(self) -> list[int] | None:
+        """The next global batch of this epoch, or None (and the epoch advances) at its end."""
+        if self.position >= self.batches_per_epoch:
+            self.epoch += 1
+            self.position = 0
+            return None
+        start = self.position * self.global_batch_size
+        self.position += 1
+        return self._order(self.epoch)[start : start + self.global_batch_size]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+
+
+@dataclass
+class BatchPlan:
+    """How one rank turns its share of a global batch into micro-batches."""
+
+    micro_batch_size: int
+    multiple_of: int = 1
+    pad_id: int = 0
+    mode: str = "padded"  # padded | packed | dynamic
+    mb_tokens: int | None = None  # token budget per micro-batch (packed / dynamic)
+    length_round: int = 64
+    algorithm: str = "modified_first_fit_decreasing"
+    seed: int = 0
+
+
+def rank_share(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """Contiguous block of a global batch for one data-parallel rank (NeMo RL's sharding)."""
+    if len(indices) % world_size:
+        raise ValueError(
+            f"a batch of {len(indices)} examples does not split over {world_size} data-parallel "
+            "ranks; make the global batch size a multiple of the data-parallel size"
+        )
+    per_rank = len(indices) // world_size
+    return indices[rank * per_rank : (rank + 1) * per_rank]
+
+
+def micro_batches(examples: list[Example], plan: BatchPlan) -> list[PackedBatch]:
+    """Split one rank's examples into collated micro-batches according to `plan`."""
+    pairs = [(e.input_ids, e.loss_mask) for e in examples]
+    if plan.mode == "padded":
+        size = plan.micro_batch_size
+        return [
+            collate_padded(pairs[i : i + size], plan.pad_id, plan.multiple_of)
+            for i in range(0, len(pairs), size)
+        ]
+    lengths = [len(ids) for ids, _ in pairs]
+    budget = plan.mb_tokens or max(lengths)
+    if plan.mode == "dynamic":
+        groups = dynamic_microbatches(lengths, budget, max(plan.length_round, plan.multiple_of))
+        return [
+            collate_padded([pairs[i] for i in group], plan.pad_id, plan.multiple_of)
+            for group in groups
+        ]
+    bins = pack_sequences(lengths, budget, plan.algorithm, seed=plan.seed)  # type: ignore[arg-type]
+    batches = []
+    for bin_ in bins:
+        used = sum(lengths[i] for i in bin_)
+        width = min(budget, round_up(used, max(plan.length_round, plan.multiple_of)))
+        width = max(width, used)
+        batches.append(collate_packed(pairs, [bin_], width, plan.pad_id))
+    return batches
+
+
+def dummy_micro_batch(pad_id: int) -> PackedBatch:
+    """A one-token batch with no targets, so ranks with fewer micro-batches stay in step."""
+    return collate_padded([([pad_id], [0])], pad_id, 1)
+
+
+def iterate_eval_batches(
+    examples: list[Example], batch_size: int, max_batches: int
+) -> Iterator[list[Example]]:
+    """Validation batches in a fixed order; `max_batches <= 0` means the whole set."""
+    count = 0
+    for start in range(0, len(examples), batch_size):
+        if 0 < max_batches <= count:
+            return
+        yield examples[start : start + batch_size]
+        count += 1

@@ -1,0 +1,106 @@
+"""Loading the HF model, and moving weights in and out of checkpoints and HF directories."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sftkit.model.builtin import resolve_model_path
+
+logger = logging.getLogger("sftkit")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(
+    model_name: str,
+    *,
+    param_dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    config_overrides: dict[str, Any] | None = None,
+) -> nn.Module:
+    """`AutoModelForCausalLM` from an HF id, a local directory or `sftkit:<builtin>`.
+
+    Parameters stay in `param_dtype` (float32 master weights by default; compute precision
+    comes from autocast in the loop).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if trust_remote_code:
+        logger.warning(
+            "policy.trust_remote_code=true: model code from %s will run on this machine", model_name
+        )
+    path = resolve_model_path(model_name)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    for key, value in (config_overrides or {}).items():
+        if not hasattr(config, key):
+            raise ValueError(
+                f"policy.hf_config_overrides.{key}: {type(config).__name__} has no field {key!r}"
+            )
+        setattr(config, key, value)
+    kwargs: dict[str, Any] = {"config": config, "dtype": param_dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(
+        path, trust_remote_code=trust_remote_code, **kwargs
+    )
+    if getattr(model.config, "use_cache", False):
+        # A KV cache during training only costs memory (and, with an attention mask,
+        # changes how transformers builds masks for packed rows).
+        model.config.use_cache = False
+    return model
+
+
+def save_model_weights(model: nn.Module, directory: Path, trainable_only: bool) -> Path:
+    """Write the model's weights (or only its trainable ones) as one safetensors file."""
+    from safetensors.torch import save_file, save_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if trainable_only:
+        path = directory / "trainable.safetensors"
+        tensors = {
+            name: p.detach().contiguous().cpu()
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        }
+        save_file(tensors, path)
+    else:
+        path = directory / "model.safetensors"
+        save_model(model, str(path))  # handles tied (shared) tensors
+    return path
+
+
+def load_model_weights(model: nn.Module, directory: Path) -> None:
+    """Inverse of save_model_weights; strict about names so a mismatch is loud."""
+    from safetensors.torch import load_file, load_model
+
+    full = directory / "model.safetensors"
+    if full.exists():
+        missing, unexpected = load_model(model, str(full), strict=False)
+        if unexpected or missing:
+            raise ValueError(
+                f"{full} does not fit the model: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+        return
+    tensors = load_file(str(directory / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise ValueError(f"{directory}: checkpoint has parameters the model lacks: {unknown[:5]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def save_hf(model: nn.Module, tokenizer: Any, directory: Path) -> None:
+    """An HF model directory (config, safetensors weights, tokenizer with its template)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)

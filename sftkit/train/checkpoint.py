@@ -1,0 +1,262 @@
+"""Atomic, verified checkpoints in NeMo RL's layout, retention, and resume discovery.
+
+    checkpoint_dir/step_N/
+      training_info.json      counters, ranking metric, format version, fingerprint
+      config.yaml             the resolved config, secrets redacted
+      train_dataloader.pt     sampler position (two ints)
+      rng/rank_R.pt           every RNG of rank R
+      policy/weights/         model.safetensors (full) or adapter_model.safetensors (LoRA)
+      policy/optimizer/       optimizer.pt, scheduler.pt (when save_optimizer)
+      policy/tokenizer/       the tokenizer with the training chat template
+      manifest.json           size and sha256 of every file above: written last
+
+A save is written to `tmp_step_N/` and renamed to `step_N/` by rank 0 after a barrier, once
+the manifest is on disk. A directory without a manifest, or whose files do not match it,
+is not a checkpoint: resume skips it with a warning and uses the one before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("sftkit")
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INFO = "training_info.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class ResumeMismatchError(ValueError):
+    """The checkpoint was made with settings that make resuming meaningless."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: Path) -> None:
+    """Record size and hash of every file, then fsync: the commit point of a save."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        files[str(path.relative_to(directory))] = {
+            "size": path.stat().st_size,
+            "sha256": _sha256(path),
+        }
+    tmp = directory / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"format_version": FORMAT_VERSION, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / MANIFEST)
+
+
+def verify(directory: Path, hashes: bool = True) -> str | None:
+    """None when `directory` is a complete checkpoint, else the reason it is not."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest.json (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as err:
+        return f"unreadable manifest.json ({err})"
+    for name, meta in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != meta["size"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {meta['size']}"
+        if hashes and _sha256(path) != meta["sha256"]:
+            return f"{name} does not match its sha256 (corrupted)"
+    return None
+
+
+def step_dirs(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """`step_N` directories, newest first (tmp_ and other names ignored)."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = []
+    for path in checkpoint_dir.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The newest complete, verified checkpoint; broken ones are skipped with a warning."""
+    for _, path in step_dirs(Path(checkpoint_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        logger.warning("Skipping checkpoint %s: %s; trying the one before", path, problem)
+    return None
+
+
+def read_info(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / INFO).read_text())
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two resume fingerprints."""
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{k}: checkpoint has {saved.get(k)!r}, this run has {current.get(k)!r}"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    ]
+
+
+def check_resumable(directory: Path, fingerprint: dict[str, Any]) -> None:
+    """Raise ResumeMismatchError naming every difference between checkpoint and run."""
+    info = read_info(directory)
+    version = info.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ResumeMismatchError(
+            f"{directory} has checkpoint format {version}, this sftkit writes {FORMAT_VERSION}"
+        )
+    diffs = fingerprint_differences(info.get("fingerprint", {}), fingerprint)
+    if diffs:
+        raise ResumeMismatchError(
+            f"Cannot resume from {directory}: the run's settings differ from the checkpoint's:\n  "
+            + "\n  ".join(diffs)
+            + "\nRestore those settings to resume, or start fresh with "
+            "checkpointing.resume=false (old checkpoints are moved aside, not deleted)."
+        )
+
+
+def archive_old_checkpoints(checkpoint_dir: Path) -> Path | None:
+    """Move existing step_N dirs aside so a fresh run never mixes with an old one."""
+    existing = step_dirs(checkpoint_dir)
+    if not existing:
+        return None
+    archive = checkpoint_dir / f"previous_{time.strftime('%Y%m%d-%H%M%S')}"
+    archive.mkdir(parents=True, exist_ok=True)
+    for _, path in existing:
+        shutil.move(str(path), archive / path.name)
+    logger.warning("Starting fresh: moved %d old checkpoints to %s", len(existing), archive)
+    return archive
+
+
+def save_checkpoint(
+    checkpoint_dir: Path,
+    step: int,
+    info: dict[str, Any],
+    write_files: Callable[[Path], None],
+    rank: int = 0,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path:
+    """Write one checkpoint atomically and return its final path.
+
+    `write_files(tmp_dir)` runs on every rank (each writes its own parts); rank 0 then
+    writes training_info.json and the manifest and renames after a barrier.
+    """
+    tmp = checkpoint_dir / f"tmp_step_{step}"
+    final = checkpoint_dir / f"step_{step}"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    write_files(tmp)
+    barrier()
+    if rank == 0:
+        with open(tmp / INFO, "w") as f:
+            json.dump(info, f, indent=1)
+        write_manifest(tmp)
+        if final.exists():  # a stale save of the same step from an interrupted run
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(checkpoint_dir)
+    barrier()
+    return final
+
+
+def checkpoints_to_delete(
+    entries: list[tuple[int, float | None]],
+    keep_top_k: int | None,
+    higher_is_better: bool,
+    keep_latest_k: int | None = None,
+) -> list[int]:
+    """Steps to remove: keep the best `keep_top_k` by metric (ties go to the newer step),
+    the latest `keep_latest_k`, and always the newest. Steps without the metric rank last."""
+    if keep_top_k is None or not entries:
+        return []
+    by_step = sorted(entries, key=lambda e: e[0], reverse=True)
+    keep = {by_step[0][0]}
+    keep.update(step for step, _ in by_step[: keep_latest_k or 0])
+
+    def rank_key(entry: tuple[int, float | None]) -> tuple[int, float, int]:
+        step, value = entry
+        if value is None:
+            return (1, 0.0, -step)
+        return (0, -value if higher_is_better else value, -step)
+
+    keep.update(step for step, _ in sorted(entries, key=rank_key)[:keep_top_k])
+    return sorted(step for step, _ in entries if step not in keep)
+
+
+def apply_retention(
+    checkpoint_dir: Path,
+    metric_name: str | None,
+    keep_top_k: int | None,
+    higher_is_better: bool,
+    keep_latest_k: int | None = None,
+) -> list[Path]:
+    """Delete checkpoints outside the retention policy; returns what was deleted."""
+    entries = []
+    paths = {}
+    for step, path in step_dirs(checkpoint_dir):
+        if verify(path, hashes=False) is not None:
+            continue
+        value = read_info(path).get(metric_name) if metric_name else None
+        entries.append((step, None if value is None else float(value)))
+        paths[step] = path
+    if metric_name and any(value is None for _, value in entries):
+        missing = [step for step, value in entries if value is None]
+        logger.warning(
+            "checkpointing.metric_name=%s is missing for steps %s; they are kept only as the "
+            "latest (align checkpointing.save_period with sft.val_period)",
+            metric_name,
+            missing,
+        )
+    deleted = []
+    for step in checkpoints_to_delete(entries, keep_top_k, higher_is_better, keep_latest_k):
+        try:
+            shutil.rmtree(paths[step])
+            deleted.append(paths[step])
+        except OSError as err:  # a failed delete must not kill a healthy run
+            logger.warning("Could not delete old checkpoint %s: %s", paths[step], err)
+    return deleted
+
+
+def parse_deadline(text: str | None) -> float | None:
+    """`DD:HH:MM:SS` as seconds (checkpointing.checkpoint_must_save_by)."""
+    if not text:
+        return None
+    days, hours, minutes, seconds = (int(x) for x in str(text).split(":"))
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds

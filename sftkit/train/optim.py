@@ -1,0 +1,84 @@
+"""Optimizer and LR scheduler from NeMo RL's `policy.optimizer` / `policy.scheduler` schema."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("sftkit")
+
+DEFAULT_OPTIMIZER = "torch.optim.AdamW"
+DEFAULT_OPTIMIZER_KWARGS: dict[str, Any] = {"lr": 5.0e-6, "weight_decay": 0.1}
+
+
+def import_object(dotted: str, key: str) -> Any:
+    """Import `package.module.Name`; errors name the config key that held the path."""
+    module_name, _, attr = dotted.rpartition(".")
+    if not module_name:
+        raise ValueError(f"{key}={dotted!r} is not a dotted path like 'torch.optim.AdamW'")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{key}={dotted!r} cannot be imported: {err}") from err
+
+
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], name: str | None, kwargs: dict[str, Any] | None
+) -> torch.optim.Optimizer:
+    """`name` is a dotted class path; `kwargs` go to its constructor (lists become tuples)."""
+    if name is None:  # Megatron recipes set policy.optimizer: null
+        logger.warning("policy.optimizer is null: using %s", DEFAULT_OPTIMIZER)
+        name, kwargs = DEFAULT_OPTIMIZER, DEFAULT_OPTIMIZER_KWARGS
+    cls = import_object(name, "policy.optimizer.name")
+    clean = {k: tuple(v) if isinstance(v, list) else v for k, v in (kwargs or {}).items()}
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: check policy.dtensor_cfg.lora_cfg")
+    try:
+        return cls(params, **clean)
+    except TypeError as err:
+        raise ValueError(f"policy.optimizer.kwargs do not fit {name}: {err}") from err
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, spec: Any
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """NeMo RL's schema: null (constant LR), one {name, kwargs}, or a list of them plus one
+    {milestones: [...]} entry, chained with SequentialLR. Stepped once per optimizer step."""
+    if spec is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    if isinstance(spec, dict):
+        return _one_scheduler(optimizer, spec, "policy.scheduler")
+    if not isinstance(spec, list):
+        raise ValueError(
+            f"policy.scheduler must be a mapping {{name, kwargs}} or a list of them, got {spec!r}"
+        )
+    milestones = [e["milestones"] for e in spec if isinstance(e, dict) and "milestones" in e]
+    entries = [e for e in spec if not (isinstance(e, dict) and "milestones" in e)]
+    if len(entries) == 1 and not milestones:
+        return _one_scheduler(optimizer, entries[0], "policy.scheduler[0]")
+    if len(milestones) != 1 or len(milestones[0]) != len(entries) - 1:
+        raise ValueError(
+            f"policy.scheduler lists {len(entries)} schedulers, so it needs one "
+            f"{{milestones: [...]}} entry with {len(entries) - 1} step numbers"
+        )
+    schedulers = [
+        _one_scheduler(optimizer, e, f"policy.scheduler[{i}]") for i, e in enumerate(entries)
+    ]
+    return torch.optim.lr_scheduler.SequentialLR(
+        optimizer, schedulers, milestones=list(milestones[0])
+    )
+
+
+def _one_scheduler(optimizer: torch.optim.Optimizer, entry: Any, key: str) -> Any:
+    if not isinstance(entry, dict) or "name" not in entry:
+        raise ValueError(f"{key} must be a mapping with 'name' (and optional 'kwargs'), got {entry!r}")
+    cls = import_object(entry["name"], f"{key}.name")
+    try:
+        return cls(optimizer, **(entry.get("kwargs") or {}))
+    except TypeError as err:
+        raise ValueError(f"{key}.kwargs do not fit {entry['name']}: {err}") from err
