@@ -1,0 +1,74 @@
+"""`sftkit export <checkpoint> <out> [--adapter]`: any checkpoint to an HF directory.
+
+The checkpoint's own `config.yaml` says which base model, tokenizer and LoRA settings it
+was trained with, so no other input is needed. Full fine-tunes become an HF model
+directory; LoRA runs become a merged HF directory, or with `--adapter` a PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from sftkit.train import checkpoint as ckpt
+
+logger = logging.getLogger("sftkit")
+
+
+def export_checkpoint(checkpoint: Path, out: Path, adapter: bool = False) -> Path:
+    """Write `out` from `checkpoint` (a step_N dir, or a checkpoint_dir: its latest)."""
+    from sftkit.config import load_config
+    from sftkit.model.load import load_model, load_model_weights, save_hf
+    from sftkit.model.lora import apply_lora, lora_spec_from_config, merge_lora, save_adapter
+
+    if not (checkpoint / ckpt.INFO).exists():
+        latest = ckpt.latest_checkpoint(checkpoint)
+        if latest is None:
+            raise ValueError(f"{checkpoint} holds no complete checkpoint (step_N with a manifest)")
+        checkpoint = latest
+    problem = ckpt.verify(checkpoint)
+    if problem:
+        raise ValueError(f"{checkpoint} is not a complete checkpoint: {problem}")
+    cfg = load_config(checkpoint / "config.yaml", [])
+    model = load_model(
+        cfg.policy.model_name,
+        trust_remote_code=cfg.policy.trust_remote_code,
+        config_overrides=dict(cfg.policy.hf_config_overrides or {}),
+    )
+    spec = lora_spec_from_config(cfg.policy)
+    if spec is not None:
+        apply_lora(model, spec)
+    elif adapter:
+        raise ValueError(f"{checkpoint} is a full fine-tune; --adapter needs a LoRA run")
+    load_model_weights(model, checkpoint / "policy" / "weights")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "policy" / "tokenizer")
+    if adapter:
+        save_adapter(model, out, cfg.policy.model_name, spec)  # type: ignore[arg-type]
+        tokenizer.save_pretrained(out)
+    else:
+        if spec is not None:
+            merge_lora(model)
+        save_hf(model, tokenizer, out)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    from sftkit.log import setup_logging
+
+    parser = argparse.ArgumentParser(prog="sftkit export", description=__doc__)
+    parser.add_argument("checkpoint", type=Path, help="checkpoint_dir/step_N (or checkpoint_dir)")
+    parser.add_argument("out", type=Path, help="output directory")
+    parser.add_argument("--adapter", action="store_true", help="write a PEFT adapter (LoRA runs)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, args.adapter)
+    except ValueError as err:
+        print(f"export error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {out}")
+    return 0
