@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
+from typing import Any
 
 logger = logging.getLogger("sftkit")
 
@@ -47,7 +50,31 @@ def sft_main(argv: list[str]) -> int:
         return launched
     from sftkit.train.recipe import run_sft
 
-    return run_sft(cfg)
+    return _run_reporting_errors(run_sft, cfg)
+
+
+def _run_reporting_errors(run_sft: Any, cfg: Any) -> int:
+    """Run, turning expected failures into one clear paragraph and an exit code.
+
+    0 done, 1 training failure (non-finite loss, unreachable tracker), 2 config or usage
+    error (ValueError: bad settings, resume mismatch, bad data), 75 saved early: requeue.
+    Set SFTKIT_TRACEBACK=1 to see the traceback as well.
+    """
+    from sftkit.log import scrub
+    from sftkit.train.step import NonFiniteError
+
+    try:
+        return int(run_sft(cfg))
+    except (NonFiniteError, ConnectionError) as err:
+        code, kind = 1, "Training stopped"
+        error: BaseException = err
+    except ValueError as err:
+        code, kind = 2, "Error"
+        error = err
+    if os.environ.get("SFTKIT_TRACEBACK"):
+        traceback.print_exception(error)
+    print(f"{kind}: {scrub(str(error))}", file=sys.stderr)
+    return code
 
 
 def _maybe_self_launch(cfg: object, argv: list[str]) -> int | None:

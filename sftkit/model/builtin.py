@@ -76,8 +76,15 @@ def resolve_model_path(name: str) -> str:
         )
     path = sftkit_home() / "models" / key
     if not (path / "config.json").exists():
-        logger.info("Creating built-in model %s at %s (first use)", name, path)
-        build_builtin(key, path)
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One builder at a time: ranks of one job (or parallel tests) share this directory.
+        with open(path.parent / f".{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (path / "config.json").exists():
+                logger.info("Creating built-in model %s at %s (first use)", name, path)
+                build_builtin(key, path)
     return str(path)
 
 
@@ -156,11 +163,7 @@ def build_builtin(key: str, path: Path, seed: int = 0) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not (path / "config.json").exists():  # lost a race to nobody: a real error
-                raise
+        os.rename(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,12 @@
 A save is written to `tmp_step_N/` and renamed to `step_N/` by rank 0 after a barrier, once
 the manifest is on disk. A directory without a manifest, or whose files do not match it,
 is not a checkpoint: resume skips it with a warning and uses the one before.
+
+Fault injection for tests (inert unless the variable is set): `SFTKIT_TEST_SAVE_FAULT=<point>`
+or `<point>@<step>` kills the process with SIGKILL at that point of a save, and
+`SFTKIT_TEST_SLOW_SAVE=<seconds>` sleeps at every point, so a test can kill a real process
+mid-save. The points, in order: start, files_written, info_written, manifest_tmp,
+manifest_written, renamed, retention.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,10 +41,30 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INFO = "training_info.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_TMP_DIR = re.compile(r"^tmp_step_(\d+)$")
+FAULT_ENV = "SFTKIT_TEST_SAVE_FAULT"
+SLOW_ENV = "SFTKIT_TEST_SLOW_SAVE"
+FAULT_POINTS = (
+    "start", "files_written", "info_written", "manifest_tmp", "manifest_written", "renamed",
+    "retention",
+)  # fmt: skip
 
 
 class ResumeMismatchError(ValueError):
     """The checkpoint was made with settings that make resuming meaningless."""
+
+
+def fault_point(point: str, step: int | None = None) -> None:
+    """Test hook: sleep and/or SIGKILL this process here when the environment asks for it."""
+    slow = os.environ.get(SLOW_ENV)
+    if slow:
+        time.sleep(float(slow))
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    name, _, at = wanted.partition("@")
+    if name == point and (not at or step is None or int(at) == step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _sha256(path: Path) -> str:
@@ -71,6 +98,7 @@ def write_manifest(directory: Path) -> None:
         json.dump({"format_version": FORMAT_VERSION, "files": files}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    fault_point("manifest_tmp")
     os.replace(tmp, directory / MANIFEST)
 
 
@@ -115,6 +143,20 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
             return path
         logger.warning("Skipping checkpoint %s: %s; trying the one before", path, problem)
     return None
+
+
+def ranking_metric(metric_name: str | None, metrics: dict[str, float]) -> dict[str, float]:
+    """`{metric_name: value}` when the logged `metrics` hold it, else `{}`.
+
+    `train:<name>` reads `train/<name>` and `val:<name>` reads `validation/<name>` (NeMo RL's
+    `val:val_loss` is `validation/val_loss`), so any logged train or validation metric ranks.
+    """
+    if not metric_name or ":" not in metric_name:
+        return {}
+    prefix, name = metric_name.split(":", 1)
+    logged = {"train": "train/", "val": "validation/"}.get(prefix, "\0") + name
+    value = metrics.get(logged)
+    return {} if value is None else {metric_name: float(value)}
 
 
 def read_info(directory: Path) -> dict[str, Any]:
@@ -178,22 +220,36 @@ def save_checkpoint(
     tmp = checkpoint_dir / f"tmp_step_{step}"
     final = checkpoint_dir / f"step_{step}"
     if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        fault_point("start", step)
+        remove_stale_tmp_dirs(checkpoint_dir)
         tmp.mkdir(parents=True)
     barrier()
     write_files(tmp)
     barrier()
     if rank == 0:
+        fault_point("files_written", step)
         with open(tmp / INFO, "w") as f:
             json.dump(info, f, indent=1)
+        fault_point("info_written", step)
         write_manifest(tmp)
-        if final.exists():  # a stale save of the same step from an interrupted run
+        fault_point("manifest_written", step)
+        if final.exists():  # a broken save of the same step, skipped when this run resumed
             shutil.rmtree(final)
         os.rename(tmp, final)
+        fault_point("renamed", step)
         _fsync_dir(checkpoint_dir)
     barrier()
     return final
+
+
+def remove_stale_tmp_dirs(checkpoint_dir: Path) -> None:
+    """Delete `tmp_step_N` left by a killed save (saves are synchronous: none is in flight)."""
+    if not checkpoint_dir.is_dir():
+        return
+    for path in checkpoint_dir.iterdir():
+        if _TMP_DIR.match(path.name) and path.is_dir():
+            logger.info("Removing %s, left by an interrupted save", path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def checkpoints_to_delete(
@@ -246,6 +302,7 @@ def apply_retention(
         )
     deleted = []
     for step in checkpoints_to_delete(entries, keep_top_k, higher_is_better, keep_latest_k):
+        fault_point("retention", step)
         try:
             shutil.rmtree(paths[step])
             deleted.append(paths[step])

@@ -2,15 +2,30 @@
 
 Every rank runs the same loop (SPMD). With one process nothing here touches
 torch.distributed, so the single-CPU path has no extra moving parts.
+
+Ranks are laid out on a (data parallel, tensor parallel) grid: tensor-parallel peers hold
+the same batch, so data is split over `dp_rank`/`dp_size` and sums of per-rank numbers run
+over the data-parallel group only.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+from collections.abc import MutableMapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+logger = logging.getLogger("sftkit")
+
+DEFAULT_MASTER_PORT = 29500
 
 
 @dataclass
@@ -21,6 +36,9 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    tp_size: int = 1  # tensor-parallel degree; ranks r and r+1 .. share a batch when > 1
+    dp_group: Any = None  # process group of this rank's data-parallel peers (None: world)
+    mesh: Any = None  # the (dp, tp) DeviceMesh of a multi-rank run, from `build_mesh`
 
     @property
     def is_main(self) -> bool:
@@ -30,19 +48,33 @@ class DistEnv:
     def initialized(self) -> bool:
         return self.world_size > 1 and dist.is_initialized()
 
+    @property
+    def dp_size(self) -> int:
+        """Number of data-parallel ranks (distinct batch shares)."""
+        return self.world_size // self.tp_size
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index (the mesh is (dp, tp), tp varying fastest)."""
+        return self.rank // self.tp_size
+
     def barrier(self) -> None:
         if self.initialized:
             dist.barrier()
 
     def sum(self, value: float) -> float:
-        """Sum of a Python number over ranks (float64 so token counts stay exact)."""
+        """Sum of a per-batch-share number over data-parallel ranks (float64: counts stay exact).
+
+        Tensor-parallel peers hold copies of the same value, so they are counted once.
+        """
         if not self.initialized:
             return value
         tensor = torch.tensor([value], dtype=torch.float64, device=self._collective_device())
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, group=self.dp_group)
         return float(tensor.item())
 
     def max(self, value: float) -> float:
+        """Max over every rank (stop signals, micro-batch counts)."""
         if not self.initialized:
             return value
         tensor = torch.tensor([value], dtype=torch.float64, device=self._collective_device())
@@ -51,6 +83,61 @@ class DistEnv:
 
     def _collective_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: `gpu[03-05,9],cpu1` -> `gpu03`."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot read the Slurm node list {nodelist!r}")
+    prefix, _, ranges = match.groups()
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def launched_by_slurm(environ: MutableMapping[str, str]) -> bool:
+    """True inside `srun` with several tasks (one task per rank) and no torch launcher."""
+    return "RANK" not in environ and int(environ.get("SLURM_NTASKS", "1")) > 1 and (
+        "SLURM_PROCID" in environ
+    )
+
+
+def in_launcher(environ: MutableMapping[str, str]) -> bool:
+    """True when a launcher (torchrun, elastic, srun with several tasks) started this process."""
+    return "RANK" in environ or launched_by_slurm(environ)
+
+
+def apply_slurm_env(environ: MutableMapping[str, str]) -> bool:
+    """Fill torch's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from `srun`'s SLURM_*.
+
+    Only when srun started one task per rank and no torch launcher set RANK; returns whether
+    it did. The rendezvous host is the allocation's first node; the port is MASTER_PORT when
+    set, else derived from the job id so that two jobs sharing a node do not collide.
+    """
+    if not launched_by_slurm(environ):
+        return False
+    environ["RANK"] = environ["SLURM_PROCID"]
+    environ["WORLD_SIZE"] = environ["SLURM_NTASKS"]
+    environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+    environ.setdefault("LOCAL_WORLD_SIZE", environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    if "MASTER_ADDR" not in environ:
+        nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+        if not nodelist:
+            raise ValueError(
+                "srun started this task but neither MASTER_ADDR nor SLURM_JOB_NODELIST is set; "
+                "export MASTER_ADDR=<first node> in the job script"
+            )
+        environ["MASTER_ADDR"] = first_slurm_host(nodelist)
+    job = int(environ.get("SLURM_JOB_ID", "0") or 0)
+    environ.setdefault("MASTER_PORT", str(DEFAULT_MASTER_PORT + job % 10000))
+    return True
+
+
+# ----------------------------------------------------------------------------- the group
 
 
 def pick_device(preference: str, local_rank: int) -> torch.device:
@@ -64,7 +151,12 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(device_preference: str = "auto") -> DistEnv:
-    """Join the process group described by the launcher's environment (RANK, WORLD_SIZE, ...)."""
+    """Join the process group described by the launcher's environment (RANK, WORLD_SIZE, ...).
+
+    Under `srun` without torchrun, the SLURM_* variables are translated first.
+    """
+    if apply_slurm_env(os.environ):
+        logger.debug("Joined srun's task grid as rank %s", os.environ["RANK"])
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -73,6 +165,26 @@ def init_distributed(device_preference: str = "auto") -> DistEnv:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def build_mesh(env: DistEnv, tp_size: int) -> DeviceMesh | None:
+    """The (dp, tp) device mesh of a multi-rank run (None with one process); sets `env.tp_size`
+    and `env.dp_group` so that sums count each batch share once. Collective: every rank calls."""
+    tp = max(tp_size, 1)
+    if env.world_size % tp:
+        raise ValueError(
+            f"policy.dtensor_cfg.tensor_parallel_size={tp} does not divide the world size "
+            f"{env.world_size}; pick a divisor of cluster.gpus_per_node x cluster.num_nodes"
+        )
+    if env.world_size == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(env.device.type, (env.world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+    env.tp_size = tp
+    env.dp_group = mesh["dp"].get_group() if tp > 1 else None
+    env.mesh = mesh
+    return mesh
 
 
 def shutdown_distributed() -> None:

@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sftkit.data.loader import dummy_micro_batch, micro_batches, rank_share
+from sftkit.train.checkpoint import ranking_metric
 from sftkit.train.step import train_step
 
 logger = logging.getLogger("sftkit")
 
-EXIT_OK = 0
+EXIT_OK = 0  # finished: every step done, final_hf written
+EXIT_FAILURE = 1  # an error during training (non-finite loss or gradient, a crash)
+EXIT_USAGE = 2  # a config or usage error, reported before training starts
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: saved and stopped early (signal or deadline); start again
 
 
@@ -84,7 +87,6 @@ def train(run: Any) -> int:
             state.consumed_samples += global_seqs
             state.total_valid_tokens += global_tokens
             state.epoch = sampler.epoch
-            state.metrics["train:loss"] = result["loss"]
             step_time = t_train - t_step
             metrics = {
                 "train/loss": result["loss"],
@@ -106,6 +108,9 @@ def train(run: Any) -> int:
             metrics.update(run.throughput_metrics(real, processed, step_time))
             run.loggers.log(metrics, step)
             run.console.step(step, metrics)
+            # The checkpoint ranking metric is the value measured at this step (validation
+            # below adds val:<name>), never a stale one from an earlier step.
+            state.metrics = ranking_metric(cfg.checkpointing.metric_name, metrics)
 
             last_step = step >= run.total_steps
             period = cfg.sft.val_period
@@ -120,18 +125,24 @@ def train(run: Any) -> int:
                 elapsed = time.monotonic() - started
                 needed = 2 * (time.monotonic() - t_step) + last_save_time
                 stopping = stopping or env.max(elapsed + needed >= run.deadline) > 0
-            if run.should_save(step, last_step) or stopping:
+            if run.should_save(step, last_step) or (stopping and cfg.checkpointing.enabled):
                 t_save = time.monotonic()
                 run.save()
                 last_save_time = time.monotonic() - t_save
                 run.loggers.log({"timing/train/checkpointing": last_save_time}, step)
             if stopping:
-                reason = f"signal {stop.signum}" if stop.signum else "checkpoint_must_save_by"
+                reason = (
+                    f"signal {signal.Signals(stop.signum).name}"
+                    if stop.signum
+                    else "checkpointing.checkpoint_must_save_by"
+                )
+                saved = "after saving" if cfg.checkpointing.enabled else "WITHOUT a checkpoint"
                 logger.warning(
-                    "Stopping at step %d (%s) after saving; start the same command again to "
-                    "resume (exit code %d)",
+                    "Stopping at step %d (%s) %s; start the same command again to resume "
+                    "(exit code %d)",
                     step,
                     reason,
+                    saved,
                     EXIT_REQUEUE,
                 )
                 exit_code = EXIT_REQUEUE

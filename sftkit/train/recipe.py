@@ -31,6 +31,7 @@ from sftkit.log import (
     next_exp_dir,
     setup_logging,
 )
+from sftkit.model.attention import enable_packed_attention
 from sftkit.model.load import DTYPES, load_model, load_model_weights, save_hf, save_model_weights
 from sftkit.model.lora import LoraSpec, apply_lora, lora_spec_from_config, merge_lora, save_adapter
 from sftkit.model.parallel import parallelize
@@ -97,7 +98,7 @@ class Run:
             "validation/val_loss": val_loss,
             "timing/validation/total_validation_time": time.monotonic() - t0,
         }
-        self.state.metrics["val:val_loss"] = val_loss
+        self.state.metrics.update(ckpt.ranking_metric(self.cfg.checkpointing.metric_name, metrics))
         self.loggers.log(metrics, step)
         self.console.validation(step, metrics)
         return val_loss
@@ -324,6 +325,10 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     resume_dir = find_resume_dir(cfg, fingerprint, env)
 
     model, lora, grad_scale = setup_model(cfg, env)
+    plan = batch_plan(cfg, tokenizer.pad_token_id)
+    if plan.mode == "packed":
+        backend = enable_packed_attention(model)
+        logger.info("Sequence packing: documents isolated by %s attention", backend)
     optimizer = build_optimizer(
         model.parameters(),
         cfg.policy.optimizer.name if cfg.policy.optimizer else None,
@@ -344,7 +349,7 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
         optimizer=optimizer,
         scheduler=scheduler,
         sampler=sampler,
-        plan=batch_plan(cfg, tokenizer.pad_token_id),
+        plan=plan,
         step_opts=StepOptions(
             compute_dtype=DTYPES[cfg.policy.precision],
             max_grad_norm=cfg.policy.max_grad_norm,

@@ -1,0 +1,235 @@
+"""Shared fixtures: a built-in model home, a tiny dataset, and the real entry point as a helper.
+
+    def test_x(small_run):                       # (SmallRun) tiny data + the built-in model
+        result = small_run.inprocess(tmp_path, "sft.max_num_steps=3")
+        assert result.returncode == 0 and result.train_rows()[3]["train/loss"] > 0
+        proc = small_run.start(tmp_path)         # a real subprocess (Popen), same settings
+        result = small_run.subprocess(tmp_path, "sft.max_num_steps=3")
+
+The small run is 96 addition examples, global batch 16 (6 steps per epoch) in 2
+micro-batches of 8, float32 on CPU with attention dropout 0.1 and shuffling, one torch
+thread (so in-process and subprocess runs are bit-identical), checkpoints every step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_ROWS, VAL_ROWS, GLOBAL_BATCH = 96, 16, 16
+STEPS_PER_EPOCH = TRAIN_ROWS // GLOBAL_BATCH
+
+
+def write_addition_data(path: Path, rows: int, seed: int = 0) -> Path:
+    """`rows` lines of `{"input": "a+b", "output": "sum"}` (ResponseDataset JSONL)."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for _ in range(rows):
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            f.write(json.dumps({"input": f"{a}+{b}", "output": str(a + b)}) + "\n")
+    return path
+
+
+def read_metrics(exp_dir: Path) -> list[dict[str, Any]]:
+    path = exp_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def exp_dirs(log_dir: Path) -> list[Path]:
+    return sorted(log_dir.glob("exp_*")) if log_dir.is_dir() else []
+
+
+@dataclass
+class RunResult:
+    """What one run of the entry point left: exit code, output and its new exp_NNN dirs."""
+
+    returncode: int
+    work: Path
+    new_exp_dirs: list[Path]
+    stdout: str = ""
+    stderr: str = ""
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.work / "ckpt"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.work / "logs"
+
+    @property
+    def exp_dir(self) -> Path:
+        assert len(self.new_exp_dirs) == 1, self.new_exp_dirs
+        return self.new_exp_dirs[0]
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.exp_dir)
+
+    def train_rows(self) -> dict[int, dict[str, Any]]:
+        """step -> the train/* metrics logged at that step (timings left out)."""
+        return rows_by_step(self.metrics, "train/")
+
+    def val_rows(self) -> dict[int, float]:
+        return {r["step"]: r["validation/val_loss"] for r in self.metrics if "validation/val_loss" in r}
+
+
+def rows_by_step(metrics: list[dict[str, Any]], prefix: str = "train/") -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    for row in metrics:
+        if "train/loss" in row:
+            out[row["step"]] = {k: v for k, v in row.items() if k.startswith(prefix)}
+    return out
+
+
+@dataclass
+class SmallRun:
+    """The real `run_sft.py` entry point on the tiny dataset; results land in `work/`."""
+
+    home: Path
+    train: Path
+    validation: Path
+    cache: Path
+    extra: list[str] = field(default_factory=list)
+
+    def overrides(self, work: Path, *more: str) -> list[str]:
+        base = [
+            f"data.train.data_path={self.train}",
+            f"data.validation.data_path={self.validation}",
+            f"data.cache_dir={self.cache}",
+            f"policy.train_global_batch_size={GLOBAL_BATCH}",
+            "policy.train_micro_batch_size=8",
+            "policy.max_total_sequence_length=32",
+            "++policy.hf_config_overrides.attention_dropout=0.1",
+            "sft.max_num_steps=14",
+            "sft.val_period=7",
+            "sft.val_at_start=false",
+            "sft.val_batches=1",
+            "sft.val_global_batch_size=16",
+            "sft.val_micro_batch_size=16",
+            f"checkpointing.checkpoint_dir={work / 'ckpt'}",
+            "checkpointing.save_period=1",
+            "checkpointing.keep_top_k=null",
+            f"logger.log_dir={work / 'logs'}",
+            "logger.tensorboard_enabled=false",
+            "logger.monitor_gpus=false",
+            "cluster.device=cpu",
+        ]
+        return base + self.extra + list(more)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "SFTKIT_HOME": str(self.home),
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            **extra,
+        }
+
+    def inprocess(self, work: Path, *more: str, env: dict[str, str] | None = None) -> RunResult:
+        """`sft_main` in this process (no import cost), with one torch thread."""
+        import torch
+
+        from sftkit.cli import sft_main
+
+        before = set(exp_dirs(work / "logs"))
+        threads = torch.get_num_threads()
+        saved_env = {k: os.environ.get(k) for k in (env or {})}
+        os.environ.update(env or {})
+        torch.set_num_threads(1)
+        try:
+            code = sft_main(self.overrides(work, *more))
+        finally:
+            torch.set_num_threads(threads)
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        new = [p for p in exp_dirs(work / "logs") if p not in before]
+        return RunResult(code, work, new)
+
+    def command(self, work: Path, *more: str) -> list[str]:
+        return [sys.executable, str(REPO / "examples" / "run_sft.py"), *self.overrides(work, *more)]
+
+    def start(self, work: Path, *more: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """The entry point as a real process (stdout/stderr to work/stdout.txt, stderr.txt)."""
+        work.mkdir(parents=True, exist_ok=True)
+        return subprocess.Popen(
+            self.command(work, *more),
+            cwd=work,
+            env=self.env(**(env or {})),
+            stdout=(work / "stdout.txt").open("w"),
+            stderr=(work / "stderr.txt").open("w"),
+        )
+
+    def subprocess(
+        self, work: Path, *more: str, env: dict[str, str] | None = None, timeout: float = 300
+    ) -> RunResult:
+        before = set(exp_dirs(work / "logs"))
+        proc = self.start(work, *more, env=env)
+        code = proc.wait(timeout=timeout)
+        return finished(proc, work, before, code)
+
+
+def finished(proc: subprocess.Popen, work: Path, before: set[Path], code: int) -> RunResult:
+    new = [p for p in exp_dirs(work / "logs") if p not in before]
+    return RunResult(
+        code, work, new, (work / "stdout.txt").read_text(), (work / "stderr.txt").read_text()
+    )
+
+
+@pytest.fixture(scope="session")
+def sftkit_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """SFTKIT_HOME with the built-in `sftkit:tiny-llama` built once for the session."""
+    home = tmp_path_factory.mktemp("sftkit_home")
+    previous = os.environ.get("SFTKIT_HOME")
+    os.environ["SFTKIT_HOME"] = str(home)
+    from sftkit.model.builtin import resolve_model_path
+
+    resolve_model_path("sftkit:tiny-llama")
+    yield home
+    if previous is None:
+        os.environ.pop("SFTKIT_HOME", None)
+    else:
+        os.environ["SFTKIT_HOME"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(sftkit_home: Path) -> Path:
+    """The built-in tiny Llama as a local HF directory (weights, config, tokenizer)."""
+    return sftkit_home / "models" / "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def small_run(sftkit_home: Path, tmp_path_factory: pytest.TempPathFactory) -> SmallRun:
+    data = tmp_path_factory.mktemp("small_data")
+    return SmallRun(
+        home=sftkit_home,
+        train=write_addition_data(data / "train.jsonl", TRAIN_ROWS, seed=0),
+        validation=write_addition_data(data / "validation.jsonl", VAL_ROWS, seed=1),
+        cache=data / "cache",
+    )
+
+
+@pytest.fixture(scope="session")
+def reference_run(small_run: SmallRun, tmp_path_factory: pytest.TempPathFactory) -> RunResult:
+    """An uninterrupted small run of 14 steps (2 epochs + 2) with a checkpoint at every step."""
+    result = small_run.inprocess(tmp_path_factory.mktemp("reference"))
+    assert result.returncode == 0
+    assert sorted(result.train_rows()) == list(range(1, 15))
+    return result
