@@ -1,10 +1,24 @@
 """Model transforms for scale-out, in one fixed order: LoRA -> TP -> activation
-checkpointing -> compile -> FSDP2 (LoRA is applied by the caller first)."""
+checkpointing -> compile -> FSDP2 (LoRA is applied by the caller first, so the TP plan
+covers the LoRA branches), and loading weights shard by shard into a sharded model.
+
+One process: nothing is wrapped (activation checkpointing and compile only). Several:
+`build_mesh` gives a (dp, tp) mesh; DTensor tensor parallelism runs over "tp" and FSDP2
+`fully_shard` (per decoder layer, then the root) over "dp", with float32 master weights and
+float32 gradient reduction, computing in `policy.precision`.
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
 from sftkit.config import MasterConfig
@@ -16,13 +30,485 @@ logger = logging.getLogger("sftkit")
 def parallelize(model: nn.Module, cfg: MasterConfig, env: DistEnv) -> tuple[nn.Module, float]:
     """Apply the configured transforms; returns (model, gradient scale).
 
-    The gradient scale undoes a data-parallel wrapper's gradient averaging so that the
-    globally normalised loss yields true gradients (1.0 when nothing averages).
+    The gradient scale undoes FSDP's gradient averaging over data-parallel ranks, so that
+    the globally normalised loss yields true gradients (1.0 with one process). With several
+    ranks `env.mesh` must be set (`sftkit.train.dist.build_mesh`) and the model may be on
+    the meta device (see `materialize`).
     """
     d = cfg.policy.dtensor_cfg
+    if d.context_parallel_size > 1 or d.dp_replicate_size > 1:
+        raise ValueError(
+            "policy.dtensor_cfg.context_parallel_size and dp_replicate_size must be 1: sftkit "
+            "shards over one data-parallel dimension (FSDP2) and tensor parallelism only"
+        )
+    if env.mesh is None:
+        if d.tensor_parallel_size > 1:
+            raise ValueError(
+                f"policy.dtensor_cfg.tensor_parallel_size={d.tensor_parallel_size} needs as many "
+                "ranks: set cluster.gpus_per_node (or launch with torchrun)"
+            )
+        if d.cpu_offload:
+            logger.warning("policy.dtensor_cfg.cpu_offload is ignored with one process")
+        if d.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if d.compile:
+            _compile_layers(model)
+        return model.to(env.device), 1.0
+    tp_mesh, dp_mesh = env.mesh["tp"], env.mesh["dp"]
+    if tp_mesh.size() > 1:
+        plan = tensor_parallel_plan(model, d.custom_parallel_plan, d.sequence_parallel)
+        apply_tensor_parallel(model, tp_mesh, plan)
     if d.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if d.compile:
+        _compile_layers(model)
+    compute = _dtype(cfg.policy.precision)
+    apply_fsdp(model, dp_mesh, None if compute == torch.float32 else compute, d.cpu_offload)
+    return model, float(dp_mesh.size())
+
+
+def _dtype(name: str) -> torch.dtype:
+    from sftkit.model.load import DTYPES
+
+    return DTYPES[name]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of an HF causal LM (`model.model.layers` or `model.layers`)."""
+    for owner in (getattr(model, "model", None), model):
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(
+        f"{type(model).__name__} has no `model.layers` ModuleList; sftkit shards and "
+        "checkpoints per decoder layer, so it needs an HF decoder-only layout"
+    )
+
+
+# ----------------------------------------------------------------------------- AC, compile
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward.
+
+    HF models checkpoint their layers' `forward` (module hooks such as FSDP2's stay outside,
+    names unchanged); others get torch's `checkpoint_wrapper` per layer.
+    """
+    if getattr(model, "supports_gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(env.device)
-    if env.world_size > 1:
-        raise NotImplementedError("multi-rank training is not wired yet")
-    return model, 1.0
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        layers[index] = checkpoint_wrapper(layer)
+
+
+def _compile_layers(model: nn.Module) -> None:
+    for layer in decoder_layers(model):
+        layer.compile()  # in place: parameter names unchanged
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+def apply_fsdp(
+    model: nn.Module, dp_mesh: Any, param_dtype: torch.dtype | None, cpu_offload: bool
+) -> None:
+    """`fully_shard` each decoder layer, then the root (embeddings, final norm, lm_head).
+
+    Parameters stay as loaded (float32 masters unless `bf16_params`); FSDP all-gathers them
+    in `param_dtype` and reduce-scatters gradients in float32, averaging over ranks.
+    """
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
+
+    options: dict[str, Any] = {
+        "mesh": dp_mesh,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+        "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
+    }
+    for layer in decoder_layers(model):
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+    _route_body_through_root(model)
+
+
+def _route_body_through_root(model: nn.Module) -> None:
+    """Let `model.model(...)` (the chunked loss calls the decoder body, then uses
+    `lm_head.weight` directly) run the root's FSDP pre/post-forward, as `model(...)` does.
+
+    Without this the root's parameters (embeddings, final norm, lm_head) would stay sharded
+    and their gradients unreduced. This is what `register_fsdp_forward_method` does for a
+    method of the root; here the method lives on a child, so it is done with module hooks,
+    skipped while the root's own forward is running. Can go when the loss calls the root.
+    """
+    body = getattr(model, "model", None)
+    if not isinstance(body, nn.Module):
+        return
+    state = model._get_fsdp_state()  # type: ignore[operator]
+    inside_root: list[bool] = [False]
+    standalone: list[bool] = []
+
+    def root_enter(_module: nn.Module, args: Any, kwargs: Any) -> None:
+        inside_root[0] = True
+
+    def root_exit(_module: nn.Module, _args: Any, _output: Any) -> None:
+        inside_root[0] = False
+
+    def body_enter(_module: nn.Module, args: Any, kwargs: Any) -> Any:
+        standalone.append(not inside_root[0])
+        if inside_root[0]:
+            return None
+        return state._pre_forward(model, args, kwargs)
+
+    def body_exit(_module: nn.Module, args: Any, output: Any) -> Any:
+        if not standalone.pop():
+            return None
+        return state._post_forward(model, args, output)
+
+    model.register_forward_pre_hook(root_enter, with_kwargs=True, prepend=True)
+    model.register_forward_hook(root_exit)
+    body.register_forward_pre_hook(body_enter, with_kwargs=True, prepend=True)
+    body.register_forward_hook(body_exit)
+
+
+# ----------------------------------------------------------------------------- tensor parallel
+
+
+def _lora_partition(col: bool) -> Any:
+    """A partition function for Linear layers that knows LoRA's A and B (`sftkit.model.lora`).
+
+    Column-wise: W and B split by output rows, A replicated. Row-wise: W and A split by input
+    columns, B and the bias replicated. Any other split is also correct (DTensor
+    redistributes), this one needs no extra communication.
+    """
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    def partition(name: str, module: nn.Module, mesh: Any) -> None:
+        leaf = name.rsplit(".", 1)[-1]
+        for pname, param in list(module.named_parameters(recurse=False)):
+            if col:
+                place = Replicate() if leaf == "lora_A" else Shard(0)
+            else:
+                sharded = pname == "weight" and leaf != "lora_B"
+                place = Shard(1) if sharded else Replicate()
+            dparam = distribute_tensor(param, mesh, [place], src_data_rank=None)
+            module.register_parameter(pname, nn.Parameter(dparam, param.requires_grad))
+
+    return partition
+
+
+def _styles() -> dict[str, Any]:
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        SequenceParallel,
+    )
+
+    class LoraColwise(ColwiseParallel):
+        _partition_linear_fn = staticmethod(_lora_partition(col=True))  # type: ignore[assignment]
+
+        def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+            if isinstance(module, nn.Linear):
+                self._partition_linear_fn = lambda n, m, d: _lora_partition(True)(n, m, d)
+            return super()._apply(module, device_mesh)
+
+    class LoraRowwise(RowwiseParallel):
+        def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+            if isinstance(module, nn.Linear):
+                self._partition_linear_fn = lambda n, m, d: _lora_partition(False)(n, m, d)
+            return super()._apply(module, device_mesh)
+
+    return {
+        "colwise": lambda: LoraColwise(),
+        "rowwise": lambda: LoraRowwise(),
+        "colwise_rep": lambda: LoraColwise(output_layouts=Replicate()),
+        "colwise_gather_output": lambda: LoraColwise(output_layouts=Replicate()),
+        "rowwise_rep": lambda: LoraRowwise(input_layouts=Replicate()),
+        "sequence_parallel": lambda: SequenceParallel(),
+    }
+
+
+def _hf_plan(model: nn.Module) -> dict[str, str]:
+    """The model's own plan (`config.base_model_tp_plan`, prefixed with the body's name).
+
+    The lm_head entry is left out: the chunked loss multiplies by `lm_head.weight` itself,
+    so the head stays whole per tensor-parallel rank (FSDP still shards it over dp ranks).
+    """
+    base = getattr(getattr(model, "config", None), "base_model_tp_plan", None) or {}
+    prefix = getattr(model, "base_model_prefix", "model")
+    if not base:
+        raise ValueError(
+            f"{type(model).__name__} has no tensor-parallel plan (config.base_model_tp_plan); "
+            "set policy.dtensor_cfg.custom_parallel_plan to a dotted path of a plan "
+            "(dict of module pattern -> 'colwise' | 'rowwise' | ParallelStyle)"
+        )
+    return {f"{prefix}.{k}": v for k, v in base.items()}
+
+
+def _sequence_parallel_plan(model: nn.Module) -> dict[str, Any]:
+    """Sequence-sharded norms and residual stream between layers (Llama-style names).
+
+    The residual stream is split along the sequence from the first layer's input to the
+    final norm's output, which is gathered back so the loss sees whole rows; the causal
+    mask and rotary embeddings are built on whole rows before the first layer.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        SequenceParallel,
+    )
+
+    layers = decoder_layers(model)
+    body = getattr(model, "base_model_prefix", "model")
+    needed = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
+    if not all(hasattr(layers[0], n) for n in needed) or not hasattr(model.model, "norm"):
+        raise ValueError(
+            "policy.dtensor_cfg.sequence_parallel needs Llama-style layer names "
+            f"({', '.join(needed)}, norm); give a custom_parallel_plan for this model"
+        )
+    seq, rep = Shard(1), Replicate()
+    plan: dict[str, Any] = {
+        f"{body}.layers.0": PrepareModuleInput(
+            input_layouts=(rep,), desired_input_layouts=(seq,), use_local_output=True
+        ),
+        f"{body}.norm": [
+            SequenceParallel(),
+            PrepareModuleOutput(output_layouts=seq, desired_output_layouts=rep),
+        ],
+        f"{body}.layers.*.input_layernorm": SequenceParallel(),
+        f"{body}.layers.*.post_attention_layernorm": SequenceParallel(),
+        f"{body}.layers.*.self_attn": PrepareModuleInput(
+            input_kwarg_layouts={"hidden_states": seq},
+            desired_input_kwarg_layouts={"hidden_states": rep},
+            use_local_output=True,
+        ),
+        f"{body}.layers.*.mlp": PrepareModuleInput(
+            input_layouts=(seq,), desired_input_layouts=(rep,), use_local_output=True
+        ),
+    }
+    return plan
+
+
+def tensor_parallel_plan(
+    model: nn.Module, custom: str | None, sequence_parallel: bool
+) -> dict[str, Any]:
+    """Module pattern -> style(s): `custom_parallel_plan` (dotted path to a dict, or to a
+    function of the model returning one) else the model's own plan; plus sequence parallel.
+
+    Patterns use `*` for one name component (`model.layers.*.mlp.up_proj`); values are HF
+    style names ('colwise', 'rowwise', ...) or torch `ParallelStyle` objects.
+    """
+    if custom:
+        from sftkit.train.optim import import_object
+
+        found = import_object(custom, "policy.dtensor_cfg.custom_parallel_plan")
+        plan = dict(found(model) if callable(found) else found)
+    else:
+        plan = _hf_plan(model)
+    if not sequence_parallel:
+        return plan
+    rowwise = [k for k, v in plan.items() if v in ("rowwise", "rowwise_rep")]
+    from torch.distributed.tensor import Shard
+
+    styles = _styles()
+    for key in rowwise:  # row-parallel outputs leave the region sequence-sharded
+        style = styles["rowwise"]()
+        style.output_layouts = (Shard(1),)
+        plan[key] = style
+    return {**plan, **_sequence_parallel_plan(model)}
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    return re.compile("^" + ".".join(fnmatch.translate(p)[4:-3] for p in pattern.split(".")) + "$")
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, plan: dict[str, Any]) -> None:
+    """Apply `plan` module by module (`parallelize_module`); every pattern must match."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    styles = _styles()
+    names = [n for n, _ in model.named_modules() if n]
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", 0)
+    if heads and heads % tp_mesh.size():
+        raise ValueError(
+            f"tensor_parallel_size={tp_mesh.size()} does not divide the model's "
+            f"{heads} key/value heads; pick a divisor"
+        )
+    for pattern, value in plan.items():
+        regex = _pattern_regex(pattern)
+        matched = [n for n in names if regex.match(n)]
+        if not matched:
+            raise ValueError(f"tensor-parallel plan entry {pattern!r} matches no module")
+        for value_one in value if isinstance(value, list) else [value]:
+            for name in matched:
+                if isinstance(value_one, str):
+                    if value_one not in styles:
+                        raise ValueError(
+                            f"tensor-parallel plan {pattern}: {value_one!r} is not one of "
+                            f"{sorted(styles)}; use a torch ParallelStyle object instead"
+                        )
+                    style = styles[value_one]()
+                else:
+                    style = value_one
+                parallelize_module(model.get_submodule(name), tp_mesh, style)
+
+
+# ----------------------------------------------------------------------------- meta loading
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with parameters on the meta device and buffers as usual (rotary tables
+    keep their values); each parameter is allocated once, uninitialised, then dropped."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(self, name, param)
+        if param is not None and param.device.type != "meta":
+            kind = type(self._parameters[name])
+            meta = kind(param.to("meta"), requires_grad=param.requires_grad)  # type: ignore[call-arg]
+            self._parameters[name] = meta
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def build_meta_model(
+    model_name: str,
+    *,
+    param_dtype: torch.dtype,
+    trust_remote_code: bool,
+    attn_implementation: str | None,
+    config_overrides: dict[str, Any],
+) -> nn.Module:
+    """The HF model's architecture with parameters on the meta device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sftkit.model.builtin import resolve_model_path
+
+    config = AutoConfig.from_pretrained(
+        resolve_model_path(model_name), trust_remote_code=trust_remote_code
+    )
+    for key, value in config_overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(
+                f"policy.hf_config_overrides.{key}: {type(config).__name__} has no field {key!r}"
+            )
+        setattr(config, key, value)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    config.use_cache = False
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=param_dtype, trust_remote_code=trust_remote_code
+        )
+    return model
+
+
+def weight_files(model_name: str, env: DistEnv) -> list[Path]:
+    """The safetensors files of a model (local directory, `sftkit:` built-in or hub id)."""
+    from sftkit.model.builtin import resolve_model_path
+
+    path = Path(resolve_model_path(model_name))
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.safetensors", "*.json"]
+        if env.is_main:  # one download; the others find it in the cache
+            snapshot_download(model_name, allow_patterns=patterns)
+        env.barrier()
+        path = Path(snapshot_download(model_name, allow_patterns=patterns))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(
+            f"{path} has no *.safetensors files; sharded loading reads safetensors only "
+            "(convert the checkpoint, or run on one process)"
+        )
+    return files
+
+
+def _local_index(param: torch.Tensor) -> tuple[slice, ...]:
+    """This rank's block of a (possibly DTensor) parameter, as slices of the full tensor."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(param, DTensor):
+        return tuple(slice(0, s) for s in param.shape)
+    shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, param.placements
+    )
+    return tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+@torch.no_grad()
+def load_sharded_weights(model: nn.Module, files: list[Path], skip: set[str]) -> None:
+    """Copy each parameter's own block from safetensors `files`, reading only that block.
+
+    No rank ever holds a whole tensor it does not own; names in `skip` (LoRA weights) are
+    left alone. Raises when a parameter is missing from the files.
+    """
+    from safetensors import safe_open
+
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    where = {key: h for h in handles for key in h.keys()}  # noqa: SIM118 (not a dict)
+    missing = []
+    for name, param in model.named_parameters():
+        if name in skip:
+            continue
+        if name not in where:
+            missing.append(name)
+            continue
+        block = where[name].get_slice(name)[_local_index(param)]
+        _local(param).copy_(block)
+    if missing:
+        raise ValueError(
+            f"the model's weight files lack {len(missing)} parameters, e.g. {missing[:3]}; "
+            "is policy.model_name the model these files belong to?"
+        )
+
+
+@torch.no_grad()
+def init_lora_sharded(model: nn.Module, init: str, rng: torch.Tensor) -> None:
+    """Initialise LoRA A (from CPU RNG state `rng`, in module order, as `apply_lora` does on
+    one process) and B = 0, on whole [r, in] tensors of which each rank keeps its block."""
+    import math
+
+    from sftkit.model.lora import lora_modules
+
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(rng)
+        for module in lora_modules(model).values():
+            a_param = module.lora_A.weight
+            full = torch.empty(tuple(a_param.shape), dtype=a_param.dtype)
+            if init == "xavier":
+                nn.init.xavier_normal_(full)
+            else:
+                nn.init.kaiming_uniform_(full, a=math.sqrt(5))
+            _local(a_param).copy_(full[_local_index(a_param)])
+            _local(module.lora_B.weight).zero_()
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate a meta-device (possibly sharded) model on `device`, keeping buffer values."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name in buffers:
+                buffer.copy_(buffers[name])

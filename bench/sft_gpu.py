@@ -1,0 +1,430 @@
+"""Single-GPU full fine-tune, side by side (issue 7, bench a): plain HF vs HF + Liger vs sftkit.
+
+Llama-3.2-1B shape (random init from LlamaConfig: hidden 2048, 16 layers, 32 heads, 8 kv
+heads, intermediate 8192, vocab 128256, tied embeddings), full fine-tune, rows of 4096
+tokens, 2 rows per optimizer step (the micro-batch of `reference/perf.md`'s baseline
+table), AdamW (fused), grad-norm clipping at 1.0, in two precision modes:
+
+* `bf16`: bfloat16 parameters, gradients and Adam states;
+* `fp32_master`: float32 parameters and optimizer, bfloat16 autocast for compute.
+
+Cases, each in its own subprocess (an OOM or kernel error cannot spoil the next one), one
+JSON line appended to `$OUT/sft_gpu.jsonl` as each finishes (errors included):
+
+* `hf`: `model(input_ids, labels=labels).loss` (what TRL's SFTTrainer runs), SDPA;
+* `liger`: the same after `apply_liger_kernel_to_llama()` (RMSNorm, RoPE, SwiGLU, fused
+  linear cross-entropy); liger-kernel is imported from `.wheels/liger_kernel-*.whl` when it
+  is not installed (the wheel is unpacked to a temporary directory);
+* `sftkit`: packed rows with document-isolating varlen attention
+  (`enable_packed_attention`), the chunked head + loss on trained tokens only, fused
+  RMSNorm/SwiGLU/RoPE (`apply_fused_kernels`), sftkit's own `train_step`;
+* `sftkit_compile`: as `sftkit` with `compile_layers` instead of the fused kernels (run
+  last, only while the time budget lasts).
+
+Data, the same tokens for every case: each row is filled with chat-like documents whose
+lengths follow bench/packing.py's distribution (lognormal, median 700 tokens, sigma 0.8,
+clipped to [32, 4096]; the last document of a row is cut to fit), the first 30% of every
+document is an untrained prompt. HF and Liger see each row as one causal sequence (packing
+without isolation, no padding: their fastest correct-length setting); sftkit isolates the
+documents. `--docs full` instead makes each row one fully trained 4096-token document.
+
+Reported per case: tokens/s (all cases process the same tokens; there is no padding), MFU
+with perf.md's formula (`sftkit.log.flops`, 989e12 peak on H100 SXM/H200) at seq 4096 (the
+baseline table's convention) and at the documents' attention context (`mfu_doc`), peak
+`torch.cuda.max_memory_allocated`, first and last loss. The summary line gives sftkit's
+tokens/s and memory over Liger's per mode (target: >= 1.25x tokens/s, <= memory).
+
+    PYTHONPATH=. OUT=/tmp/out python bench/sft_gpu.py     # GPU, all cases < 4 minutes
+    uv run python bench/sft_gpu.py --tiny --out /tmp/sft_gpu.jsonl   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = ("liger", "sftkit", "hf", "sftkit_compile")  # run order within a mode
+MODES = ("bf16", "fp32_master")
+MIN_CASE_S = {"hf": 25.0, "liger": 30.0, "sftkit": 30.0, "sftkit_compile": 75.0}
+
+
+@dataclass
+class Setup:
+    model: dict[str, Any]
+    seq: int  # tokens per row
+    rows: int  # rows per optimizer step (one micro-batch)
+    warmup: int
+    steps: int
+    median: float  # document lengths: lognormal (see module docstring)
+    sigma: float
+    min_len: int
+    device: str
+    chunk_size: int = 2048  # chunked-loss tokens per chunk (sftkit cases)
+    docs: str = "chat"  # chat | full
+
+
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=64, max_position_embeddings=131072, rope_theta=500000.0,
+                tie_word_embeddings=True)  # fmt: skip
+TINY_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=True)  # fmt: skip
+GPU = Setup(LLAMA_1B, seq=4096, rows=2, warmup=3, steps=10, median=700, sigma=0.8,
+            min_len=32, device="cuda")  # fmt: skip
+TINY = Setup(TINY_MODEL, seq=256, rows=2, warmup=1, steps=2, median=44, sigma=0.8,
+             min_len=8, device="cpu", chunk_size=128)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_rows(setup: Setup, count: int, seed: int) -> list[list[tuple[list[int], list[int]]]]:
+    """`count` rows, each a list of (input_ids, loss_mask) documents filling `setup.seq`."""
+    rng = random.Random(seed)
+    vocab = setup.model["vocab_size"]
+    rows = []
+    for _ in range(count):
+        docs: list[tuple[list[int], list[int]]] = []
+        room = setup.seq
+        while room > 0:
+            if setup.docs == "full":
+                length = room
+            else:
+                drawn = round(math.exp(rng.gauss(math.log(setup.median), setup.sigma)))
+                length = min(room, max(setup.min_len, drawn))
+            ids = [rng.randrange(1, vocab) for _ in range(length)]
+            prompt = 0 if setup.docs == "full" else int(0.3 * length)
+            docs.append((ids, [0] * prompt + [1] * (length - prompt)))
+            room -= length
+        rows.append(docs)
+    return rows
+
+
+def step_batches(setup: Setup, seed: int) -> list[Any]:
+    """One PackedBatch per optimizer step (`rows` packed rows, no padding)."""
+    from sftkit.data.packing import collate_packed
+
+    rows = make_rows(setup, setup.rows * (setup.warmup + setup.steps), seed)
+    batches = []
+    for s in range(0, len(rows), setup.rows):
+        docs = [d for row in rows[s : s + setup.rows] for d in row]
+        bins, start = [], 0
+        for row in rows[s : s + setup.rows]:
+            bins.append(list(range(start, start + len(row))))
+            start += len(row)
+        batches.append(collate_packed(docs, bins, setup.seq, 0))
+    return batches
+
+
+def attention_context(batches: list[Any]) -> float:
+    """Token-weighted mean document length sum(L^2)/sum(L): the `seq_len` whose causal
+    attention flops per token (flops_per_token) equal those of per-document attention."""
+    lengths = [int(n) for b in batches for n in (b.cu_seqlens[1:] - b.cu_seqlens[:-1])]
+    return sum(n * n for n in lengths) / sum(lengths)
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+def build_model(setup: Setup, mode: str) -> Any:
+    """Random-weight Llama: meta build, `to_empty`, normal(0, 0.02) init (fast on GPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    device = torch.device(setup.device)
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    config = LlamaConfig(**setup.model, use_cache=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02, generator=gen)
+            else:
+                p.fill_(1.0)  # RMSNorm weights
+        for mod in model.modules():  # non-persistent rotary buffers are garbage after to_empty
+            if hasattr(mod, "inv_freq") and hasattr(mod, "config"):
+                fresh = type(mod)(mod.config)
+                for name, buf in fresh.named_buffers(recurse=False):
+                    getattr(mod, name).copy_(buf.to(device))
+    return model.train()
+
+
+def _hf_step(model: Any, optimizer: Any, batch: Any, mode: str) -> float:
+    import torch
+
+    from sftkit.train.step import autocast
+
+    dtype = torch.bfloat16 if mode == "fp32_master" else torch.float32
+    with autocast(batch.input_ids.device, dtype):
+        loss = model(input_ids=batch.input_ids, labels=batch.labels, use_cache=False).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def run_case(case: str, mode: str, setup: Setup, seed: int) -> dict[str, Any]:
+    """Build, warm up and time one case; returns its measurements."""
+    import torch
+
+    from sftkit.log.flops import flops_per_token, mfu, peak_flops
+    from sftkit.model.attention import enable_packed_attention
+    from sftkit.model.fused import apply_fused_kernels, compile_layers
+    from sftkit.train.dist import DistEnv
+    from sftkit.train.step import StepOptions, train_step
+
+    cuda = setup.device == "cuda"
+    if case == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()  # patches transformers' Llama classes before the build
+    model = build_model(setup, mode)
+    info: dict[str, Any] = {}
+    if case.startswith("sftkit"):
+        info["attention"] = enable_packed_attention(model)
+        if case == "sftkit_compile":
+            info["compiled_layers"] = compile_layers(model)
+        else:
+            info["fused"] = apply_fused_kernels(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
+    batches = [b.to(setup.device) for b in step_batches(setup, seed)]
+    env = DistEnv(device=torch.device(setup.device))
+    opts = StepOptions(
+        compute_dtype=torch.bfloat16 if mode == "fp32_master" else torch.float32,
+        max_grad_norm=1.0, chunked_loss=True, chunk_size=setup.chunk_size,
+    )  # fmt: skip
+
+    def step(i: int, batch: Any) -> float:
+        if case.startswith("sftkit"):
+            return train_step(model, optimizer, [batch], batch.num_target_tokens, opts, env, i)[
+                "loss"
+            ]
+        return _hf_step(model, optimizer, batch, mode)
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    losses = [step(i, b) for i, b in enumerate(batches[: setup.warmup])]
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    losses += [step(i, b) for i, b in enumerate(batches[setup.warmup :], setup.warmup)]
+    sync()
+    seconds = time.perf_counter() - start
+    tokens = sum(b.input_ids.numel() for b in batches[setup.warmup :])
+    tps = tokens / seconds
+    config = model.config
+    peak = peak_flops(torch.cuda.get_device_name()) if cuda else None
+    context = attention_context(batches)
+    result = {
+        "tokens_per_s": round(tps, 1),
+        "mfu": _round(mfu(tps, flops_per_token(config, setup.seq), peak)),
+        "mfu_doc": _round(mfu(tps, flops_per_token(config, round(context)), peak)),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "first_loss": round(losses[0], 4),
+        "last_loss": round(losses[-1], 4),
+        "step_s": round(seconds / setup.steps, 4),
+        "measured_steps": setup.steps,
+        **info,
+    }
+    return result
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def liger_dir(root: Path = ROOT) -> Path | None:
+    """A directory holding liger_kernel unpacked from `.wheels/`, when it is not installed.
+
+    Unpacked (not imported from the zip) because Triton reads kernel sources from files.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        return None
+    wheels = sorted((root / ".wheels").glob("liger_kernel-*.whl"))
+    if not wheels:
+        return None
+    target = Path(tempfile.gettempdir()) / f"sftkit_{wheels[-1].stem}"
+    if not (target / "liger_kernel").is_dir():
+        with zipfile.ZipFile(wheels[-1]) as z:
+            z.extractall(target)
+    return target
+
+
+def _child_env(extra: Path | None) -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [str(ROOT)] + ([str(extra)] if extra else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _error_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "error" in line:
+            return line[-500:]
+    return lines[-1][-500:] if lines else "no output"
+
+
+def run_in_subprocess(
+    case: str, mode: str, args: argparse.Namespace, timeout: float, extra: Path | None
+) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case, mode,
+           "--seed", str(args.seed), "--docs", args.docs]  # fmt: skip
+    cmd += ["--tiny"] if args.tiny else []
+    cmd += ["--steps", str(args.steps)] if args.steps else []
+    cmd += ["--chunk-size", str(args.chunk_size)] if args.chunk_size else []
+    try:
+        proc = subprocess.run(cmd, env=_child_env(extra), capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    return {"error": _error_line(proc.stderr or proc.stdout), "returncode": proc.returncode}
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """sftkit over Liger (and over HF) per mode: tokens/s ratio, memory ratio, target met."""
+    by = {(r["case"], r["mode"]): r for r in records if "tokens_per_s" in r}
+    out: dict[str, Any] = {"case": "summary"}
+    for mode in MODES:
+        ours = by.get(("sftkit", mode))
+        for base in ("liger", "hf"):
+            ref = by.get((base, mode))
+            if not ours or not ref:
+                continue
+            out[f"{mode}_sftkit_over_{base}"] = round(ours["tokens_per_s"] / ref["tokens_per_s"], 3)
+            if ours.get("peak_gib") and ref.get("peak_gib"):
+                out[f"{mode}_memory_over_{base}"] = round(ours["peak_gib"] / ref["peak_gib"], 3)
+        ratio = out.get(f"{mode}_sftkit_over_liger")
+        if ratio is not None:
+            memory = out.get(f"{mode}_memory_over_liger")
+            out[f"{mode}_target_met"] = ratio >= 1.25 and (memory is None or memory <= 1.0)
+    return out
+
+
+def _emit(record: dict[str, Any], out: Path | None) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out is not None:
+        with out.open("a") as f:
+            f.write(line + "\n")
+
+
+def _environment(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    batches = step_batches(setup, args.seed)
+    return {
+        "case": "environment",
+        "device": torch.cuda.get_device_name() if setup.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "setup": {k: v for k, v in asdict(setup).items() if k != "model"},
+        "tokens_per_step": setup.seq * setup.rows,
+        "trained_fraction": round(
+            sum(b.num_target_tokens for b in batches) / sum(b.input_ids.numel() for b in batches),
+            4,
+        ),
+        "attention_context": round(attention_context(batches), 1),
+        "docs_per_row": round(sum(len(b.cu_seqlens) - 1 for b in batches) / (len(batches) * setup.rows), 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU mode with a tiny model")
+    parser.add_argument("--cases", default=None, help=f"comma list from {','.join(CASES)}")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma list: bf16,fp32_master")
+    parser.add_argument("--steps", type=int, help="measured optimizer steps per case")
+    parser.add_argument("--chunk-size", type=int, help="sftkit chunked-loss tokens per chunk")
+    parser.add_argument("--docs", choices=("chat", "full"), default="chat")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--budget", type=float, default=225.0, help="seconds for all cases")
+    parser.add_argument("--out", type=Path, help="JSONL file (default: $OUT/sft_gpu.jsonl)")
+    parser.add_argument("--inline", action="store_true", help="run cases in this process")
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    setup = replace(TINY if args.tiny else GPU, docs=args.docs)
+    setup = replace(setup, steps=args.steps or setup.steps,
+                    chunk_size=args.chunk_size or setup.chunk_size)  # fmt: skip
+    if args.child:
+        result = run_case(args.child[0], args.child[1], setup, args.seed)
+        print("RESULT " + json.dumps(result), flush=True)
+        return [result]
+    import torch
+
+    if setup.device == "cuda" and not torch.cuda.is_available():
+        parser.error("GPU mode needs CUDA; use --tiny on CPU")
+    out = args.out or (Path(os.environ["OUT"]) / "sft_gpu.jsonl" if "OUT" in os.environ else None)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    default_cases = CASES if setup.device == "cuda" else ("liger", "sftkit", "hf")
+    cases = args.cases.split(",") if args.cases else list(default_cases)
+    modes = args.modes.split(",")
+    for name in cases + modes:
+        if name not in CASES + MODES:
+            parser.error(f"unknown case or mode {name!r}; cases: {CASES}, modes: {MODES}")
+    start = time.monotonic()
+    records = [_environment(setup, args)]
+    _emit(records[0], out)
+    extra = liger_dir()
+    # The compile case is the optional extra: it runs after every other case of both modes.
+    order = [(c, m) for m in modes for c in cases if c != "sftkit_compile"]
+    order += [("sftkit_compile", m) for m in modes if "sftkit_compile" in cases]
+    for case, mode in order:
+        record: dict[str, Any] = {"case": case, "mode": mode}
+        left = args.budget - (time.monotonic() - start)
+        if case == "liger" and setup.device != "cuda":
+            record["skipped"] = "liger-kernel needs CUDA"
+        elif case == "liger" and extra is None and not _importable("liger_kernel"):
+            record["skipped"] = "liger-kernel is not installed and .wheels/ has no liger wheel"
+        elif setup.device == "cuda" and left < MIN_CASE_S.get(case, 30.0):
+            record["skipped"] = f"time budget: {left:.0f} s left"
+        elif args.inline:
+            try:
+                record |= run_case(case, mode, setup, args.seed)
+            except Exception as exc:  # noqa: BLE001 - a failed case is a result, not a crash
+                record["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        else:
+            record |= run_in_subprocess(case, mode, args, max(left, 60.0), extra)
+        records.append(record)
+        _emit(record, out)
+    records.append(summarize(records))
+    records[-1]["seconds"] = round(time.monotonic() - start, 1)
+    _emit(records[-1], out)
+    return records
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+if __name__ == "__main__":
+    main()
