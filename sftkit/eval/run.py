@@ -153,7 +153,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         )
     predictions = generate(model, tokenizer, prompts, cfg.generation)
     scorer = METRICS[cfg.eval.metric]
-    correct = [bool(scorer(p, str(r[cfg.data.solution_key]))) for p, r in zip(predictions, rows)]
+    correct = [bool(scorer(p, str(r[cfg.data.solution_key]))) for p, r in zip(predictions, rows, strict=True)]
     return {
         "model": model_dir,
         "dataset": cfg.data.data_path,
@@ -164,7 +164,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "generations": [
             {"prompt": str(r[cfg.data.problem_key]), "generation": p,
              "reference": str(r[cfg.data.solution_key]), "correct": c}
-            for r, p, c in zip(rows, predictions, correct)
+            for r, p, c in zip(rows, predictions, correct, strict=True)
         ],  # fmt: skip
     }
 

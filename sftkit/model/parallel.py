@@ -11,6 +11,7 @@ float32 gradient reduction, computing in `policy.precision`.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import re
 from collections.abc import Iterator
@@ -180,59 +181,61 @@ def _route_body_through_root(model: nn.Module) -> None:
 # ----------------------------------------------------------------------------- tensor parallel
 
 
-def _lora_partition(col: bool) -> Any:
-    """A partition function for Linear layers that knows LoRA's A and B (`sftkit.model.lora`).
+def _partition_lora_linear(name: str, module: nn.Module, mesh: Any, col: bool) -> None:
+    """Split a Linear layer that may carry LoRA's A and B (`sftkit.model.lora`).
 
-    Column-wise: W and B split by output rows, A replicated. Row-wise: W and A split by input
-    columns, B and the bias replicated. Any other split is also correct (DTensor
-    redistributes), this one needs no extra communication.
+    Column-wise: W, bias and B split by output rows, A replicated. Row-wise: W and A split
+    by input columns, B and the bias replicated. Any split would be correct (DTensor
+    redistributes); this one adds no communication to the LoRA branch.
     """
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    def partition(name: str, module: nn.Module, mesh: Any) -> None:
-        leaf = name.rsplit(".", 1)[-1]
-        for pname, param in list(module.named_parameters(recurse=False)):
-            if col:
-                place = Replicate() if leaf == "lora_A" else Shard(0)
-            else:
-                sharded = pname == "weight" and leaf != "lora_B"
-                place = Shard(1) if sharded else Replicate()
-            dparam = distribute_tensor(param, mesh, [place], src_data_rank=None)
-            module.register_parameter(pname, nn.Parameter(dparam, param.requires_grad))
-
-    return partition
+    leaf = name.rsplit(".", 1)[-1]
+    for pname, param in list(module.named_parameters(recurse=False)):
+        if col:
+            place = Replicate() if leaf == "lora_A" else Shard(0)
+        else:
+            place = Shard(1) if pname == "weight" and leaf != "lora_B" else Replicate()
+        dparam = distribute_tensor(param, mesh, [place], src_data_rank=None)
+        module.register_parameter(pname, nn.Parameter(dparam, param.requires_grad))
 
 
-def _styles() -> dict[str, Any]:
+@functools.cache
+def _style_classes() -> tuple[type, type]:
+    """ColwiseParallel / RowwiseParallel that also split LoRA branches."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    class LoraColwiseParallel(ColwiseParallel):
+        def _partition_linear_fn(self, name: str, module: nn.Module, mesh: Any) -> None:
+            _partition_lora_linear(name, module, mesh, col=True)
+
+    class LoraRowwiseParallel(RowwiseParallel):
+        def _partition_linear_fn(self, name: str, module: nn.Module, mesh: Any) -> None:
+            _partition_lora_linear(name, module, mesh, col=False)
+
+    return LoraColwiseParallel, LoraRowwiseParallel
+
+
+def _style(name: str, pattern: str) -> Any:
+    """A torch ParallelStyle for an HF plan style name."""
     from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        SequenceParallel,
-    )
+    from torch.distributed.tensor.parallel import SequenceParallel
 
-    class LoraColwise(ColwiseParallel):
-        _partition_linear_fn = staticmethod(_lora_partition(col=True))  # type: ignore[assignment]
-
-        def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
-            if isinstance(module, nn.Linear):
-                self._partition_linear_fn = lambda n, m, d: _lora_partition(True)(n, m, d)
-            return super()._apply(module, device_mesh)
-
-    class LoraRowwise(RowwiseParallel):
-        def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
-            if isinstance(module, nn.Linear):
-                self._partition_linear_fn = lambda n, m, d: _lora_partition(False)(n, m, d)
-            return super()._apply(module, device_mesh)
-
-    return {
-        "colwise": lambda: LoraColwise(),
-        "rowwise": lambda: LoraRowwise(),
-        "colwise_rep": lambda: LoraColwise(output_layouts=Replicate()),
-        "colwise_gather_output": lambda: LoraColwise(output_layouts=Replicate()),
-        "rowwise_rep": lambda: LoraRowwise(input_layouts=Replicate()),
+    col, row = _style_classes()
+    table = {
+        "colwise": lambda: col(),
+        "rowwise": lambda: row(),
+        "colwise_rep": lambda: col(output_layouts=Replicate()),
+        "colwise_gather_output": lambda: col(output_layouts=Replicate()),
+        "rowwise_rep": lambda: row(input_layouts=Replicate()),
         "sequence_parallel": lambda: SequenceParallel(),
     }
+    if name not in table:
+        raise ValueError(
+            f"tensor-parallel plan {pattern}: {name!r} is not one of {sorted(table)}; "
+            "use a torch ParallelStyle object instead"
+        )
+    return table[name]()
 
 
 def _hf_plan(model: nn.Module) -> dict[str, str]:
@@ -315,14 +318,12 @@ def tensor_parallel_plan(
         plan = _hf_plan(model)
     if not sequence_parallel:
         return plan
-    rowwise = [k for k, v in plan.items() if v in ("rowwise", "rowwise_rep")]
     from torch.distributed.tensor import Shard
 
-    styles = _styles()
-    for key in rowwise:  # row-parallel outputs leave the region sequence-sharded
-        style = styles["rowwise"]()
-        style.output_layouts = (Shard(1),)
-        plan[key] = style
+    _, row = _style_classes()
+    for key, value in plan.items():  # row-parallel outputs leave the region sequence-sharded
+        if value == "rowwise":
+            plan[key] = row(output_layouts=Shard(1))
     return {**plan, **_sequence_parallel_plan(model)}
 
 
@@ -334,10 +335,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, plan: dict[str, Any]) 
     """Apply `plan` module by module (`parallelize_module`); every pattern must match."""
     from torch.distributed.tensor.parallel import parallelize_module
 
-    styles = _styles()
     names = [n for n, _ in model.named_modules() if n]
     config = getattr(model, "config", None)
-    heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", 0)
+    heads = getattr(config, "num_key_value_heads", None) or getattr(
+        config, "num_attention_heads", 0
+    )
     if heads and heads % tp_mesh.size():
         raise ValueError(
             f"tensor_parallel_size={tp_mesh.size()} does not divide the model's "
@@ -350,15 +352,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, plan: dict[str, Any]) 
             raise ValueError(f"tensor-parallel plan entry {pattern!r} matches no module")
         for value_one in value if isinstance(value, list) else [value]:
             for name in matched:
-                if isinstance(value_one, str):
-                    if value_one not in styles:
-                        raise ValueError(
-                            f"tensor-parallel plan {pattern}: {value_one!r} is not one of "
-                            f"{sorted(styles)}; use a torch ParallelStyle object instead"
-                        )
-                    style = styles[value_one]()
-                else:
-                    style = value_one
+                style = _style(value_one, pattern) if isinstance(value_one, str) else value_one
                 parallelize_module(model.get_submodule(name), tp_mesh, style)
 
 

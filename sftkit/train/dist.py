@@ -101,8 +101,10 @@ def first_slurm_host(nodelist: str) -> str:
 
 def launched_by_slurm(environ: MutableMapping[str, str]) -> bool:
     """True inside `srun` with several tasks (one task per rank) and no torch launcher."""
-    return "RANK" not in environ and int(environ.get("SLURM_NTASKS", "1")) > 1 and (
-        "SLURM_PROCID" in environ
+    return (
+        "RANK" not in environ
+        and int(environ.get("SLURM_NTASKS", "1")) > 1
+        and ("SLURM_PROCID" in environ)
     )
 
 
@@ -145,7 +147,9 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError("cluster.device=cuda but no CUDA device is visible; use cluster.device=cpu")
+        raise ValueError(
+            "cluster.device=cuda but no CUDA device is visible; use cluster.device=cpu"
+        )
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
@@ -180,7 +184,9 @@ def build_mesh(env: DistEnv, tp_size: int) -> DeviceMesh | None:
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(env.device.type, (env.world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+    mesh = init_device_mesh(
+        env.device.type, (env.world_size // tp, tp), mesh_dim_names=("dp", "tp")
+    )
     env.tp_size = tp
     env.dp_group = mesh["dp"].get_group() if tp > 1 else None
     env.mesh = mesh

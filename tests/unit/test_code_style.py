@@ -1,0 +1,29 @@
+"""STYLE.md item 9, kept by CI: ruff-clean package, files under 600 lines."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_LINES = 600
+
+
+def test_python_files_stay_under_the_size_limit() -> None:
+    too_long = {
+        str(path.relative_to(REPO)): n
+        for path in (REPO / "sftkit").rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert not too_long, f"split these by concern (STYLE.md item 9): {too_long}"
+
+
+def test_ruff_is_clean() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "sftkit", "examples", "bench", "tests"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
