@@ -84,7 +84,9 @@ class RunResult:
         return rows_by_step(self.metrics, "train/")
 
     def val_rows(self) -> dict[int, float]:
-        return {r["step"]: r["validation/val_loss"] for r in self.metrics if "validation/val_loss" in r}
+        return {
+            r["step"]: r["validation/val_loss"] for r in self.metrics if "validation/val_loss" in r
+        }
 
 
 def rows_by_step(metrics: list[dict[str, Any]], prefix: str = "train/") -> dict[int, dict]:
@@ -151,9 +153,11 @@ class SmallRun:
         saved_env = {k: os.environ.get(k) for k in (env or {})}
         os.environ.update(env or {})
         torch.set_num_threads(1)
+        _drop_sftkit_handlers()  # bind the run's log handler to this test's stderr
         try:
             code = sft_main(self.overrides(work, *more))
         finally:
+            _drop_sftkit_handlers()
             torch.set_num_threads(threads)
             for key, value in saved_env.items():
                 if value is None:
@@ -184,6 +188,15 @@ class SmallRun:
         proc = self.start(work, *more, env=env)
         code = proc.wait(timeout=timeout)
         return finished(proc, work, before, code)
+
+
+def _drop_sftkit_handlers() -> None:
+    """Remove the stderr handler `setup_logging` adds: it holds the stream of the test that
+    created it, which pytest closes afterwards."""
+    import logging
+
+    logger = logging.getLogger("sftkit")
+    logger.handlers[:] = [h for h in logger.handlers if not getattr(h, "_sftkit", False)]
 
 
 def finished(proc: subprocess.Popen, work: Path, before: set[Path], code: int) -> RunResult:
@@ -233,3 +246,50 @@ def reference_run(small_run: SmallRun, tmp_path_factory: pytest.TempPathFactory)
     assert result.returncode == 0
     assert sorted(result.train_rows()) == list(range(1, 15))
     return result
+
+
+CANARY_ENV = {
+    "WANDB_API_KEY": "canary-wandb-5e1f9c2a7b",
+    "HF_TOKEN": "hf_canaryTokenQ8Zr4Lm2",
+}
+
+
+def wait_for_step(exp_parent: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    """Poll the run's metrics.jsonl until a train step >= `step` is logged; returns it."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for exp in exp_dirs(exp_parent):
+            steps = [r["step"] for r in read_metrics(exp) if "train/loss" in r]
+            if steps and max(steps) >= step:
+                return max(steps)
+        if proc.poll() is not None:
+            raise AssertionError(f"the run exited with {proc.returncode} before step {step}")
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def preempted_run(small_run: SmallRun, tmp_path_factory: pytest.TempPathFactory) -> RunResult:
+    """The small run as a real process, sent SIGTERM once step 2 is logged.
+
+    It also carries canary secrets (in the environment, and one inside a config value) and
+    logs to TensorBoard and a local MLflow store, so one process serves the preemption,
+    secret-hygiene and logger tests.
+    """
+    import signal
+
+    work = tmp_path_factory.mktemp("preempted")
+    proc = small_run.start(
+        work,
+        "logger.tensorboard_enabled=true",
+        "logger.mlflow_enabled=true",
+        f"logger.wandb.name=leak-{CANARY_ENV['HF_TOKEN']}",
+        f"logger.mlflow.run_name=run-{CANARY_ENV['WANDB_API_KEY']}",
+        env=CANARY_ENV,
+    )
+    wait_for_step(work / "logs", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    return finished(proc, work, set(), code)

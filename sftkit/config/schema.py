@@ -436,7 +436,6 @@ DATASET_KEYS: frozenset[str] = frozenset(
 # setting starts to be honoured.
 IGNORED_KEYS: dict[str, str] = {
     "policy.offload_optimizer_for_logprob": "RL-only (no logprob pass in SFT)",
-    "policy.hf_config_overrides": "model config overrides are not applied yet",
     "policy.dtensor_cfg._v2": "both DTensor versions map to sftkit's engine",
     "policy.dtensor_cfg.enabled": "sftkit always trains with its own engine",
     "policy.dtensor_cfg.env_vars": "worker environment variables are not applied",

@@ -6,12 +6,14 @@ depend on the worker count) and cached on disk (see `sftkit.data.cache`).
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +21,13 @@ import numpy as np
 
 from sftkit.data import cache
 from sftkit.data.datasets import load_dataset, rows_of
-from sftkit.data.processor import Outcome, Processor, ProcessorSettings
+from sftkit.data.processor import BatchResult, Processor, ProcessorSettings
 from sftkit.data.types import Example, PreparedData
 
 logger = logging.getLogger("sftkit")
 
 Item = tuple[dict[str, Any], str]  # (row, task_name)
-DROP_CODES = {None: 0, "overlong": 1, "untrainable": 2}
+CHUNK_MAX = 2048  # rows per worker task
 
 
 def prepare_data(cfg: Any, tokenizer: Any) -> PreparedData:
@@ -36,7 +38,8 @@ def prepare_data(cfg: Any, tokenizer: Any) -> PreparedData:
     `policy.max_total_sequence_length`.
     """
     settings = settings_from_config(cfg)
-    splits = collect_items(cfg)
+    with _gc_paused():  # rows are plain data without cycles; collections only cost time
+        splits = collect_items(cfg)
     if not splits["train"]:
         raise ValueError("data.train produced no rows. Check data.train (or data.dataset_name).")
     data_cfg = cfg.data
@@ -113,8 +116,7 @@ def tokenize_splits(
     else:
         Processor(tokenizer, settings)  # fail fast on tokenizer/template problems, in-process
         arrays, meta = {}, {"report": {}, "tasks": {}}
-        for split, items in splits.items():
-            packed, tasks = _run(items, tokenizer, settings, workers)
+        for split, (packed, tasks) in _run(splits, tokenizer, settings, workers).items():
             arrays.update({f"{split}/{k}": v for k, v in packed.items()})
             meta["tasks"][split] = tasks
         if path:
@@ -140,98 +142,126 @@ def tokenize_splits(
 
 # -- workers ---------------------------------------------------------------------------
 _PROCESSOR: Processor | None = None
+_ITEMS: list[Item] = []  # the rows, inherited by forked workers instead of pickled to them
+Task = tuple[int, int, list[Item] | None]  # (start, stop, the rows when not forked)
 
 
 def _init_worker(tokenizer: Any, settings: ProcessorSettings) -> None:
     global _PROCESSOR
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
+    gc.freeze()  # inherited rows are never garbage: keep collections from walking them
     _PROCESSOR = Processor(tokenizer, settings)
 
 
-def _work(
-    chunk: Sequence[Item],
-) -> list[tuple[list[int] | None, list[int] | None, int, bool, bool, str]]:
+def _work(task: Task) -> BatchResult:
     assert _PROCESSOR is not None
-    return [_pack_outcome(_PROCESSOR.process(row, task), task) for row, task in chunk]
-
-
-def _pack_outcome(
-    o: Outcome, task: str
-) -> tuple[list[int] | None, list[int] | None, int, bool, bool, str]:
-    ex = o.example
-    if ex is None:
-        return None, None, DROP_CODES[o.dropped], False, False, task
-    return ex.input_ids, ex.loss_mask, 0, ex.truncated, o.masked, task
+    start, stop, rows = task
+    chunk = _ITEMS[start:stop] if rows is None else rows
+    return _PROCESSOR.process_batch([r for r, _ in chunk], [f"row {k}" for k in range(start, stop)])
 
 
 def _run(
-    items: list[Item], tokenizer: Any, settings: ProcessorSettings, workers: int
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    splits: dict[str, list[Item]], tokenizer: Any, settings: ProcessorSettings, workers: int
+) -> dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]]:
+    """Process every split, in one pool of `workers` processes when there is enough work."""
+    global _ITEMS
+    names = list(splits)
+    items = [item for name in names for item in splits[name]]
+    offsets = np.cumsum([0] + [len(splits[name]) for name in names]).tolist()
     workers = min(workers, os.cpu_count() or 1, max(1, len(items) // 64))
+    # chunks never straddle two splits; ~8 per worker balance the load; the cap bounds memory
+    size = min(max(16, -(-len(items) // (workers * 8))), CHUNK_MAX)
+    bounds = [
+        (i, min(i + size, hi))
+        for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)
+        for i in range(lo, hi, size)
+    ]
     if workers <= 1:
         processor = Processor(tokenizer, settings)
-        results = [_pack_outcome(processor.process(row, task), task) for row, task in items]
+        results = [
+            processor.process_batch([r for r, _ in items[a:b]], [f"row {k}" for k in range(a, b)])
+            for a, b in bounds
+        ]
     else:
-        size = max(16, len(items) // (workers * 8))
-        chunks = [items[i : i + size] for i in range(0, len(items), size)]
-        # fork shares the loaded tokenizer for free; spawn re-imports (macOS, Windows)
-        ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, settings)) as pool:
-            results = [r for part in pool.imap(_work, chunks) for r in part]
-    return _pack(results)
+        fork = sys.platform == "linux"  # fork shares the rows and the tokenizer for free
+        ctx = mp.get_context("fork" if fork else "spawn")
+        tasks: list[Task] = [(a, b, None if fork else items[a:b]) for a, b in bounds]
+        _ITEMS = items if fork else []
+        try:
+            with ctx.Pool(
+                workers, initializer=_init_worker, initargs=(tokenizer, settings)
+            ) as pool:
+                results = list(pool.imap(_work, tasks))
+        finally:
+            _ITEMS = []
+    out = {}
+    for name, lo, hi in zip(names, offsets[:-1], offsets[1:], strict=True):
+        mine = [r for (a, _), r in zip(bounds, results, strict=True) if lo <= a < hi]
+        out[name] = _pack(mine, [task for _, task in items[lo:hi]])
+    return out
 
 
-def _pack(results: list[tuple[Any, ...]]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    names: list[str] = []
+def _pack(
+    results: list[BatchResult], tasks: list[str]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    if not results:  # an empty split
+        results = [BatchResult.empty()]
+    lengths = np.concatenate([r.lengths for r in results])
+    drops = np.concatenate([r.drops for r in results])
+    kept = drops == 0
     index: dict[str, int] = {}
-    ids: list[int] = []
-    mask: list[int] = []
-    lengths, task_ix, truncated, drops, masked = [], [], [], [], []
-    for ex_ids, ex_mask, drop, trunc, was_masked, task in results:
-        drops.append(drop)
-        masked.append(was_masked)
-        if ex_ids is None:
-            continue
-        ids += ex_ids
-        mask += ex_mask
-        lengths.append(len(ex_ids))
-        task_ix.append(index.setdefault(task, len(index)))
-        truncated.append(trunc)
-    names = list(index)
+    task_ix = np.asarray([index.setdefault(t, len(index)) for t in tasks], dtype=np.int32)
     arrays = {
-        "ids": np.asarray(ids, dtype=np.int64),
-        "mask": np.asarray(mask, dtype=np.uint8),
-        "lengths": np.asarray(lengths, dtype=np.int64),
-        "task": np.asarray(task_ix, dtype=np.int32),
-        "truncated": np.asarray(truncated, dtype=bool),
+        "ids": np.concatenate([r.ids for r in results]),
+        "mask": np.concatenate([r.mask for r in results]),
+        "lengths": lengths[kept],
+        "task": task_ix[kept] if len(tasks) else task_ix,
+        "truncated": np.concatenate([r.truncated for r in results])[kept],
     }
-    drops_a = np.asarray(drops, dtype=np.int8)
+    paths = {"fast": 0, "fallback": 0}
+    for r in results:
+        for k, v in r.span_paths.items():
+            paths[k] = paths.get(k, 0) + v
     counts = {
-        "rows": len(results),
-        "dropped_overlong": int((drops_a == 1).sum()),
-        "dropped_untrainable": int((drops_a == 2).sum()),
-        "masked_overlong": int(sum(masked)),
+        "rows": int(len(drops)),
+        "dropped_overlong": int((drops == 1).sum()),
+        "dropped_untrainable": int((drops == 2).sum()),
+        "masked_overlong": int(np.concatenate([r.masked for r in results]).sum()),
+        "span_fallbacks": paths["fallback"],
     }
-    return arrays, {"names": names, "counts": counts}
+    return arrays, {"names": list(index), "counts": counts}
 
 
 def _unpack(
     arrays: dict[str, np.ndarray], tasks: dict[str, Any], split: str
 ) -> tuple[list[Example], dict[str, int]]:
-    ids, mask = arrays[f"{split}/ids"].tolist(), arrays[f"{split}/mask"].tolist()
-    lengths = arrays[f"{split}/lengths"].tolist()
-    task_ix, truncated = arrays[f"{split}/task"].tolist(), arrays[f"{split}/truncated"].tolist()
-    names = tasks["names"]
-    examples, pos = [], 0
-    for n, t, tr in zip(lengths, task_ix, truncated, strict=True):
-        examples.append(Example(ids[pos : pos + n], mask[pos : pos + n], names[t], bool(tr)))
-        pos += n
+    with _gc_paused():  # millions of new ints and lists: collections would only slow it down
+        ids, mask = arrays[f"{split}/ids"].tolist(), arrays[f"{split}/mask"].tolist()
+        lengths = arrays[f"{split}/lengths"].tolist()
+        task_ix = arrays[f"{split}/task"].tolist()
+        truncated = arrays[f"{split}/truncated"].tolist()
+        names = tasks["names"]
+        examples, pos = [], 0
+        for n, t, tr in zip(lengths, task_ix, truncated, strict=True):
+            examples.append(Example(ids[pos : pos + n], mask[pos : pos + n], names[t], tr))
+            pos += n
     counts = {f"{split}/{k}": int(v) for k, v in tasks["counts"].items()}
     counts[f"{split}/examples"] = len(examples)
     counts[f"{split}/truncated"] = int(sum(truncated))
     counts[f"{split}/tokens"] = len(ids)
     counts[f"{split}/trained_tokens"] = int(arrays[f"{split}/mask"].sum())
     return examples, counts
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 # -- config helpers --------------------------------------------------------------------

@@ -1,15 +1,20 @@
-"""Turn one formatted row into token ids and a loss mask, and apply the length policy.
+"""Turn formatted rows into token ids and a loss mask, and apply the length policy.
 
 `Processor` is built once per worker process (it holds the tokenizer and the compiled
 template) and is a pure function of its settings and the row, so results do not depend on
-the number of workers.
+the number of workers or on how rows are batched. `process_batch` is the bulk path: it
+renders a chunk of rows, tokenizes them with one call into the Rust tokenizer per
+`TOKENIZE_BATCH` rows, and returns flat numpy arrays instead of one Python list per token.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import numpy as np
 
 from sftkit.data.errors import DataError
 from sftkit.data.messages import normalize_conversation
@@ -18,6 +23,9 @@ from sftkit.data.types import Example
 
 OverlongPolicy = Literal["truncate", "drop", "mask"]
 ORIGIN_KEY = "_origin"  # where a row came from ("train.jsonl:12"), set by the readers
+DROP_CODES = {None: 0, "overlong": 1, "untrainable": 2}
+TOKENIZE_BATCH = 256  # rows per Rust call: amortizes call overhead, bounds Encoding memory
+Ranges = list[tuple[int, int]]  # trained token ranges [first, stop)
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,41 @@ class Outcome:
     example: Example | None
     dropped: str | None = None  # "overlong" | "untrainable"
     masked: bool = False  # kept with a zero mask by overlong_policy=mask
+
+
+@dataclass
+class BatchResult:
+    """`process_batch` output: per-row flags plus the kept examples' tokens end to end."""
+
+    ids: np.ndarray  # int32, kept examples concatenated
+    mask: np.ndarray  # uint8, same length as ids
+    lengths: np.ndarray  # int64 per row, 0 for a dropped row
+    drops: np.ndarray  # int8 per row, DROP_CODES
+    truncated: np.ndarray  # bool per row
+    masked: np.ndarray  # bool per row
+    span_paths: dict[str, int]  # conversations whose spans took the single / multi render
+
+    @classmethod
+    def empty(cls) -> BatchResult:
+        """The result for no rows."""
+        none = np.zeros(0, dtype=np.int64)
+        return cls(
+            none.astype(np.int32),
+            none.astype(np.uint8),
+            none,
+            none.astype(np.int8),
+            none.astype(bool),
+            none.astype(bool),
+            {},
+        )
+
+
+@dataclass
+class _Rendered:
+    text: str
+    spans: list[tuple[int, int]]
+    final_is_assistant: bool
+    where: str
 
 
 class Processor:
@@ -66,8 +109,73 @@ class Processor:
         self._bos = tokenizer.bos_token if settings.add_bos else None
         self._eos = tokenizer.eos_token if settings.add_eos else None
 
+    # -- one row (preview, tests) ----------------------------------------------------------
     def encode(self, row: dict[str, Any], where: str = "row") -> tuple[list[int], list[int], str]:
         """Return `(input_ids, loss_mask, text)` for a row, before the length policy."""
+        rendered = self._render(row, where)
+        ((ids, ranges),) = self._tokenize([rendered])
+        mask = [0] * len(ids)
+        for first, stop in ranges:
+            mask[first:stop] = [1] * (stop - first)
+        return ids, mask, rendered.text
+
+    def process(self, row: dict[str, Any], task_name: str, where: str = "row") -> Outcome:
+        """Encode a row and apply the length policy and the untrainable check."""
+        where = str(row.get(ORIGIN_KEY, where))
+        ids, mask, _ = self.encode(row, where)
+        return self.apply_policy(ids, mask, task_name, where)
+
+    def apply_policy(self, ids: list[int], mask: list[int], task_name: str, where: str) -> Outcome:
+        """The length policy (truncate / drop / mask) and the zero-trained-tokens check."""
+        ranges = _ranges_of(mask)
+        drop, kept, truncated, masked = self._policy(len(ids), ranges, where)
+        if drop:
+            return Outcome(None, dropped=drop)
+        mask = [0] * kept if masked else mask[:kept]
+        return Outcome(Example(ids[:kept], mask, task_name, truncated), masked=masked)
+
+    # -- many rows (prepare_data) ----------------------------------------------------------
+    def process_batch(self, rows: Sequence[dict[str, Any]], wheres: Sequence[str]) -> BatchResult:
+        """Process rows in order; the same result as `process` on each, as flat arrays."""
+        before = dict(self.renderer.stats)
+        ids_out: list[int] = []
+        ranges_out: Ranges = []
+        n = len(rows)
+        lengths = np.zeros(n, dtype=np.int64)
+        drops = np.zeros(n, dtype=np.int8)
+        truncated = np.zeros(n, dtype=bool)
+        masked = np.zeros(n, dtype=bool)
+        for lo in range(0, n, TOKENIZE_BATCH):
+            hi = min(lo + TOKENIZE_BATCH, n)
+            rendered = [self._render(rows[k], wheres[k]) for k in range(lo, hi)]
+            for k, (r, (ids, ranges)) in enumerate(
+                zip(rendered, self._tokenize(rendered), strict=True), start=lo
+            ):
+                drop, kept, truncated[k], masked[k] = self._policy(len(ids), ranges, r.where)
+                if drop:
+                    drops[k] = DROP_CODES[drop]
+                    continue
+                base = len(ids_out)
+                ids_out.extend(ids[:kept] if kept < len(ids) else ids)
+                lengths[k] = kept
+                if not masked[k]:
+                    ranges_out += [(base + a, base + min(b, kept)) for a, b in ranges if a < kept]
+        mask = np.zeros(len(ids_out), dtype=np.uint8)
+        for first, stop in ranges_out:
+            mask[first:stop] = 1
+        stats = self.renderer.stats
+        return BatchResult(
+            ids=np.asarray(ids_out, dtype=np.int32),
+            mask=mask,
+            lengths=lengths,
+            drops=drops,
+            truncated=truncated,
+            masked=masked,
+            span_paths={k: stats[k] - before.get(k, 0) for k in stats},
+        )
+
+    # -- steps -----------------------------------------------------------------------------
+    def _render(self, row: dict[str, Any], where: str) -> _Rendered:
         where = str(row.get(ORIGIN_KEY, where))
         messages, tools = normalize_conversation(row, where)
         try:
@@ -81,39 +189,59 @@ class Processor:
             ) from err
         if self.settings.only_unmask_final:
             spans = spans[-1:]
-        ids, mask = self._tokenize_and_mask(text, spans)
+        return _Rendered(text, spans, messages[-1]["role"] == "assistant", where)
+
+    def _tokenize(self, rendered: Sequence[_Rendered]) -> list[tuple[list[int], Ranges]]:
+        """Token ids and trained token ranges per rendering, BOS/EOS added as configured."""
+        texts = [r.text for r in rendered]
+        if self._backend is None:
+            outs = [
+                self.tokenizer(t, add_special_tokens=False, return_offsets_mapping=True)
+                for t in texts
+            ]
+            pairs = [
+                (list(o["input_ids"]), _ranges_from_offsets(o["offset_mapping"], r.spans))
+                for o, r in zip(outs, rendered, strict=True)
+            ]
+        else:  # the Rust tokenizer directly: the same ids as `tokenizer(text)`, less overhead
+            encodings = self._backend.encode_batch(texts, add_special_tokens=False)
+            pairs = [
+                (enc.ids, _ranges_from_encoding(enc, r.spans))
+                for enc, r in zip(encodings, rendered, strict=True)
+            ]
+        return [
+            self._add_bos_eos(ids, ranges, r)
+            for (ids, ranges), r in zip(pairs, rendered, strict=True)
+        ]
+
+    def _add_bos_eos(
+        self, ids: list[int], ranges: Ranges, rendered: _Rendered
+    ) -> tuple[list[int], Ranges]:
+        text = rendered.text
         if self._bos and not text.startswith(self._bos):
-            ids.insert(0, self.tokenizer.bos_token_id)
-            mask.insert(0, 0)
+            ids = [self.tokenizer.bos_token_id, *ids]
+            ranges = [(a + 1, b + 1) for a, b in ranges]
         if self._eos and not text.rstrip().endswith(self._eos):
             # Templates without an end-of-turn token end the final reply with this EOS.
-            final_trained = messages[-1]["role"] == "assistant" and not self.renderer.has_eot
             ids.append(self.tokenizer.eos_token_id)
-            mask.append(1 if final_trained else 0)
-        return ids, mask, text
+            if rendered.final_is_assistant and not self.renderer.has_eot:
+                ranges.append((len(ids) - 1, len(ids)))
+        return ids, ranges
 
-    def process(self, row: dict[str, Any], task_name: str, where: str = "row") -> Outcome:
-        """Encode a row and apply the length policy and the untrainable check."""
-        where = str(row.get(ORIGIN_KEY, where))
-        ids, mask, _ = self.encode(row, where)
-        return self.apply_policy(ids, mask, task_name, where)
-
-    def apply_policy(self, ids: list[int], mask: list[int], task_name: str, where: str) -> Outcome:
-        """The length policy (truncate / drop / mask) and the zero-trained-tokens check."""
+    def _policy(self, n: int, ranges: Ranges, where: str) -> tuple[str | None, int, bool, bool]:
+        """`(drop reason, tokens kept, truncated, masked)` for an example of `n` tokens."""
         limit = self.settings.max_length
         truncated = masked = False
-        if len(ids) > limit:
+        kept = n
+        if n > limit:
             policy = self.settings.overlong_policy
             if policy == "drop":
-                return Outcome(None, dropped="overlong")
-            ids, mask = ids[:limit], mask[:limit]
-            truncated = True
-            if policy == "mask":  # NeMo RL: kept, but contributes nothing to the loss
-                mask = [0] * len(mask)
-                masked = True
-        if not masked and not any(mask):
+                return "overlong", 0, False, False
+            kept, truncated = limit, True
+            masked = policy == "mask"  # NeMo RL: kept, but contributes nothing to the loss
+        if not masked and not any(first < kept for first, stop in ranges if stop > first):
             if self.settings.drop_untrainable:
-                return Outcome(None, dropped="untrainable")
+                return "untrainable", 0, False, False
             reason = f"after truncation to {limit} tokens" if truncated else "in this conversation"
             raise DataError(
                 where,
@@ -121,37 +249,41 @@ class Processor:
                 "raise data.max_input_seq_length / policy.max_total_sequence_length, or set "
                 "data.drop_untrainable: true to drop and count such rows.",
             )
-        return Outcome(Example(ids, mask, task_name, truncated), masked=masked)
-
-    def _tokenize_and_mask(
-        self, text: str, spans: list[tuple[int, int]]
-    ) -> tuple[list[int], list[int]]:
-        if self._backend is None:
-            out = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            ids = list(out["input_ids"])
-            return ids, _mask_from_spans(out["offset_mapping"], spans, len(ids))
-        # The Rust tokenizer directly: the same ids as `tokenizer(text)`, less overhead, and
-        # span ends map to tokens without building the whole offsets list in Python.
-        enc = self._backend.encode(text, add_special_tokens=False)
-        ids = list(enc.ids)
-        mask = [0] * len(ids)
-        for start, end in spans:
-            first, last = enc.char_to_token(start), enc.char_to_token(end - 1)
-            if first is None or last is None:  # a character no token covers (trimmed offsets)
-                return ids, _mask_from_spans(enc.offsets, spans, len(ids))
-            mask[first : last + 1] = [1] * (last + 1 - first)
-        return ids, mask
+        return None, kept, truncated, masked
 
 
-def _mask_from_spans(
-    offsets: list[tuple[int, int]], spans: list[tuple[int, int]], n: int
-) -> list[int]:
-    """Mark token i when its characters overlap a span (offsets are non-decreasing)."""
-    mask = [0] * n
+def _ranges_from_encoding(enc: Any, spans: list[tuple[int, int]]) -> Ranges:
+    """Span ends map to tokens without building the whole offsets list in Python."""
+    ranges: Ranges = []
+    for start, end in spans:
+        first, last = enc.char_to_token(start), enc.char_to_token(end - 1)
+        if first is None or last is None:  # a character no token covers (trimmed offsets)
+            return _ranges_from_offsets(enc.offsets, spans)
+        ranges.append((first, last + 1))
+    return ranges
+
+
+def _ranges_from_offsets(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> Ranges:
+    """Token i is trained when its characters overlap a span (offsets are non-decreasing)."""
+    ranges: Ranges = []
     for start, end in spans:
         first = bisect_right(offsets, start, key=lambda o: o[1])  # first token ending after start
         stop = bisect_left(
             offsets, end, lo=first, key=lambda o: o[0]
         )  # first starting at/after end
-        mask[first:stop] = [1] * (stop - first)
-    return mask
+        ranges.append((first, stop))
+    return ranges
+
+
+def _ranges_of(mask: list[int]) -> Ranges:
+    ranges: Ranges = []
+    start = None
+    for k, m in enumerate(mask):
+        if m and start is None:
+            start = k
+        elif not m and start is not None:
+            ranges.append((start, k))
+            start = None
+    if start is not None:
+        ranges.append((start, len(mask)))
+    return ranges

@@ -13,6 +13,16 @@ Templates that rewrite history (Qwen3 and DeepSeek-R1 drop earlier `<think>` blo
 those renderings disagree with `full`. Such turns are located in `full` itself by the
 template's assistant header and end-of-turn text, which are probed once with sentinel
 messages, so no text is ever duplicated (NeMo RL #2821). Only `full` is tokenized.
+
+That costs about two extra renders per assistant turn. Most conversations take a single
+render instead (`_fast_spans`): the generation prompt `G` (what `add_generation_prompt`
+appends, e.g. `<|im_start|>assistant\n`) and the end-of-turn text are learnt once per
+template, and each assistant turn is located in `full` as the first `G` after the previous
+message's content, with its own content after `G` and its end-of-turn after that and no
+other `G` in between. A conversation that does not fit (content not found, header or
+end-of-turn text inside a message, ...) takes the prefix renders above; so does every
+conversation of a template whose probe conversations, or first real conversations, do not
+give identical spans both ways. `ChatRenderer.stats` counts both paths.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 logger = logging.getLogger("sftkit")
 
 Span = tuple[int, int]
+VERIFY_FIRST = 8  # conversations per renderer checked against the prefix renders
 _USER, _ASSISTANT, _USER2, _ASSISTANT2 = "\ue000", "\ue001", "\ue002", "\ue003"
 
 
@@ -78,6 +89,7 @@ class Probe:
     last_header: str  # assistant header of the final turn (may hold an empty <think>)
     eot: str  # end-of-turn text after assistant content, e.g. "<|im_end|>"; "" if none
     gen_prompt_len: int  # characters add_generation_prompt appends
+    gen_prompt: str = ""  # the text add_generation_prompt appends, e.g. "<|im_start|>assistant\n"
 
 
 class ChatRenderer:
@@ -89,6 +101,10 @@ class ChatRenderer:
         self._variables = dict(variables or {})
         self.probe = self._probe()
         self._merge_warned = False
+        # conversations that took the single render ("fast") or the prefix renders
+        self.stats = {"fast": 0, "fallback": 0}
+        self._verify_left = VERIFY_FIRST
+        self._fast = self._fast_path_agrees_on_probes()
 
     # -- rendering -------------------------------------------------------------------
     def render(
@@ -117,19 +133,112 @@ class ChatRenderer:
         A leading system message that the template rejects is folded into the first user
         turn (as Gemma's own templates do) instead of crashing (NeMo RL #2863).
         """
+        full, messages = self._render_full(messages, tools)
+        spans = self._fast_spans(full, messages) if self._fast else None
+        if spans is None:
+            self.stats["fallback"] += 1
+            return full, self._slow_spans(full, messages, tools), messages
+        if self._verify_left > 0:  # the first conversations are checked against the slow path
+            self._verify_left -= 1
+            slow = self._slow_spans(full, messages, tools)
+            if slow != spans:
+                logger.warning(
+                    "the single-render span finder disagrees with the prefix renders for this "
+                    "chat template; using prefix renders for every conversation (slower)"
+                )
+                self._fast = False
+                self.stats["fallback"] += 1
+                return full, slow, messages
+        self.stats["fast"] += 1
+        return full, spans, messages
+
+    def _render_full(
+        self, messages: list[dict[str, Any]], tools: list[Any] | None
+    ) -> tuple[str, list[dict[str, Any]]]:
         try:
-            full = self.render(messages, tools)
+            return self.render(messages, tools), messages
         except TemplateRejected:
             merged = _fold_system(messages)
             if merged is None:
                 raise
             full = self.render(merged, tools)
-            messages = merged
             if not self._merge_warned:
                 logger.warning(
                     "chat template rejects system messages: folded into the first user turn"
                 )
                 self._merge_warned = True
+            return full, merged
+
+    # -- one render: learnt header and end-of-turn text --------------------------------
+    def _fast_spans(self, full: str, messages: list[dict[str, Any]]) -> list[Span] | None:
+        """Spans from `full` alone, or None when this conversation cannot be verified."""
+        header, eot = self.probe.gen_prompt, self.probe.eot
+        spans: list[Span] = []
+        pos = 0
+        for message in messages:
+            content = message.get("content")
+            content = content.strip() if isinstance(content, str) else ""
+            if header in content or eot in content:
+                return None  # template text inside a message: only prefix renders can tell
+            if message["role"] != "assistant":
+                if content:  # skip past it, so a header-like text inside is never matched
+                    found = full.find(content, pos)
+                    if found < 0:
+                        return None
+                    pos = found + len(content)
+                continue
+            span = self._fast_turn(full, pos, content, bool(message.get("tool_calls")))
+            if span is None:
+                return None
+            spans.append(span)
+            pos = span[1]
+        return spans
+
+    def _fast_turn(self, full: str, pos: int, content: str, has_calls: bool) -> Span | None:
+        header, eot = self.probe.gen_prompt, self.probe.eot
+        head = full.find(header, pos)
+        if head < 0:
+            return None
+        start = body_end = head + len(header)
+        if content:
+            found = full.find(content, start)
+            if found < 0 and "</think>" in content:  # reasoning of earlier turns is dropped
+                tail = content.rsplit("</think>", 1)[1].strip()
+                found, content = (full.find(tail, start), tail) if tail else (-1, content)
+            if found >= 0 and full.find(header, start, found) < 0:
+                body_end = found + len(content)
+            elif not has_calls:  # templates may render tool calls instead of the content
+                return None
+        end = full.find(eot, body_end)
+        if end < 0 or full.find(header, body_end, end) >= 0:
+            return None  # this turn has no end-of-turn text of its own
+        return start, end + len(eot)
+
+    def _fast_path_agrees_on_probes(self) -> bool:
+        """Whether the single render gives the prefix renders' spans on probe conversations."""
+        header, eot = self.probe.gen_prompt, self.probe.eot
+        if not header or not eot or header.isspace():
+            return False
+        user = {"role": "user", "content": "Hello there"}
+        reply = {"role": "assistant", "content": "Hi, how can I help?"}
+        probes = [  # no system message: a template that rejects one would warn at start-up
+            [user, reply],
+            [user, reply, {"role": "user", "content": "Thanks"}, {**reply, "content": "Bye."}],
+        ]
+        for messages in probes:
+            try:
+                full, rendered = self._render_full(messages, None)
+                fast = self._fast_spans(full, rendered)
+                if fast is not None and fast != self._slow_spans(full, rendered, None):
+                    return False
+            except TemplateRejected:
+                continue  # e.g. a template that needs tools: the per-example check decides
+        return True
+
+    # -- prefix renders ------------------------------------------------------------------
+    def _slow_spans(
+        self, full: str, messages: list[dict[str, Any]], tools: list[Any] | None
+    ) -> list[Span]:
         spans: list[Span] = []
         prev_end = 0
         for i, message in enumerate(messages):
@@ -138,7 +247,7 @@ class ChatRenderer:
             span = self._turn_span(messages, tools, i, full, prev_end)
             spans.append(span)
             prev_end = span[1]
-        return full, spans, messages
+        return spans
 
     def _turn_span(
         self,
@@ -209,7 +318,7 @@ class ChatRenderer:
                 "templates will not be supported",
                 err,
             )
-            return Probe("", "", "", 0)
+            return Probe("", "", "", 0, "")
         user_tail = alone[alone.find(_USER) + 1 :]  # e.g. "<|im_end|>\n"
         eot = one[one.find(_ASSISTANT) + 1 :].strip() if _ASSISTANT in one else ""
         return Probe(
@@ -217,6 +326,7 @@ class ChatRenderer:
             last_header=_between(one, _USER, _ASSISTANT, user_tail),
             eot=eot,
             gen_prompt_len=max(len(prompt) - len(alone), 0),
+            gen_prompt=prompt[len(alone) :] if prompt.startswith(alone) else "",
         )
 
     @property

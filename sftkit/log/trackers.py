@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from sftkit.log.redact import redact
+from sftkit.log.redact import redact, scrub
 from sftkit.log.sinks import to_number
 
 log = logging.getLogger("sftkit")
@@ -75,8 +75,8 @@ class WandbSink:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.mode = mode
         self._run = wandb.init(
-            project=project,
-            name=name,
+            project=scrub(project),
+            name=scrub(name),
             entity=entity,
             dir=str(self.dir),
             mode=mode,
@@ -151,6 +151,7 @@ class MlflowSink:
             ) from e
         self.tracking_uri = tracking_uri
         self._client = MlflowClient(tracking_uri=tracking_uri)
+        experiment_name, run_name = scrub(experiment_name), scrub(run_name)
         experiment = self._client.get_experiment_by_name(experiment_name)
         experiment_id = (
             experiment.experiment_id

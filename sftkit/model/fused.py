@@ -75,16 +75,18 @@ def _kernels(source: str) -> dict[str, Callable[..., Any]]:
         return {
             "rms_norm": lambda x, w, eps: LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama"),
             "swiglu": LigerSiLUMulFunction.apply,
+            "swiglu_linear": None,  # type: ignore[dict-item]
             "rope": liger_rotary_pos_emb,
         }
     from sftkit.model.kernels.fused_rmsnorm import rms_norm
     from sftkit.model.kernels.fused_rope import apply_rope, rope_supported
-    from sftkit.model.kernels.fused_swiglu import silu_mul
+    from sftkit.model.kernels.fused_swiglu import silu_mul, silu_mul_linear
 
     def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor] | None:
         return apply_rope(q, k, cos, sin) if rope_supported(q, k, cos, sin) else None
 
-    return {"rms_norm": rms_norm, "swiglu": silu_mul, "rope": rope}
+    return {"rms_norm": rms_norm, "swiglu": silu_mul, "swiglu_linear": silu_mul_linear,
+            "rope": rope}  # fmt: skip
 
 
 def _on_kernel_device(t: Tensor) -> bool:
@@ -132,7 +134,24 @@ def _patch_rms_norms(model: nn.Module, fn: Callable[..., Tensor]) -> int:
     return count
 
 
-def _patch_mlps(model: nn.Module, fn: Callable[..., Tensor], hidden_act: str | None) -> int:
+def _plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear whose forward may be bypassed: no hooks, no LoRA wrapper, no DTensor."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module) is nn.Linear
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and type(weight) is nn.Parameter
+        and type(weight.data) is Tensor
+    )
+
+
+def _patch_mlps(
+    model: nn.Module,
+    fn: Callable[..., Tensor],
+    fn_linear: Callable[..., Tensor] | None,
+    hidden_act: str | None,
+) -> int:
     if hidden_act not in _SILU:
         logger.warning("Fused SwiGLU skipped: the model's hidden_act is %r, not silu", hidden_act)
         return 0
@@ -140,7 +159,11 @@ def _patch_mlps(model: nn.Module, fn: Callable[..., Tensor], hidden_act: str | N
     def forward(self: nn.Module, x: Tensor) -> Tensor:
         if not _on_kernel_device(x):
             return self._sftkit_base.forward(self, x)
-        return self.down_proj(fn(self.gate_proj(x), self.up_proj(x)))
+        gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
+        if fn_linear is not None and _plain_linear(down):
+            # down_proj's input is recomputed in backward instead of saved.
+            return fn_linear(gate, up, down.weight, down.bias)
+        return down(fn(gate, up))
 
     count = 0
     for module in model.modules():
@@ -174,9 +197,11 @@ def _patch_rope(model: nn.Module, fn: Callable[..., Any]) -> int:
 
         def fused(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args: Any,
                   _orig: Callable[..., Any] = original, **kwargs: Any) -> Any:  # fmt: skip
-            plain = not args and kwargs.get("unsqueeze_dim", 1) == 1 and set(kwargs) <= {
-                "unsqueeze_dim"
-            }
+            plain = (
+                not args
+                and kwargs.get("unsqueeze_dim", 1) == 1
+                and set(kwargs) <= {"unsqueeze_dim"}
+            )
             if plain and _on_kernel_device(q):
                 out = fn(q, k, cos, sin)
                 if out is not None:
@@ -206,14 +231,18 @@ def _check_enabled(enabled: set[str] | None) -> set[str]:
 
 
 def apply_fused_kernels(
-    model: nn.Module, enabled: set[str] | None = None, backend: Backend = "auto"
+    model: nn.Module,
+    enabled: set[str] | None = None,
+    backend: Backend = "auto",
+    device: torch.device | str | None = None,
 ) -> list[str]:
     """Swap in fused RMSNorm / SwiGLU / RoPE forwards; returns the ops applied, in order.
 
     `enabled` picks ops from `FUSED_OPS` (None: all). `backend` "auto" uses liger-kernel when
     importable, else sftkit's Triton kernels; on CPU (no TRITON_INTERPRET) nothing is
     applied and [] is returned. Models outside `SUPPORTED_MODEL_TYPES` are left as is with
-    a warning. The device is that of the model's first parameter.
+    a warning. `device` is where the model will run (default: its first parameter's device),
+    so this can run before the model is moved, e.g. right after LoRA in the transform order.
     """
     ops = _check_enabled(enabled)
     config = getattr(model, "config", None)
@@ -224,7 +253,7 @@ def apply_fused_kernels(
             model_type, ", ".join(sorted(SUPPORTED_MODEL_TYPES)),
         )  # fmt: skip
         return []
-    device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     source = resolve_fused_backend(backend, device)
     if source is None:
         logger.info("Fused kernels skipped: they need CUDA and Triton (model is on %s)", device)
@@ -233,7 +262,9 @@ def apply_fused_kernels(
     applied = []
     if "rms_norm" in ops and _patch_rms_norms(model, fns["rms_norm"]):
         applied.append("rms_norm")
-    if "swiglu" in ops and _patch_mlps(model, fns["swiglu"], getattr(config, "hidden_act", None)):
+    if "swiglu" in ops and _patch_mlps(
+        model, fns["swiglu"], fns["swiglu_linear"], getattr(config, "hidden_act", None)
+    ):
         applied.append("swiglu")
     if "rope" in ops and _patch_rope(model, fns["rope"]):
         applied.append("rope")

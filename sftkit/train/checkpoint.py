@@ -83,7 +83,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(directory: Path) -> None:
+def write_manifest(directory: Path, step: int | None = None) -> None:
     """Record size and hash of every file, then fsync: the commit point of a save."""
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
@@ -98,7 +98,7 @@ def write_manifest(directory: Path) -> None:
         json.dump({"format_version": FORMAT_VERSION, "files": files}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    fault_point("manifest_tmp")
+    fault_point("manifest_tmp", step)
     os.replace(tmp, directory / MANIFEST)
 
 
@@ -231,7 +231,7 @@ def save_checkpoint(
         with open(tmp / INFO, "w") as f:
             json.dump(info, f, indent=1)
         fault_point("info_written", step)
-        write_manifest(tmp)
+        write_manifest(tmp, step)
         fault_point("manifest_written", step)
         if final.exists():  # a broken save of the same step, skipped when this run resumed
             shutil.rmtree(final)
@@ -284,6 +284,8 @@ def apply_retention(
     keep_latest_k: int | None = None,
 ) -> list[Path]:
     """Delete checkpoints outside the retention policy; returns what was deleted."""
+    if keep_top_k is None:
+        return []
     entries = []
     paths = {}
     for step, path in step_dirs(checkpoint_dir):
@@ -292,17 +294,17 @@ def apply_retention(
         value = read_info(path).get(metric_name) if metric_name else None
         entries.append((step, None if value is None else float(value)))
         paths[step] = path
-    if metric_name and any(value is None for _, value in entries):
-        missing = [step for step, value in entries if value is None]
+    if metric_name and entries and entries[0][1] is None:  # warn once per save, newest only
         logger.warning(
-            "checkpointing.metric_name=%s is missing for steps %s; they are kept only as the "
-            "latest (align checkpointing.save_period with sft.val_period)",
+            "checkpointing.metric_name=%s was not measured at step %d; that checkpoint ranks "
+            "last and is kept only while it is the latest (align checkpointing.save_period "
+            "with sft.val_period, or use a train: metric)",
             metric_name,
-            missing,
+            entries[0][0],
         )
     deleted = []
     for step in checkpoints_to_delete(entries, keep_top_k, higher_is_better, keep_latest_k):
-        fault_point("retention", step)
+        fault_point("retention", entries[0][0])  # the step just saved
         try:
             shutil.rmtree(paths[step])
             deleted.append(paths[step])

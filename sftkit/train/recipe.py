@@ -34,9 +34,16 @@ from sftkit.log import (
 from sftkit.model.attention import enable_packed_attention
 from sftkit.model.load import DTYPES, load_model, load_model_weights, save_hf, save_model_weights
 from sftkit.model.lora import LoraSpec, apply_lora, lora_spec_from_config, merge_lora, save_adapter
-from sftkit.model.parallel import parallelize
+from sftkit.model.parallel import build_sharded_model, load_sharded_weights, parallelize
 from sftkit.train import checkpoint as ckpt
-from sftkit.train.dist import DistEnv, init_distributed
+from sftkit.train.dist import (
+    DistEnv,
+    init_distributed,
+    load_full_optimizer_state,
+    load_sharded,
+    save_sharded,
+)
+from sftkit.train.export import gather_hf
 from sftkit.train.loop import train
 from sftkit.train.optim import build_optimizer, build_scheduler
 from sftkit.train.state import TrainState, rng_state, seed_everything, set_rng_state
@@ -122,23 +129,34 @@ class Run:
         }
 
         def write_files(directory: Path) -> None:
-            rank = self.env.rank
+            rank, sharded = self.env.rank, self.env.world_size > 1
             (directory / "rng").mkdir(exist_ok=True)
             torch.save(rng_state(), directory / "rng" / f"rank_{rank}.pt")
+            if sharded:  # every rank writes its shards (policy/dcp, torch.distributed.checkpoint)
+                optimizer = self.optimizer if c.save_optimizer else None
+                save_sharded(
+                    self.model, optimizer, directory / "policy" / "dcp", self.lora is not None
+                )
+                if c.save_consolidated:
+                    export_hf(self, directory / "policy" / "consolidated", merge=False)
             if rank != 0:
                 return
             (directory / "config.yaml").write_text(config_to_yaml(self.cfg))
             torch.save(self.sampler.state_dict(), directory / "train_dataloader.pt")
-            save_model_weights(
-                self.model, directory / "policy" / "weights", trainable_only=self.lora is not None
-            )
+            opt_dir = directory / "policy" / "optimizer"
             if c.save_optimizer:
-                opt_dir = directory / "policy" / "optimizer"
                 opt_dir.mkdir(parents=True, exist_ok=True)
-                torch.save(self.optimizer.state_dict(), opt_dir / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), opt_dir / "scheduler.pt")
+            if not sharded:
+                save_model_weights(
+                    self.model,
+                    directory / "policy" / "weights",
+                    trainable_only=self.lora is not None,
+                )
+                if c.save_optimizer:
+                    torch.save(self.optimizer.state_dict(), opt_dir / "optimizer.pt")
             self.tokenizer.save_pretrained(directory / "policy" / "tokenizer")
-            if c.save_consolidated:
+            if c.save_consolidated and not sharded:
                 export_hf(self, directory / "policy" / "consolidated", merge=False)
 
         path = ckpt.save_checkpoint(
@@ -170,7 +188,12 @@ class Run:
 
 
 def export_hf(run: Run, directory: Path, merge: bool) -> None:
-    """HF directory of the current weights; LoRA runs merge (in place only when `merge`)."""
+    """HF directory of the current weights; LoRA runs merge (in place only when `merge`).
+
+    Sharded runs gather the full weights to rank 0 (collective: every rank calls)."""
+    if run.env.world_size > 1:
+        gather_hf(run.model, run.tokenizer, directory, run.env.is_main, merge_lora=True)
+        return
     if run.lora is None:
         save_hf(run.model, run.tokenizer, directory)
         return
@@ -265,6 +288,10 @@ def setup_model(cfg: MasterConfig, env: DistEnv) -> tuple[nn.Module, LoraSpec | 
     """HF model -> LoRA -> parallel transforms; returns (model, LoRA spec, grad scale)."""
     p = cfg.policy
     param_dtype = DTYPES[p.precision] if p.dtensor_cfg.bf16_params else torch.float32
+    if env.world_size > 1:  # sharded from the start: built on meta, each rank loads its shards
+        spec = lora_spec_from_config(p)
+        model, grad_scale = build_sharded_model(cfg, env, spec, param_dtype)
+        return model, spec, grad_scale
     model = load_model(
         p.model_name,
         param_dtype=param_dtype,
@@ -298,14 +325,31 @@ def batch_plan(cfg: MasterConfig, pad_id: int) -> BatchPlan:
 
 
 def restore(run: Run, directory: Path) -> None:
-    """Load model, optimizer, scheduler, data position, RNG and counters from `directory`."""
-    load_model_weights(run.model, directory / "policy" / "weights")
-    opt_dir = directory / "policy" / "optimizer"
-    if (opt_dir / "optimizer.pt").exists():
-        run.optimizer.load_state_dict(torch.load(opt_dir / "optimizer.pt", weights_only=True))
+    """Load model, optimizer, scheduler, data position, RNG and counters from `directory`.
+
+    Checkpoints of any rank count load into any other: sharded ones (policy/dcp) are
+    resharded by torch.distributed.checkpoint, one-process ones are sliced per rank.
+    """
+    opt_dir, sharded = directory / "policy" / "optimizer", directory / "policy" / "dcp"
+    with_optimizer = (opt_dir / "scheduler.pt").exists()
+    if sharded.is_dir():
+        optimizer = run.optimizer if with_optimizer else None
+        load_sharded(run.model, optimizer, sharded, trainable_only=run.lora is not None)
+    elif run.env.world_size > 1:
+        files = sorted((directory / "policy" / "weights").glob("*.safetensors"))
+        load_sharded_weights(run.model, files, lambda name: run.lora is None or ".lora_" in name)
+        if with_optimizer:
+            load_full_optimizer_state(run.model, run.optimizer, opt_dir / "optimizer.pt")
+    else:
+        load_model_weights(run.model, directory / "policy" / "weights")
+        if with_optimizer:
+            run.optimizer.load_state_dict(torch.load(opt_dir / "optimizer.pt", weights_only=True))
+    if with_optimizer:
         run.scheduler.load_state_dict(torch.load(opt_dir / "scheduler.pt", weights_only=True))
     else:
-        logger.warning("%s has no optimizer state (save_optimizer=false): fresh optimizer", directory)
+        logger.warning(
+            "%s has no optimizer state (save_optimizer=false): fresh optimizer", directory
+        )
     run.sampler.load_state_dict(torch.load(directory / "train_dataloader.pt", weights_only=True))
     rng_file = directory / "rng" / f"rank_{run.env.rank}.pt"
     if rng_file.exists():
@@ -384,11 +428,10 @@ def finish(run: Run) -> None:
     """Write `final_hf/` (and `final_adapter/` for LoRA) under the checkpoint directory."""
     out = Path(run.cfg.checkpointing.checkpoint_dir)
     if run.lora is not None:
-        save_adapter(
-            run.model, out / "final_adapter", run.cfg.policy.model_name, run.lora
-        )
-    if run.env.is_main:
+        save_adapter(run.model, out / "final_adapter", run.cfg.policy.model_name, run.lora)
+    if run.env.is_main or run.env.world_size > 1:  # sharded: every rank takes part in the gather
         export_hf(run, out / "final_hf", merge=True)
+    if run.env.is_main:
         logger.info("Final model: %s", out / "final_hf")
     run.env.barrier()
 

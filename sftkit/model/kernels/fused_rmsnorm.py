@@ -63,6 +63,10 @@ def _rmsnorm_bwd_kernel(
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
 
 
+def _num_warps(block: int) -> int:
+    return min(max(block // 256, 1), 16)  # 8 warps for Llama-1B's 2048-wide rows
+
+
 def _rows(t: Tensor) -> Tensor:
     t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -78,8 +82,9 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(x2.shape[1])
         _rmsnorm_fwd_kernel[(x2.shape[0],)](
-            x2, weight, y, rstd, x2.shape[1], eps, x2.stride(0), y.stride(0), BLOCK=block
-        )
+            x2, weight, y, rstd, x2.shape[1], eps, x2.stride(0), y.stride(0), BLOCK=block,
+            num_warps=_num_warps(block),
+        )  # fmt: skip
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(*shape[:-1], shape[-1])
 
@@ -95,6 +100,7 @@ class _RMSNorm(torch.autograd.Function):
             dy2, x2, weight, rstd, dx, partial, n_rows, n_cols,
             dy2.stride(0), x2.stride(0), dx.stride(0),
             ROWS=ROWS_PER_PROGRAM, BLOCK=triton.next_power_of_2(n_cols),
+            num_warps=_num_warps(triton.next_power_of_2(n_cols)),
         )  # fmt: skip
         dw = partial.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return dx.view(dy.shape), dw, None

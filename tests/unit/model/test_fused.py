@@ -6,6 +6,7 @@ kernel comparisons run in one fresh subprocess with that environment (small shap
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ SCRIPT = textwrap.dedent(
     from transformers.models.llama import modeling_llama as ML
     from sftkit.model.kernels.fused_rmsnorm import rms_norm
     from sftkit.model.kernels.fused_rope import apply_rope
-    from sftkit.model.kernels.fused_swiglu import silu_mul
+    from sftkit.model.kernels.fused_swiglu import silu_mul, silu_mul_linear
     from sftkit.model.fused import apply_fused_kernels, restore_rope
 
     def close(got, ref, tol):
@@ -65,6 +66,20 @@ SCRIPT = textwrap.dedent(
         ref = grads(lambda a, b: torch.nn.functional.silu(a) * b, [a, b])
         got = grads(silu_mul, [a, b])
         for g, r in zip(got, ref, strict=True):
+            close(g, r, tol)
+
+    # SwiGLU + down projection (product recomputed in backward), with a bias, and with a
+    # float32 weight on bfloat16 activations (float32 master weights).
+    F = torch.nn.functional
+    for dtype, w_dtype, tol in [(torch.float32, torch.float32, 1e-5),
+                                (torch.bfloat16, torch.float32, 3e-2)]:
+        a, b = torch.randn(2, 9, 40).to(dtype), torch.randn(2, 9, 40).to(dtype)
+        w, bias = (0.2 * torch.randn(24, 40)).to(w_dtype), torch.randn(24).to(w_dtype)
+        ref = grads(lambda a, b, w, bias: F.linear(F.silu(a) * b, w.to(a.dtype),
+                                                   bias.to(a.dtype)), [a, b, w, bias])
+        got = grads(silu_mul_linear, [a, b, w, bias])
+        for g, r in zip(got, ref, strict=True):
+            assert g.dtype == r.dtype, (g.dtype, r.dtype)
             close(g, r, tol)
 
     # RoPE: GQA (6 q heads, 2 kv heads), q/k as HF's transposed views, per-row positions.
@@ -141,6 +156,9 @@ def test_cpu_leaves_model_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _tiny_llama()
     classes = [type(m) for m in model.modules()]
     assert resolve_fused_backend("auto", torch.device("cpu")) is None
+    if importlib.util.find_spec("liger_kernel") is None:  # the planned CUDA choice
+        assert resolve_fused_backend("auto", torch.device("cuda")) == "triton"
+    assert apply_fused_kernels(model, device="cpu") == []
     assert apply_fused_kernels(model) == []
     assert [type(m) for m in model.modules()] == classes
 

@@ -1,0 +1,69 @@
+"""Preemption: SIGTERM / SIGUSR1 finish the step, save, exit 75; the next start resumes exactly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+from sftkit.train import checkpoint as ckpt
+from sftkit.train.loop import EXIT_REQUEUE
+
+EXACT = ("train/loss", "train/grad_norm", "train/lr", "train/global_valid_toks")
+
+
+def assert_rows_match(got: dict, ref: dict) -> None:
+    for step, row in got.items():
+        for name in EXACT:
+            assert row[name] == ref[step][name], (step, name)
+
+
+def test_sigterm_saves_and_exits_for_requeue(preempted_run, reference_run, small_run) -> None:
+    assert preempted_run.returncode == EXIT_REQUEUE, preempted_run.stderr[-2000:]
+    stopped = max(preempted_run.train_rows())
+    assert 2 <= stopped < 14
+    assert "Stopping at step" in preempted_run.stderr and "SIGTERM" in preempted_run.stderr
+    latest = ckpt.latest_checkpoint(preempted_run.checkpoint_dir)
+    assert latest is not None and latest.name == f"step_{stopped}"
+    assert not (preempted_run.checkpoint_dir / "final_hf").exists()
+    # The real process computed exactly what the in-process reference did up to the stop...
+    assert_rows_match(preempted_run.train_rows(), reference_run.train_rows())
+
+    # ...and the next start (same command) resumes from the stop and finishes identically.
+    resumed = small_run.inprocess(preempted_run.work)
+    assert resumed.returncode == 0
+    assert sorted(resumed.train_rows()) == list(range(stopped + 1, 15))
+    assert_rows_match(resumed.train_rows(), reference_run.train_rows())
+    assert (preempted_run.checkpoint_dir / "final_hf" / "model.safetensors").is_file()
+
+
+def test_sigusr1_in_process(small_run, reference_run, tmp_path: Path) -> None:
+    """Slurm's `--signal=USR1@...` warning: same behaviour as SIGTERM."""
+    from tests.conftest import read_metrics
+
+    def send_when_step_two_is_logged() -> None:
+        exp = tmp_path / "logs" / "exp_001"
+        while not any(r.get("step", 0) >= 2 for r in read_metrics(exp) if "train/loss" in r):
+            threading.Event().wait(0.01)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    sender = threading.Thread(target=send_when_step_two_is_logged, daemon=True)
+    sender.start()
+    result = small_run.inprocess(tmp_path, "sft.max_num_steps=600", "sft.max_num_epochs=100")
+    sender.join(timeout=5)
+    assert result.returncode == EXIT_REQUEUE
+    stopped = max(result.train_rows())
+    assert ckpt.latest_checkpoint(tmp_path / "ckpt").name == f"step_{stopped}"
+    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.default_int_handler)
+
+
+def test_deadline_saves_and_exits_for_requeue(small_run, tmp_path: Path) -> None:
+    result = small_run.inprocess(
+        tmp_path, "sft.max_num_steps=600", "sft.max_num_epochs=100", "checkpointing.save_period=0",
+        "checkpointing.checkpoint_must_save_by=00:00:00:01",
+    )  # fmt: skip
+    assert result.returncode == EXIT_REQUEUE
+    stopped = max(result.train_rows())
+    assert stopped < 600
+    assert [p.name for _, p in ckpt.step_dirs(tmp_path / "ckpt")] == [f"step_{stopped}"]

@@ -1,0 +1,146 @@
+"""bench/sft_gpu.py and bench/cpu_vs_trl.py run end to end in their tiny CPU modes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sft_gpu() -> ModuleType:
+    return _load("sft_gpu")
+
+
+def _records(path: Path) -> dict[tuple[str, str | None], dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {(r["case"], r.get("mode")): r for r in rows}
+
+
+def test_rows_are_full_and_documents_isolated(sft_gpu: ModuleType) -> None:
+    setup = sft_gpu.TINY
+    rows = sft_gpu.make_rows(setup, 6, seed=3)
+    for row in rows:
+        assert sum(len(ids) for ids, _ in row) == setup.seq  # no padding: same tokens for all
+        for ids, mask in row:
+            assert len(ids) == len(mask) and mask[: int(0.3 * len(ids))] == [0] * int(
+                0.3 * len(ids)
+            )
+    batches = sft_gpu.step_batches(setup, seed=3)
+    assert len(batches) == setup.warmup + setup.steps
+    for b in batches:
+        assert tuple(b.input_ids.shape) == (setup.rows, setup.seq)
+        assert int(b.cu_seqlens[-1]) == setup.rows * setup.seq
+    assert 1 < sft_gpu.attention_context(batches) < setup.seq
+    full = sft_gpu.step_batches(sft_gpu.replace(setup, docs="full"), seed=3)
+    assert sft_gpu.attention_context(full) == setup.seq
+    assert all(b.num_target_tokens == setup.rows * (setup.seq - 1) for b in full)
+
+
+def test_tiny_inline_run_writes_every_case(tmp_path: Path, sft_gpu: ModuleType) -> None:
+    out = tmp_path / "sft_gpu.jsonl"
+    sft_gpu.main(["--tiny", "--inline", "--modes", "bf16,fp32_master", "--steps", "1",
+                  "--out", str(out)])  # fmt: skip
+    got = _records(out)
+    assert got[("environment", None)]["tokens_per_step"] == 2 * 256
+    assert "CUDA" in got[("liger", "bf16")]["skipped"]
+    for mode in ("bf16", "fp32_master"):
+        hf, ours = got[("hf", mode)], got[("sftkit", mode)]
+        assert "error" not in ours and "error" not in hf, (hf, ours)
+        assert hf["tokens_per_s"] > 0 and ours["tokens_per_s"] > 0
+        assert ours["attention"] == "segments" and ours["fused"] == []
+        # Same tokens and targets, near-uniform random model: both losses ~ ln(vocab). HF
+        # attends across documents, so they agree only approximately.
+        assert abs(hf["first_loss"] - math.log(512)) < 0.2
+        assert abs(ours["first_loss"] - hf["first_loss"]) < 0.05
+    summary = got[("summary", None)]
+    assert summary["bf16_sftkit_over_hf"] > 0 and "bf16_target_met" not in summary
+
+
+def test_failed_case_is_recorded_and_the_run_goes_on(
+    tmp_path: Path, sft_gpu: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(case: str, mode: str, setup: object, seed: int) -> dict:
+        if case == "hf":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"tokens_per_s": 10.0, "peak_gib": 1.0}
+
+    monkeypatch.setattr(sft_gpu, "run_case", boom)
+    out = tmp_path / "r.jsonl"
+    sft_gpu.main(["--tiny", "--inline", "--modes", "bf16", "--out", str(out)])
+    got = _records(out)
+    assert got[("hf", "bf16")]["error"].startswith("RuntimeError: CUDA out of memory")
+    assert got[("sftkit", "bf16")]["tokens_per_s"] == 10.0
+    assert ("summary", None) in got
+
+
+def test_error_line_and_summary(sft_gpu: ModuleType) -> None:
+    stderr = (
+        "Traceback (most recent call last):\n  File x\ntorch.OutOfMemoryError: CUDA out of memory\n"
+    )
+    assert sft_gpu._error_line(stderr) == "torch.OutOfMemoryError: CUDA out of memory"
+    records = [
+        {"case": "liger", "mode": "bf16", "tokens_per_s": 100.0, "peak_gib": 20.0},
+        {"case": "sftkit", "mode": "bf16", "tokens_per_s": 130.0, "peak_gib": 19.0},
+        {"case": "liger", "mode": "fp32_master", "tokens_per_s": 100.0, "peak_gib": 20.0},
+        {"case": "sftkit", "mode": "fp32_master", "tokens_per_s": 130.0, "peak_gib": 21.0},
+    ]
+    s = sft_gpu.summarize(records)
+    assert s["bf16_sftkit_over_liger"] == 1.3 and s["bf16_target_met"] is True
+    assert s["fp32_master_sftkit_memory_over_liger"] == 1.05
+    assert s["fp32_master_target_met"] is False
+
+
+def test_liger_wheel_is_unpacked(tmp_path: Path, sft_gpu: ModuleType) -> None:
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed: nothing to unpack")
+    assert sft_gpu.liger_dir(tmp_path) is None  # no .wheels/ there
+    wheels = sorted((ROOT / ".wheels").glob("liger_kernel-*.whl"))
+    if not wheels:
+        pytest.skip("no liger wheel in .wheels/")
+    target = sft_gpu.liger_dir(ROOT)
+    assert target is not None and (target / "liger_kernel" / "ops" / "rms_norm.py").is_file()
+
+
+@pytest.mark.slow
+def test_tiny_subprocess_case(tmp_path: Path, sft_gpu: ModuleType) -> None:
+    # The real driver: the case runs in its own interpreter and its line is appended.
+    out = tmp_path / "sft_gpu.jsonl"
+    sft_gpu.main(["--tiny", "--cases", "sftkit", "--modes", "fp32_master", "--steps", "1",
+                  "--out", str(out)])  # fmt: skip
+    r = _records(out)[("sftkit", "fp32_master")]
+    assert "error" not in r, r
+    assert r["tokens_per_s"] > 0 and math.isfinite(r["last_loss"])
+
+
+@pytest.mark.slow
+def test_cpu_vs_trl_tiny(tmp_path: Path) -> None:
+    bench = _load("cpu_vs_trl")
+    out = tmp_path / "trl.jsonl"
+    records = bench.main(["--tiny", "--steps", "1", "--threads", "1", "--out", str(out)])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records
+    _, trl, ours, summary = records
+    assert trl["side"] == "trl" and ours["side"] == "sftkit"
+    assert trl["real_tokens_per_s"] > 0 and ours["real_tokens_per_s"] > 0
+    # TRL pads each micro-batch to its longest example; sftkit packs.
+    assert trl["padding_fraction"] > 0.3 and ours["padding_fraction"] < 0.05
+    # Same examples, model and loss (mean NLL over trained tokens): close losses.
+    assert abs(trl["mean_loss"] - ours["mean_loss"]) < 0.05
+    ratio = ours["real_tokens_per_s"] / trl["real_tokens_per_s"]
+    assert summary["sftkit_over_trl"] == round(ratio, 3)
