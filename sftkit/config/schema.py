@@ -105,6 +105,7 @@ class DTensorConfig:
     lora_cfg: LoraConfig = field(default_factory=LoraConfig)
     bf16_params: bool = False  # sftkit: keep parameters in bf16 (less memory, no fp32 master)
     compile: bool = False  # sftkit: torch.compile each decoder layer
+    fused_kernels: bool = True  # sftkit: fused RMSNorm/SwiGLU/RoPE kernels on CUDA (Liger if installed)
 
 
 @dataclass

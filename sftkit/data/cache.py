@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import marshal
 import os
 import tempfile
 from dataclasses import asdict
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: int32 ids, marshal row hashing
 SPLIT_ARRAYS = ("ids", "mask", "lengths", "task", "truncated")
 
 
@@ -48,11 +49,26 @@ def cache_key(
     h.update(json.dumps(asdict(settings), sort_keys=True, default=str).encode())
     for split in sorted(splits):
         h.update(f"\0split:{split}\0".encode())
-        for row, task in splits[split]:
+        h.update(rows_digest(splits[split]))
+    return h.hexdigest()[:32]
+
+
+def rows_digest(items: list[tuple[dict[str, Any], str]]) -> bytes:
+    """Hash of the rows' content.
+
+    `marshal` format 2 (no object sharing, so equal content gives equal bytes) serializes
+    plain JSON-like rows about 5x faster than `json.dumps`; rows holding anything else
+    (dates, numpy scalars) are hashed through JSON.
+    """
+    try:
+        return b"m" + hashlib.sha256(marshal.dumps(items, 2)).digest()
+    except ValueError:  # an object marshal cannot write
+        h = hashlib.sha256(b"j")
+        for row, task in items:
             h.update(task.encode())
             h.update(json.dumps(row, ensure_ascii=False, default=str).encode())
             h.update(b"\n")
-    return h.hexdigest()[:32]
+        return h.digest()
 
 
 def save(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:

@@ -218,16 +218,16 @@ def _pack(
         "task": task_ix[kept] if len(tasks) else task_ix,
         "truncated": np.concatenate([r.truncated for r in results])[kept],
     }
-    paths = {"fast": 0, "fallback": 0}
+    paths = {"span_fallbacks": 0, "offset_fallbacks": 0}
     for r in results:
-        for k, v in r.span_paths.items():
+        for k, v in r.paths.items():
             paths[k] = paths.get(k, 0) + v
     counts = {
         "rows": int(len(drops)),
         "dropped_overlong": int((drops == 1).sum()),
         "dropped_untrainable": int((drops == 2).sum()),
         "masked_overlong": int(np.concatenate([r.masked for r in results]).sum()),
-        "span_fallbacks": paths["fallback"],
+        **paths,  # rows that needed the prefix renders / the tokenizer's offsets
     }
     return arrays, {"names": list(index), "counts": counts}
 

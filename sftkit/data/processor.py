@@ -5,16 +5,27 @@ template) and is a pure function of its settings and the row, so results do not 
 the number of workers or on how rows are batched. `process_batch` is the bulk path: it
 renders a chunk of rows, tokenizes them with one call into the Rust tokenizer per
 `TOKENIZE_BATCH` rows, and returns flat numpy arrays instead of one Python list per token.
+
+Character spans become token ranges through the tokenizer's character offsets, which cost
+about a quarter of the tokenizer's time. For byte-level BPE tokenizers (GPT-2, Llama-3,
+Qwen) and ASCII text every token covers exactly the bytes of its vocabulary string, so the
+offsets are the running sum of a per-token length table instead, and the tokenizer runs
+without offsets (`encode_batch_fast`). The table is checked against the real offsets on
+probe texts and on the first rows; a row whose token lengths do not add up to its text
+takes the offsets path, as do non-ASCII rows and every row of any other tokenizer.
 """
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Literal
 
 import numpy as np
+from tokenizers import decoders, normalizers
 
 from sftkit.data.errors import DataError
 from sftkit.data.messages import normalize_conversation
@@ -26,6 +37,10 @@ ORIGIN_KEY = "_origin"  # where a row came from ("train.jsonl:12"), set by the r
 DROP_CODES = {None: 0, "overlong": 1, "untrainable": 2}
 TOKENIZE_BATCH = 256  # rows per Rust call: amortizes call overhead, bounds Encoding memory
 Ranges = list[tuple[int, int]]  # trained token ranges [first, stop)
+VERIFY_FIRST = 8  # rows per processor whose byte-table ranges are checked against offsets
+# normalizers that leave ASCII text unchanged, so token lengths still add up to the text
+ASCII_SAFE_NORMALIZERS = (normalizers.NFC, normalizers.NFD, normalizers.NFKC, normalizers.NFKD)
+logger = logging.getLogger("sftkit")
 
 
 @dataclass(frozen=True)
@@ -60,7 +75,7 @@ class BatchResult:
     drops: np.ndarray  # int8 per row, DROP_CODES
     truncated: np.ndarray  # bool per row
     masked: np.ndarray  # bool per row
-    span_paths: dict[str, int]  # conversations whose spans took the single / multi render
+    paths: dict[str, int]  # rows per path: spans (fast/fallback), offsets (bytes/chars)
 
     @classmethod
     def empty(cls) -> BatchResult:
@@ -108,6 +123,9 @@ class Processor:
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self._bos = tokenizer.bos_token if settings.add_bos else None
         self._eos = tokenizer.eos_token if settings.add_eos else None
+        self.offset_stats = {"bytes": 0, "chars": 0}  # rows per span-to-token mapping
+        self._verify_left = VERIFY_FIRST
+        self._byte_lengths = self._checked_byte_lengths()
 
     # -- one row (preview, tests) ----------------------------------------------------------
     def encode(self, row: dict[str, Any], where: str = "row") -> tuple[list[int], list[int], str]:
@@ -137,7 +155,7 @@ class Processor:
     # -- many rows (prepare_data) ----------------------------------------------------------
     def process_batch(self, rows: Sequence[dict[str, Any]], wheres: Sequence[str]) -> BatchResult:
         """Process rows in order; the same result as `process` on each, as flat arrays."""
-        before = dict(self.renderer.stats)
+        before = self._paths()
         ids_out: list[int] = []
         ranges_out: Ranges = []
         n = len(rows)
@@ -163,7 +181,7 @@ class Processor:
         mask = np.zeros(len(ids_out), dtype=np.uint8)
         for first, stop in ranges_out:
             mask[first:stop] = 1
-        stats = self.renderer.stats
+        after = self._paths()
         return BatchResult(
             ids=np.asarray(ids_out, dtype=np.int32),
             mask=mask,
@@ -171,8 +189,15 @@ class Processor:
             drops=drops,
             truncated=truncated,
             masked=masked,
-            span_paths={k: stats[k] - before.get(k, 0) for k in stats},
+            paths={k: after[k] - before[k] for k in after},
         )
+
+    def _paths(self) -> dict[str, int]:
+        spans, offsets = self.renderer.stats, self.offset_stats
+        return {
+            "span_fallbacks": spans["fallback"],
+            "offset_fallbacks": offsets["chars"],
+        }
 
     # -- steps -----------------------------------------------------------------------------
     def _render(self, row: dict[str, Any], where: str) -> _Rendered:
@@ -199,20 +224,90 @@ class Processor:
                 self.tokenizer(t, add_special_tokens=False, return_offsets_mapping=True)
                 for t in texts
             ]
-            pairs = [
+            pairs: list[tuple[list[int], Ranges] | None] = [
                 (list(o["input_ids"]), _ranges_from_offsets(o["offset_mapping"], r.spans))
                 for o, r in zip(outs, rendered, strict=True)
             ]
-        else:  # the Rust tokenizer directly: the same ids as `tokenizer(text)`, less overhead
-            encodings = self._backend.encode_batch(texts, add_special_tokens=False)
-            pairs = [
-                (enc.ids, _ranges_from_encoding(enc, r.spans))
-                for enc, r in zip(encodings, rendered, strict=True)
-            ]
+        else:
+            pairs = self._tokenize_by_bytes(rendered)
+            rest = [k for k, pair in enumerate(pairs) if pair is None]
+            # the Rust tokenizer directly: the same ids as `tokenizer(text)`, less overhead
+            encodings = self._backend.encode_batch(
+                [texts[k] for k in rest], add_special_tokens=False
+            )
+            for k, enc in zip(rest, encodings, strict=True):
+                pairs[k] = (enc.ids, _ranges_from_encoding(enc, rendered[k].spans))
+            self.offset_stats["chars"] += len(rest)
+            self.offset_stats["bytes"] += len(pairs) - len(rest)
         return [
             self._add_bos_eos(ids, ranges, r)
-            for (ids, ranges), r in zip(pairs, rendered, strict=True)
+            for (ids, ranges), r in zip(_all(pairs), rendered, strict=True)
         ]
+
+    def _tokenize_by_bytes(
+        self, rendered: Sequence[_Rendered]
+    ) -> list[tuple[list[int], Ranges] | None]:
+        """Ids without offsets, and ranges from the byte table; None where that cannot be used."""
+        pairs: list[tuple[list[int], Ranges] | None] = [None] * len(rendered)
+        table = self._byte_lengths
+        if table is None or self._backend is None:
+            return pairs
+        ascii_rows = [k for k, r in enumerate(rendered) if r.text.isascii()]
+        texts = [rendered[k].text for k in ascii_rows]
+        id_lists = [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
+        spans = [rendered[k].spans for k in ascii_rows]
+        found = _ranges_from_lengths(table, id_lists, [len(t) for t in texts], spans)
+        for k, ids, ranges in zip(ascii_rows, id_lists, found, strict=True):
+            if ranges is not None:
+                pairs[k] = (ids, ranges)
+        if self._verify_left > 0:  # the first rows are checked against the real offsets
+            n = min(self._verify_left, len(ascii_rows))
+            self._verify_left -= n
+            checked = [pairs[k] for k in ascii_rows[:n]]
+            if not self._byte_ranges_agree(texts[:n], checked, spans[:n]):
+                logger.warning(
+                    "token lengths disagree with the tokenizer's offsets; using offsets for "
+                    "every row (slower)"
+                )
+                self._byte_lengths = None
+                return [None] * len(rendered)
+        return pairs
+
+    def _byte_ranges_agree(
+        self,
+        texts: list[str],
+        pairs: list[tuple[list[int], Ranges] | None],
+        spans: list[list[tuple[int, int]]],
+    ) -> bool:
+        assert self._backend is not None
+        encodings = self._backend.encode_batch(texts, add_special_tokens=False)
+        for enc, pair, row_spans in zip(encodings, pairs, spans, strict=True):
+            if pair is not None and pair != (enc.ids, _ranges_from_encoding(enc, row_spans)):
+                return False
+        return True
+
+    def _checked_byte_lengths(self) -> np.ndarray | None:
+        """The per-token byte table when it reproduces the tokenizer's offsets on probes."""
+        backend = self._backend
+        if backend is None or not isinstance(backend.decoder, decoders.ByteLevel):
+            return None
+        norm = backend.normalizer
+        if norm is not None and not isinstance(norm, ASCII_SAFE_NORMALIZERS):
+            return None
+        table = _byte_length_table(backend)
+        probe = [{"role": "user", "content": "Hi  there,\tfriend!\n\n 12 + 30 = 42?"}]
+        probe.append({"role": "assistant", "content": " Sure:  it's 42.\n  Done. "})
+        try:
+            texts = [self.renderer.render(probe), probe[0]["content"] + probe[1]["content"]]
+        except TemplateRejected:
+            texts = [probe[0]["content"] + probe[1]["content"]]
+        for text in texts:
+            enc = backend.encode(text, add_special_tokens=False)
+            ends = np.cumsum(table[np.asarray(enc.ids, dtype=np.int64)]).tolist()
+            starts = [0, *ends[:-1]]
+            if list(zip(starts, ends, strict=True)) != enc.offsets:
+                return None
+        return table
 
     def _add_bos_eos(
         self, ids: list[int], ranges: Ranges, rendered: _Rendered
@@ -250,6 +345,60 @@ class Processor:
                 "data.drop_untrainable: true to drop and count such rows.",
             )
         return None, kept, truncated, masked
+
+
+def _all(pairs: list[tuple[list[int], Ranges] | None]) -> list[tuple[list[int], Ranges]]:
+    assert all(pair is not None for pair in pairs)
+    return pairs  # type: ignore[return-value]
+
+
+def _byte_length_table(backend: Any) -> np.ndarray:
+    """Bytes of text per token id: one per character of a byte-level vocabulary string."""
+    vocab = backend.get_vocab(with_added_tokens=False)
+    added = backend.get_added_tokens_decoder()
+    size = max([*vocab.values(), *added, -1]) + 1
+    # an id outside the vocabulary makes its row's lengths never add up: offsets path
+    table = np.full(size, 1 << 40, dtype=np.int64)
+    table[np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))] = np.fromiter(
+        map(len, vocab), dtype=np.int64, count=len(vocab)
+    )
+    for i, token in added.items():
+        table[i] = len(token.content.encode("utf-8"))
+    return table
+
+
+def _ranges_from_lengths(
+    table: np.ndarray,
+    id_lists: list[list[int]],
+    text_lengths: list[int],
+    spans: list[list[tuple[int, int]]],
+) -> list[Ranges | None]:
+    """Token ranges from per-token byte lengths, a whole batch at once (ASCII texts).
+
+    A row is None when its token lengths do not add up to its text's length.
+    """
+    if not id_lists:
+        return []
+    counts = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+    flat = np.fromiter(chain.from_iterable(id_lists), dtype=np.int64, count=int(counts.sum()))
+    ends = np.cumsum(table[flat])  # where each token ends in the concatenated texts
+    last = np.cumsum(counts) - 1  # each row's last token
+    first = last - counts + 1
+    bases = np.where(first > 0, ends[np.maximum(first - 1, 0)], 0)
+    valid = (ends[last] - bases == np.asarray(text_lengths)).tolist()
+    # the token holding a character: the first whose end lies after it
+    queries = [
+        base + pos
+        for base, row, ok in zip(bases.tolist(), spans, valid, strict=True)
+        if ok
+        for start, end in row
+        for pos in (start, end - 1)
+    ]
+    hits = iter(np.searchsorted(ends, queries, side="right").tolist())
+    out: list[Ranges | None] = []
+    for lo, row, ok in zip(first.tolist(), spans, valid, strict=True):
+        out.append([(next(hits) - lo, next(hits) - lo + 1) for _ in row] if ok else None)
+    return out
 
 
 def _ranges_from_encoding(enc: Any, spans: list[tuple[int, int]]) -> Ranges:

@@ -134,7 +134,7 @@ class ChatRenderer:
         turn (as Gemma's own templates do) instead of crashing (NeMo RL #2863).
         """
         full, messages = self._render_full(messages, tools)
-        spans = self._fast_spans(full, messages) if self._fast else None
+        spans = self._fast_spans(full, messages, tools) if self._fast else None
         if spans is None:
             self.stats["fallback"] += 1
             return full, self._slow_spans(full, messages, tools), messages
@@ -170,16 +170,20 @@ class ChatRenderer:
             return full, merged
 
     # -- one render: learnt header and end-of-turn text --------------------------------
-    def _fast_spans(self, full: str, messages: list[dict[str, Any]]) -> list[Span] | None:
+    def _fast_spans(
+        self, full: str, messages: list[dict[str, Any]], tools: list[Any] | None = None
+    ) -> list[Span] | None:
         """Spans from `full` alone, or None when this conversation cannot be verified."""
         header, eot = self.probe.gen_prompt, self.probe.eot
         spans: list[Span] = []
         pos = 0
+        if tools and _mentions(tools, header, eot):
+            return None
         for message in messages:
+            if _mentions(message, header, eot):
+                return None  # template text inside a message: only prefix renders can tell
             content = message.get("content")
             content = content.strip() if isinstance(content, str) else ""
-            if header in content or eot in content:
-                return None  # template text inside a message: only prefix renders can tell
             if message["role"] != "assistant":
                 if content:  # skip past it, so a header-like text inside is never matched
                     found = full.find(content, pos)
@@ -333,6 +337,17 @@ class ChatRenderer:
     def has_eot(self) -> bool:
         """Whether assistant turns end with template text (else `add_eos` ends them)."""
         return bool(self.probe.eot)
+
+
+def _mentions(value: Any, *needles: str) -> bool:
+    """Whether any string inside `value` (nested dicts and lists) contains a needle."""
+    if isinstance(value, str):
+        return any(needle in value for needle in needles)
+    if isinstance(value, dict):
+        return any(_mentions(v, *needles) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_mentions(v, *needles) for v in value)
+    return False
 
 
 def _between(text: str, left: str, right: str, left_tail: str) -> str:

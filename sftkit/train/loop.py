@@ -68,7 +68,7 @@ def train(run: Any) -> int:
             step = state.step + 1
 
             # Micro-batches for this rank; every rank runs the same number (dummies pad).
-            mine = [run.train_examples[i] for i in rank_share(indices, env.rank, env.world_size)]
+            mine = [run.train_examples[i] for i in rank_share(indices, env.dp_rank, env.dp_size)]
             batches = micro_batches(mine, run.plan)
             count = int(env.max(len(batches)))
             batches += [dummy_micro_batch(run.plan.pad_id)] * (count - len(batches))

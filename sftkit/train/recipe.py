@@ -32,6 +32,7 @@ from sftkit.log import (
     setup_logging,
 )
 from sftkit.model.attention import enable_packed_attention
+from sftkit.model.fused import apply_fused_kernels
 from sftkit.model.load import DTYPES, load_model, load_model_weights, save_hf, save_model_weights
 from sftkit.model.lora import LoraSpec, apply_lora, lora_spec_from_config, merge_lora, save_adapter
 from sftkit.model.parallel import build_sharded_model, load_sharded_weights, parallelize
@@ -98,7 +99,7 @@ class Run:
         for examples in iterate_eval_batches(
             self.val_examples, sft.val_global_batch_size, sft.val_batches
         ):
-            share = examples[self.env.rank :: self.env.world_size]
+            share = examples[self.env.dp_rank :: self.env.dp_size]
             batches += micro_batches(share, plan) if share else []
         val_loss, _ = validation_loss(self.model, batches, self.step_opts, self.env)
         metrics = {
@@ -369,6 +370,10 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     resume_dir = find_resume_dir(cfg, fingerprint, env)
 
     model, lora, grad_scale = setup_model(cfg, env)
+    d = cfg.policy.dtensor_cfg
+    if env.device.type == "cuda" and d.fused_kernels and not d.compile:
+        fused = apply_fused_kernels(model, device=env.device)
+        logger.info("Fused kernels: %s", ", ".join(fused) or "none for this model")
     plan = batch_plan(cfg, tokenizer.pad_token_id)
     if plan.mode == "packed":
         backend = enable_packed_attention(model)

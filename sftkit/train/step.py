@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sftkit.data.packing import IGNORE_INDEX, PackedBatch
-from sftkit.train.dist import DistEnv
+from sftkit.train.dist import DistEnv, clip_grad_norm
 from sftkit.train.loss import chunked_nll_sum, model_hidden_and_head
 
 
@@ -92,7 +92,7 @@ def train_step(
     loss = env.sum(float(local_loss))
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = opts.max_grad_norm if opts.max_grad_norm else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grad_norm = float(clip_grad_norm(params, max_norm))
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteError(
