@@ -12,10 +12,15 @@ mkdir -p "$OUT"
 START=$(date +%s)
 left() { echo $(( 470 - ($(date +%s) - START) )); }
 
-# Offline installs of what the GPU image lacks (pure-Python wheels carried in .wheels/).
-pip install --no-index --find-links .wheels --quiet pytest omegaconf liger-kernel \
-  > "$OUT/pip.log" 2>&1 || echo "pip install failed (see pip.log)" >> "$OUT/pip.log"
-export PYTHONPATH=.
+# What the GPU image lacks, unpacked from .wheels/ (pure Python; antlr4 ships only as an
+# sdist, which pip cannot build offline, so it is unpacked too).
+DEPS=/tmp/sftkit_pydeps
+mkdir -p "$DEPS"
+for w in .wheels/*.whl; do python -m zipfile -e "$w" "$DEPS"; done
+tar -xzf .wheels/antlr4-python3-runtime-*.tar.gz -C /tmp && cp -r /tmp/antlr4-python3-runtime-*/src/antlr4 "$DEPS"/
+export PYTHONPATH=.:$DEPS
+STEPS=${STEPS:-tests,e2e,sft,lora,fsdp}
+on() { [[ ",$STEPS," == *",$1,"* ]]; }
 {
   nvidia-smi --query-gpu=name,memory.total,power.limit,driver_version --format=csv
   python -c "import torch, transformers, triton; print('torch', torch.__version__, \
@@ -23,35 +28,40 @@ export PYTHONPATH=.
   python -c "import liger_kernel, peft; print('liger ok, peft', peft.__version__)"
 } > "$OUT/env.txt" 2>&1
 
-timeout 70 python -m pytest -q -p no:cacheprovider -o addopts="" \
+on tests && timeout 70 python -m pytest -q -p no:cacheprovider -o addopts="" \
   tests/unit/model/test_attention.py tests/unit/model/test_fused.py \
   tests/unit/model/test_lora_triton.py tests/unit/log/test_log_gpu.py \
   > "$OUT/gpu_tests.log" 2>&1
-echo "exit $?" >> "$OUT/gpu_tests.log"
+on tests && echo "exit $?" >> "$OUT/gpu_tests.log"
 
 E2E="sft.max_num_steps=60 sft.val_period=30 checkpointing.save_period=30 \
 policy.precision=bfloat16 policy.train_global_batch_size=256 policy.train_micro_batch_size=64"
-( timeout 60 python examples/run_sft.py $E2E checkpointing.checkpoint_dir=$OUT/e2e/full \
-    logger.log_dir=$OUT/e2e/logs_full policy.sequence_packing.enabled=true \
-    policy.sequence_packing.train_mb_tokens=2048 \
-  && timeout 40 python examples/run_sft.py $E2E checkpointing.checkpoint_dir=$OUT/e2e/lora \
-    logger.log_dir=$OUT/e2e/logs_lora policy.dtensor_cfg.lora_cfg.enabled=true
-) > "$OUT/e2e.log" 2>&1
-echo "exit $?" >> "$OUT/e2e.log"
-rm -rf "$OUT"/e2e/full/step_* "$OUT"/e2e/lora/step_* "$OUT"/e2e/*/final_*
+if on e2e; then  # run dirs live in /tmp: only the metrics come back (few files)
+  ( timeout 45 python examples/run_sft.py $E2E checkpointing.checkpoint_dir=/tmp/e2e/full \
+      logger.log_dir=/tmp/e2e/logs_full policy.sequence_packing.enabled=true \
+      policy.sequence_packing.train_mb_tokens=2048 \
+    && timeout 30 python examples/run_sft.py $E2E checkpointing.checkpoint_dir=/tmp/e2e/lora \
+      logger.log_dir=/tmp/e2e/logs_lora policy.dtensor_cfg.lora_cfg.enabled=true
+  ) > "$OUT/e2e.log" 2>&1
+  echo "exit $?" >> "$OUT/e2e.log"
+  cp /tmp/e2e/logs_full/exp_001/metrics.jsonl "$OUT/e2e_full_metrics.jsonl" 2>/dev/null
+  cp /tmp/e2e/logs_lora/exp_001/metrics.jsonl "$OUT/e2e_lora_metrics.jsonl" 2>/dev/null
+fi
 
-timeout 190 python bench/sft_gpu.py --budget 180 --out "$OUT/sft_gpu.jsonl" \
+on sft && timeout 190 python bench/sft_gpu.py --budget 175 --out "$OUT/sft_gpu.jsonl" \
   > "$OUT/sft_gpu.log" 2>&1
-echo "exit $?" >> "$OUT/sft_gpu.log"
+on sft && echo "exit $?" >> "$OUT/sft_gpu.log"
 
-B=$(( $(left) - 60 )); [ "$B" -gt 30 ] || B=30
-timeout $(( B + 10 )) python bench/lora.py --gpu --budget "$B" --out "$OUT/lora_bench.jsonl" \
-  > "$OUT/lora_bench.log" 2>&1
-echo "exit $?" >> "$OUT/lora_bench.log"
+if on lora; then
+  B=$(( $(left) - 100 )); [ "$B" -gt 30 ] || B=30
+  timeout $(( B + 10 )) python bench/lora.py --gpu --budget "$B" ${LORA_ARGS:-} \
+    --out "$OUT/lora_bench.jsonl" > "$OUT/lora_bench.log" 2>&1
+  echo "exit $?" >> "$OUT/lora_bench.log"
+fi
 
 B=$(left); [ "$B" -gt 20 ] || B=20
-if [ -f bench/gpu_fsdp.py ]; then
-  timeout "$B" python bench/gpu_fsdp.py --out "$OUT/fsdp.jsonl" > "$OUT/fsdp.log" 2>&1
+if on fsdp; then
+  OUT="$OUT" timeout "$B" python bench/gpu_fsdp.py --timeout $(( B / 2 - 5 )) > "$OUT/fsdp.log" 2>&1
   echo "exit $?" >> "$OUT/fsdp.log"
 fi
 echo "total $(( $(date +%s) - START ))s" >> "$OUT/env.txt"

@@ -348,8 +348,10 @@ def main() -> None:
     mode.add_argument("--check", action="store_true", help="Triton vs PyTorch LoRA on this GPU")
     mode.add_argument("--summarize", type=Path, help="print a table of a results JSONL")
     ap.add_argument("--out", type=Path, default=Path("lora_bench.jsonl"))
-    ap.add_argument("--cases", nargs="*", default=["sftkit_lora", "peft_lora"],
-                    help="--tiny only: which cases")  # fmt: skip
+    ap.add_argument("--cases", nargs="*", default=None,
+                    help="which cases (--tiny default: sftkit_lora peft_lora; --gpu: all)")
+    ap.add_argument("--models", nargs="*", default=None, help="--gpu: only these shapes")
+    ap.add_argument("--no-check", action="store_true", help="--gpu: skip the kernel check")
     ap.add_argument("--budget", type=float, default=440.0, help="seconds for all cases")
     args = ap.parse_args()
     if args.run_case:
@@ -360,8 +362,15 @@ def main() -> None:
         print(summarize(args.summarize))
     else:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        cases = gpu_cases() if args.gpu else tiny_cases(args.cases)
-        drive(cases, args.out, args.budget, check=args.gpu)
+        if args.gpu:
+            cases = [
+                c for c in gpu_cases()
+                if (args.cases is None or c["case"] in args.cases)
+                and (args.models is None or c["model"] in args.models)
+            ]  # fmt: skip
+        else:
+            cases = tiny_cases(args.cases or ["sftkit_lora", "peft_lora"])
+        drive(cases, args.out, args.budget, check=args.gpu and not args.no_check)
 
 
 if __name__ == "__main__":

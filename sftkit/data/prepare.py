@@ -27,7 +27,7 @@ from sftkit.data.types import Example, PreparedData
 logger = logging.getLogger("sftkit")
 
 Item = tuple[dict[str, Any], str]  # (row, task_name)
-CHUNK_MAX = 2048  # rows per worker task
+CHUNK_MAX = 1024  # rows per worker task
 
 
 def prepare_data(cfg: Any, tokenizer: Any) -> PreparedData:
@@ -143,7 +143,8 @@ def tokenize_splits(
 # -- workers ---------------------------------------------------------------------------
 _PROCESSOR: Processor | None = None
 _ITEMS: list[Item] = []  # the rows, inherited by forked workers instead of pickled to them
-Task = tuple[int, int, list[Item] | None]  # (start, stop, the rows when not forked)
+# (start, stop, index of `start` within its split, the rows when not forked)
+Task = tuple[int, int, int, list[Item] | None]
 
 
 def _init_worker(tokenizer: Any, settings: ProcessorSettings) -> None:
@@ -155,9 +156,14 @@ def _init_worker(tokenizer: Any, settings: ProcessorSettings) -> None:
 
 def _work(task: Task) -> BatchResult:
     assert _PROCESSOR is not None
-    start, stop, rows = task
+    start, stop, first, rows = task
     chunk = _ITEMS[start:stop] if rows is None else rows
-    return _PROCESSOR.process_batch([r for r, _ in chunk], [f"row {k}" for k in range(start, stop)])
+    return _PROCESSOR.process_batch([r for r, _ in chunk], _wheres(first, stop - start))
+
+
+def _wheres(first: int, n: int) -> list[str]:
+    """Row labels for errors, used when a reader did not record the row's origin."""
+    return [f"row {k}" for k in range(first, first + n)]
 
 
 def _run(
@@ -169,23 +175,24 @@ def _run(
     items = [item for name in names for item in splits[name]]
     offsets = np.cumsum([0] + [len(splits[name]) for name in names]).tolist()
     workers = min(workers, os.cpu_count() or 1, max(1, len(items) // 64))
-    # chunks never straddle two splits; ~8 per worker balance the load; the cap bounds memory
-    size = min(max(16, -(-len(items) // (workers * 8))), CHUNK_MAX)
+    # chunks never straddle two splits; ~16 per worker keep the last one from finishing
+    # long after the others; the cap bounds a worker's memory
+    size = min(max(16, -(-len(items) // (workers * 16))), CHUNK_MAX)
     bounds = [
-        (i, min(i + size, hi))
+        (i, min(i + size, hi), i - lo)
         for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)
         for i in range(lo, hi, size)
     ]
     if workers <= 1:
         processor = Processor(tokenizer, settings)
         results = [
-            processor.process_batch([r for r, _ in items[a:b]], [f"row {k}" for k in range(a, b)])
-            for a, b in bounds
+            processor.process_batch([r for r, _ in items[a:b]], _wheres(first, b - a))
+            for a, b, first in bounds
         ]
     else:
         fork = sys.platform == "linux"  # fork shares the rows and the tokenizer for free
         ctx = mp.get_context("fork" if fork else "spawn")
-        tasks: list[Task] = [(a, b, None if fork else items[a:b]) for a, b in bounds]
+        tasks: list[Task] = [(a, b, k, None if fork else items[a:b]) for a, b, k in bounds]
         _ITEMS = items if fork else []
         try:
             with ctx.Pool(
@@ -196,7 +203,7 @@ def _run(
             _ITEMS = []
     out = {}
     for name, lo, hi in zip(names, offsets[:-1], offsets[1:], strict=True):
-        mine = [r for (a, _), r in zip(bounds, results, strict=True) if lo <= a < hi]
+        mine = [r for (a, _, _), r in zip(bounds, results, strict=True) if lo <= a < hi]
         out[name] = _pack(mine, [task for _, task in items[lo:hi]])
     return out
 
@@ -215,7 +222,7 @@ def _pack(
         "ids": np.concatenate([r.ids for r in results]),
         "mask": np.concatenate([r.mask for r in results]),
         "lengths": lengths[kept],
-        "task": task_ix[kept] if len(tasks) else task_ix,
+        "task": task_ix[kept],
         "truncated": np.concatenate([r.truncated for r in results])[kept],
     }
     paths = {"span_fallbacks": 0, "offset_fallbacks": 0}

@@ -101,7 +101,7 @@ class _Rendered:
 
 
 class Processor:
-    """Render, tokenize once with offsets, mask assistant spans, apply the length policy."""
+    """Render, tokenize once, mask assistant spans, apply the length policy."""
 
     def __init__(self, tokenizer: Any, settings: ProcessorSettings) -> None:
         if not getattr(tokenizer, "is_fast", False):

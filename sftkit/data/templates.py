@@ -339,14 +339,20 @@ class ChatRenderer:
         return bool(self.probe.eot)
 
 
-def _mentions(value: Any, *needles: str) -> bool:
-    """Whether any string inside `value` (nested dicts and lists) contains a needle."""
+def _mentions(value: Any, header: str, eot: str) -> bool:
+    """Whether any string inside `value` (nested dicts and lists) contains either text."""
     if isinstance(value, str):
-        return any(needle in value for needle in needles)
+        return header in value or eot in value
     if isinstance(value, dict):
-        return any(_mentions(v, *needles) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_mentions(v, *needles) for v in value)
+        value = value.values()
+    elif not isinstance(value, (list, tuple)):
+        return False
+    for item in value:  # a plain loop: this runs for every message of every row
+        if isinstance(item, str):
+            if header in item or eot in item:
+                return True
+        elif isinstance(item, (dict, list, tuple)) and _mentions(item, header, eot):
+            return True
     return False
 
 

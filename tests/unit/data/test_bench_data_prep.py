@@ -1,4 +1,4 @@
-"""bench/data_prep.py --tiny: both preparation paths run on the same rows and are timed."""
+"""bench/data_prep.py --tiny: both preparation paths run on the same rows, are timed, and agree."""
 
 from __future__ import annotations
 
@@ -19,4 +19,7 @@ def test_tiny_mode_runs_both_sides(capsys: pytest.CaptureFixture[str]):
     result = module.main(["--tiny"])
     assert result["num"] == 300
     assert result["trl_samples_per_s"] > 0 and result["sftkit_samples_per_s"] > 0
+    # both sides train the same tokens of the same ids, through sftkit's fast paths
+    assert result["identical"] == 300
+    assert result["span_fallbacks"] == result["offset_fallbacks"] == 0
     assert "ratio" in capsys.readouterr().out

@@ -158,6 +158,8 @@ def test_workers_give_identical_results(tmp_path: Path):
         make_tokenizer("qwen25"),
     )
     assert two.report["cache_hit"] == 0
+    # every row took the single render and the byte-length table (ASCII, byte-level BPE)
+    assert two.report["train/span_fallbacks"] == two.report["train/offset_fallbacks"] == 0
     assert [(e.input_ids, e.loss_mask) for e in one.train] == [
         (e.input_ids, e.loss_mask) for e in two.train
     ]
