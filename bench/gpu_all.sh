@@ -10,7 +10,7 @@ set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 START=$(date +%s)
-left() { echo $(( 470 - ($(date +%s) - START) )); }
+left() { echo $(( ${BUDGET:-470} - ($(date +%s) - START) )); }
 
 # What the GPU image lacks, unpacked from .wheels/ (pure Python; antlr4 ships only as an
 # sdist, which pip cannot build offline, so it is unpacked too).
