@@ -271,6 +271,12 @@ def sftkit_packed_attention(
             "packed rows carry their boundaries in cu_seqlens; do not pass an attention_mask"
         )
     requested = getattr(module, _BACKEND_ATTR, "auto")
+    device_type = query.device.type
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        # Under autocast HF's RoPE hands back float32 q/k; attention would run in the
+        # autocast dtype anyway, so cast here and keep the fast varlen kernel on GPU.
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     backend = resolve_backend(requested, query.device, query.dtype)
     max_seqlen = int(kwargs.get("max_length_q") or query.shape[2])
     out = _packed_forward(backend, query, key, value, cu_seqlens, max_seqlen, dropout, scaling)

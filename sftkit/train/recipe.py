@@ -43,6 +43,7 @@ from sftkit.train.dist import (
     load_full_optimizer_state,
     load_sharded,
     save_sharded,
+    shutdown_distributed,
 )
 from sftkit.train.export import gather_hf
 from sftkit.train.loop import train
@@ -446,12 +447,18 @@ def run_sft(cfg: MasterConfig) -> int:
     env = init_distributed(cfg.cluster.device)
     setup_logging(env.rank)
     install_redaction()
-    run = setup(cfg, env)
     try:
-        code = train(run)
-        if code == 0:
-            finish(run)
+        run = setup(cfg, env)
+        try:
+            code = train(run)
+            if code == 0:
+                finish(run)
+        finally:
+            run.console.close()
+            run.loggers.close()
+        env.barrier()
     finally:
-        run.console.close()
-        run.loggers.close()
+        # Leaving a gloo/NCCL group alive at interpreter exit can abort the process
+        # ("terminate called without an active exception", exit -6) after a good run.
+        shutdown_distributed()
     return code
