@@ -45,15 +45,17 @@ def sft_main(argv: list[str]) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    launched = _maybe_self_launch(cfg, argv)
+    launched = _run_reporting_errors(lambda c: _maybe_self_launch(c, argv), cfg)
     if launched is not None:
         return launched
     from sftkit.train.recipe import run_sft
 
-    return _run_reporting_errors(run_sft, cfg)
+    code = _run_reporting_errors(run_sft, cfg)
+    assert code is not None  # run_sft always returns an exit code
+    return code
 
 
-def _run_reporting_errors(run_sft: Any, cfg: Any) -> int:
+def _run_reporting_errors(run_sft: Any, cfg: Any) -> int | None:
     """Run, turning expected failures into one clear paragraph and an exit code.
 
     0 done, 1 training failure (non-finite loss, unreachable tracker), 2 config or usage
@@ -64,7 +66,8 @@ def _run_reporting_errors(run_sft: Any, cfg: Any) -> int:
     from sftkit.train.step import NonFiniteError
 
     try:
-        return int(run_sft(cfg))
+        code = run_sft(cfg)
+        return None if code is None else int(code)
     except (NonFiniteError, ConnectionError) as err:
         code, kind = 1, "Training stopped"
         error: BaseException = err
@@ -77,12 +80,10 @@ def _run_reporting_errors(run_sft: Any, cfg: Any) -> int:
     return code
 
 
-def _maybe_self_launch(cfg: object, argv: list[str]) -> int | None:
+def _maybe_self_launch(cfg: Any, argv: list[str]) -> int | None:
     """With cluster.gpus_per_node > 1 outside any launcher, start the ranks ourselves."""
-    try:
-        from sftkit.train.launch import maybe_self_launch
-    except ImportError:
-        return None
+    from sftkit.train.launch import maybe_self_launch
+
     return maybe_self_launch(cfg, argv)
 
 

@@ -58,8 +58,15 @@ def maybe_self_launch(cfg: Any, argv: list[str]) -> int | None:
 def _check_devices(preference: str, nproc: int) -> None:
     import torch
 
-    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+    if preference == "cpu":
         return
+    if preference == "auto" and not torch.cuda.is_available():
+        # A NeMo recipe named 1n8g on a laptop should not quietly fork 8 CPU trainers.
+        raise ValueError(
+            f"cluster.gpus_per_node={nproc} but no GPU is visible; set "
+            "cluster.gpus_per_node=1 to train in one process, or cluster.device=cpu to run "
+            f"{nproc} ranks on CPU (gloo)"
+        )
     count = torch.cuda.device_count()
     if count < nproc:
         raise ValueError(

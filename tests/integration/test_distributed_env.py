@@ -118,3 +118,19 @@ def test_gpu_fsdp_bench_tiny_cpu_mode(tmp_path: Path) -> None:
     for row in rows:
         assert row["tokens_per_s"] > 0 and row["peak_mem_gib"] > 0 and row["ok"], row
     assert rows[0]["final_loss"] == pytest.approx(rows[1]["final_loss"], rel=1e-4)
+
+
+def test_self_launch_without_gpus_asks_before_forking_cpu_ranks(monkeypatch) -> None:
+    """`cluster.gpus_per_node=8` on a machine without GPUs fails with the two ways out."""
+    import pytest
+
+    from sftkit.config import load_config
+    from sftkit.train import launch
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(launch, "_elastic_run", lambda nproc, argv: pytest.fail("forked"))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    cfg = load_config(None, ["cluster.gpus_per_node=8"])
+    with pytest.raises(ValueError, match="cluster.gpus_per_node=1.*cluster.device=cpu"):
+        launch.maybe_self_launch(cfg, [])
