@@ -285,7 +285,9 @@ def append(out: Path, record: dict[str, Any]) -> None:
 
 def spawn(args: list[str], timeout: float) -> dict[str, Any]:
     """Run `bench/lora.py <args>` in a fresh interpreter; its last stdout line is the record."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # Keep the caller's PYTHONPATH (carried packages such as liger) after the repo root.
+    paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     try:
         proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
                               timeout=timeout, env=env)  # fmt: skip

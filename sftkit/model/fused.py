@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from sftkit.model.kernels import triton_interpreting
+from sftkit.model.load import decoder_layers
 
 logger = logging.getLogger("sftkit")
 
@@ -270,18 +271,6 @@ def apply_fused_kernels(
         applied.append("rope")
     logger.info("Fused kernels (%s): %s", source, ", ".join(applied) or "none")
     return applied
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of an HF causal LM (`model.model.layers` or `model.layers`)."""
-    for owner in (getattr(model, "model", None), model):
-        layers = getattr(owner, "layers", None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    raise ValueError(
-        f"{type(model).__name__} has no `model.layers` ModuleList; compile the whole model "
-        "with torch.compile instead"
-    )
 
 
 def compile_layers(model: nn.Module, **compile_kwargs: Any) -> int:

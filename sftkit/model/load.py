@@ -56,6 +56,18 @@ def load_model(
     return model
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of an HF causal LM (`model.model.layers` or `model.layers`)."""
+    for owner in (getattr(model, "model", None), model):
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(
+        f"{type(model).__name__} has no `model.layers` ModuleList; sftkit shards, checkpoints "
+        "and compiles per decoder layer, so it needs an HF decoder-only layout"
+    )
+
+
 def save_model_weights(model: nn.Module, directory: Path, trainable_only: bool) -> Path:
     """Write the model's weights (or only its trainable ones) as one safetensors file."""
     from safetensors.torch import save_file, save_model

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from sftkit.config import MasterConfig
+from sftkit.model.load import decoder_layers
 from sftkit.train.dist import DistEnv
 
 logger = logging.getLogger("sftkit")
@@ -79,18 +80,6 @@ def _dtype(name: str) -> torch.dtype:
     from sftkit.model.load import DTYPES
 
     return DTYPES[name]
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of an HF causal LM (`model.model.layers` or `model.layers`)."""
-    for owner in (getattr(model, "model", None), model):
-        layers = getattr(owner, "layers", None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    raise ValueError(
-        f"{type(model).__name__} has no `model.layers` ModuleList; sftkit shards and "
-        "checkpoints per decoder layer, so it needs an HF decoder-only layout"
-    )
 
 
 # ----------------------------------------------------------------------------- AC, compile
