@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import sys
+import zipfile
 from pathlib import Path
 from types import ModuleType
 
@@ -108,13 +109,16 @@ def test_error_line_and_summary(sft_gpu: ModuleType) -> None:
 
 
 def test_liger_wheel_is_unpacked(tmp_path: Path, sft_gpu: ModuleType) -> None:
+    # A stand-in wheel (a zip with the package's layout): .wheels/ is not in git.
     if importlib.util.find_spec("liger_kernel") is not None:
-        pytest.skip("liger-kernel is installed: nothing to unpack")
+        pytest.skip("liger-kernel is installed in this environment: nothing to unpack")
     assert sft_gpu.liger_dir(tmp_path) is None  # no .wheels/ there
-    wheels = sorted((ROOT / ".wheels").glob("liger_kernel-*.whl"))
-    if not wheels:
-        pytest.skip("no liger wheel in .wheels/")
-    target = sft_gpu.liger_dir(ROOT)
+    (tmp_path / ".wheels").mkdir()
+    name = f"liger_kernel-0.0.{tmp_path.name[-6:].encode().hex()}-py3-none-any.whl"
+    with zipfile.ZipFile(tmp_path / ".wheels" / name, "w") as wheel:
+        wheel.writestr("liger_kernel/__init__.py", "")
+        wheel.writestr("liger_kernel/ops/rms_norm.py", "# kernel source")
+    target = sft_gpu.liger_dir(tmp_path)
     assert target is not None and (target / "liger_kernel" / "ops" / "rms_norm.py").is_file()
 
 
