@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check of one device session, within 8 minutes, results in $OUT as they finish:
-#   OUT=/tmp/out bash bench/gpu_all.sh          (carry .wheels: liger, pytest, omegaconf)
+#   OUT=/tmp/out bash bench/gpu_all.sh          (carry .wheels/, filled beforehand with
+#   pip download --no-deps -d .wheels liger-kernel pytest pluggy iniconfig pygments tomli \
+#       exceptiongroup omegaconf==2.3.0 antlr4-python3-runtime==4.9.3)
+# Only a few files come back from a device run: keep run directories outside $OUT.
 # 1. the GPU unit tests (varlen attention, fused kernels, LoRA kernel, GPU monitor)
 # 2. the real entry point on CUDA: bf16, packing, LoRA, a few dozen steps
 # 3. bench/sft_gpu.py   issue 7: sftkit vs HF vs HF+Liger, 1B full FT, both precision modes
