@@ -24,23 +24,26 @@ def run(script: str, *args: str, cwd: Path, env_home: Path) -> subprocess.Comple
     )
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A short run of the embedded default config (40 steps, saves at 20 and 40)."""
-    work = tmp_path_factory.mktemp("e2e")
-    home = tmp_path_factory.mktemp("home")
-    data = subset(work / "data")
-    result = run(
-        "run_sft.py",
+def short_run(work: Path) -> tuple[str, ...]:
+    """Overrides of the 40-step run on the data subset written under `work`."""
+    data = work / "data"
+    return (
         "sft.max_num_steps=40",
         "sft.val_period=20",
         "checkpointing.save_period=20",
         f"data.train.data_path={data / 'addition_train.jsonl'}",
         f"data.validation.data_path={data / 'addition_validation.jsonl'}",
         f"data.cache_dir={work / 'cache'}",
-        cwd=work,
-        env_home=home,
     )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A short run of the embedded default config (40 steps, saves at 20 and 40)."""
+    work = tmp_path_factory.mktemp("e2e")
+    home = tmp_path_factory.mktemp("home")
+    subset(work / "data")
+    result = run("run_sft.py", *short_run(work), cwd=work, env_home=home)
     assert result.returncode == 0, result.stderr[-3000:]
     return {"work": work, "home": home, "stderr": result.stderr}  # type: ignore[dict-item]
 
@@ -110,18 +113,7 @@ def test_resume_continues_with_identical_losses(trained: dict, tmp_path: Path) -
     shutil.copytree(trained["work"], work)
     shutil.rmtree(work / "results" / "sft" / "step_40")
     shutil.rmtree(work / "results" / "sft" / "final_hf")
-    data = trained["work"] / "data"
-    result = run(
-        "run_sft.py",
-        "sft.max_num_steps=40",
-        "sft.val_period=20",
-        "checkpointing.save_period=20",
-        f"data.train.data_path={data / 'addition_train.jsonl'}",
-        f"data.validation.data_path={data / 'addition_validation.jsonl'}",
-        f"data.cache_dir={trained['work'] / 'cache'}",
-        cwd=work,
-        env_home=trained["home"],
-    )
+    result = run("run_sft.py", *short_run(trained["work"]), cwd=work, env_home=trained["home"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from" in result.stderr
     first = {r["step"]: r for r in metrics(trained["work"]) if "train/loss" in r}
