@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or by path
+from random_model import random_llama  # noqa: E402
+
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
@@ -79,31 +82,14 @@ def _importable(name: str) -> bool:
 def build_model(shape: str, device: Any, liger: bool = False) -> Any:
     """Random-weight bf16 Llama of `shape`: meta build, to_empty, normal(0, 0.02) init."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
     if liger:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama()
     cfg = LlamaConfig(**SHAPES[shape])
-    cfg.use_cache = False
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa")  # fmt: skip
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02, generator=gen)
-            else:
-                p.fill_(1.0)  # RMSNorm weights
-        for mod in model.modules():  # non-persistent rotary buffers are garbage after to_empty
-            if hasattr(mod, "inv_freq") and hasattr(mod, "config"):
-                fresh = type(mod)(mod.config)
-                for name, buf in fresh.named_buffers(recurse=False):
-                    getattr(mod, name).copy_(buf.to(device))
-    return model.train()
+    return random_llama(cfg, torch.bfloat16, device)
 
 
 def _chunked_nll_sum() -> Any:

@@ -56,6 +56,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or by path
+from random_model import random_llama  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ("liger", "sftkit", "hf", "sftkit_liger", "sftkit_compile")
 EXTRAS = ("sftkit_liger", "sftkit_compile")  # run after the main cases of both modes
@@ -146,27 +149,12 @@ def attention_context(batches: list[Any]) -> float:
 def build_model(setup: Setup, mode: str) -> Any:
     """Random-weight Llama: meta build, `to_empty`, normal(0, 0.02) init (fast on GPU)."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
     device = torch.device(setup.device)
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     config = LlamaConfig(**setup.model, use_cache=False)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02, generator=gen)
-            else:
-                p.fill_(1.0)  # RMSNorm weights
-        for mod in model.modules():  # non-persistent rotary buffers are garbage after to_empty
-            if hasattr(mod, "inv_freq") and hasattr(mod, "config"):
-                fresh = type(mod)(mod.config)
-                for name, buf in fresh.named_buffers(recurse=False):
-                    getattr(mod, name).copy_(buf.to(device))
-    return model.train()
+    return random_llama(config, dtype, device)
 
 
 def _hf_step(model: Any, optimizer: Any, batch: Any, mode: str) -> float:
