@@ -81,14 +81,15 @@ def train_step(
 ) -> dict[str, float]:
     """Forward/backward over this rank's micro-batches, clip, check finiteness, update."""
     model.train()
-    local_loss = torch.zeros((), dtype=torch.float64)
+    # Summed on the device: one host sync per step, not one per micro-batch.
+    local_loss = torch.zeros((), dtype=torch.float64, device=env.device)
     denominator = max(global_tokens, 1)
     for batch in batches:
         batch = batch.to(env.device)
         with autocast(env.device, opts.compute_dtype):
             nll = micro_batch_nll(model, batch, opts)
         (nll * (opts.grad_scale / denominator)).backward()
-        local_loss += nll.detach().double().cpu() / denominator
+        local_loss += nll.detach().double() / denominator
     loss = env.sum(float(local_loss))
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = opts.max_grad_norm if opts.max_grad_norm else math.inf
