@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from sftkit.model.kernels import triton_interpreting
+from sftkit.model.kernels import triton_available, triton_interpreting
 from sftkit.model.load import decoder_layers
 
 logger = logging.getLogger("sftkit")
@@ -44,17 +44,12 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-@functools.cache
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def resolve_fused_backend(backend: Backend, device: torch.device) -> str | None:
     """The kernel source to use on `device`: "liger", "triton", or None (leave as is)."""
     if backend not in ("auto", "liger", "triton"):
         raise ValueError(f"unknown fused-kernel backend {backend!r}; use auto, liger or triton")
     runs = device.type == "cuda" or triton_interpreting()
-    if not runs or not _triton_importable():
+    if not runs or not triton_available():
         return None
     if backend == "liger" and not liger_available():
         raise ValueError(

@@ -4,29 +4,36 @@ The [tokens, vocab] float32 logits are where SFT memory goes: 32k tokens x 128k 
 15.7 GiB in fp32, twice that with its gradient (`reference/perf.md` section 3). Here the
 head and the cross-entropy run `chunk_size` tokens at a time, and the gradient of each chunk
 is computed right away in the forward (as Liger's fused linear CE does), so only one
-[chunk, vocab] float32 block is alive at any time and the backward is a scaling.
+[chunk, vocab] block is alive at any time and the backward is a scaling. On CUDA the loss
+and the logit gradient of a chunk come from one Triton kernel that writes the gradient over
+the bf16 logits (`sftkit.model.kernels.cross_entropy`), and the head gradient accumulates
+in float32 straight from bf16 products (`addmm(..., out_dtype=float32)`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from sftkit.data.packing import IGNORE_INDEX, PackedBatch
+from sftkit.model.kernels import triton_available
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    # Matmul in the parameter dtype (bf16 on GPU: tensor cores), softmax maths in float32.
-    return F.linear(hidden, weight, bias).float()
+    # Matmul in the parameter dtype (bf16 on GPU: tensor cores); the loss maths is float32.
+    return F.linear(hidden, weight, bias)
 
 
 def _chunk_nll_and_grad(
     logits: Tensor, labels: Tensor, want_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
     """Summed NLL of a chunk, and d(sum NLL)/d(logits) when `want_grad` (float32)."""
+    logits = logits.float()
     valid = labels != IGNORE_INDEX
     safe = labels.masked_fill(~valid, 0)
     lse = torch.logsumexp(logits, dim=-1)
@@ -40,6 +47,54 @@ def _chunk_nll_and_grad(
     return nll, grad
 
 
+def _chunk_loss_and_grad_(logits: Tensor, labels: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
+    """Summed NLL and its logit gradient in the logits' dtype (may overwrite `logits`)."""
+    if fused:
+        from sftkit.model.kernels.cross_entropy import ce_loss_and_grad_
+
+        return ce_loss_and_grad_(logits, labels, IGNORE_INDEX), logits
+    nll, grad = _chunk_nll_and_grad(logits, labels, True)
+    assert grad is not None
+    return nll, grad.to(logits.dtype)
+
+
+@functools.cache
+def _addmm_out_dtype_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether `torch.addmm(fp32, low, low, out_dtype=fp32, out=fp32)` runs and is right here.
+
+    It is CUDA-only (torch >= 2.8); elsewhere, or if a build lacks it, the caller falls back
+    to a low-precision product upcast and added (two extra [V, H] temporaries per chunk).
+    """
+    if device_type != "cuda":
+        return False
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a, b, acc = (torch.randn(shape, generator=gen) for shape in ((8, 16), (16, 24), (8, 24)))
+    expect = acc + a.to(dtype).float() @ b.to(dtype).float()
+    acc, a, b = acc.to(device_type), a.to(device_type, dtype), b.to(device_type, dtype)
+    try:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return torch.allclose(acc.cpu(), expect, rtol=1e-3, atol=1e-3)
+
+
+def _accumulate_head_grad_(grad_w: Tensor, grad: Tensor, hidden: Tensor) -> None:
+    """`grad_w += grad.T @ hidden` in float32, without a float32 copy of the product if possible."""
+    hidden = hidden.to(grad.dtype)  # float32 hidden under autocast meets a bf16 gradient
+    if grad.dtype == torch.float32 and not torch.is_autocast_enabled(grad.device.type):
+        grad_w.addmm_(grad.t(), hidden)  # in-place addmm skips autocast: only right here
+    elif _addmm_out_dtype_works(grad.device.type, grad.dtype):
+        torch.addmm(grad_w, grad.t(), hidden, out_dtype=torch.float32, out=grad_w)
+    else:
+        grad_w += (grad.t() @ hidden).float()
+
+
+def _use_fused_ce(logits_device: torch.device, weight: Tensor) -> bool:
+    # The Triton kernel works on plain CUDA tensors; a tensor-parallel (DTensor) head or a
+    # machine without Triton keeps the PyTorch path.
+    return logits_device.type == "cuda" and triton_available() and not isinstance(weight, DTensor)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Sum of token NLL of `hidden @ weight.T + bias`; gradients computed chunk by chunk."""
 
@@ -51,6 +106,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         bias: Tensor | None,
         labels: Tensor,
         chunk_size: int,
+        fused: bool,
     ) -> Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -64,19 +120,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             logits = _chunk_logits(h, weight, bias)
-            nll, grad = _chunk_nll_and_grad(logits, labels[start : start + chunk_size], True)
+            nll, grad = _chunk_loss_and_grad_(logits, labels[start : start + chunk_size], fused)
             total += nll
-            assert grad is not None
             if grad_h is not None:
-                grad_h[start : start + chunk_size] = grad.to(weight.dtype) @ weight
+                grad_h[start : start + chunk_size] = grad @ weight  # autocast casts a fp32 head
             if grad_w is not None:
-                # In-place addmm skips autocast, so it is only the fast path without autocast.
-                if h.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
-                    grad_w.addmm_(grad.t(), h)
-                else:
-                    grad_w += (grad.t().to(h.dtype) @ h).float()
+                _accumulate_head_grad_(grad_w, grad, h)
             if grad_b is not None:
-                grad_b += grad.sum(0)
+                grad_b += grad.sum(0, dtype=torch.float32)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
@@ -91,7 +142,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grad_w is not None:  # cast first for low-precision heads: no second fp32 [V, H]
             out_w = grad_w * scale if w_dtype == torch.float32 else grad_w.to(w_dtype).mul_(scale)
         out_b = None if grad_b is None else (grad_b * scale).to(b_dtype)
-        return out_h, out_w, out_b, None, None
+        return out_h, out_w, out_b, None, None, None
 
 
 def chunked_nll_sum(
@@ -100,13 +151,16 @@ def chunked_nll_sum(
     labels: Tensor,
     chunk_size: int = 1024,
     lm_head_bias: Tensor | None = None,
+    fused_ce: bool | None = None,
 ) -> Tensor:
     """Sum over tokens of the NLL of `labels` under `hidden @ lm_head_weight.T (+ bias)`.
 
     `hidden` is [N, H], already aligned with its targets `labels` [N] (-100 is ignored).
     Returns a float32 scalar equal (value and gradient w.r.t. hidden, weight and bias) to
     `F.cross_entropy(hidden @ W.T, labels, reduction="sum")`, without ever holding more than
-    one [chunk_size, V] block of float32 logits. Under no_grad only the value is computed.
+    one [chunk_size, V] block of logits. Under no_grad only the value is computed.
+    `fused_ce` picks the one-kernel Triton loss-and-gradient (`None`: on CUDA when Triton is
+    installed; `True` also runs under TRITON_INTERPRET=1 on CPU, for tests).
     """
     if chunk_size < 1:
         raise ValueError(f"fused_loss_chunk_size must be >= 1, got {chunk_size}")
@@ -114,8 +168,9 @@ def chunked_nll_sum(
         raise ValueError(f"hidden has {hidden.shape[0]} rows but labels has {labels.shape[0]}")
     tracked = [t for t in (hidden, lm_head_weight, lm_head_bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+        fused = _use_fused_ce(hidden.device, lm_head_weight) if fused_ce is None else fused_ce
         return _ChunkedLinearCrossEntropy.apply(
-            hidden, lm_head_weight, lm_head_bias, labels, chunk_size
+            hidden, lm_head_weight, lm_head_bias, labels, chunk_size, fused
         )
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):

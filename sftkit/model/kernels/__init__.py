@@ -13,13 +13,14 @@ def triton_interpreting() -> bool:
 
 
 @functools.cache
-def _triton_importable() -> bool:
+def triton_available() -> bool:
+    """Triton is installed (its kernels still need CUDA tensors, or the interpreter)."""
     return importlib.util.find_spec("triton") is not None
 
 
 def lora_triton_available() -> bool:
     """Whether the fused LoRA kernels can run: Triton installed and CUDA (or the interpreter)."""
-    if not _triton_importable():
+    if not triton_available():
         return False
     import torch
 
