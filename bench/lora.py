@@ -11,7 +11,8 @@ downloaded.
 
 Cases (GPU): Llama-3.1-8B shape, LoRA r16 alpha 32 on all linear layers (not lm_head), seq
 4096, micro-batch searched over 1, 2, 4 (largest that fits is the headline), for
-sftkit (fused Triton LoRA, bf16 base, chunked linear+CE, SDPA), sftkit without Triton,
+sftkit (fused Triton LoRA, bf16 base, chunked linear+CE, fused RMSNorm/SwiGLU/RoPE as the
+recipe applies them on CUDA, SDPA), sftkit without any Triton kernel,
 PEFT (HF forward with labels, as TRL runs it), and PEFT+Liger when liger_kernel imports;
 then Llama-3.2-1B shape: sftkit LoRA vs sftkit full fine-tuning (same loop and loss), and PEFT.
 """
@@ -119,9 +120,13 @@ def prepare(case: dict[str, Any], device: Any) -> tuple[Any, Any]:
     if name.startswith("sftkit"):
         from sftkit.model.lora import LoraSpec, apply_lora
 
+        use_triton = "notriton" not in name and case.get("triton_ok", True)
         if name.startswith("sftkit_lora"):
-            use_triton = "notriton" not in name and case.get("triton_ok", True)
             apply_lora(model, LoraSpec(dim=LORA["r"], alpha=LORA["alpha"], use_triton=use_triton))
+        if use_triton and device.type == "cuda":  # as the recipe does: after LoRA
+            from sftkit.model.fused import apply_fused_kernels
+
+            apply_fused_kernels(model, device=device)
         nll_sum = _chunked_nll_sum()
 
         def loss_fn(ids: Any) -> Any:
