@@ -172,22 +172,33 @@ def init_distributed(device_preference: str = "auto") -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def build_mesh(env: DistEnv, tp_size: int) -> DeviceMesh | None:
-    """The (dp, tp) device mesh of a multi-rank run (None with one process); sets `env.tp_size`
-    and `env.dp_group` so that sums count each batch share once. Collective: every rank calls."""
-    tp = max(tp_size, 1)
-    if env.world_size % tp:
+def build_mesh(env: DistEnv, tp_size: int, dp_replicate: int = 1) -> DeviceMesh | None:
+    """The device mesh of a multi-rank run (None with one process); sets `env.tp_size` and
+    `env.dp_group` so that sums count each batch share once. Collective: every rank calls.
+
+    Dims are ("dp", "tp"), or ("dp_replicate", "dp_shard", "tp") plus a flattened "dp" when
+    `dp_replicate` > 1 (HSDP: FSDP2 shards within a replica group and all-reduces across
+    groups). "tp" varies fastest, so a rank's data-parallel index is `rank // tp`.
+    """
+    tp, rep = max(tp_size, 1), max(dp_replicate, 1)
+    if env.world_size % (tp * rep):
         raise ValueError(
-            f"policy.dtensor_cfg.tensor_parallel_size={tp} does not divide the world size "
-            f"{env.world_size}; pick a divisor of cluster.gpus_per_node x cluster.num_nodes"
+            f"policy.dtensor_cfg.tensor_parallel_size={tp} x dp_replicate_size={rep} does not "
+            f"divide the world size {env.world_size}; make it a divisor of "
+            "cluster.gpus_per_node x cluster.num_nodes"
         )
     if env.world_size == 1:
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(
-        env.device.type, (env.world_size // tp, tp), mesh_dim_names=("dp", "tp")
-    )
+    dp = env.world_size // tp
+    if rep == 1:
+        mesh = init_device_mesh(env.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+    else:
+        mesh = init_device_mesh(
+            env.device.type, (rep, dp // rep, tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp")
+        )
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")  # one group for data-parallel sums
     env.tp_size = tp
     env.dp_group = mesh["dp"].get_group() if tp > 1 else None
     env.mesh = mesh

@@ -1,4 +1,4 @@
-"""Multi-process runs of the real entry point on CPU (gloo, 2 ranks): FSDP2, tensor
+"""Multi-process runs of the real entry point on CPU (gloo, 2 ranks): FSDP2, HSDP, tensor
 parallel and LoRA give the same per-step loss as one process; sharded checkpoints resume
 on a different rank count; export consolidates a sharded checkpoint into one HF directory.
 
@@ -181,3 +181,21 @@ def test_tensor_parallel_two_ranks_match_one_rank(
     result = finished(proc, work, before, code)
     assert code == 0, result.stderr[-3000:]
     assert_same_losses(single, result, list(range(1, STEPS + 1)))
+
+
+def test_hsdp_two_replicas_match_one_rank(
+    small_run: SmallRun, single: RunResult, tmp_path: Path
+) -> None:
+    """dp_replicate_size=2 on 2 ranks: a 2-D (replicate, shard) mesh, gradients all-reduced
+    across the replicas; the same losses as one process and a checkpoint one rank resumes."""
+    hsdp = two_ranks(small_run, tmp_path / "hsdp", "policy.dtensor_cfg.dp_replicate_size=2")
+    assert_same_losses(single, hsdp, list(range(1, STEPS + 1)))
+    assert_same_weights(single.checkpoint_dir / "final_hf", hsdp.checkpoint_dir / "final_hf")
+
+
+def test_replication_without_ranks_is_a_config_error(
+    small_run: SmallRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = small_run.inprocess(tmp_path, *COMMON, "policy.dtensor_cfg.dp_replicate_size=2")
+    assert result.returncode == 2
+    assert "dp_replicate_size=2 needs as many ranks" in capsys.readouterr().err
