@@ -79,7 +79,7 @@ class WandbSink:
             name=scrub(name),
             entity=entity,
             dir=str(self.dir),
-            mode=mode,
+            mode=mode,  # type: ignore[arg-type]  # checked above
             config=redact(config),
             # Code and git state are not uploaded: they may hold secrets; the config is enough.
             settings=wandb.Settings(save_code=False, disable_git=True, quiet=True),

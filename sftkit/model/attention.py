@@ -38,7 +38,7 @@ _BACKEND_ATTR = "_sftkit_packed_backend"
 
 
 @functools.cache
-def _varlen() -> Callable[..., Tensor] | None:
+def _varlen() -> Callable[..., Any] | None:
     """torch's flash varlen attention (torch >= 2.10), imported lazily: importing it pulls in
     torch._dynamo, about 7 s on a 2-core CPU."""
     try:
@@ -270,7 +270,7 @@ def sftkit_packed_attention(
         raise ValueError(
             "packed rows carry their boundaries in cu_seqlens; do not pass an attention_mask"
         )
-    requested = getattr(module, _BACKEND_ATTR, "auto")
+    requested: Backend = getattr(module, _BACKEND_ATTR, "auto")
     device_type = query.device.type
     if query.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
         # Under autocast HF's RoPE hands back float32 q/k; attention would run in the
@@ -298,10 +298,11 @@ def enable_packed_attention(model: nn.Module, backend: Backend = "auto") -> str:
     AttentionInterface.register(ATTN_NAME, sftkit_packed_attention)
     param = next(model.parameters())
     chosen = resolve_backend(backend, param.device, param.dtype)
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(ATTN_NAME)
+    set_impl = getattr(model, "set_attn_implementation", None)
+    if callable(set_impl):
+        set_impl(ATTN_NAME)
     else:
-        model.config._attn_implementation = ATTN_NAME
+        model.config._attn_implementation = ATTN_NAME  # type: ignore[union-attr]
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if impl != ATTN_NAME:
         raise ValueError(

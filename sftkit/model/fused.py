@@ -109,7 +109,7 @@ def _swap_class(module: nn.Module, forward: Callable[..., Any], tag: str) -> Non
 
 
 def _patch_rms_norms(model: nn.Module, fn: Callable[..., Tensor]) -> int:
-    def forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
+    def forward(self: Any, hidden_states: Tensor) -> Tensor:  # an HF RMSNorm
         if not _on_kernel_device(hidden_states):
             return self._sftkit_base.forward(self, hidden_states)
         return fn(hidden_states, self.weight, self.variance_epsilon)
@@ -152,7 +152,7 @@ def _patch_mlps(
         logger.warning("Fused SwiGLU skipped: the model's hidden_act is %r, not silu", hidden_act)
         return 0
 
-    def forward(self: nn.Module, x: Tensor) -> Tensor:
+    def forward(self: Any, x: Tensor) -> Tensor:  # an HF gated MLP
         if not _on_kernel_device(x):
             return self._sftkit_base.forward(self, x)
         gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj

@@ -113,6 +113,6 @@ def load_model_weights(model: nn.Module, directory: Path) -> None:
 def save_hf(model: nn.Module, tokenizer: Any, directory: Path) -> None:
     """An HF model directory (config, safetensors weights, tokenizer with its template)."""
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True)  # type: ignore[operator]  # HF model
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

@@ -20,7 +20,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -224,7 +224,8 @@ def pattern_matches(pattern: str, name: str) -> bool:
 def select_lora_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
     """Names of the linear layers `spec` adapts, in module order; warns on unused patterns."""
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
     output_names = {n for n, m in model.named_modules() if out_emb is not None and m is out_emb}
     if spec.match_all_linear and spec.target_modules:
         _log_once("override", "lora: match_all_linear=true overrides target_modules "
@@ -421,12 +422,13 @@ def _inject(module: nn.Linear, spec: LoraSpec) -> None:
                               dtype=spec.lora_dtype)  # fmt: skip
     module.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
     module.__class__ = _lora_class(base_cls)
-    module._lora_base_cls = base_cls
-    module.lora_scale = spec.scale
-    module.lora_dropout_position = spec.dropout_position
-    module.lora_use_triton = spec.use_triton
+    lora = cast(LoraLinear, module)
+    lora._lora_base_cls = base_cls
+    lora.lora_scale = spec.scale
+    lora.lora_dropout_position = spec.dropout_position
+    lora.lora_use_triton = spec.use_triton
     if dev.type != "meta":
-        module.reset_lora_parameters(spec.lora_A_init)  # type: ignore[attr-defined]
+        lora.reset_lora_parameters(spec.lora_A_init)
 
 
 def apply_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
@@ -566,6 +568,6 @@ def merge_lora(model: nn.Module) -> None:
             delattr(module, attr)
         for attr in ("lora_scale", "lora_dropout_position", "lora_use_triton", "_lora_base_cls"):
             module.__dict__.pop(attr, None)
-        module.__class__ = base_cls
+        module.__class__ = base_cls  # type: ignore[assignment]  # the swap back to nn.Linear
     if hasattr(model, "_sftkit_lora_spec"):
         del model._sftkit_lora_spec

@@ -97,8 +97,9 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     HF models checkpoint their layers' `forward` (module hooks such as FSDP2's stay outside,
     names unchanged); others get torch's `checkpoint_wrapper` per layer.
     """
-    if getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if getattr(model, "supports_gradient_checkpointing", False) and callable(enable):
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -370,8 +371,7 @@ def parameters_on_meta() -> Iterator[None]:
     def on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
         register(self, name, param)
         if param is not None and param.device.type != "meta":
-            kind = type(self._parameters[name])
-            meta = kind(param.to("meta"), requires_grad=param.requires_grad)  # type: ignore[call-arg]
+            meta = type(param)(param.to("meta"), requires_grad=param.requires_grad)
             self._parameters[name] = meta
 
     nn.Module.register_parameter = on_meta  # type: ignore[method-assign]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -286,7 +286,7 @@ def load_full_optimizer_state(
     saved = torch.load(path, weights_only=True)
     names = {id(p): n for n, p in model.named_parameters()}
     fqns = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    full = {
+    full: dict[str, Any] = {
         "state": {fqns[int(i)]: value for i, value in saved["state"].items()},
         "param_groups": [
             {**group, "params": [fqns[int(i)] for i in group["params"]]}
@@ -301,7 +301,7 @@ def load_full_optimizer_state(
 
 @torch.no_grad()
 def clip_grad_norm(
-    parameters: list[torch.Tensor], max_norm: float, norm_type: float = 2.0
+    parameters: Sequence[torch.Tensor], max_norm: float, norm_type: float = 2.0
 ) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` for parameters that live on different device meshes.
 

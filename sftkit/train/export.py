@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -80,7 +80,7 @@ def gather_hf(
     from sftkit.model.lora import lora_modules
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
+    state = cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
     if not is_main:
         return
     for name, module in lora_modules(model).items():
@@ -101,7 +101,7 @@ def save_hf_state_dict(
     from huggingface_hub import save_torch_state_dict
 
     directory.mkdir(parents=True, exist_ok=True)
-    config = copy.deepcopy(model.config)  # type: ignore[union-attr]
+    config: Any = copy.deepcopy(model.config)
     if getattr(config.get_text_config(), "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # stored once, as the input embeddings
     save_torch_state_dict(state, directory)

@@ -219,7 +219,9 @@ def model_hidden_and_head(model: nn.Module, batch: PackedBatch) -> tuple[Tensor,
             f"packed rows with attn_implementation={impl!r} would attend across documents; "
             "call sftkit.model.attention.enable_packed_attention(model) first"
         )
-    out = model.model(**batch.model_kwargs(), use_cache=False)
+    body = model.model
+    assert isinstance(body, nn.Module)
+    out = body(**batch.model_kwargs(), use_cache=False)
     hidden = out.last_hidden_state[:, :-1]
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE_INDEX

@@ -228,8 +228,10 @@ def check_before_model(cfg: MasterConfig, env: DistEnv, data: PreparedData) -> N
             f"sft.val_period={cfg.sft.val_period} but there is no validation data; set "
             "data.validation, give a train dataset split_validation_size, or set sft.val_period=0"
         )
-    if cfg.checkpointing.metric_name and cfg.checkpointing.metric_name.startswith("val:") and (
-        not data.validation and cfg.checkpointing.enabled and cfg.checkpointing.keep_top_k
+    if (
+        cfg.checkpointing.metric_name
+        and cfg.checkpointing.metric_name.startswith("val:")
+        and (not data.validation and cfg.checkpointing.enabled and cfg.checkpointing.keep_top_k)
     ):
         logger.warning(
             "checkpointing.metric_name=%s but there is no validation data: checkpoints are "
@@ -241,7 +243,7 @@ def data_fingerprint(examples: list[Example]) -> str:
     digest = hashlib.sha256()
     for e in examples:
         digest.update(len(e.input_ids).to_bytes(4, "little"))
-        digest.update(bytes(memoryview(torch.tensor(e.input_ids, dtype=torch.int32).numpy())))
+        digest.update(torch.tensor(e.input_ids, dtype=torch.int32).numpy().tobytes())
         digest.update(bytes(e.loss_mask))
     return digest.hexdigest()[:16]
 

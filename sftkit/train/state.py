@@ -51,7 +51,9 @@ def rng_state() -> dict[str, Any]:
     an allow-list under `torch.load(weights_only=True)` (the trl#3247 resume failure).
     """
     py_version, py_state, py_gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy=True: (kind, keys, pos, has_gauss, cached)
+    kind, keys, pos, has_gauss, cached = np_state
     state: dict[str, Any] = {
         "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
         "numpy": {
