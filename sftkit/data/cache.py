@@ -74,7 +74,7 @@ def rows_digest(items: list[tuple[dict[str, Any], str]]) -> bytes:
 def save(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
     """Write atomically: a crash leaves the old entry or none, never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(arrays)
+    payload: dict[str, Any] = dict(arrays)
     payload["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)

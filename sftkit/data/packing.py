@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import random
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -287,7 +287,7 @@ class PackedBatch:
     def to(self, device: torch.device | str) -> PackedBatch:
         """Copy the tensors to `device` (asynchronously when it is a GPU)."""
         non_blocking = torch.device(device).type == "cuda"
-        moved = {
+        moved: dict[str, Any] = {
             f.name: v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v
             for f in fields(self)
             for v in [getattr(self, f.name)]

@@ -71,7 +71,7 @@ def _kernels(source: str) -> dict[str, Callable[..., Any]]:
         return {
             "rms_norm": lambda x, w, eps: LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama"),
             "swiglu": LigerSiLUMulFunction.apply,
-            "swiglu_linear": None,  # type: ignore[dict-item]
+            "swiglu_linear": None,
             "rope": liger_rotary_pos_emb,
         }
     from sftkit.model.kernels.fused_rmsnorm import rms_norm

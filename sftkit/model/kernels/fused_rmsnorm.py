@@ -74,7 +74,7 @@ def _rows(t: Tensor) -> Tensor:
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         shape = x.shape
         x2 = _rows(x)
         out_dtype = torch.promote_types(x.dtype, weight.dtype)
@@ -89,7 +89,7 @@ class _RMSNorm(torch.autograd.Function):
         return y.view(*shape[:-1], shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x2, weight, rstd = ctx.saved_tensors
         dy2 = _rows(dy)
         n_rows, n_cols = x2.shape

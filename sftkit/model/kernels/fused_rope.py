@@ -82,12 +82,12 @@ def _launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, sign: int) -> tuple[
 
 class _Rope(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx: Any, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(cos, sin)
         return _launch(q, k, cos, sin, 1)
 
     @staticmethod
-    def backward(ctx: Any, dq: Tensor, dk: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dq: Tensor, dk: Tensor) -> tuple[Tensor | None, ...]:
         cos, sin = ctx.saved_tensors
         dq_in, dk_in = _launch(dq, dk, cos, sin, -1)
         return dq_in, dk_in, None, None

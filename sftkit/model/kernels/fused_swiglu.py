@@ -50,7 +50,7 @@ def _swiglu_bwd_kernel(DC, A, B, n, BLOCK: tl.constexpr):
 
 class _SiluMul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, gate: Tensor, up: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, gate: Tensor, up: Tensor) -> Tensor:
         if gate.shape != up.shape:
             raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must match")
         gate, up = gate.contiguous(), up.to(gate.dtype).contiguous()
@@ -58,7 +58,7 @@ class _SiluMul(torch.autograd.Function):
         return _silu_mul_forward(gate, up)
 
     @staticmethod
-    def backward(ctx: Any, dc: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def backward(ctx: Any, dc: Tensor) -> tuple[Tensor, Tensor]:
         gate, up = ctx.saved_tensors
         dc = dc.contiguous()
         n = gate.numel()
@@ -81,7 +81,7 @@ class _SiluMulLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, gate: Tensor, up: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, gate: Tensor, up: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if gate.shape != up.shape:
             raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must match")
         gate, up = gate.contiguous(), up.to(gate.dtype).contiguous()
@@ -94,7 +94,7 @@ class _SiluMulLinear(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         gate, up, weight = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).to(gate.dtype)
         w = weight.to(gate.dtype)
