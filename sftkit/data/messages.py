@@ -3,6 +3,10 @@
 Everything a template could stringify into the literal text "None" is either rejected
 (null content without tool calls) or removed (keys whose value is null), because Jinja
 renders `None` as "None" and the model would be trained on it (Megatron-Bridge #5742).
+
+The adaptations at the end (`arguments_as_objects`, `with_tool_schemas`, ...) reshape a
+conversation the way real chat templates expect it; the renderer applies them, in
+`ADAPTATIONS` order, only when the template rejects the data as given.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import json
 from typing import Any
 
 from sftkit.data.errors import DataError
+
+Messages = list[dict[str, Any]]
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 # transformers reads reasoning under any of these names and aliases them; we do the same so
@@ -160,3 +166,100 @@ def _normalize_tools(tools: Any, where: str) -> list[Any] | None:
 
 def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
+
+
+# -- adaptations for real chat templates ---------------------------------------------------
+def arguments_as_objects(messages: Messages) -> Messages | None:
+    """Tool-call arguments given as a JSON string (OpenAI's wire format) decoded to objects.
+
+    Templates apply `tojson` to the arguments (Qwen2.5, Llama 3.1, DeepSeek-V3, Hermes) or
+    iterate them (Gemma 3, GLM-4.5); a string is then double-encoded into a quoted scalar,
+    or split into characters, and the model is trained on it. vLLM decodes them the same way
+    before rendering. None when no argument is a string holding a JSON object.
+    """
+    return _map_arguments(messages, _decoded)
+
+
+def arguments_as_strings(messages: Messages) -> Messages | None:
+    """Tool-call arguments as JSON strings, for templates that concatenate them (DeepSeek-R1)."""
+    return _map_arguments(
+        messages, lambda a: a if isinstance(a, str) else json.dumps(a, ensure_ascii=False)
+    )
+
+
+def with_tool_schemas(tools: list[Any] | None) -> list[Any] | None:
+    """Flat tools (`{name, description, parameters}`, the seed's example) as OpenAI schemas.
+
+    `{"type": "function", "function": {...}}`, with bare parameter maps wrapped as
+    `{"type": "object", "properties": ...}`: Llama 3.1, Mistral, gpt-oss and Hermes read
+    `tool.function.parameters.properties`. None when every tool already has that form.
+    """
+    if not tools or all("function" in t for t in tools):
+        return None
+    out = []
+    for tool in tools:
+        if "function" in tool or "name" not in tool:
+            out.append(tool)
+            continue
+        function = dict(tool)
+        params = function.get("parameters")
+        if isinstance(params, dict) and "type" not in params and "properties" not in params:
+            function["parameters"] = {"type": "object", "properties": params}
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def with_tool_result_names(messages: Messages) -> Messages | None:
+    """Tool results given the name of the call they answer (Hermes requires `name`).
+
+    Matched by `tool_call_id`, else by position among the preceding assistant's calls.
+    None when no tool message lacks a name that can be found.
+    """
+    out, changed, calls, k = [], False, [], 0
+    for message in messages:
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            calls, k = message["tool_calls"], 0
+        elif message["role"] == "tool" and "name" not in message and calls:
+            by_id = [c for c in calls if c.get("id") and c["id"] == message.get("tool_call_id")]
+            call = by_id[0] if by_id else calls[min(k, len(calls) - 1)]
+            message = {**message, "name": call["function"]["name"]}
+            changed, k = True, k + 1
+        out.append(message)
+    return out if changed else None
+
+
+def fold_system(messages: Messages) -> Messages | None:
+    """A leading system message prepended to the first user turn (as Gemma's templates do)."""
+    if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+        return None
+    first = dict(messages[1])
+    first["content"] = f"{messages[0]['content']}\n\n{first['content']}"
+    return [first, *messages[2:]]
+
+
+def _map_arguments(messages: Messages, convert: Any) -> Messages | None:
+    out, changed = [], False
+    for message in messages:
+        calls = message.get("tool_calls")
+        if calls:
+            new_calls = []
+            for call in calls:
+                args = call["function"]["arguments"]
+                new = convert(args)
+                if new is not args:  # converters return the same object when unchanged
+                    changed = True
+                    call = {**call, "function": {**call["function"], "arguments": new}}
+                new_calls.append(call)
+            message = {**message, "tool_calls": new_calls}
+        out.append(message)
+    return out if changed else None
+
+
+def _decoded(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            value = json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+        return value if isinstance(value, dict) else arguments
+    return arguments

@@ -121,6 +121,7 @@ class Processor:
         variables.update(settings.template_kwargs)
         self.renderer = ChatRenderer(template, variables)
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._stop_ids = _special_ids(tokenizer)
         self._bos = tokenizer.bos_token if settings.add_bos else None
         self._eos = tokenizer.eos_token if settings.add_eos else None
         self.offset_stats = {"bytes": 0, "chars": 0}  # rows per span-to-token mapping
@@ -206,11 +207,13 @@ class Processor:
         try:
             text, spans, messages = self.renderer.render_spans(messages, tools)
         except TemplateRejected as err:
+            roles = ", ".join(m["role"] for m in messages)
             raise DataError(
                 where,
-                f"the chat template rejected this conversation: {err}.",
-                "fix the conversation (e.g. alternate user/assistant turns) or choose another "
-                "policy.tokenizer.chat_template.",
+                f"the chat template rejected this conversation (roles: {roles}): {err}.",
+                "make the conversation fit what this template accepts (e.g. alternating "
+                "user/assistant turns, no tool messages, tool-call ids of the length it asks "
+                "for), drop the row, or choose another policy.tokenizer.chat_template.",
             ) from err
         if self.settings.only_unmask_final:
             spans = spans[-1:]
@@ -240,7 +243,7 @@ class Processor:
             self.offset_stats["chars"] += len(rest)
             self.offset_stats["bytes"] += len(pairs) - len(rest)
         return [
-            self._add_bos_eos(ids, ranges, r)
+            self._add_bos_eos(ids, self._with_stop_tokens(ids, ranges), r)
             for (ids, ranges), r in zip(_all(pairs), rendered, strict=True)
         ]
 
@@ -309,6 +312,19 @@ class Processor:
                 return None
         return table
 
+    def _with_stop_tokens(self, ids: list[int], ranges: Ranges) -> Ranges:
+        """Each turn's stop token, for templates whose earlier turns have no end-of-turn text.
+
+        GLM-4.5 ends a turn with the next role's special token (`<|user|>`,
+        `<|observation|>`), which its generation config lists as EOS: the model must learn
+        to emit it, as GLM's own fine-tuning script trains it. Only special tokens qualify.
+        """
+        if self.renderer.probe.eot_mid or not self._stop_ids:
+            return ranges
+        return [
+            (a, b + 1) if b < len(ids) and ids[b] in self._stop_ids else (a, b) for a, b in ranges
+        ]
+
     def _add_bos_eos(
         self, ids: list[int], ranges: Ranges, rendered: _Rendered
     ) -> tuple[list[int], Ranges]:
@@ -345,6 +361,14 @@ class Processor:
                 "data.drop_untrainable: true to drop and count such rows.",
             )
         return None, kept, truncated, masked
+
+
+def _special_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of special tokens (named ones and added tokens marked special)."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    ids.update(i for i, token in decoder.items() if getattr(token, "special", False))
+    return frozenset(ids)
 
 
 def _all(pairs: list[tuple[list[int], Ranges] | None]) -> list[tuple[list[int], Ranges]]:

@@ -23,12 +23,19 @@ other `G` in between. A conversation that does not fit (content not found, heade
 end-of-turn text inside a message, ...) takes the prefix renders above; so does every
 conversation of a template whose probe conversations, or first real conversations, do not
 give identical spans both ways. `ChatRenderer.stats` counts both paths.
+
+Real templates reject data that other templates accept (Gemma: no system role; Hermes:
+tool results need a `name`; GLM-4.5: arguments must be an object; DeepSeek-R1: arguments
+must be a string). A rejected conversation is retried with the adaptations of
+`sftkit.data.messages` (`ADAPTATIONS`), each logged once; the text is always the template's
+own rendering of the messages it was given, so `apply_chat_template` on them agrees.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -36,11 +43,22 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from sftkit.data.messages import (
+    Messages,
+    arguments_as_objects,
+    arguments_as_strings,
+    fold_system,
+    with_tool_result_names,
+    with_tool_schemas,
+)
+
 logger = logging.getLogger("sftkit")
 
 Span = tuple[int, int]
 VERIFY_FIRST = 8  # conversations per renderer checked against the prefix renders
 _USER, _ASSISTANT, _USER2, _ASSISTANT2 = "\ue000", "\ue001", "\ue002", "\ue003"
+MIN_SUFFIX = 4  # shortest prompt tail that may locate an assistant turn in a rewritten `full`
+Tools = list[Any] | None
 
 
 class TemplateRejected(ValueError):
@@ -90,6 +108,9 @@ class Probe:
     eot: str  # end-of-turn text after assistant content, e.g. "<|im_end|>"; "" if none
     gen_prompt_len: int  # characters add_generation_prompt appends
     gen_prompt: str = ""  # the text add_generation_prompt appends, e.g. "<|im_start|>assistant\n"
+    # end-of-turn text of an earlier turn when it differs from the final one's: gpt-oss ends
+    # earlier turns with <|end|> and the last with <|return|>; Phi-4 appends EOS at the end
+    eot_mid: str = ""
 
 
 class ChatRenderer:
@@ -100,7 +121,7 @@ class ChatRenderer:
         self._template = compile_template(source)
         self._variables = dict(variables or {})
         self.probe = self._probe()
-        self._merge_warned = False
+        self._warned: set[str] = set()  # adaptations / dropped roles already logged
         # conversations that took the single render ("fast") or the prefix renders
         self.stats = {"fast": 0, "fallback": 0}
         self._verify_left = VERIFY_FIRST
@@ -113,7 +134,7 @@ class ChatRenderer:
         tools: list[Any] | None = None,
         add_generation_prompt: bool = False,
     ) -> str:
-        """Render messages to text; a template error becomes `TemplateRejected`."""
+        """Render messages to text; any template error becomes `TemplateRejected`."""
         try:
             return self._template.render(
                 messages=messages,
@@ -124,16 +145,18 @@ class ChatRenderer:
             )
         except jinja2.exceptions.TemplateError as err:
             raise TemplateRejected(str(err)) from err
+        except Exception as err:  # noqa: BLE001 - e.g. TypeError from `'text' + {...}`
+            raise TemplateRejected(f"{type(err).__name__}: {err}") from err
 
     def render_spans(
         self, messages: list[dict[str, Any]], tools: list[Any] | None = None
     ) -> tuple[str, list[Span], list[dict[str, Any]]]:
         """Return `(full_text, spans, messages_rendered)`, one span per assistant message.
 
-        A leading system message that the template rejects is folded into the first user
-        turn (as Gemma's own templates do) instead of crashing (NeMo RL #2863).
+        A conversation the template rejects is retried with `ADAPTATIONS` (e.g. a leading
+        system message folded into the first user turn, NeMo RL #2863).
         """
-        full, messages = self._render_full(messages, tools)
+        full, messages, tools = self.render_full(messages, tools)
         spans = self._fast_spans(full, messages, tools) if self._fast else None
         if spans is None:
             self.stats["fallback"] += 1
@@ -152,22 +175,50 @@ class ChatRenderer:
         self.stats["fast"] += 1
         return full, spans, messages
 
-    def _render_full(
-        self, messages: list[dict[str, Any]], tools: list[Any] | None
-    ) -> tuple[str, list[dict[str, Any]]]:
-        try:
-            return self.render(messages, tools), messages
-        except TemplateRejected:
-            merged = _fold_system(messages)
-            if merged is None:
-                raise
-            full = self.render(merged, tools)
-            if not self._merge_warned:
+    def render_full(self, messages: Messages, tools: Tools) -> tuple[str, Messages, Tools]:
+        """`(text, messages, tools)` as rendered: the data as given, else the first adaptation
+        (`_variants`, cumulative) the template accepts. Raises the last `TemplateRejected`."""
+        tried: list[str] = []
+        last: TemplateRejected | None = None
+        for name, (variant, variant_tools) in _variants(messages, tools):
+            try:
+                full = self.render(variant, variant_tools)
+            except TemplateRejected as err:
+                tried.append(name)
+                last = err
+                continue
+            if name and name not in self._warned:
+                self._warned.add(name)
                 logger.warning(
-                    "chat template rejects system messages: folded into the first user turn"
+                    "the chat template rejects this data as given; rendering it %s", name
                 )
-                self._merge_warned = True
-            return full, merged
+            self._warn_dropped(full, variant)
+            return full, variant, variant_tools
+        assert last is not None
+        if len(tried) > 1:  # the last error is the one left after every adaptation
+            raise TemplateRejected(f"{last} (also tried {'; '.join(tried[1:])})") from last
+        raise last
+
+    def _render_full(self, messages: Messages, tools: Tools) -> tuple[str, Messages]:
+        full, rendered, _ = self.render_full(messages, tools)
+        return full, rendered
+
+    def _warn_dropped(self, full: str, messages: Messages) -> None:
+        """Warn once when the template leaves tool calls or tool results out of the text."""
+        for message in messages:
+            dropped = ""
+            if any(c["function"]["name"] not in full for c in message.get("tool_calls") or ()):
+                dropped = "assistant tool_calls"
+            elif message["role"] in ("tool", "ipython") and message["content"].strip() not in full:
+                dropped = f"{message['role']} messages"
+            if dropped and dropped not in self._warned:
+                self._warned.add(dropped)
+                logger.warning(
+                    "the chat template does not render %s: they are left out of the training "
+                    "text. Choose a template that renders them (policy.tokenizer.chat_template) "
+                    "if the model should learn them",
+                    dropped,
+                )
 
     # -- one render: learnt header and end-of-turn text --------------------------------
     def _fast_spans(
@@ -221,7 +272,7 @@ class ChatRenderer:
     def _fast_path_agrees_on_probes(self) -> bool:
         """Whether the single render gives the prefix renders' spans on probe conversations."""
         header, eot = self.probe.gen_prompt, self.probe.eot
-        if not header or not eot or header.isspace():
+        if not header or not eot or header.isspace() or self.probe.eot_mid != eot:
             return False
         user = {"role": "user", "content": "Hello there"}
         reply = {"role": "assistant", "content": "Hi, how can I help?"}
@@ -261,34 +312,61 @@ class ChatRenderer:
         full: str,
         prev_end: int,
     ) -> Span:
-        start = -1
-        if i > 0:
-            prompt = self.render(messages[:i], tools, add_generation_prompt=True)
-            common = _common_prefix_len(prompt, full)
-            # Agreement up to the generation prompt means only the header differs, e.g. an
-            # empty <think> block that this turn does not have.
-            if common >= prev_end and common >= len(prompt) - self.probe.gen_prompt_len:
-                start = common
-        if start < 0:
-            start = self._find_after(full, prev_end, (self.probe.header, self.probe.last_header))
+        start = self._turn_start(messages, tools, i, full, prev_end)
         # the final message's rendering is `full` itself: one render saved per conversation
         upto = full if i == len(messages) - 1 else self.render(messages[: i + 1], tools)
         if full.startswith(upto) and len(upto) > start:
             end = len(upto)
         else:  # history rewritten after this turn: end at its end-of-turn text in `full`
-            eot = self.probe.eot
-            pos = full.find(eot, start) if eot else -1
-            if pos < 0:
-                raise TemplateRejected(
-                    f"cannot locate assistant message {i} in the rendering: the template "
-                    "rewrites earlier turns and has no end-of-turn text sftkit can find"
-                )
-            end = pos + len(eot)
+            end = self._rewritten_end(full, start, _common_prefix_len(upto, full), i)
         while end > start and full[end - 1].isspace():
             end -= 1
         if end <= start:
             raise TemplateRejected(f"assistant message {i} renders to no text")
         return start, end
+
+    def _turn_start(
+        self, messages: Messages, tools: Tools, i: int, full: str, prev_end: int
+    ) -> int:
+        """Where turn `i`'s generated text starts in `full`: after its generation prompt."""
+        if i > 0:
+            prompt = self.render(messages[:i], tools, add_generation_prompt=True)
+            common = _common_prefix_len(prompt, full)
+            gen = self.probe.gen_prompt
+            agreed = common - (len(prompt) - len(gen))  # characters of the header that agree
+            # a prefix, or agreement through the header (only e.g. an empty <think> differs)
+            if common >= prev_end and (common >= len(prompt) or gen[: max(agreed, 0)].strip()):
+                return common
+            # the template rewrites earlier text (Mistral v0.3 moves the system prompt into
+            # the last user turn; DeepSeek's whitespace depends on what follows): the prompt's
+            # tail still ends right where the turn starts
+            found = _tail_end(full, prev_end, prompt.rstrip())
+            if found >= 0:
+                while found < len(full) and full[found].isspace():
+                    found += 1
+                return found
+        return self._find_after(full, prev_end, (self.probe.header, self.probe.last_header))
+
+    def _rewritten_end(self, full: str, start: int, common: int, i: int) -> int:
+        """End of turn `i` when rendering it as the last turn disagrees with `full` at `common`.
+
+        The turn ends at an end-of-turn text that starts by `common` (the renderings diverge
+        inside it: gpt-oss `<|end|>` vs `<|return|>`), else at the first one after it (Qwen3
+        drops the turn's <think> block, so the renderings diverge at its start).
+        """
+        eots = [e for e in dict.fromkeys((self.probe.eot_mid, self.probe.eot)) if e]
+        before = [(p, e) for e in eots if (p := full.rfind(e, start, common + len(e))) >= 0]
+        if before:
+            pos, eot = max(before, key=lambda pe: pe[0] + len(pe[1]))
+            return pos + len(eot)
+        after = [(p, e) for e in eots if (p := full.find(e, max(start, common))) >= 0]
+        if not after:
+            raise TemplateRejected(
+                f"cannot locate the end of assistant message {i} in the rendering: the template "
+                "rewrites earlier turns and has no end-of-turn text sftkit can find"
+            )
+        pos, eot = min(after)
+        return pos + len(eot)
 
     @staticmethod
     def _find_after(full: str, pos: int, headers: tuple[str, ...]) -> int:
@@ -324,13 +402,15 @@ class ChatRenderer:
             )
             return Probe("", "", "", 0, "")
         user_tail = alone[alone.find(_USER) + 1 :]  # e.g. "<|im_end|>\n"
-        eot = one[one.find(_ASSISTANT) + 1 :].strip() if _ASSISTANT in one else ""
+        tail = one[one.find(_ASSISTANT) + 1 :] if _ASSISTANT in one else ""
+        eot = tail.strip()
         return Probe(
             header=_between(two, _USER, _ASSISTANT, user_tail),
             last_header=_between(one, _USER, _ASSISTANT, user_tail),
             eot=eot,
             gen_prompt_len=max(len(prompt) - len(alone), 0),
             gen_prompt=prompt[len(alone) :] if prompt.startswith(alone) else "",
+            eot_mid=_mid_eot(tail, _between(two, _ASSISTANT, _USER2, ""), user_tail.strip()),
         )
 
     @property
@@ -378,9 +458,54 @@ def _common_prefix_len(a: str, b: str) -> int:
     return lo
 
 
-def _fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
-        return None
-    first = dict(messages[1])
-    first["content"] = f"{messages[0]['content']}\n\n{first['content']}"
-    return [first, *messages[2:]]
+def _variants(messages: Messages, tools: Tools) -> Iterator[tuple[str, tuple[Messages, Tools]]]:
+    """The conversation as given, then cumulative adaptations, each named for the log."""
+    base = arguments_as_objects(messages) or messages
+    yield "", (base, tools)
+    schemas, named = with_tool_schemas(tools), with_tool_result_names(base)
+    filled, filled_tools = named or base, schemas or tools
+    if schemas or named:
+        yield "with OpenAI tool schemas and tool result names", (filled, filled_tools)
+    strings = arguments_as_strings(filled)
+    if strings:
+        yield "with tool-call arguments as JSON strings", (strings, filled_tools)
+    folded = fold_system(filled)
+    if folded:
+        yield "with the system message folded into the first user turn", (folded, filled_tools)
+        if strings:
+            both = fold_system(strings) or strings
+            yield "with the system message folded and arguments as strings", (both, filled_tools)
+
+
+def _tail_end(full: str, lo: int, tail: str) -> int:
+    """End of the longest suffix of `tail` found in `full[lo:]` (at least `MIN_SUFFIX`), or -1.
+
+    Binary search: a suffix that occurs means every shorter one occurs too.
+    """
+    if len(tail) < MIN_SUFFIX or full.find(tail[-MIN_SUFFIX:], lo) < 0:
+        return -1
+    good, bad = MIN_SUFFIX, len(tail) + 1
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if full.find(tail[-mid:], lo) >= 0:
+            good = mid
+        else:
+            bad = mid
+    return full.find(tail[-good:], lo) + good
+
+
+def _mid_eot(last_tail: str, mid_tail: str, user_eot: str) -> str:
+    """End-of-turn text of an earlier assistant turn, from what follows it in the probes.
+
+    What the last and an earlier turn share (`<|im_end|>\n`); else, when they share nothing
+    (gpt-oss `<|return|>` / `<|end|>`), the user turns' end-of-turn text if it follows.
+    """
+    shared = last_tail[: _common_prefix_len(last_tail, mid_tail)]
+    # never end inside a marker: "<|end|><|assistant|>" and "<|end|><|user|>" share "<|end|><|"
+    opener = max(shared.rfind("<"), shared.rfind("["))
+    if opener > max(shared.rfind(">"), shared.rfind("]")):
+        shared = shared[:opener]
+    shared = shared.strip()
+    if shared:
+        return shared
+    return user_eot if user_eot and mid_tail.lstrip().startswith(user_eot) else ""
