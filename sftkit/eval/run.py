@@ -1,9 +1,12 @@
-"""Evaluate an HF model directory: greedy generation on a local JSONL and a score.
+"""Evaluate a trained model: generate for local prompts and score against references.
 
-Config (`examples/configs/evals/eval.yaml`, overridable like the training config):
-generation.model_name, generation.max_new_tokens, generation.batch_size,
-data.data_path, data.problem_key, data.solution_key, data.prompt_file,
-eval.metric (exact_match | contains), eval.save_path.
+    uv run examples/run_eval.py [--config examples/configs/evals/eval.yaml] [overrides]
+
+`generation.model_name` may be an HF directory (`<checkpoint_dir>/final_hf`), a training
+checkpoint (`step_N`, or the checkpoint_dir for its newest: converted to HF on the fly,
+as NeMo RL's `convert_dcp_to_hf.py` would), a PEFT adapter directory (`final_adapter`,
+merged into its base model), or a hub id. Prompts are rendered with the training chat
+template and `prompt_file` / `system_prompt_file`, as the eval guide asks.
 """
 
 from __future__ import annotations
@@ -11,165 +14,265 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
-from sftkit.config.overrides import apply_overrides
-from sftkit.config.schema import PolicyConfig
+from sftkit.eval.config import EvalConfig, EvalDataSection, GenerationSection, load_eval_config
 
 logger = logging.getLogger("sftkit")
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_EVAL_CONFIG = REPO / "examples" / "configs" / "evals" / "eval.yaml"
-
-
-@dataclass
-class GenerationSection:
-    model_name: str = "results/sft/final_hf"  # HF directory to evaluate
-    max_new_tokens: int = 32  # tokens generated per prompt (greedy)
-    batch_size: int = 64  # prompts per generate call
-    chat_template: str | None = "default"  # as policy.tokenizer.chat_template
-    device: str = "auto"  # auto | cpu | cuda
-
-
-@dataclass
-class EvalDataSection:
-    data_path: str = "examples/data/addition_validation.jsonl"  # local JSONL
-    problem_key: str = "input"  # field holding the prompt
-    solution_key: str = "output"  # field holding the reference answer
-    prompt_file: str | None = None  # `{}` template applied to the problem, as in training
-    max_samples: int | None = None  # evaluate only the first N rows
-
-
-@dataclass
-class EvalSection:
-    metric: str = "exact_match"  # exact_match (after whitespace strip) | contains
-    save_path: str | None = None  # JSON with score, metric, num_samples, generations
-
-
-@dataclass
-class EvalConfig:
-    generation: GenerationSection = field(default_factory=GenerationSection)
-    data: EvalDataSection = field(default_factory=EvalDataSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-
-
-METRICS = {
+SCORERS: dict[str, Callable[[str, str], bool]] = {
     "exact_match": lambda pred, ref: pred.strip() == ref.strip(),
     "contains": lambda pred, ref: ref.strip() in pred,
 }
 
+__all__ = ["evaluate", "load_eval_config", "main", "pass_at_k", "read_eval_rows"]
 
-def load_eval_config(path: str | None, overrides: list[str]) -> EvalConfig:
-    tree = OmegaConf.to_container(OmegaConf.load(path or DEFAULT_EVAL_CONFIG), resolve=True)
-    apply_overrides(tree, overrides, {}, lambda path, source: None)  # type: ignore[arg-type]
-    schema = OmegaConf.structured(EvalConfig)
+
+# -- model --------------------------------------------------------------------------------
+@contextmanager
+def hf_model_dir(model_name: str) -> Iterator[tuple[str, str | None]]:
+    """(HF model directory or hub id, PEFT adapter directory or None) for `model_name`."""
+    from sftkit.model.builtin import resolve_model_path
+
+    if model_name.startswith("sftkit:"):
+        yield str(resolve_model_path(model_name)), None
+        return
+    path = Path(model_name).expanduser()
+    if (path / "config.json").is_file():
+        yield str(path), None
+    elif (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path.")
+        yield str(resolve_model_path(base)), str(path)
+    elif (path / "training_info.json").is_file() or any(path.glob("step_*/training_info.json")):
+        consolidated = path / "policy" / "consolidated"
+        if (consolidated / "config.json").is_file():
+            yield str(consolidated), None
+            return
+        from sftkit.train.export import export_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="sftkit-eval-") as tmp:
+            logger.info("converting checkpoint %s to an HF directory in %s", path, tmp)
+            export_checkpoint(path, Path(tmp))
+            yield tmp, None
+    elif path.exists() or model_name.startswith((".", "/", "~")):
+        raise ValueError(
+            f"generation.model_name={model_name!r} is not an HF model directory (no config.json), "
+            "a PEFT adapter (adapter_config.json) or a training checkpoint (step_N). Point it "
+            "at <checkpoint_dir>/final_hf, final_adapter or a step_N directory."
+        )
+    else:
+        yield model_name, None  # a hub id
+
+
+def load_model(model_dir: str, adapter: str | None, device: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    from sftkit.train.dist import pick_device
+
     try:
-        merged = OmegaConf.merge(schema, tree)
-    except Exception as err:  # OmegaConf names the bad key and its type
-        raise ValueError(f"eval config: {err}") from err
-    cfg: EvalConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    if cfg.eval.metric not in METRICS:
-        raise ValueError(f"eval.metric={cfg.eval.metric!r}; choose one of {sorted(METRICS)}")
-    return cfg
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    except OSError as err:
+        raise ValueError(
+            f"generation.model_name: cannot load a model from {model_dir!r} "
+            f"({str(err).splitlines()[0]}). Give a local HF directory or a reachable hub id."
+        ) from None
+    if adapter:
+        from peft import PeftModel  # an optional dependency, only for adapter directories
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.to(pick_device(device, 0)).eval()
 
 
-def read_rows(cfg: EvalDataSection) -> list[dict[str, Any]]:
-    rows = []
-    with open(cfg.data_path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{cfg.data_path}:{line_no}: invalid JSON ({err.msg})") from err
-            for key in (cfg.problem_key, cfg.solution_key):
-                if key not in row:
-                    raise ValueError(
-                        f"{cfg.data_path}:{line_no}: no key {key!r}; set data.problem_key / "
-                        f"data.solution_key (keys present: {sorted(row)})"
-                    )
-            rows.append(row)
+def load_eval_tokenizer(cfg: EvalConfig, model_dir: str, adapter: str | None) -> Any:
+    """The tokenizer that trained the model, with the configured chat template."""
+    from transformers import AutoTokenizer
+
+    from sftkit.data.tokenizer import resolve_chat_template
+
+    name = cfg.tokenizer.name or _tokenizer_dir(model_dir, adapter)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"tokenizer.name={name!r}: cannot load a tokenizer ({str(err).splitlines()[0]}). "
+            "Set tokenizer.name to a directory with tokenizer files."
+        ) from None
+    choice = cfg.tokenizer.chat_template
+    template = cfg.generation.chat_template if choice == "default" else choice
+    spec = argparse.Namespace(chat_template=template, custom_template=None)
+    try:
+        tokenizer.chat_template = resolve_chat_template(spec, tokenizer, name)
+    except ValueError as err:  # its text names the training key
+        raise ValueError(str(err).replace("policy.tokenizer.", "tokenizer.")) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _tokenizer_dir(model_dir: str, adapter: str | None) -> str:
+    """An adapter dir's own tokenizer, else its run's final_hf (training template), else base."""
+    if adapter:
+        for candidate in (Path(adapter), Path(adapter).parent / "final_hf"):
+            if (candidate / "tokenizer_config.json").is_file():
+                return str(candidate)
+    return model_dir
+
+
+# -- data and prompts -------------------------------------------------------------------
+def read_eval_rows(cfg: EvalDataSection) -> list[dict[str, Any]]:
+    """Rows of `data.data_path` (any format training reads); each needs both keys."""
+    from sftkit.data.datasets.files import read_rows
+    from sftkit.data.errors import DataError
+
+    rows = read_rows(cfg.data_path, split=cfg.split)
+    for row in rows:
+        for key in (cfg.problem_key, cfg.solution_key):
+            if row.get(key) is None:
+                raise DataError(
+                    str(row.get("_origin", cfg.data_path)),
+                    f"no {key!r} value (keys: {sorted(k for k in row if k != '_origin')}).",
+                    "set data.problem_key / data.solution_key to your columns.",
+                )
     return rows[: cfg.max_samples] if cfg.max_samples else rows
 
 
+def build_prompts(cfg: EvalConfig, tokenizer: Any, rows: list[dict[str, Any]]) -> list[str]:
+    """Chat-templated prompts ending in the generation header, with BOS as training adds it."""
+    from sftkit.data.datasets.base import TaskDataSpec
+
+    spec = TaskDataSpec("eval", cfg.data.prompt_file, cfg.data.system_prompt_file)
+    kwargs = dict(cfg.tokenizer.chat_template_kwargs or {})
+    bos = tokenizer.bos_token
+    prompts = []
+    for row in rows:
+        messages = [{"role": "user", "content": str(row[cfg.data.problem_key])}]
+        messages = spec.apply({"messages": messages})["messages"]
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **kwargs
+        )
+        prompts.append(bos + text if bos and not text.startswith(bos) else text)
+    return prompts
+
+
+# -- generation and scoring -------------------------------------------------------------
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, prompts: list[str], cfg: GenerationSection) -> list[str]:
-    """Greedy completions, batched with left padding."""
+def generate(
+    model: Any, tokenizer: Any, prompts: list[str], cfg: GenerationSection, n: int, limit: int
+) -> list[list[str]]:
+    """`n` completions per prompt (greedy when temperature is 0), batched, left-padded."""
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    outputs: list[str] = []
+    sampling = cfg.temperature > 0
+    eos = [tokenizer.eos_token_id, *(cfg.stop_token_ids or [])]
+    outputs: list[list[str]] = []
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        if limit and enc["input_ids"].shape[1] > limit:
+            raise ValueError(
+                f"a prompt has {enc['input_ids'].shape[1]} tokens, more than "
+                f"data.max_input_seq_length={limit}; raise it or shorten the prompts."
+            )
         enc = {k: v.to(device) for k, v in enc.items()}
         out = model.generate(
             **enc,
             max_new_tokens=cfg.max_new_tokens,
-            do_sample=False,
+            do_sample=sampling,
+            temperature=cfg.temperature if sampling else None,
+            top_p=cfg.top_p if sampling else None,
+            top_k=(cfg.top_k if cfg.top_k > 0 else 0) if sampling else None,
+            num_return_sequences=n if sampling else 1,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=[i for i in eos if i is not None],
         )
-        new = out[:, enc["input_ids"].shape[1] :]
-        outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+        texts = tokenizer.batch_decode(
+            out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        texts = [_cut(t, cfg.stop_strings) for t in texts]
+        per = n if sampling else 1
+        for k in range(len(chunk)):
+            group = texts[k * per : (k + 1) * per]
+            outputs.append(group if sampling else group * n)  # greedy samples are identical
     return outputs
 
 
+def _cut(text: str, stops: list[str] | None) -> str:
+    for stop in stops or []:
+        if stop and stop in text:
+            text = text[: text.index(stop)]
+    return text
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
+
+
+def score_prompt(samples: list[str], reference: str, metric: str, k: int) -> tuple[float, bool]:
+    """(score of one prompt, whether its first sample is right)."""
+    scorer = SCORERS["contains" if metric == "contains" else "exact_match"]
+    hits = [scorer(s, reference) for s in samples]
+    if metric == "pass@k":
+        return pass_at_k(len(hits), sum(hits), k), hits[0]
+    if metric == "cons@k":
+        vote = Counter(s.strip() for s in samples[:k]).most_common(1)[0][0]
+        return float(scorer(vote, reference)), hits[0]
+    return sum(hits) / len(hits), hits[0]
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM
-
-    from sftkit.data.tokenizer import load_tokenizer
-    from sftkit.train.dist import pick_device
-
+    """Generate for every row and score it; the result is what `eval.save_path` receives."""
     t0 = time.monotonic()
-    model_dir = cfg.generation.model_name
-    if not Path(model_dir).exists() and not model_dir.startswith("sftkit:"):
-        logger.info("%s is not a local directory: loading it as a hub id", model_dir)
-    policy = PolicyConfig(model_name=model_dir)
-    policy.tokenizer.name = model_dir
-    policy.tokenizer.chat_template = cfg.generation.chat_template
-    tokenizer = load_tokenizer(policy)
-    from sftkit.model.builtin import resolve_model_path
-
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_dir))
-    model.to(pick_device(cfg.generation.device, 0)).eval()
-    rows = read_rows(cfg.data)
-    template = Path(cfg.data.prompt_file).read_text() if cfg.data.prompt_file else None
-    prompts = []
-    for row in rows:
-        problem = str(row[cfg.data.problem_key])
-        content = template.format(problem) if template else problem
-        prompts.append(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-            )
-        )
-    predictions = generate(model, tokenizer, prompts, cfg.generation)
-    scorer = METRICS[cfg.eval.metric]
-    correct = [bool(scorer(p, str(r[cfg.data.solution_key]))) for p, r in zip(predictions, rows, strict=True)]
+    torch.manual_seed(cfg.eval.seed)
+    rows = read_eval_rows(cfg.data)
+    with hf_model_dir(cfg.generation.model_name) as (model_dir, adapter):
+        tokenizer = load_eval_tokenizer(cfg, model_dir, adapter)
+        prompts = build_prompts(cfg, tokenizer, rows)
+        model = load_model(model_dir, adapter, cfg.generation.device)
+    n = cfg.eval.num_tests_per_prompt
+    limit = cfg.data.max_input_seq_length or 0
+    samples = generate(model, tokenizer, prompts, cfg.generation, n, limit)
+    scores, generations = [], []
+    for row, group in zip(rows, samples, strict=True):
+        reference = str(row[cfg.data.solution_key])
+        value, first_right = score_prompt(group, reference, cfg.eval.metric, cfg.eval.k_value)
+        scores.append(value)
+        entry = {"prompt": str(row[cfg.data.problem_key]), "generation": group[0],
+                 "reference": reference, "correct": first_right, "score": value}  # fmt: skip
+        if n > 1:
+            entry["samples"] = group
+        generations.append(entry)
     return {
-        "model": model_dir,
+        "model": cfg.generation.model_name,
         "dataset": cfg.data.data_path,
         "metric": cfg.eval.metric,
-        "score": sum(correct) / max(len(correct), 1),
+        "k": cfg.eval.k_value,
+        "num_tests_per_prompt": n,
+        "temperature": cfg.generation.temperature,
+        "score": sum(scores) / max(len(scores), 1),
         "num_samples": len(rows),
         "seconds": round(time.monotonic() - t0, 2),
-        "generations": [
-            {"prompt": str(r[cfg.data.problem_key]), "generation": p,
-             "reference": str(r[cfg.data.solution_key]), "correct": c}
-            for r, p, c in zip(rows, predictions, correct, strict=True)
-        ],  # fmt: skip
+        "generations": generations,
     }
 
 
 def main(argv: list[str]) -> int:
+    """Entry point of `examples/run_eval.py` and `sftkit eval`: 0 done, 2 bad config/data."""
     from sftkit.log import setup_logging
 
     parser = argparse.ArgumentParser(prog="run_eval.py")
@@ -181,11 +284,20 @@ def main(argv: list[str]) -> int:
     except ValueError as err:
         print(f"Config error: {err}", file=sys.stderr)
         return 2
-    result = evaluate(cfg)
+    try:
+        result = evaluate(cfg)
+    except (ValueError, ImportError) as err:  # bad data, model path, template, missing peft
+        if os.environ.get("SFTKIT_TRACEBACK"):
+            raise
+        print(f"Error: {err}", file=sys.stderr)
+        return 2
+    gen = cfg.generation
+    sampling = "greedy" if gen.temperature == 0 else f"temperature {gen.temperature}"
+    metric = result["metric"].replace("@k", f"@{cfg.eval.k_value}")
     print(
-        f"model {result['model']} | data {result['dataset']} | greedy, "
-        f"max_new_tokens {cfg.generation.max_new_tokens} | {result['metric']} "
-        f"{result['score']:.4f} ({result['num_samples']} samples, {result['seconds']}s)"
+        f"model {result['model']} | data {result['dataset']} | {sampling}, max_new_tokens "
+        f"{gen.max_new_tokens} | {metric} {result['score']:.4f} ({result['num_samples']} "
+        f"samples, {result['seconds']}s)"
     )
     if cfg.eval.save_path:
         path = Path(cfg.eval.save_path)

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from sftkit.config.schema import DATASET_KEYS
 from sftkit.data.datasets.base import RawDataset, Row, TaskDataSpec, split_rows
 from sftkit.data.datasets.gsm8k import GSM8KDataset
 from sftkit.data.datasets.oasst import OasstDataset
@@ -36,6 +37,9 @@ DATASETS: dict[str, type] = {
 }
 # Keys of a dataset entry that select or process it rather than configure the class.
 ENTRY_KEYS = ("dataset_name", "processor", "env_name")
+PROCESSORS = ("sft_processor", "default")  # NeMo RL's names for the SFT processor
+# Keys some NeMo RL dataset takes: unused ones are warned about, never called typos.
+KNOWN_KEYS = DATASET_KEYS | {"env_name"}
 
 __all__ = [
     "DATASETS",
@@ -82,11 +86,10 @@ def load_dataset(entry: Mapping[str, Any]) -> Any:
         )
     cls = resolve_class(str(name))
     kwargs = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+    _check_processor(entry.get("processor"), str(name))
     params = inspect.signature(cls).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        ignored = sorted(k for k in kwargs if k not in params and kwargs[k] is not None)
-        if ignored:
-            logger.warning("dataset %s does not take %s; ignored", name, ", ".join(ignored))
+        _report_unused(str(name), kwargs, params)
         kwargs = {k: v for k, v in kwargs.items() if k in params}
     dataset = cls(**kwargs)
     _check(dataset, str(name))
@@ -97,6 +100,38 @@ def load_dataset(entry: Mapping[str, Any]) -> Any:
             spec.prompt = spec.system_prompt = None
             spec.__post_init__()
     return dataset
+
+
+def _report_unused(name: str, kwargs: dict[str, Any], params: Mapping[str, Any]) -> None:
+    """Fail on a misspelt key; warn once about NeMo RL keys this class does not take.
+
+    A key that is no NeMo RL dataset key but close to one this class takes is a typo
+    (`input_kye`): ignoring it would train on the wrong column. Keys equal to the
+    `data.default` values of the seed guide (`input_key: input`, ...) reach every entry
+    through the merge, so they are not worth a warning.
+    """
+    unused = [k for k in kwargs if k not in params and kwargs[k] is not None]
+    for key in unused:
+        close = difflib.get_close_matches(key, list(params), n=1, cutoff=0.75)
+        if key not in KNOWN_KEYS and close:
+            raise ValueError(
+                f"dataset {name}: unknown key {key!r}. Did you mean {close[0]!r}? Rename it in "
+                "data.train / data.validation / data.default."
+            )
+    neutral = inspect.signature(ResponseDataset).parameters
+    noisy = sorted(k for k in unused if not (k in neutral and kwargs[k] == neutral[k].default))
+    if noisy:
+        logger.warning("dataset %s does not take %s; ignored", name, ", ".join(noisy))
+
+
+def _check_processor(processor: Any, name: str) -> None:
+    if processor not in (None, *PROCESSORS):
+        logger.warning(
+            "dataset %s: processor=%r is not an SFT processor; sftkit uses sft_processor "
+            "(set processor: sft_processor to silence this)",
+            name,
+            processor,
+        )
 
 
 def _check(dataset: Any, name: str) -> None:

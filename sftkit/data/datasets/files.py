@@ -18,6 +18,8 @@ from sftkit.data.errors import DataError
 
 Row = dict[str, Any]
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt", ".gz")
+# Files `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the top level.
+SAVED_MARKERS = ("dataset_dict.json", "state.json")
 
 
 def read_rows(source: str, split: str | None = None, subset: str | None = None) -> list[Row]:
@@ -143,16 +145,13 @@ def _read_arrow(path: Path, suffix: str) -> list[Row]:
 
 
 def _read_saved(path: Path, split: str | None) -> list[Row]:
+    """A `save_to_disk` directory, or else a directory of data files (a hub clone)."""
     import datasets
 
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except FileNotFoundError as err:
-        raise DataError(
-            str(path),
-            f"not a `save_to_disk` directory ({err}).",
-            "give a file, a hub id, or a directory written by Dataset.save_to_disk.",
-        ) from None
+    saved = any((path / name).is_file() for name in SAVED_MARKERS)
+    if not saved:
+        return read_hub(str(path), split=split)
+    ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[_pick_split(list(ds), split, str(path))]
     return _with_origin(ds, str(path))
@@ -161,14 +160,34 @@ def _read_saved(path: Path, split: str | None) -> list[Row]:
 def read_hub(
     name: str, split: str | None = None, subset: str | None = None, **kwargs: Any
 ) -> list[Row]:
-    """A hub dataset through `datasets.load_dataset`; `split` defaults to "train"."""
+    """A hub dataset (or a local directory of data files) through `datasets.load_dataset`.
+
+    `split` defaults to "train". Failures (no network, unknown id, no data files) become
+    a `DataError` naming the id, so they read as a data problem, not a crash.
+    """
     import datasets
 
-    ds = datasets.load_dataset(name, subset, **kwargs)
+    try:
+        ds = datasets.load_dataset(name, subset, **kwargs)
+    except Exception as err:  # datasets raises many types: connection, not found, empty dir
+        local = Path(name).expanduser().is_dir()
+        raise DataError(
+            name,
+            f"could not load it {'as a data directory' if local else 'from the Hugging Face Hub'}"
+            f" ({type(err).__name__}: {_first_line(err)}).",
+            "give a local .jsonl/.json/.csv/.parquet file or a save_to_disk directory, or a "
+            "hub dataset id that is reachable (offline: download it first and point "
+            "data_path at the local copy).",
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[_pick_split(list(ds), split, name)]
     label = f"{name}[{split or 'train'}]"
     return _with_origin(ds, label)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else "no message"
 
 
 def _pick_split(available: list[str], split: str | None, name: str) -> str:
