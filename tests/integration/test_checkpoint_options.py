@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -85,6 +86,27 @@ def test_save_consolidated_and_export(small_run, reference_run, tmp_path: Path) 
         out / "tokenizer_config.json"
     ).read_text()
     assert main(["export", str(step), str(tmp_path / "x"), "--adapter"]) == 2  # full run
+
+    # NeMo RL's converter command, as its docs write it, gives the same model.
+    converter = _load_script("examples/converters/convert_dcp_to_hf.py")
+    step_14 = reference_run.checkpoint_dir / "step_14"
+    args = ["--config", str(step_14 / "config.yaml"), "--dcp-ckpt-path",
+            str(step_14 / "policy" / "weights"), "--hf-ckpt-path", str(tmp_path / "hf")]  # fmt: skip
+    assert converter.main(args) == 0
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    assert all(torch.equal(converted[k], v) for k, v in exported.items())
+    assert converter.main(["--dcp-ckpt-path", str(tmp_path), "--hf-ckpt-path", "y"]) == 2
+
+
+def _load_script(relative: str) -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_lora_export_merged_and_adapter(small_run, tiny_model_dir: Path, tmp_path: Path) -> None:
