@@ -71,8 +71,8 @@ def _run_reporting_errors(run_sft: Any, cfg: Any) -> int | None:
     except (NonFiniteError, ConnectionError) as err:
         code, kind = 1, "Training stopped"
         error: BaseException = err
-    except ValueError as err:
-        code, kind = 2, "Error"
+    except ValueError as err:  # ConfigError and DataError included: the fix is in the text
+        code, kind = 2, "Config error" if type(err).__name__ == "ConfigError" else "Error"
         error = err
     if os.environ.get("SFTKIT_TRACEBACK"):
         traceback.print_exception(error)
@@ -94,9 +94,10 @@ def eval_main(argv: list[str]) -> int:
 
 
 def preview_main(argv: list[str]) -> int:
+    """Entry point of `examples/preview_data.py`: bad config or data is one line, exit 2."""
     from sftkit.data.preview import main
 
-    return main(argv) or 0
+    return _run_reporting_errors(lambda _: main(argv), None) or 0
 
 
 def export_main(argv: list[str]) -> int:

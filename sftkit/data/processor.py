@@ -353,13 +353,26 @@ class Processor:
         if not masked and not any(first < kept for first, stop in ranges if stop > first):
             if self.settings.drop_untrainable:
                 return "untrainable", 0, False, False
-            reason = f"after truncation to {limit} tokens" if truncated else "in this conversation"
-            raise DataError(
-                where,
-                f"no token is trained {reason} (the assistant turns render to nothing trainable).",
-                "raise data.max_input_seq_length / policy.max_total_sequence_length, or set "
-                "data.drop_untrainable: true to drop and count such rows.",
-            )
+            if truncated:
+                problem = (
+                    f"no token is trained after truncation to {limit} tokens (the prompt alone "
+                    "reaches the limit)."
+                )
+                fix = (
+                    "raise data.max_input_seq_length / policy.max_total_sequence_length, or set "
+                    "data.overlong_policy: drop (or data.drop_untrainable: true) to drop and "
+                    "count such rows."
+                )
+            else:
+                problem = (
+                    "no token is trained in this conversation (its assistant turns render to "
+                    "nothing trainable)."
+                )
+                fix = (
+                    "give it an assistant reply, or set data.drop_untrainable: true to drop and "
+                    "count such rows."
+                )
+            raise DataError(where, problem, fix)
         return None, kept, truncated, masked
 
 

@@ -117,7 +117,7 @@ def test_untrainable_is_an_error_or_a_counted_drop(tmp_path: Path):
         max_input_seq_length=100,
     )
     with pytest.raises(
-        DataError, match=r"d.jsonl:1: no token is trained after truncation.*drop_untrainable"
+        DataError, match=r"d.jsonl:1: no token is trained after truncation.*prompt alone.*drop"
     ):
         prepare_data(cfg, make_tokenizer("qwen25"))
     cfg.data.drop_untrainable = True

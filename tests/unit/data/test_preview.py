@@ -70,3 +70,19 @@ def test_terminal_view_marks_trained_text(config: Path, capsys: pytest.CaptureFi
     )
     record = json.loads(capsys.readouterr().out)
     assert record["truncated"] and record["length"] == 40 and not any(record["loss_mask"])
+
+
+def test_bad_data_is_one_line_and_exit_2(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sftkit.cli import main as cli_main
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n')
+    code = cli_main(["preview", "--config", str(config), f"data.train.data_path={broken}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("Error: ") and "broken.jsonl:2: malformed JSON" in err[-1]
+    assert not any(line.startswith("Traceback") for line in err)
+    assert cli_main(["preview", "--config", str(config), "data.trian=1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("Config error: ")
