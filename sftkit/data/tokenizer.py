@@ -33,8 +33,9 @@ def load_tokenizer(policy_cfg: Any) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
     except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
-            f"policy.tokenizer.name={name!r}: could not load a tokenizer ({err}). Set "
+            f"policy.tokenizer.name={name!r}: could not load a tokenizer ({reason}). Set "
             "policy.tokenizer.name (or policy.model_name) to a local directory holding "
             "tokenizer files or to a Hugging Face hub id you can reach."
         ) from err

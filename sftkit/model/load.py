@@ -29,31 +29,60 @@ def load_model(
     Parameters stay in `param_dtype` (float32 master weights by default; compute precision
     comes from autocast in the loop).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if trust_remote_code:
         logger.warning(
             "policy.trust_remote_code=true: model code from %s will run on this machine", model_name
         )
-    path = resolve_model_path(model_name)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    for key, value in (config_overrides or {}).items():
-        if not hasattr(config, key):
-            raise ValueError(
-                f"policy.hf_config_overrides.{key}: {type(config).__name__} has no field {key!r}"
-            )
-        setattr(config, key, value)
+    path, config = model_config(model_name, trust_remote_code, config_overrides)
     kwargs: dict[str, Any] = {"config": config, "dtype": param_dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(
-        path, trust_remote_code=trust_remote_code, **kwargs
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except OSError as err:  # config found, weights not (partial download, no network)
+        raise ValueError(_unloadable(model_name, err)) from err
     if getattr(model.config, "use_cache", False):
         # A KV cache during training only costs memory (and, with an attention mask,
         # changes how transformers builds masks for packed rows).
         model.config.use_cache = False
     return model
+
+
+def model_config(
+    model_name: str, trust_remote_code: bool, overrides: dict[str, Any] | None = None
+) -> tuple[str, Any]:
+    """(local path or hub id, HF config with `policy.hf_config_overrides` applied).
+
+    A name that cannot be loaded (no network and not in the HF cache, a typo, a directory
+    without config.json) is a ValueError saying how to fix it, not a traceback.
+    """
+    from transformers import AutoConfig
+
+    path = resolve_model_path(model_name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ValueError(_unloadable(model_name, err)) from err
+    for key, value in (overrides or {}).items():
+        if not hasattr(config, key):
+            raise ValueError(
+                f"policy.hf_config_overrides.{key}: {type(config).__name__} has no field {key!r}"
+            )
+        setattr(config, key, value)
+    return path, config
+
+
+def _unloadable(model_name: str, err: OSError) -> str:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (
+        f"policy.model_name={model_name!r} cannot be loaded ({reason}). Set policy.model_name "
+        "to a local directory holding an HF model (config.json and safetensors weights), "
+        f"download it first (`hf download {model_name}`), or check the name"
+    )
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

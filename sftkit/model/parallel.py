@@ -390,19 +390,11 @@ def build_meta_model(
     config_overrides: dict[str, Any],
 ) -> nn.Module:
     """The HF model's architecture with parameters on the meta device (no weights read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from sftkit.model.builtin import resolve_model_path
+    from sftkit.model.load import model_config
 
-    config = AutoConfig.from_pretrained(
-        resolve_model_path(model_name), trust_remote_code=trust_remote_code
-    )
-    for key, value in config_overrides.items():
-        if not hasattr(config, key):
-            raise ValueError(
-                f"policy.hf_config_overrides.{key}: {type(config).__name__} has no field {key!r}"
-            )
-        setattr(config, key, value)
+    _, config = model_config(model_name, trust_remote_code, config_overrides)
     if attn_implementation:
         config._attn_implementation = attn_implementation
     config.use_cache = False
