@@ -15,13 +15,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from sftkit.data import cache
 from sftkit.data.datasets import load_dataset, rows_of
-from sftkit.data.processor import BatchResult, Processor, ProcessorSettings
+from sftkit.data.processor import BatchResult, OverlongPolicy, Processor, ProcessorSettings
 from sftkit.data.types import Example, PreparedData
 
 logger = logging.getLogger("sftkit")
@@ -64,7 +64,7 @@ def settings_from_config(cfg: Any) -> ProcessorSettings:
         raise ValueError(f"data.overlong_policy={policy!r}: use truncate, drop or mask.")
     return ProcessorSettings(
         max_length=int(max_len),
-        overlong_policy=policy,
+        overlong_policy=cast(OverlongPolicy, policy),  # checked just above
         add_bos=bool(getattr(data, "add_bos", True)),
         add_eos=bool(getattr(data, "add_eos", True)),
         only_unmask_final=bool(getattr(getattr(cfg, "sft", None), "only_unmask_final", False)),

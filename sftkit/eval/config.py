@@ -99,7 +99,7 @@ def load_eval_config(path: str | None, overrides: list[str]) -> EvalConfig:
     """The eval YAML (with `defaults:` parents) plus overrides, checked against the schema."""
     register_resolvers()
     tree, sources = read_config_tree(Path(path) if path else DEFAULT_EVAL_CONFIG)
-    apply_overrides(tree, overrides, sources, lambda key, source: None)  # type: ignore[arg-type]
+    apply_overrides(tree, overrides, sources, lambda key, source: None)
     _check_keys(tree, EvalConfig, "", sources)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(EvalConfig), tree)

@@ -83,7 +83,7 @@ def load_model(model_dir: str, adapter: str | None, device: str) -> Any:
     from sftkit.train.dist import pick_device
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir)
     except OSError as err:
         raise ValueError(
             f"generation.model_name: cannot load a model from {model_dir!r} "
