@@ -7,14 +7,11 @@ kernel comparisons run in one fresh subprocess with that environment (small shap
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_triton_interpreted
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sftkit.model.fused import apply_fused_kernels, compile_layers, resolve_fused_backend
@@ -135,13 +132,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_triton_kernels_equal_hf_code() -> None:
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[3]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "OK" in proc.stdout
+    run_triton_interpreted(SCRIPT)
 
 
 def _tiny_llama() -> LlamaForCausalLM:

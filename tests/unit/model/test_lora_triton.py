@@ -6,15 +6,9 @@ comparison runs in a fresh subprocess with that environment.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-import pytest
-
-pytest.importorskip("triton")
+from conftest import run_triton_interpreted
 
 SCRIPT = textwrap.dedent(
     """
@@ -63,9 +57,4 @@ SCRIPT = textwrap.dedent(
 
 
 def test_triton_kernels_equal_torch_path() -> None:
-    root = Path(__file__).resolve().parents[3]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "OK" in proc.stdout
+    run_triton_interpreted(SCRIPT)

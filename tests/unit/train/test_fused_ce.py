@@ -8,13 +8,9 @@ row spans several blocks, as 128k-vocab rows do on a GPU).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-import pytest
+from conftest import run_triton_interpreted
 
 SCRIPT = textwrap.dedent(
     """
@@ -62,10 +58,4 @@ SCRIPT = textwrap.dedent(
 
 
 def test_fused_ce_kernel_equals_cross_entropy() -> None:
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[3]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "OK" in proc.stdout
+    run_triton_interpreted(SCRIPT)
