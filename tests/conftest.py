@@ -30,19 +30,6 @@ TRAIN_ROWS, VAL_ROWS, GLOBAL_BATCH = 96, 16, 16
 STEPS_PER_EPOCH = TRAIN_ROWS // GLOBAL_BATCH
 
 
-def run_triton_interpreted(script: str) -> str:
-    """Run `script` in a fresh Python with TRITON_INTERPRET=1 (Triton kernels on CPU tensors;
-    the variable must be set before triton is imported); returns its stdout, which must end
-    the script's checks with "OK"."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "OK" in proc.stdout
-    return proc.stdout
-
-
 def write_addition_data(path: Path, rows: int, seed: int = 0) -> Path:
     """`rows` lines of `{"input": "a+b", "output": "sum"}` (ResponseDataset JSONL)."""
     rng = random.Random(seed)
@@ -306,3 +293,21 @@ def preempted_run(small_run: SmallRun, tmp_path_factory: pytest.TempPathFactory)
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=120)
     return finished(proc, work, set(), code)
+
+
+@pytest.fixture
+def run_triton_interpreted() -> Any:
+    """`run(script) -> stdout`: `script` in a fresh Python with TRITON_INTERPRET=1 (Triton
+    kernels on CPU tensors; the variable must be set before triton is imported). The script
+    must print "OK" once its checks pass."""
+    pytest.importorskip("triton")
+
+    def run(script: str) -> str:
+        env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+        proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "OK" in proc.stdout
+        return proc.stdout
+
+    return run

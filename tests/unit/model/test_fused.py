@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import textwrap
+from typing import Any
 
 import pytest
 import torch
-from conftest import run_triton_interpreted
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sftkit.model.fused import apply_fused_kernels, compile_layers, resolve_fused_backend
@@ -131,7 +131,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_triton_kernels_equal_hf_code() -> None:
+def test_triton_kernels_equal_hf_code(run_triton_interpreted: Any) -> None:
     run_triton_interpreted(SCRIPT)
 
 

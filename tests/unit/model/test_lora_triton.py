@@ -7,8 +7,7 @@ comparison runs in a fresh subprocess with that environment.
 from __future__ import annotations
 
 import textwrap
-
-from conftest import run_triton_interpreted
+from typing import Any
 
 SCRIPT = textwrap.dedent(
     """
@@ -56,5 +55,5 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_triton_kernels_equal_torch_path() -> None:
+def test_triton_kernels_equal_torch_path(run_triton_interpreted: Any) -> None:
     run_triton_interpreted(SCRIPT)

@@ -9,8 +9,7 @@ row spans several blocks, as 128k-vocab rows do on a GPU).
 from __future__ import annotations
 
 import textwrap
-
-from conftest import run_triton_interpreted
+from typing import Any
 
 SCRIPT = textwrap.dedent(
     """
@@ -57,5 +56,5 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_fused_ce_kernel_equals_cross_entropy() -> None:
+def test_fused_ce_kernel_equals_cross_entropy(run_triton_interpreted: Any) -> None:
     run_triton_interpreted(SCRIPT)
