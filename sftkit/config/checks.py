@@ -11,6 +11,7 @@ import typing
 from functools import cache
 from typing import Any, Union
 
+from sftkit.config.compat import MEGATRON_HONOURED
 from sftkit.config.errors import ConfigError
 from sftkit.config.schema import (
     CHOICES,
@@ -46,7 +47,7 @@ def strip_optional(tp: Any) -> tuple[Any, bool]:
 def section_class(tp: Any) -> type | None:
     """The dataclass a field holds (a config section), or None for leaves and free dicts."""
     inner, _ = strip_optional(tp)
-    return inner if dataclasses.is_dataclass(inner) else None
+    return inner if isinstance(inner, type) and dataclasses.is_dataclass(inner) else None
 
 
 def schema_type(path: str) -> Any | None:
@@ -132,6 +133,7 @@ def _unknown_message(prefix: str, key: str, cls: type) -> str:
     if prefix == "data":
         candidates += sorted(DATASET_KEYS)
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    suggestion: str | None
     if close:
         suggestion = f"{prefix}.{close[0]}" if prefix else close[0]
     else:
@@ -313,11 +315,20 @@ def _leaves(value: Any, path: str) -> list[str]:
 
 
 def ignored_settings(cfg: MasterConfig | dict[str, Any]) -> list[str]:
-    """Dotted paths in `IGNORED_KEYS` (or below a listed section) set to a non-default value."""
+    """Dotted paths in `IGNORED_KEYS` (or below a listed section) set to a non-default value.
+
+    A disabled `megatron_cfg` is not read (by NeMo RL either); an enabled one's optimizer
+    and schedule are honoured (`sftkit.config.compat.megatron_optimizer`).
+    """
     tree = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    megatron = bool(_get(tree, "policy.megatron_cfg.enabled"))
     found: list[str] = []
     for path in IGNORED_KEYS:
+        if path.startswith("policy.megatron_cfg.") and not megatron:
+            continue
         for leaf in _leaves(_get(tree, path), path):
+            if megatron and leaf in MEGATRON_HONOURED:
+                continue
             value = _get(tree, leaf)
             if value is None and leaf in DERIVED_DEFAULTS:
                 continue  # not filled yet (a schema instance built in code): the default

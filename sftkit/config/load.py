@@ -31,6 +31,15 @@ from sftkit.config.checks import (
     type_name,
     unknown_key_message,
 )
+from sftkit.config.compat import (
+    alias_key,
+    disabled_dtensor,
+    legacy_metric_name,
+    megatron_optimizer,
+    rename_aliases,
+    report_flat_data,
+    rewrite_references,
+)
 from sftkit.config.errors import ConfigError
 from sftkit.config.overrides import apply_overrides, lookup
 from sftkit.config.schema import (
@@ -94,6 +103,7 @@ def config_to_dict(
     cfg: MasterConfig | DictConfig | dict[str, Any], *, redacted: bool = True
 ) -> dict[str, Any]:
     """A plain nested dict of `cfg` (secrets replaced by "***" unless `redacted` is False)."""
+    data: Any
     if isinstance(cfg, DictConfig):
         data = OmegaConf.to_container(cfg, resolve=True)
     elif dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
@@ -150,12 +160,14 @@ def _build(config_path: str | Path | None, overrides: list[str]) -> tuple[DictCo
     register_resolvers()
     path = Path(config_path) if config_path is not None else DEFAULT_CONFIG_PATH
     tree, sources = read_config_tree(path)
-    apply_overrides(tree, overrides, sources, _check_known)
+    apply_overrides(tree, overrides, sources, _check_known, key_alias=alias_key)
+    tree = rewrite_references(tree)
     _move_flat_dataset_keys(tree, sources)
     check_keys(tree, sources)
     cfg = _merge_into_schema(tree, sources)
     _resolve(cfg, tree, sources)
     _fill_derived(cfg)
+    _read_other_versions(cfg)
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:  # a structural problem the steps above missed
@@ -185,6 +197,7 @@ def read_config_tree(
         raise ConfigError(f"Config files include each other through defaults: {cycle}.")
     data = _read_yaml(path, _chain[-1] if _chain else None)
     parents = data.pop("defaults", None)
+    rename_aliases(data, str(path))
     tree: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for parent in _parent_paths(parents, path):
@@ -200,6 +213,7 @@ def _read_yaml(path: Path, included_by: Path | None) -> dict[str, Any]:
     if not path.is_file():
         hint = "" if origin else " Pass an existing file with --config PATH."
         raise ConfigError(f"Config file not found: {path}{origin}.{hint}")
+    data: Any
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except (yaml.YAMLError, OmegaConfBaseException) as exc:
@@ -345,9 +359,9 @@ def _resolve(cfg: DictConfig, tree: dict[str, Any], sources: dict[str, str]) -> 
 def _first_bad_interpolation(
     node: DictConfig | ListConfig, prefix: str
 ) -> tuple[str, OmegaConfBaseException] | None:
-    keys = list(node.keys()) if isinstance(node, DictConfig) else list(range(len(node)))
+    keys: list[Any] = list(node.keys()) if isinstance(node, DictConfig) else list(range(len(node)))
     for key in keys:
-        path = f"{prefix}{key}"
+        path = f"{prefix}{key!s}"
         if OmegaConf.is_interpolation(node, key):
             try:
                 node[key]
@@ -410,6 +424,17 @@ def _fill_derived(cfg: DictConfig) -> None:
                 "set and differ; using custom_template. Set only one of them."
             )
         tokenizer.chat_template = tokenizer.custom_template
+
+
+def _read_other_versions(cfg: DictConfig) -> None:
+    """Spellings and values of other NeMo RL versions, read as this schema means them."""
+    try:
+        legacy_metric_name(cfg)
+        disabled_dtensor(cfg)
+        megatron_optimizer(cfg)
+    except OmegaConfBaseException as exc:  # a value that does not fit its field
+        raise _omegaconf_error(exc, None, {}) from None
+    report_flat_data(cfg)
 
 
 def _warn_ignored(cfg: MasterConfig) -> None:

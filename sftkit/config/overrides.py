@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from sftkit.config.errors import ConfigError
@@ -148,14 +148,18 @@ def apply_overrides(
     overrides: list[str],
     sources: dict[str, str],
     check_known: Callable[[str, str], None],
+    key_alias: Callable[[str], str] | None = None,
 ) -> None:
     """Apply `overrides` in order to the plain `tree`, recording each one in `sources`.
 
     `check_known(path, source)` raises ConfigError for a key the schema does not know; it
-    is called where an override refers to a key that the files did not set.
+    is called where an override refers to a key that the files did not set. `key_alias`
+    maps another spelling of a key (`policy.automodel_cfg.x`) to the schema's.
     """
     for text in overrides:
         override = parse_override(text)
+        if key_alias is not None:
+            override = replace(override, key=key_alias(override.key))
         source = f"override '{text}'"
         found, current = lookup(tree, override.key)
         if override.op == "delete":

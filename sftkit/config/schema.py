@@ -73,6 +73,7 @@ class TokenizerConfig:
     chat_template: str | None = "default"  # "default" | null (passthrough) | Jinja | path.jinja
     custom_template: str | None = None  # seed guide's spelling; if set, loaded as chat_template
     chat_template_kwargs: dict[str, Any] | None = None  # template variables: enable_thinking
+    is_tokenizer_processor: bool = False  # NeMo RL VLM: load an AutoProcessor (text-only here)
 
 
 @dataclass
@@ -99,13 +100,16 @@ class DTensorConfig:
     activation_checkpointing: bool = False  # recompute decoder layers in backward
     tensor_parallel_size: int = 1  # tensor parallel degree
     context_parallel_size: int = 1  # context parallel degree (only 1 is supported)
-    dp_replicate_size: int = 1  # HSDP replication degree (only 1 is supported)
+    dp_replicate_size: int = 1  # HSDP: FSDP2 shards within world/(R x TP) ranks, replicates R times
+    expert_parallel_size: int = 1  # MoE expert parallel degree (experts are FSDP2-sharded)
     custom_parallel_plan: str | None = None  # dotted path to a TP plan
     automodel_kwargs: dict[str, Any] = field(default_factory=dict)  # NeMo Automodel options
     lora_cfg: LoraConfig = field(default_factory=LoraConfig)
     bf16_params: bool = False  # sftkit: keep parameters in bf16 (less memory, no fp32 master)
     compile: bool = False  # sftkit: torch.compile each decoder layer
-    fused_kernels: bool = True  # sftkit: fused RMSNorm/SwiGLU/RoPE kernels on CUDA (Liger if installed)
+    fused_kernels: bool = (
+        True  # sftkit: fused RMSNorm/SwiGLU/RoPE kernels on CUDA (Liger if installed)
+    )
 
 
 @dataclass
@@ -113,6 +117,7 @@ class DynamicBatchingConfig:
     enabled: bool = False  # form micro-batches by a token budget instead of a count
     train_mb_tokens: int | None = None  # tokens per micro-batch; derived: seq len * micro bs
     sequence_length_round: int = 64  # round lengths up to a multiple of this
+    logprob_mb_tokens: int | None = None  # RL-only: token budget of the logprob pass
 
 
 @dataclass
@@ -251,6 +256,7 @@ class MegatronConfig:
     use_gloo_process_groups: bool = False
     gradient_accumulation_fusion: bool = False
     use_fused_weighted_squared_relu: bool = False
+    attention_backend: str | None = None  # Megatron attention kernel (auto, flash, unfused, ...)
     peft: PeftConfig = field(default_factory=PeftConfig)
     optimizer: MegatronOptimizerConfig = field(default_factory=MegatronOptimizerConfig)
     scheduler: MegatronSchedulerConfig = field(default_factory=MegatronSchedulerConfig)
@@ -267,6 +273,8 @@ class PolicyConfig:
     max_total_sequence_length: int = 1024  # longest example in tokens
     precision: str = "bfloat16"  # compute dtype: float32 | bfloat16 | float16
     offload_optimizer_for_logprob: bool = False  # RL-only: offload optimizer during logprobs
+    dequantize_base_checkpoint: bool = False  # NeMo Automodel: dequantize (gpt-oss MXFP4) on load
+    megatron_recipe: str | None = None  # Megatron-Bridge recipe function (Megatron-only)
     trust_remote_code: bool = False  # sftkit: run model code from the hub (off unless set)
     attn_implementation: str | None = None  # sftkit: sdpa | eager | flex_attention; null picks
     hf_config_overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields to set
@@ -429,6 +437,7 @@ DATASET_KEYS: frozenset[str] = frozenset(
         "chat_key", "system_key", "system_prompt", "tool_key", "use_preserving_dataset",
         "split", "split_validation_size", "seed", "prompt_file", "system_prompt_file",
         "processor", "subset", "max_samples", "download_dir", "repeat", "extract_answer",
+        "train_split", "val_split", "train_media_data_dir", "val_media_data_dir",
     }
 )  # fmt: skip
 
@@ -437,6 +446,12 @@ DATASET_KEYS: frozenset[str] = frozenset(
 # setting starts to be honoured.
 IGNORED_KEYS: dict[str, str] = {
     "policy.offload_optimizer_for_logprob": "RL-only (no logprob pass in SFT)",
+    "policy.dequantize_base_checkpoint": "weights load as transformers stores them",
+    "policy.megatron_recipe": "Megatron-only",
+    "policy.tokenizer.is_tokenizer_processor": "text-only: the tokenizer is an AutoTokenizer",
+    "policy.dtensor_cfg.expert_parallel_size": "no expert parallelism: FSDP2 shards experts",
+    "policy.dynamic_batching.logprob_mb_tokens": "RL-only (no logprob pass in SFT)",
+    "policy.sequence_packing.logprob_mb_tokens": "RL-only (no logprob pass in SFT)",
     "policy.dtensor_cfg._v2": "both DTensor versions map to sftkit's engine",
     "policy.dtensor_cfg.enabled": "sftkit always trains with its own engine",
     "policy.dtensor_cfg.env_vars": "worker environment variables are not applied",
@@ -480,9 +495,10 @@ IGNORED_KEYS: dict[str, str] = {
     "policy.megatron_cfg.use_gloo_process_groups": "Megatron-only",
     "policy.megatron_cfg.gradient_accumulation_fusion": "Megatron-only",
     "policy.megatron_cfg.use_fused_weighted_squared_relu": "Megatron-only",
+    "policy.megatron_cfg.attention_backend": "Megatron-only",
     "policy.megatron_cfg.peft.a2a_experimental": "Megatron-only communication strategy",
-    "policy.megatron_cfg.optimizer": "Megatron-only; sftkit uses policy.optimizer",
-    "policy.megatron_cfg.scheduler": "Megatron-only; sftkit uses policy.scheduler",
+    "policy.megatron_cfg.optimizer": "Megatron-only (lr, betas, eps, weight decay, clip are used)",
+    "policy.megatron_cfg.scheduler": "Megatron-only (the lr warmup and decay are used)",
     "policy.megatron_cfg.distributed_data_parallel_config": "Megatron-only",
     "policy.megatron_cfg.fp8_cfg": "Megatron-only (no FP8 training)",
     "checkpointing.is_async": "saves are synchronous",

@@ -70,7 +70,9 @@ def model_config(
     for key, value in (overrides or {}).items():
         if not hasattr(config, key):
             raise ValueError(
-                f"policy.hf_config_overrides.{key}: {type(config).__name__} has no field {key!r}"
+                f"policy.hf_config_overrides.{key}: {type(config).__name__} has no field "
+                f"{key!r}; remove it (a recipe's overrides belong to its own model) or fix the "
+                "spelling"
             )
         setattr(config, key, value)
     return path, config

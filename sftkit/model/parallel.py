@@ -46,13 +46,7 @@ def parallelize(model: nn.Module, cfg: MasterConfig, env: DistEnv) -> tuple[nn.M
             "use tensor_parallel_size (with sequence_parallel) or activation_checkpointing "
             "for long sequences"
         )
-    if env.mesh is None:
-        for key in ("tensor_parallel_size", "dp_replicate_size"):
-            if getattr(d, key) > 1:
-                raise ValueError(
-                    f"policy.dtensor_cfg.{key}={getattr(d, key)} needs as many ranks: set "
-                    "cluster.gpus_per_node (or launch with torchrun), or set it to 1"
-                )
+    if env.mesh is None:  # one process: tensor parallel and replica sizes do not apply
         if d.cpu_offload:
             logger.warning("policy.dtensor_cfg.cpu_offload is ignored with one process")
         if d.activation_checkpointing:

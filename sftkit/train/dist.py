@@ -172,6 +172,25 @@ def init_distributed(device_preference: str = "auto") -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def parallel_layout(world_size: int, tp_size: int, dp_replicate: int) -> tuple[int, int]:
+    """(tensor-parallel size, replica count) a run of `world_size` ranks uses.
+
+    One process trains unsharded whatever the recipe's layout says (the maths is the same;
+    the caller warns); with several ranks the layout must divide the world size.
+    """
+    tp, rep = max(tp_size, 1), max(dp_replicate, 1)
+    if world_size == 1:
+        return 1, 1
+    if world_size % (tp * rep):
+        raise ValueError(
+            f"policy.dtensor_cfg.tensor_parallel_size={tp} x dp_replicate_size={rep} needs a "
+            f"multiple of {tp * rep} ranks but this run has {world_size}: set "
+            "cluster.gpus_per_node x cluster.num_nodes (or the torchrun ranks) to a multiple "
+            "of it, or lower those sizes"
+        )
+    return tp, rep
+
+
 def build_mesh(env: DistEnv, tp_size: int, dp_replicate: int = 1) -> DeviceMesh | None:
     """The device mesh of a multi-rank run (None with one process); sets `env.tp_size` and
     `env.dp_group` so that sums count each batch share once. Collective: every rank calls.
@@ -180,13 +199,7 @@ def build_mesh(env: DistEnv, tp_size: int, dp_replicate: int = 1) -> DeviceMesh 
     `dp_replicate` > 1 (HSDP: FSDP2 shards within a replica group and all-reduces across
     groups). "tp" varies fastest, so a rank's data-parallel index is `rank // tp`.
     """
-    tp, rep = max(tp_size, 1), max(dp_replicate, 1)
-    if env.world_size % (tp * rep):
-        raise ValueError(
-            f"policy.dtensor_cfg.tensor_parallel_size={tp} x dp_replicate_size={rep} does not "
-            f"divide the world size {env.world_size}; make it a divisor of "
-            "cluster.gpus_per_node x cluster.num_nodes"
-        )
+    tp, rep = parallel_layout(env.world_size, tp_size, dp_replicate)
     if env.world_size == 1:
         return None
     from torch.distributed.device_mesh import init_device_mesh

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sftkit.train.dist import in_launcher
+from sftkit.train.dist import in_launcher, parallel_layout
 
 logger = logging.getLogger("sftkit")
 
@@ -51,6 +51,8 @@ def maybe_self_launch(cfg: Any, argv: list[str]) -> int | None:
             "node; submit examples/slurm/sft.sbatch or run torchrun --nnodes on each node"
         )
     nproc = int(cfg.cluster.gpus_per_node)
+    d = cfg.policy.dtensor_cfg
+    parallel_layout(nproc, d.tensor_parallel_size, d.dp_replicate_size)  # before any fork
     _check_devices(cfg.cluster.device, nproc)
     return _elastic_run(nproc, argv)
 

@@ -42,6 +42,7 @@ from sftkit.train.dist import (
     init_distributed,
     load_full_optimizer_state,
     load_sharded,
+    parallel_layout,
     save_sharded,
     shutdown_distributed,
 )
@@ -216,7 +217,16 @@ def export_hf(run: Run, directory: Path, merge: bool) -> None:
 def check_before_model(cfg: MasterConfig, env: DistEnv, data: PreparedData) -> None:
     """Settings that cannot work, caught before the (slow) model load."""
     p = cfg.policy
-    dp = env.world_size // max(p.dtensor_cfg.tensor_parallel_size, 1)
+    d = p.dtensor_cfg
+    tp, _ = parallel_layout(env.world_size, d.tensor_parallel_size, d.dp_replicate_size)
+    layout = {k: getattr(d, k) for k in ("tensor_parallel_size", "dp_replicate_size")}
+    if env.world_size == 1 and any(size > 1 for size in layout.values()):
+        logger.warning(
+            "policy.dtensor_cfg %s: ignored with one process, which trains the same model "
+            "unsharded; launch as many ranks (cluster.gpus_per_node, torchrun) to use them",
+            ", ".join(f"{k}={v}" for k, v in layout.items() if v > 1),
+        )
+    dp = env.world_size // tp
     if p.train_global_batch_size % (p.train_micro_batch_size * dp):
         raise ValueError(
             f"policy.train_global_batch_size={p.train_global_batch_size} is not divisible by "

@@ -193,9 +193,10 @@ def test_hsdp_two_replicas_match_one_rank(
     assert_same_weights(single.checkpoint_dir / "final_hf", hsdp.checkpoint_dir / "final_hf")
 
 
-def test_replication_without_ranks_is_a_config_error(
+def test_layout_that_does_not_divide_the_ranks_is_a_config_error(
     small_run: SmallRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    result = small_run.inprocess(tmp_path, *COMMON, "policy.dtensor_cfg.dp_replicate_size=2")
-    assert result.returncode == 2
-    assert "dp_replicate_size=2 needs as many ranks" in capsys.readouterr().err
+    more = ("cluster.gpus_per_node=2", "policy.dtensor_cfg.dp_replicate_size=4")
+    assert small_run.inprocess(tmp_path, *COMMON, *more).returncode == 2  # before any fork
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "dp_replicate_size=4 needs a multiple of 4 ranks but this run has 2" in last

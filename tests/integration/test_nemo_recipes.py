@@ -11,24 +11,54 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPES = REPO / "tests" / "fixtures" / "nemo_configs" / "recipes" / "llm"
+RECIPES = REPO / "tests" / "fixtures" / "nemo_configs" / "recipes"
 
 
 @pytest.mark.parametrize(
     ("recipe", "extra"),
     [
-        ("sft-llama3.1-8b-1n8g-fsdp2tp1-lora.yaml", []),
+        ("llm/sft-llama3.1-8b-1n8g-fsdp2tp1-lora.yaml", []),
         # Megatron + packing recipe: its OpenMathInstruct-2 entry names its own output column
         # and math prompt, so those belong to "the data" being swapped.
         (
-            "sft-llama3.1-8b-1n8g-megatron-seqpack.yaml",
+            "llm/sft-llama3.1-8b-1n8g-megatron-seqpack.yaml",
             ["data.train.output_key=output", "data.default.prompt_file=null"],
         ),
+        # NeMo RL's newer `automodel_cfg` (LoRA, expert parallelism, Automodel kwargs)
+        ("other_versions/sft-newer-automodel-lora.yaml", []),
+        # NeMo RL's older standalone layout: flat data, bare metric name
+        ("other_versions/sft-older-flat-standalone.yaml", []),
     ],
 )
 def test_recipe_runs_with_swapped_model_and_data(
     recipe: str, extra: list[str], tmp_path: Path
 ) -> None:
+    result = _run(recipe, extra, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics_files = list((tmp_path / "logs").rglob("metrics.jsonl"))
+    assert len(metrics_files) == 1
+    rows = [json.loads(line) for line in metrics_files[0].read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+    assert list((tmp_path / "results").rglob("final_hf/config.json"))
+
+
+def test_multi_gpu_layout_on_one_process_trains_unsharded_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    """A TP=4, HSDP=2 recipe run on one process: the same model trains unsharded, and one
+    warning names the ignored sizes and how to use them."""
+    result = _run(
+        "other_versions/sft-newer-automodel-lora.yaml",
+        ["policy.automodel_cfg.tensor_parallel_size=4", "policy.automodel_cfg.dp_replicate_size=2"],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = "tensor_parallel_size=4, dp_replicate_size=2: ignored with one process"
+    assert result.stderr.count(warning) == 1 and "cluster.gpus_per_node" in result.stderr
+
+
+def _run(recipe: str, extra: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run `recipe` for 3 steps on CPU with only the model and the data swapped."""
     data = REPO / "examples" / "data"
     (tmp_path / "train.jsonl").write_text(
         "\n".join((data / "addition_train.jsonl").read_text().splitlines()[:64]) + "\n"
@@ -53,7 +83,7 @@ def test_recipe_runs_with_swapped_model_and_data(
         "cluster.num_nodes=1",
     ]
     env = {**os.environ, "SFTKIT_HOME": str(tmp_path / "home")}
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(REPO / "examples" / "run_sft.py"), "--config", str(RECIPES / recipe)]
         + swaps
         + extra,
@@ -63,9 +93,3 @@ def test_recipe_runs_with_swapped_model_and_data(
         text=True,
         timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics_files = list((tmp_path / "logs").rglob("metrics.jsonl"))
-    assert len(metrics_files) == 1
-    rows = [json.loads(line) for line in metrics_files[0].read_text().splitlines()]
-    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
-    assert list((tmp_path / "results").rglob("final_hf/config.json"))

@@ -17,7 +17,7 @@ from sftkit.config import ConfigError, load_config
             r"set it to 32 or 34",
         ),
         (["policy.train_micro_batch_size=0"], "must be >= 1"),
-        (["checkpointing.metric_name=val_loss"], "must start with 'val:' or 'train:'"),
+        (["checkpointing.metric_name=eval:val_loss"], "must start with 'val:' or 'train:'"),
         (["checkpointing.checkpoint_must_save_by=1:00:00"], "DD:HH:MM:SS"),
         (["checkpointing.checkpoint_must_save_by=3600"], "DD:HH:MM:SS in quotes"),
         (["policy.precision=fp16"], "policy.precision is 'fp16'; choose one of 'float32'"),

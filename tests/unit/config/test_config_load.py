@@ -100,7 +100,10 @@ def test_nemo_recipe_values() -> None:
     assert mega.megatron_cfg.peft.target_modules[0] == "linear_qkv"
     assert mega.make_sequence_length_divisible_by == 2
     pack = recipes["sft-llama3.1-8b-1n8g-megatron-seqpack.yaml"]
-    assert pack.policy.optimizer is None
+    # NeMo RL trains a Megatron recipe with megatron_cfg.optimizer/scheduler: translated
+    assert pack.policy.optimizer is not None and pack.policy.optimizer.name == "torch.optim.AdamW"
+    assert pack.policy.optimizer.kwargs["lr"] == 2.0e-5
+    assert pack.policy.optimizer.kwargs["weight_decay"] == 0.01
     assert pack.policy.sequence_packing.train_mb_tokens == 16384
     assert pack.policy.dynamic_batching.train_mb_tokens == 8192  # derived: 4096 * 2
     assert pack.policy.make_sequence_length_divisible_by == 8
