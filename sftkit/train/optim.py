@@ -76,7 +76,9 @@ def build_scheduler(
 
 def _one_scheduler(optimizer: torch.optim.Optimizer, entry: Any, key: str) -> Any:
     if not isinstance(entry, dict) or "name" not in entry:
-        raise ValueError(f"{key} must be a mapping with 'name' (and optional 'kwargs'), got {entry!r}")
+        raise ValueError(
+            f"{key} must be a mapping with 'name' (and optional 'kwargs'), got {entry!r}"
+        )
     cls = import_object(entry["name"], f"{key}.name")
     try:
         return cls(optimizer, **(entry.get("kwargs") or {}))
