@@ -100,9 +100,13 @@ def rewrite_references(node: Any) -> Any:
 
 
 def legacy_metric_name(cfg: DictConfig) -> None:
-    """Read NeMo RL's older bare metric name (`val_loss`) as `val:val_loss`."""
+    """Read NeMo RL's older bare metric name (`val_loss`) as `val:val_loss`.
+
+    Only names of validation metrics (`val_*`) qualify: any other bare name stays as written
+    and is rejected with the `val:`/`train:` rule, since there is no older meaning to read.
+    """
     name = cfg.checkpointing.metric_name
-    if isinstance(name, str) and name and ":" not in name:
+    if isinstance(name, str) and name.startswith("val_"):
         logger.warning(
             "checkpointing.metric_name=%r is NeMo RL's older bare format: reading it as "
             "'val:%s' (write it that way to silence this).", name, name,

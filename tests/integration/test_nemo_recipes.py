@@ -18,11 +18,12 @@ RECIPES = REPO / "tests" / "fixtures" / "nemo_configs" / "recipes"
     ("recipe", "extra"),
     [
         ("llm/sft-llama3.1-8b-1n8g-fsdp2tp1-lora.yaml", []),
-        # Megatron + packing recipe: its OpenMathInstruct-2 entry names its own output column
-        # and math prompt, so those belong to "the data" being swapped.
+        # Megatron + packing recipe: its OpenMathInstruct-2 entry names its own output column,
+        # which belongs to "the data" being swapped; its `examples/prompts/math.txt` (relative
+        # to NeMo RL's checkout) is found in sftkit's, though the run's cwd is elsewhere.
         (
             "llm/sft-llama3.1-8b-1n8g-megatron-seqpack.yaml",
-            ["data.train.output_key=output", "data.default.prompt_file=null"],
+            ["data.train.output_key=output"],
         ),
         # NeMo RL's newer `automodel_cfg` (LoRA, expert parallelism, Automodel kwargs)
         ("other_versions/sft-newer-automodel-lora.yaml", []),

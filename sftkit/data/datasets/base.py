@@ -55,11 +55,19 @@ class TaskDataSpec:
         return {**row, "messages": messages}
 
 
+# A relative prompt file is looked up in the working directory (as NeMo RL does), then in
+# sftkit's own checkout: NeMo RL recipes name `examples/prompts/math.txt`, which sftkit ships.
+REPO = Path(__file__).resolve().parents[3]
+
+
 def _read_text(path: str, key: str) -> str:
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise ValueError(f"data.*.{key}={path!r}: file not found. Give an existing text file.")
-    return file.read_text(encoding="utf-8")
+    candidates = [file] if file.is_absolute() else [file, REPO / file]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        where = " or ".join(str(c.resolve()) for c in candidates)
+        raise ValueError(f"data.*.{key}={path!r}: file not found ({where}). Give a text file.")
+    return found.read_text(encoding="utf-8")
 
 
 class RawDataset:

@@ -221,3 +221,18 @@ def test_registry_and_dotted_path_drop_in():
     )
     with pytest.raises(ValueError, match="Did you mean 'squad'"):
         resolve_class("sqaud")
+
+
+def test_relative_prompt_file_falls_back_to_sftkit_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # NeMo RL recipes name examples/prompts/math.txt
+    spec = TaskDataSpec("math", prompt_file="examples/prompts/math.txt")
+    assert spec.prompt is not None and spec.prompt.count("{}") == 1
+    row = spec.apply({"messages": [{"role": "user", "content": "1+1"}]})
+    assert "\n\n1+1\n" in row["messages"][0]["content"]
+    (tmp_path / "examples" / "prompts").mkdir(parents=True)
+    (tmp_path / "examples" / "prompts" / "math.txt").write_text("Q: {}")  # cwd wins
+    assert TaskDataSpec("math", prompt_file="examples/prompts/math.txt").prompt == "Q: {}"
+    with pytest.raises(ValueError, match=r"prompt_file='nope.txt': file not found \(.*nope.txt or"):
+        TaskDataSpec("math", prompt_file="nope.txt")

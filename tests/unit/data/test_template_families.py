@@ -15,6 +15,7 @@ import logging
 
 import pytest
 from conftest import TEMPLATES, byte_level_backend
+from conftest import make_tokenizer as make_plain
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 from transformers.utils.chat_template_utils import render_jinja_template
@@ -210,7 +211,6 @@ def test_trained_tokens_are_exactly_the_generated_text(family, name, row):
 
 def test_json_string_arguments_are_rendered_as_objects():
     """OpenAI's string arguments would be double-encoded by `tojson` templates (Qwen2.5)."""
-    from conftest import make_tokenizer as make_plain
 
     tok = make_plain("qwen25")
     row = TOOL_ROWS["tools_json_string"]
@@ -253,7 +253,6 @@ def test_flat_tools_and_unnamed_results_are_adapted_only_when_rejected(caplog):
     ],
 )
 def test_a_template_rejecting_the_data_names_the_line_roles_and_fix(family, row, said):
-    from conftest import make_tokenizer as make_plain
 
     tok = make_plain(family) if family == "mistral" else make_tokenizer(family)
     with pytest.raises(DataError) as err:
@@ -268,7 +267,6 @@ def test_a_template_rejecting_the_data_names_the_line_roles_and_fix(family, row,
 
 
 def test_template_dropping_tool_calls_warns_once(caplog):
-    from conftest import make_tokenizer as make_plain
 
     processor = Processor(make_plain("llama3"), RAW)  # renders content only
     with caplog.at_level(logging.WARNING, logger="sftkit"):
