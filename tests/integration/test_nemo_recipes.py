@@ -23,7 +23,7 @@ RECIPES = REPO / "tests" / "fixtures" / "nemo_configs" / "recipes"
         # to NeMo RL's checkout) is found in sftkit's, though the run's cwd is elsewhere.
         (
             "llm/sft-llama3.1-8b-1n8g-megatron-seqpack.yaml",
-            ["data.train.output_key=output"],
+            ["data.train.output_key=output", "policy.max_total_sequence_length=128"],
         ),
         # NeMo RL's newer `automodel_cfg` (LoRA, expert parallelism, Automodel kwargs)
         ("other_versions/sft-newer-automodel-lora.yaml", []),
