@@ -117,3 +117,32 @@ def tokenizer_dir(tmp_path: Path) -> Path:
     out = tmp_path / "tok"
     tok.save_pretrained(out)
     return out
+
+
+# Conversation pieces shared by the mask and template-family tests.
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+Q1 = {"role": "user", "content": "What is the capital of France?"}
+A1 = {"role": "assistant", "content": "The capital of France is Paris."}
+Q2 = {"role": "user", "content": "Thanks"}
+A2 = {"role": "assistant", "content": "Hello! How can I help you today?"}
+TOOLS = [  # heterogeneous argument schemas
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "calculator",
+            "description": "Math",
+            "parameters": {
+                "type": "object",
+                "properties": {"expression": {"type": "string"}, "precision": {"type": "integer"}},
+            },
+        },
+    },
+]

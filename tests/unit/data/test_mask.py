@@ -10,37 +10,12 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import make_tokenizer
+from conftest import A1, A2, Q1, Q2, SYSTEM, TOOLS, make_tokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from sftkit.data.messages import normalize_conversation
 from sftkit.data.processor import Processor, ProcessorSettings
 
-SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
-Q1 = {"role": "user", "content": "What is the capital of France?"}
-A1 = {"role": "assistant", "content": "The capital of France is Paris."}
-Q2 = {"role": "user", "content": "Thanks"}
-A2 = {"role": "assistant", "content": "Hello! How can I help you today?"}
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "calculator",
-            "parameters": {
-                "type": "object",
-                "properties": {"expression": {"type": "string"}, "precision": {"type": "integer"}},
-            },
-        },
-    },
-]
 CALL = {
     "role": "assistant",
     "content": "",

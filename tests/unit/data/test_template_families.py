@@ -14,7 +14,7 @@ import copy
 import logging
 
 import pytest
-from conftest import TEMPLATES, byte_level_backend
+from conftest import A1, A2, Q1, Q2, SYSTEM, TEMPLATES, TOOLS, byte_level_backend
 from conftest import make_tokenizer as make_plain
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
@@ -52,33 +52,7 @@ FAMILIES = {
     "gemma3_tools": ("<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"]),
 }
 
-SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
-Q1 = {"role": "user", "content": "What is the capital of France?"}
-A1 = {"role": "assistant", "content": "The capital of France is Paris."}
-Q2 = {"role": "user", "content": "Thanks"}
-A2 = {"role": "assistant", "content": "Hello! How can I help you today?"}
 WEATHER = {"role": "user", "content": "What is the weather in Paris?"}
-TOOLS = [  # heterogeneous argument schemas
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "calculator",
-            "description": "Math",
-            "parameters": {
-                "type": "object",
-                "properties": {"expression": {"type": "string"}, "precision": {"type": "integer"}},
-            },
-        },
-    },
-]
 SEED_TOOLS = [  # the seed guide's flat form: no "function" level, bare parameter map
     {"name": "get_weather", "description": "Weather", "parameters": {"city": {"type": "string"}}}
 ]
