@@ -14,6 +14,12 @@ that is not in `ALL_MASK_ATTENTION_FUNCTIONS` (we register none), so no O(T^2) m
 and `attention_mask` is None; the kwargs arrive untouched (LlamaModel -> decoder layer ->
 attention -> interface in 5.17 and 5.24).
 
+Sliding windows (Mistral, Qwen2, Gemma2 local layers) and attention-logit softcapping
+(Gemma2) arrive as the `sliding_window` / `softcap` kwargs and are applied inside each
+document by every backend: a band mask (window) and `tanh(s / c) * c` on the scores
+(softcap; flex `score_mod`, or explicit score maths on the other backends since SDPA and
+varlen have no softcap). Padded rows of such models take the same path, one segment a row.
+
 Backends, fastest first (H200, 4 x 4096 tokens, fwd+bwd, `reference/perf.md`):
 varlen_attn 1.86 ms, compiled flex 2.07 ms, SDPA + boolean block mask 7.70 ms. On CPU,
 `segments` (one causal SDPA per document) is the default: flex has no CPU backward and the
@@ -64,11 +70,13 @@ def _varlen_params() -> frozenset[str]:
     return frozenset(inspect.signature(varlen).parameters if varlen else ())
 
 
-def _varlen_kwargs(scaling: float | None, head_dim: int) -> dict[str, Any]:
+def _varlen_kwargs(scaling: float | None, head_dim: int, window: int | None) -> dict[str, Any]:
     """varlen_attn's keywords differ across torch releases: causal is `window_size=(-1, 0)`
-    on newer torch and `is_causal` before; `enable_gqa` and `scale` are newer still."""
+    on newer torch and `is_causal` before; `enable_gqa` and `scale` are newer still.
+    A sliding window of W keys (the query's own included) is `window_size=(W - 1, 0)`."""
     params = _varlen_params()
-    kwargs: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {}
+    left = -1 if window is None else window - 1
+    kwargs: dict[str, Any] = {"window_size": (left, 0)} if "window_size" in params else {}
     if "is_causal" in params:
         kwargs["is_causal"] = True
     if "enable_gqa" in params:  # torch 2.11 handles GQA without the flag (perf.md)
@@ -106,9 +114,46 @@ def resolve_backend(requested: Backend, device: torch.device, dtype: torch.dtype
     return requested
 
 
+def _backend_for_layer(
+    backend: str, requested: Backend, window: int | None, softcap: float | None, dropout: float
+) -> str:
+    """`backend` adjusted to what one layer needs: varlen has no softcap (and older torch no
+    window), varlen and flex have no dropout. `auto` moves on; an explicit choice fails."""
+    needs: list[str] = []
+    if backend == "varlen" and softcap is not None:
+        needs.append("attention-logit softcapping")
+    if backend == "varlen" and window is not None and "window_size" not in _varlen_params():
+        needs.append("a sliding window on this torch")
+    if backend in ("varlen", "flex") and dropout > 0:
+        needs.append("attention dropout")
+    if not needs:
+        return backend
+    if requested == "auto":
+        if dropout > 0:
+            return "sdpa"
+        return "flex" if _flex_api() is not None else "sdpa"
+    raise ValueError(
+        f"{backend} packed attention does not support {' or '.join(needs)}; use backend "
+        "'auto' or 'sdpa' (or set the model's attention_dropout to 0)"
+    )
+
+
 # One cached mask per forward: every layer receives the same cu_seqlens tensor object, so
-# the block mask is built once per micro-batch instead of once per layer.
+# the block mask is built once per micro-batch instead of once per layer (per window size:
+# Gemma2 alternates sliding and global layers).
 _mask_cache: dict[str, Any] = {}
+# Padded rows of sliding-window / softcap models, as one segment per row; one tensor object
+# per shape so the mask cache above hits across layers.
+_row_bounds: dict[tuple[int, int, str], Tensor] = {}
+
+
+def _rows_as_segments(rows: int, width: int, device: torch.device) -> Tensor:
+    key = (rows, width, str(device))
+    if key not in _row_bounds:
+        if len(_row_bounds) > 64:
+            _row_bounds.clear()
+        _row_bounds[key] = torch.arange(0, rows * width + 1, width, dtype=torch.int32)
+    return _row_bounds[key]
 
 
 def _document_ids(cu_seqlens: Tensor, rows: int, width: int, device: torch.device) -> Tensor:
@@ -127,20 +172,63 @@ def _cached(kind: str, cu_seqlens: Tensor, shape: tuple[int, ...], build: Callab
     return value
 
 
-def _sdpa_block_mask(cu_seqlens: Tensor, rows: int, width: int, device: torch.device) -> Tensor:
+def _causal(width: int, window: int | None, device: torch.device) -> Tensor:
+    """[T, T] boolean: key j visible from query i (j <= i, and i - j < window if windowed),
+    HF's `sliding_window_overlay` (`kv_idx > q_idx - sliding_window`)."""
+    i = torch.arange(width, device=device)
+    delta = i[:, None] - i[None, :]
+    visible = delta >= 0
+    return visible if window is None else visible & (delta < window)
+
+
+def _sdpa_block_mask(
+    cu_seqlens: Tensor, rows: int, width: int, device: torch.device, window: int | None
+) -> Tensor:
     docs = _document_ids(cu_seqlens, rows, width, device)
-    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    causal = _causal(width, window, device)
     return ((docs[:, :, None] == docs[:, None, :]) & causal)[:, None]  # [rows, 1, T, T]
 
 
-def _flex_block_mask(cu_seqlens: Tensor, rows: int, width: int, device: torch.device) -> Any:
+def _flex_block_mask(
+    cu_seqlens: Tensor, rows: int, width: int, device: torch.device, window: int | None
+) -> Any:
     docs = _document_ids(cu_seqlens, rows, width, device)
+    span = window or 0
 
     def document_causal(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         return (docs[b, q] == docs[b, kv]) & (q >= kv)
 
+    def document_window(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return (docs[b, q] == docs[b, kv]) & (q >= kv) & (q - kv < span)
+
     create_block_mask = _flex_api()[0]  # type: ignore[index]
-    return create_block_mask(document_causal, rows, None, width, width, device=device)
+    mask_mod = document_causal if window is None else document_window
+    return create_block_mask(mask_mod, rows, None, width, width, device=device)
+
+
+def _math_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor,
+    dropout: float,
+    scaling: float | None,
+    softcap: float | None,
+) -> Tensor:
+    """Attention with explicit scores ([..., H, T, D] in, same out), for softcapping, which
+    SDPA lacks. Follows HF's Gemma2 eager maths: scale, tanh cap, mask, float32 softmax."""
+    groups = query.shape[-3] // key.shape[-3]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=-3)
+        value = value.repeat_interleave(groups, dim=-3)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return torch.matmul(probs, value)
 
 
 _compiled_flex: Callable[..., Tensor] | None = None
@@ -160,6 +248,16 @@ def _flex(query: Tensor, key: Tensor, value: Tensor, **kwargs: Any) -> Tensor:
     return _compiled_flex(query, key, value, **kwargs)
 
 
+def _softcap_mod(softcap: float | None) -> Callable[..., Tensor] | None:
+    if softcap is None:
+        return None
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return torch.tanh(score / softcap) * softcap
+
+    return score_mod
+
+
 def _per_segment(
     query: Tensor,
     key: Tensor,
@@ -167,8 +265,10 @@ def _per_segment(
     cu_seqlens: Tensor,
     dropout: float,
     scaling: float | None,
+    window: int | None,
+    softcap: float | None,
 ) -> Tensor:
-    """One causal SDPA per segment; [rows, T, heads, head_dim] out."""
+    """One causal attention per segment; [rows, T, heads, head_dim] out."""
     rows, heads, width, head_dim = query.shape
 
     def flat(x: Tensor) -> Tensor:  # [rows, h, T, D] -> [h, rows * T, D]
@@ -176,13 +276,24 @@ def _per_segment(
 
     q, k, v = flat(query), flat(key), flat(value)
     bounds = cu_seqlens.tolist()
-    outs = [
-        F.scaled_dot_product_attention(
-            q[:, s:e], k[:, s:e], v[:, s:e], dropout_p=dropout, is_causal=True, scale=scaling,
-            enable_gqa=k.shape[0] != heads,
-        )
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
-    ]  # fmt: skip
+    gqa = k.shape[0] != heads
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        if softcap is not None:
+            mask = _causal(e - s, window, q.device)
+            outs.append(_math_attention(q[:, s:e], k[:, s:e], v[:, s:e], mask, dropout,
+                                        scaling, softcap))  # fmt: skip
+        elif window is not None and e - s > window:
+            mask = _causal(e - s, window, q.device)
+            outs.append(F.scaled_dot_product_attention(
+                q[:, s:e], k[:, s:e], v[:, s:e], attn_mask=mask, dropout_p=dropout,
+                scale=scaling, enable_gqa=gqa,
+            ))  # fmt: skip
+        else:
+            outs.append(F.scaled_dot_product_attention(
+                q[:, s:e], k[:, s:e], v[:, s:e], dropout_p=dropout, is_causal=True,
+                scale=scaling, enable_gqa=gqa,
+            ))  # fmt: skip
     return torch.cat(outs, dim=1).view(heads, rows, width, head_dim).permute(1, 2, 0, 3)
 
 
@@ -195,8 +306,12 @@ def _packed_forward(
     max_seqlen: int,
     dropout: float,
     scaling: float | None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
-    """Attention over packed rows, [rows, T, heads, head_dim] out; q/k/v are [rows, H, T, D]."""
+    """Attention over packed rows, [rows, T, heads, head_dim] out; q/k/v are [rows, H, T, D].
+
+    `window` (keys visible per query, itself included) and `softcap` apply per document."""
     rows, heads, width, head_dim = query.shape
     if backend in ("varlen", "flex") and dropout > 0:
         raise ValueError(
@@ -204,6 +319,8 @@ def _packed_forward(
             "to 0 or use backend 'sdpa'"
         )
     if backend == "varlen":
+        if softcap is not None:
+            raise ValueError("varlen packed attention has no softcapping; use backend 'flex'")
         cu = cu_seqlens.to(device=query.device, dtype=torch.int32)
 
         def flat(x: Tensor) -> Tensor:  # [rows, h, T, D] -> [rows * T, h, D]
@@ -211,23 +328,26 @@ def _packed_forward(
 
         out = _varlen()(  # type: ignore[misc]
             flat(query), flat(key), flat(value), cu, cu, max_seqlen, max_seqlen,
-            **_varlen_kwargs(scaling, head_dim),
+            **_varlen_kwargs(scaling, head_dim, window),
         )  # fmt: skip
         return out.view(rows, width, heads, head_dim)
     if backend == "flex":
         block_mask = _cached(
-            "flex", cu_seqlens, (rows, width),
-            lambda: _flex_block_mask(cu_seqlens, rows, width, query.device),
+            f"flex:{window}", cu_seqlens, (rows, width),
+            lambda: _flex_block_mask(cu_seqlens, rows, width, query.device, window),
         )  # fmt: skip
         gqa = key.shape[1] != heads
-        out = _flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+        out = _flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa,
+                    score_mod=_softcap_mod(softcap))  # fmt: skip
         return out.transpose(1, 2)
     if backend == "segments":
-        return _per_segment(query, key, value, cu_seqlens, dropout, scaling)
+        return _per_segment(query, key, value, cu_seqlens, dropout, scaling, window, softcap)
     mask = _cached(
-        "sdpa", cu_seqlens, (rows, width),
-        lambda: _sdpa_block_mask(cu_seqlens, rows, width, query.device),
+        f"sdpa:{window}", cu_seqlens, (rows, width),
+        lambda: _sdpa_block_mask(cu_seqlens, rows, width, query.device, window),
     )  # fmt: skip
+    if softcap is not None:
+        return _math_attention(query, key, value, mask, dropout, scaling, softcap).transpose(1, 2)
     groups = heads // key.shape[1]
     if groups > 1:  # the math/efficient SDPA kernels take a mask only with equal head counts
         key = key.repeat_interleave(groups, dim=1)
@@ -248,19 +368,19 @@ def sftkit_packed_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
-    """transformers attention function: document-isolated for packed rows, else causal SDPA.
+    """transformers attention function: document-isolated for packed rows, else causal.
 
     Packed rows are recognised by `cu_seq_lens_q` in kwargs (see `PackedBatch.model_kwargs`).
+    `sliding_window` and `softcap` (passed by Mistral, Qwen2, Gemma2, ...) apply within each
+    document; padded rows of such models run as one segment per row.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
-        raise ValueError(
-            "sftkit_packed attention supports neither softcapping nor sliding windows; load "
-            "the model with attn_implementation='flex_attention' or 'eager' and disable packing"
-        )
-    if cu_seqlens is None:
+    softcap = kwargs.pop("softcap", None)
+    window = kwargs.pop("sliding_window", None)
+    window = int(window) if window is not None and window > 0 else None
+    if cu_seqlens is None and softcap is None and window is None:
         # Padded rows: plain causal SDPA. Padding is on the right, so pads only ever follow
         # real tokens and the loss mask drops them.
         return sdpa_attention_forward(
@@ -268,8 +388,12 @@ def sftkit_packed_attention(
         )
     if attention_mask is not None:
         raise ValueError(
-            "packed rows carry their boundaries in cu_seqlens; do not pass an attention_mask"
+            "sftkit_packed attention takes document boundaries from cu_seqlens (packed rows) "
+            "or one causal segment per right-padded row; do not pass an attention_mask"
         )
+    rows, _, width, _ = query.shape
+    if cu_seqlens is None:
+        cu_seqlens = _rows_as_segments(rows, width, query.device)
     requested: Backend = getattr(module, _BACKEND_ATTR, "auto")
     device_type = query.device.type
     if query.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
@@ -278,8 +402,11 @@ def sftkit_packed_attention(
         dtype = torch.get_autocast_dtype(device_type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     backend = resolve_backend(requested, query.device, query.dtype)
-    max_seqlen = int(kwargs.get("max_length_q") or query.shape[2])
-    out = _packed_forward(backend, query, key, value, cu_seqlens, max_seqlen, dropout, scaling)
+    backend = _backend_for_layer(backend, requested, window, softcap, dropout)
+    max_seqlen = int(kwargs.get("max_length_q") or width)
+    out = _packed_forward(
+        backend, query, key, value, cu_seqlens, max_seqlen, dropout, scaling, window, softcap
+    )
     return out, None
 
 
@@ -312,4 +439,46 @@ def enable_packed_attention(model: nn.Module, backend: Backend = "auto") -> str:
         )
     for sub in model.modules():  # the attention function reads the request from its module
         setattr(sub, _BACKEND_ATTR, backend)
+    check_document_isolation(model)
     return chosen
+
+
+@torch.no_grad()
+def check_document_isolation(model: nn.Module) -> None:
+    """Raise unless a packed row's second document gets the logits it gets alone.
+
+    Attention is isolated by `sftkit_packed`, but a layer outside transformers' attention
+    interface (Mamba/SSM, short convolutions, linear attention in hybrid models such as
+    Falcon-H1, Jamba, Zamba) would carry state across the boundary: on a tiny random-init
+    Falcon-H1 the second document moves by 1.2e-4 (float32 rounding is ~1e-6, hence the
+    tight tolerance). Skipped on the meta device.
+    """
+    from sftkit.data.packing import collate_packed
+
+    param = next(model.parameters())
+    if param.device.type == "meta":
+        return
+    config: Any = model.config
+    vocab = int(config.get_text_config().vocab_size)
+    g = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(1, vocab, (n,), generator=g).tolist() for n in (7, 5))
+    batch = collate_packed([(first, [1] * 7), (second, [1] * 5)], [[0, 1]], 12, pad_id=0)
+    batch = batch.to(param.device)
+    was_training = model.training
+    model.eval()
+    try:
+        packed = model(**batch.model_kwargs(), use_cache=False).logits[0, 7:].float()
+        alone = torch.tensor([second], device=param.device)
+        ref = model(input_ids=alone, use_cache=False).logits[0].float()
+    finally:
+        model.train(was_training)
+    err = float((packed - ref).abs().max())
+    tol = 2e-5 if param.dtype == torch.float32 else 3e-2
+    if err > tol * max(1.0, float(ref.abs().max())):
+        raise ValueError(
+            f"{type(model).__name__} leaks across packed documents (a document's logits move "
+            f"by {err:.3g} when another precedes it): some layer outside transformers' "
+            "attention interface (recurrent, convolutional or linear attention) carries state "
+            "across boundaries. Disable policy.sequence_packing for this model "
+            "(policy.dynamic_batching avoids padding without packing)."
+        )

@@ -221,9 +221,19 @@ def pattern_matches(pattern: str, name: str) -> bool:
     return any(fnmatch.fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2 style linear layer, weight stored [in, out])."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
 def select_lora_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
-    """Names of the linear layers `spec` adapts, in module order; warns on unused patterns."""
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+    """Names of the linear layers `spec` adapts, in module order; warns on unused patterns.
+
+    A transformers `Conv1D` layer (GPT-2 style) that the spec would adapt is an error: its
+    transposed weight is not handled by the LoRA forward, merge and export here."""
+    layers = [(n, isinstance(m, nn.Linear)) for n, m in model.named_modules()
+              if n and (isinstance(m, nn.Linear) or _is_conv1d(m))]  # fmt: skip
+    linear = [n for n, is_linear in layers if is_linear]
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) else None
     output_names = {n for n, m in model.named_modules() if out_emb is not None and m is out_emb}
@@ -236,8 +246,9 @@ def select_lora_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
     else:
         targets = spec.target_modules
     chosen: list[str] = []
+    conv1d: list[str] = []
     used: set[str] = set()
-    for name in linear:
+    for name, is_linear in layers:
         hits = [p for p in targets if pattern_matches(p, name)] if use_targets else []
         excl = [p for p in spec.exclude_modules if pattern_matches(p, name)]
         used.update(hits + excl)
@@ -247,10 +258,18 @@ def select_lora_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
         # skips it too (parity), and a LoRA on a 128k-row lm_head costs memory for little gain.
         if name in output_names and not hits:
             continue
-        chosen.append(name)
+        (chosen if is_linear else conv1d).append(name)
     for p in (targets if use_targets else []) + spec.exclude_modules:
         if p not in used:
             logger.warning("lora: pattern %r matches no linear layer of the model", p)
+    if conv1d:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in conv1d})
+        raise ValueError(
+            f"LoRA does not support transformers Conv1D layers (GPT-2 style, transposed "
+            f"weights): {type(model).__name__} would adapt {len(conv1d)} of them ({leaves}). "
+            "Fine-tune this model without LoRA (policy.dtensor_cfg.lora_cfg.enabled=false), "
+            f"or add {leaves} to lora_cfg.exclude_modules to adapt only its nn.Linear layers."
+        )
     if not chosen:
         raise ValueError(
             f"LoRA adapts no module: target_modules={spec.target_modules}, exclude_modules="

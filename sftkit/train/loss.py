@@ -179,21 +179,105 @@ def chunked_nll_sum(
     return total
 
 
-def _check_plain_head(model: nn.Module) -> nn.Linear:
+# Config fields by which HF causal LMs transform `lm_head(hidden)` before the loss (Gemma2/3
+# softcapping, Cohere scale, Granite and Falcon-H1 muP scaling). The chunked loss computes
+# plain `hidden @ W.T`, so such models take the plain loss path (`chunked_loss_blocker`).
+LOGIT_TRANSFORMS: tuple[str, ...] = (
+    "final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
+    "output_multiplier_scale",
+)  # fmt: skip
+
+
+def decoder_body(model: nn.Module) -> nn.Module | None:
+    """The decoder body whose last hidden state feeds the head: `model.model` (Llama-style),
+    else HF's `base_model` (`transformer` for GPT-2 style models); None if there is none."""
+    body = getattr(model, "model", None)
+    if isinstance(body, nn.Module):
+        return body
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) and base is not model else None
+
+
+def output_head(model: nn.Module) -> nn.Linear | None:
+    """The output projection (`get_output_embeddings()`, e.g. `lm_head`) if it is an nn.Linear."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else getattr(model, "lm_head", None)
+    return head if isinstance(head, nn.Linear) else None
+
+
+def _logit_transform(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        value = getattr(config, attr, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(
-                f"{type(model).__name__} transforms its logits ({attr}={value}); the chunked "
-                "loss assumes plain `hidden @ lm_head.weight.T` logits, so this model needs "
-                "the plain loss path"
-            )
-    head = getattr(model, "lm_head", None)
-    if not isinstance(head, nn.Linear) or not hasattr(model, "model"):
+    configs = [config]
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        configs.append(get_text())
+    for cfg in configs:
+        for attr in LOGIT_TRANSFORMS:
+            value = getattr(cfg, attr, None)
+            if value not in (None, 1, 1.0):
+                return f"{attr}={value}"
+    return None
+
+
+def chunked_loss_blocker(model: nn.Module) -> str | None:
+    """Why the chunked loss cannot reproduce this model's logits, or None when it can.
+
+    Checks the config for known logit transforms and the layout (a decoder body and an
+    nn.Linear head without bias), then, on an unsharded model, compares the model's own
+    logits with `body(...) @ head.weight.T` on a short probe: any transform the list above
+    misses (a new family's scaling, a softcap hidden elsewhere) shows up there.
+    """
+    transform = _logit_transform(model)
+    if transform is not None:
+        return f"{type(model).__name__} transforms its logits ({transform})"
+    body, head = decoder_body(model), output_head(model)
+    if body is None or head is None:
+        return f"{type(model).__name__} has no decoder body + nn.Linear output head"
+    if head.bias is not None:
+        return f"{type(model).__name__}'s output head has a bias"
+    mismatch = _probe_mismatch(model, body, head)
+    if mismatch is not None:
+        return (
+            f"{type(model).__name__}'s logits differ from `hidden @ head.weight.T` by "
+            f"{mismatch:.3g} on a probe (an unlisted logit transform)"
+        )
+    return None
+
+
+@torch.no_grad()
+def _probe_mismatch(model: nn.Module, body: nn.Module, head: nn.Linear) -> float | None:
+    """Largest |model logits - body hidden @ W.T| on 8 tokens, None when equal (or when the
+    weights are sharded or on the meta device, where only the config check applies)."""
+    weight = head.weight
+    if isinstance(weight, DTensor) or weight.device.type == "meta":
+        return None
+    ids = (torch.arange(1, 9, device=weight.device) % weight.shape[0])[None]
+    was_training = model.training
+    model.eval()
+    try:
+        full = model(input_ids=ids, use_cache=False).logits.float()
+        hidden = body(input_ids=ids, use_cache=False).last_hidden_state
+        mine = F.linear(hidden.to(weight.dtype), weight).float()
+    finally:
+        model.train(was_training)
+    # The same F.linear on the same hidden state: equal up to the last bit in practice.
+    err = float((full - mine).abs().max())
+    return err if err > 1e-5 * max(1.0, float(full.abs().max())) else None
+
+
+def _check_plain_head(model: nn.Module) -> nn.Linear:
+    transform = _logit_transform(model)
+    if transform is not None:
         raise ValueError(
-            f"{type(model).__name__} is not LlamaForCausalLM-like (a `.model` decoder body and "
-            "an nn.Linear `.lm_head`); the chunked loss cannot split it"
+            f"{type(model).__name__} transforms its logits ({transform}); the chunked "
+            "loss assumes plain `hidden @ lm_head.weight.T` logits, so this model needs "
+            "the plain loss path"
+        )
+    head = output_head(model)
+    if head is None or decoder_body(model) is None:
+        raise ValueError(
+            f"{type(model).__name__} is not LlamaForCausalLM-like (a decoder body and an "
+            "nn.Linear output head); the chunked loss cannot split it"
         )
     if head.bias is not None:
         raise ValueError("lm_head has a bias, which model_hidden_and_head does not return")
@@ -203,11 +287,13 @@ def _check_plain_head(model: nn.Module) -> nn.Linear:
 def model_hidden_and_head(model: nn.Module, batch: PackedBatch) -> tuple[Tensor, Tensor, Tensor]:
     """Run the decoder body; return (hidden at target positions [N, H], head weight, targets [N]).
 
-    Assumes a LlamaForCausalLM-like model: `model.model` (decoder body, final norm included)
-    then `model.lm_head` (nn.Linear, no bias, possibly tied to the input embeddings, which
-    autograd handles since it is the same Parameter), with no logit softcapping or scaling
-    (checked). Position t predicts `labels[t + 1]`; positions whose target is -100 are
-    dropped before the head, so the head runs only on trained tokens. Packed batches need
+    Assumes a causal LM made of a decoder body (`model.model`, or HF's `base_model` such as
+    GPT-2's `transformer`; final norm included) then an nn.Linear output head without bias
+    (possibly tied to the input embeddings, which autograd handles since it is the same
+    Parameter), with no logit softcapping or scaling (checked from the config here;
+    `chunked_loss_blocker` also probes the logits). Position t predicts `labels[t + 1]`;
+    positions whose target is -100 are dropped before the head, so the head runs only on
+    trained tokens. Packed batches need
     `sftkit.model.attention.enable_packed_attention(model)` first (checked).
     Under FSDP2 the caller must make sure `lm_head.weight` is unsharded (its own
     `fully_shard` unit's `unshard()`), since the head module's forward is not called here.
@@ -219,8 +305,8 @@ def model_hidden_and_head(model: nn.Module, batch: PackedBatch) -> tuple[Tensor,
             f"packed rows with attn_implementation={impl!r} would attend across documents; "
             "call sftkit.model.attention.enable_packed_attention(model) first"
         )
-    body = model.model
-    assert isinstance(body, nn.Module)
+    body = decoder_body(model)
+    assert body is not None
     out = body(**batch.model_kwargs(), use_cache=False)
     hidden = out.last_hidden_state[:, :-1]
     targets = batch.labels[:, 1:]

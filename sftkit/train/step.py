@@ -11,6 +11,7 @@ the gradient.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 
@@ -20,7 +21,9 @@ from torch import nn
 
 from sftkit.data.packing import IGNORE_INDEX, PackedBatch
 from sftkit.train.dist import DistEnv, clip_grad_norm
-from sftkit.train.loss import chunked_nll_sum, model_hidden_and_head
+from sftkit.train.loss import chunked_loss_blocker, chunked_nll_sum, model_hidden_and_head
+
+logger = logging.getLogger("sftkit")
 
 
 class NonFiniteError(RuntimeError):
@@ -60,14 +63,12 @@ def micro_batch_nll(model: nn.Module, batch: PackedBatch, opts: StepOptions) -> 
 
 
 def supports_chunked_loss(model: nn.Module) -> bool:
-    """The chunked head needs a LlamaForCausalLM-like model without logit transforms."""
-    config = getattr(model, "config", None)
-    head = getattr(model, "lm_head", None)
-    plain = all(
-        getattr(config, attr, None) in (None, 1, 1.0)
-        for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling")
-    )
-    return plain and hasattr(model, "model") and isinstance(head, nn.Linear) and head.bias is None
+    """Whether the chunked head reproduces the model's own logits (see `chunked_loss_blocker`);
+    models that transform their logits (softcapping, muP scaling) use the plain loss."""
+    reason = chunked_loss_blocker(model)
+    if reason is not None:
+        logger.info("Chunked loss off: %s; computing full logits instead", reason)
+    return reason is None
 
 
 def train_step(
