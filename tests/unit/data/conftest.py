@@ -146,3 +146,14 @@ TOOLS = [  # heterogeneous argument schemas
         },
     },
 ]
+
+
+def trained_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
+    """The token ids of each maximal run of trained positions, in order."""
+    runs: list[list[int]] = []
+    for k, (tok, m) in enumerate(zip(ids, mask, strict=True)):
+        if m:
+            if k == 0 or not mask[k - 1]:
+                runs.append([])
+            runs[-1].append(tok)
+    return runs

@@ -14,8 +14,8 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import make_tokenizer
-from test_mask import CASES, REASONING, TOOLS, _oracle, _runs
+from conftest import make_tokenizer, trained_runs
+from test_mask import CASES, REASONING, TOOLS, _oracle
 
 from sftkit.data import cache
 from sftkit.data.messages import normalize_conversation
@@ -70,7 +70,7 @@ def test_template_text_inside_a_message_falls_back(poison):
         ids, mask, text = processor.encode({"messages": messages})
         rendered, turns = _oracle(tok, normalize_conversation({"messages": messages}, "t")[0], None)
         assert text == rendered
-        assert [tok.decode(r) for r in _runs(ids, mask)] == turns
+        assert [tok.decode(r) for r in trained_runs(ids, mask)] == turns
     assert processor.renderer.stats == {"fast": 0, "fallback": 2}
 
 
@@ -88,7 +88,7 @@ def test_a_disagreeing_single_render_is_switched_off(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="sftkit"):
         ids, mask, _ = processor.encode(row)
     assert "disagrees" in caplog.text and not renderer._fast
-    assert [tok.decode(r) for r in _runs(ids, mask)] == [
+    assert [tok.decode(r) for r in trained_runs(ids, mask)] == [
         "<think>\nrecall\n</think>\n\nParis.<|im_end|>"
     ]
     processor.encode(row)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import A1, A2, Q1, Q2, SYSTEM, TOOLS, make_tokenizer
+from conftest import A1, A2, Q1, Q2, SYSTEM, TOOLS, make_tokenizer, trained_runs
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from sftkit.data.messages import normalize_conversation
@@ -73,16 +73,6 @@ CASES += [
 CASES += [("qwen3", name, conv) for name, conv in REASONING.items()]
 
 
-def _runs(ids: list[int], mask: list[int]) -> list[list[int]]:
-    runs: list[list[int]] = []
-    for k, (tok, m) in enumerate(zip(ids, mask, strict=True)):
-        if m:
-            if k == 0 or not mask[k - 1]:
-                runs.append([])
-            runs[-1].append(tok)
-    return runs
-
-
 def _oracle(tok, messages, tools) -> tuple[str, list[str]]:
     variables = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
     rendered, indices = render_jinja_template(
@@ -112,7 +102,7 @@ def test_trained_tokens_are_exactly_the_assistant_turns(family, name, conversati
     assert ids == tok(text, add_special_tokens=False)["input_ids"]
     assert len(expected_turns) == sum(m["role"] == "assistant" for m in rendered_messages)
     if kind == "byte":
-        assert [tok.decode(r) for r in _runs(ids, mask)] == expected_turns
+        assert [tok.decode(r) for r in trained_runs(ids, mask)] == expected_turns
     else:  # Metaspace decoding drops word-initial spaces; compare covered characters instead
         offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         covered = []
@@ -132,7 +122,7 @@ def test_history_rewriting_is_not_duplicated():
     processor = Processor(tok, ProcessorSettings(max_length=4096, add_bos=False, add_eos=False))
     ids, mask, text = processor.encode({"messages": REASONING["reasoning_multi"]})
     assert "recall" not in text and text.count("Paris.") == 1
-    assert [tok.decode(r) for r in _runs(ids, mask)] == [
+    assert [tok.decode(r) for r in trained_runs(ids, mask)] == [
         "Paris.<|im_end|>",
         "<think>\nbe polite\n</think>\n\nGoodbye!<|im_end|>",
     ]
@@ -149,7 +139,7 @@ def test_only_unmask_final_and_enable_thinking_header():
     )
     ids, mask, _ = Processor(tok, settings).encode({"messages": CONVERSATIONS["multi"]})
     # with thinking off the empty <think></think> is part of the generation prompt: untrained
-    assert [tok.decode(r) for r in _runs(ids, mask)] == [
+    assert [tok.decode(r) for r in trained_runs(ids, mask)] == [
         "Hello! How can I help you today?<|im_end|>"
     ]
 
@@ -159,7 +149,7 @@ def test_template_rejecting_system_does_not_crash():
     processor = Processor(tok, ProcessorSettings(max_length=4096, add_bos=False, add_eos=False))
     ids, mask, text = processor.encode({"messages": CONVERSATIONS["multi"]})
     assert text.startswith("<bos><start_of_turn>user\nYou are a helpful assistant.\n\nWhat is")
-    assert [tok.decode(r) for r in _runs(ids, mask)] == [
+    assert [tok.decode(r) for r in trained_runs(ids, mask)] == [
         "The capital of France is Paris.<end_of_turn>",
         "Hello! How can I help you today?<end_of_turn>",
     ]

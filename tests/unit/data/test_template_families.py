@@ -14,7 +14,7 @@ import copy
 import logging
 
 import pytest
-from conftest import A1, A2, Q1, Q2, SYSTEM, TEMPLATES, TOOLS, byte_level_backend
+from conftest import A1, A2, Q1, Q2, SYSTEM, TEMPLATES, TOOLS, byte_level_backend, trained_runs
 from conftest import make_tokenizer as make_plain
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
@@ -133,16 +133,6 @@ def make_tokenizer(family: str) -> PreTrainedTokenizerFast:
     return tok
 
 
-def _runs(ids: list[int], mask: list[int]) -> list[list[int]]:
-    runs: list[list[int]] = []
-    for k, (tok, m) in enumerate(zip(ids, mask, strict=True)):
-        if m:
-            if k == 0 or not mask[k - 1]:
-                runs.append([])
-            runs[-1].append(tok)
-    return runs
-
-
 def _expected(tok, family: str, text: str, messages: list, tools: list | None) -> list[str]:
     """The `{% generation %}` text of each assistant turn, plus what sftkit adds by design."""
     variables = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
@@ -178,7 +168,7 @@ def test_trained_tokens_are_exactly_the_generated_text(family, name, row):
     assert ids == tok(text, add_special_tokens=False)["input_ids"]
     expected = _expected(tok, family, text, messages, tools)
     assert len(expected) == sum(m["role"] == "assistant" for m in messages)
-    assert [tok.decode(r) for r in _runs(ids, mask)] == expected
+    assert [tok.decode(r) for r in trained_runs(ids, mask)] == expected
     batch = processor.process_batch([copy.deepcopy(row)], ["train.jsonl:1"])  # prepare_data's path
     assert batch.ids.tolist() == ids and batch.mask.tolist() == mask
 
@@ -189,7 +179,7 @@ def test_json_string_arguments_are_rendered_as_objects():
     tok = make_plain("qwen25")
     row = TOOL_ROWS["tools_json_string"]
     ids, mask, text = Processor(tok, RAW).encode(copy.deepcopy(row))
-    trained = tok.decode(_runs(ids, mask)[0])
+    trained = tok.decode(trained_runs(ids, mask)[0])
     assert '"arguments": {"expression": "12+30", "precision": 2}' in trained
     assert '\\"' not in text
 
@@ -198,7 +188,7 @@ def test_string_only_template_gets_string_arguments():
     """DeepSeek-R1 concatenates the arguments: a dict raises TypeError, strings render."""
     tok = make_tokenizer("deepseek_r1")
     ids, mask, _ = Processor(tok, RAW).encode(copy.deepcopy(TOOL_ROWS["tools_dict"]))
-    assert '```json\n{"city": "Paris"}\n```' in tok.decode(_runs(ids, mask)[0])
+    assert '```json\n{"city": "Paris"}\n```' in tok.decode(trained_runs(ids, mask)[0])
 
 
 def test_flat_tools_and_unnamed_results_are_adapted_only_when_rejected(caplog):
