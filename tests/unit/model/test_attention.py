@@ -148,3 +148,54 @@ def test_cuda_backends_match_per_document_reference(backend: str) -> None:
             ref = model(input_ids=ids, use_cache=False).logits[0].float()
             worst = max(worst, (logits[r, s : s + LENGTHS[d]] - ref).abs().max().item())
     assert worst < 5e-2  # bf16
+
+
+def windowed_or_capped(family: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A tiny Mistral (sliding window 6) or Gemma2 (window 6, attention and final softcaps)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                 head_dim=16, sliding_window=6, attention_dropout=0.0)  # fmt: skip
+    if family == "mistral":
+        model: torch.nn.Module = MistralForCausalLM(MistralConfig(**shape))
+    else:
+        config = Gemma2Config(**shape, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                              query_pre_attn_scalar=16, attn_implementation="eager")  # fmt: skip
+        model = Gemma2ForCausalLM(config)
+    return model.to(dtype)
+
+
+def packed_family_error(family: str, device: str, dtype: torch.dtype) -> float:
+    """Largest |packed - alone| logit over the packed documents, the reference being the
+    model's own (eager) attention on each document alone; the backward runs too."""
+    import copy
+
+    model = windowed_or_capped(family, dtype).to(device)
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("eager")
+    enable_packed_attention(model)  # auto: varlen (window) / flex (softcap) on CUDA
+    logits = model(**packed_batch().to(device).model_kwargs(), use_cache=False).logits.float()
+    logits.square().mean().backward()
+    worst = 0.0
+    with torch.no_grad():
+        for d, r, s in doc_slices():
+            ids = torch.tensor([documents(LENGTHS)[d][0]], device=device)
+            ref = reference(input_ids=ids, use_cache=False).logits[0].float()
+            worst = max(worst, (logits[r, s : s + LENGTHS[d]] - ref).abs().max().item())
+    return worst
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+@pytest.mark.parametrize(
+    ("device", "dtype", "tol"),
+    [("cpu", torch.float32, 1e-5), pytest.param("cuda", torch.bfloat16, 5e-2, marks=CUDA)],
+)
+def test_packed_window_and_softcap_match_per_document_reference(
+    family: str, device: str, dtype: torch.dtype, tol: float
+) -> None:
+    assert packed_family_error(family, device, dtype) < tol
