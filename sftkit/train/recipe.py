@@ -219,7 +219,8 @@ def check_before_model(cfg: MasterConfig, env: DistEnv, data: PreparedData) -> N
     p = cfg.policy
     d = p.dtensor_cfg
     tp, _ = parallel_layout(env.world_size, d.tensor_parallel_size, d.dp_replicate_size)
-    layout = {k: getattr(d, k) for k in ("tensor_parallel_size", "dp_replicate_size")}
+    sizes = ("tensor_parallel_size", "context_parallel_size", "dp_replicate_size")
+    layout = {k: getattr(d, k) for k in sizes}
     if env.world_size == 1 and any(size > 1 for size in layout.values()):
         logger.warning(
             "policy.dtensor_cfg %s: ignored with one process, which trains the same model "

@@ -46,15 +46,16 @@ def test_recipe_runs_with_swapped_model_and_data(
 def test_multi_gpu_layout_on_one_process_trains_unsharded_with_a_warning(
     tmp_path: Path,
 ) -> None:
-    """A TP=4, HSDP=2 recipe run on one process: the same model trains unsharded, and one
-    warning names the ignored sizes and how to use them."""
+    """A TP=4, CP=2, HSDP=2 recipe run on one process: the same model trains unsharded, and
+    one warning names the ignored sizes and how to use them."""
+    sizes = ("tensor_parallel_size=4", "context_parallel_size=2", "dp_replicate_size=2")
     result = _run(
         "other_versions/sft-newer-automodel-lora.yaml",
-        ["policy.automodel_cfg.tensor_parallel_size=4", "policy.automodel_cfg.dp_replicate_size=2"],
+        [f"policy.automodel_cfg.{size}" for size in sizes],
         tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    warning = "tensor_parallel_size=4, dp_replicate_size=2: ignored with one process"
+    warning = f"{', '.join(sizes)}: ignored with one process"
     assert result.stderr.count(warning) == 1 and "cluster.gpus_per_node" in result.stderr
 
 
