@@ -27,7 +27,6 @@ they differ a little because TRL shuffles the examples).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ if str(ROOT) not in sys.path:  # bench/ is not a package: reach bench/packing.py
     sys.path.insert(0, str(ROOT))
 
 from bench.packing import TINY, make_examples, sample_lengths  # noqa: E402
+from bench.results import emit  # noqa: E402
 
 MODEL = dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -187,23 +187,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "measured_steps": steps, "mean_len": round(sum(lengths) / count, 1),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
     }]  # fmt: skip
-    _emit(records[-1], args.out)
+    emit(records[-1], args.out)
     for run in (run_trl, run_sftkit):
         records.append(run(examples, warmup))
-        _emit(records[-1], args.out)
+        emit(records[-1], args.out)
     ratio = records[2]["real_tokens_per_s"] / records[1]["real_tokens_per_s"]
     records.append({"case": "summary", "sftkit_over_trl": round(ratio, 3),
                     "target_met": ratio >= 1.3})  # fmt: skip
-    _emit(records[-1], args.out)
+    emit(records[-1], args.out)
     return records
-
-
-def _emit(record: dict[str, Any], out: Path | None) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if out is not None:
-        with out.open("a") as f:
-            f.write(line + "\n")
 
 
 if __name__ == "__main__":

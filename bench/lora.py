@@ -341,8 +341,12 @@ def main() -> None:
     mode.add_argument("--check", action="store_true", help="Triton vs PyTorch LoRA on this GPU")
     mode.add_argument("--summarize", type=Path, help="print a table of a results JSONL")
     ap.add_argument("--out", type=Path, default=Path("lora_bench.jsonl"))
-    ap.add_argument("--cases", nargs="*", default=None,
-                    help="which cases (--tiny default: sftkit_lora peft_lora; --gpu: all)")
+    ap.add_argument(
+        "--cases",
+        nargs="*",
+        default=None,
+        help="which cases (--tiny default: sftkit_lora peft_lora; --gpu: all)",
+    )
     ap.add_argument("--models", nargs="*", default=None, help="--gpu: only these shapes")
     ap.add_argument("--no-check", action="store_true", help="--gpu: skip the kernel check")
     ap.add_argument("--budget", type=float, default=440.0, help="seconds for all cases")

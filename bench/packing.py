@@ -30,9 +30,9 @@ batch's loss (the two modes must agree: that checks packing end to end).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,6 +49,9 @@ from sftkit.data.packing import (
 )
 from sftkit.model.attention import enable_packed_attention
 from sftkit.train.loss import chunked_nll_sum, model_hidden_and_head
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or by path
+from results import emit  # noqa: E402
 
 
 @dataclass
@@ -225,22 +228,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "packing_efficiency": round(packing_efficiency(setup, args.seed), 4),
         }
     ]
-    _emit(results[-1], args.out)
+    emit(results[-1], args.out)
     for mode in ("padded", "packed"):
         results.append({"case": mode, **run_mode(mode, setup, batches)})
-        _emit(results[-1], args.out)
+        emit(results[-1], args.out)
     speedup = results[2]["real_tokens_per_s"] / results[1]["real_tokens_per_s"]
     results.append({"case": "summary", "packed_over_padded": round(speedup, 3)})
-    _emit(results[-1], args.out)
+    emit(results[-1], args.out)
     return results
-
-
-def _emit(result: dict, out: Path | None) -> None:
-    line = json.dumps(result)
-    print(line, flush=True)
-    if out is not None:
-        with out.open("a") as f:
-            f.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or by path
 from random_model import random_llama  # noqa: E402
 
+from results import emit  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ("liger", "sftkit", "hf", "sftkit_liger", "sftkit_compile")
 EXTRAS = ("sftkit_liger", "sftkit_compile")  # run after the main cases of both modes
@@ -325,14 +327,6 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _emit(record: dict[str, Any], out: Path | None) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if out is not None:
-        with out.open("a") as f:
-            f.write(line + "\n")
-
-
 def _environment(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import transformers
@@ -392,7 +386,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             parser.error(f"unknown case or mode {name!r}; cases: {CASES}, modes: {MODES}")
     start = time.monotonic()
     records = [_environment(setup, args)]
-    _emit(records[0], out)
+    emit(records[0], out)
     extra = liger_dir()
     order = [(c, m) for m in modes for c in cases if c not in EXTRAS]
     order += [(c, m) for c in EXTRAS if c in cases for m in modes]
@@ -416,10 +410,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             timeout = left if setup.device == "cuda" else max(left, 300.0)
             record |= run_in_subprocess(case, mode, args, timeout, extra)
         records.append(record)
-        _emit(record, out)
+        emit(record, out)
     records.append(summarize(records))
     records[-1]["seconds"] = round(time.monotonic() - start, 1)
-    _emit(records[-1], out)
+    emit(records[-1], out)
     return records
 
 
