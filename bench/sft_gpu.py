@@ -58,7 +58,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or by path
 from random_model import random_llama  # noqa: E402
-
 from results import emit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
