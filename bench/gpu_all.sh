@@ -52,9 +52,14 @@ if on e2e; then  # run dirs live in /tmp: only the metrics come back (few files)
   cp /tmp/e2e/logs_lora/exp_001/metrics.jsonl "$OUT/e2e_lora_metrics.jsonl" 2>/dev/null
 fi
 
-on sft && timeout 190 python bench/sft_gpu.py --budget 175 --out "$OUT/sft_gpu.jsonl" \
-  > "$OUT/sft_gpu.log" 2>&1
+# SFT_ARGS e.g. "--cases liger,sftkit,sftkit_torch_ce --profile /tmp/prof": the profiler
+# tables are concatenated into one file (few files come back from a device run).
+SFT_BUDGET=${SFT_BUDGET:-175}
+on sft && timeout $(( SFT_BUDGET + 15 )) python bench/sft_gpu.py --budget "$SFT_BUDGET" \
+  ${SFT_ARGS:-} --out "$OUT/sft_gpu.jsonl" > "$OUT/sft_gpu.log" 2>&1
 on sft && echo "exit $?" >> "$OUT/sft_gpu.log"
+on sft && for f in /tmp/prof/*.txt; do [ -f "$f" ] && { echo "=== $f"; cat "$f"; }; done \
+  > "$OUT/profiles.txt" 2>/dev/null
 
 if on lora; then
   B=$(( $(left) - 100 )); [ "$B" -gt 30 ] || B=30

@@ -61,11 +61,11 @@ from random_model import random_llama  # noqa: E402
 from results import emit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("liger", "sftkit", "hf", "sftkit_liger", "sftkit_compile")
-EXTRAS = ("sftkit_liger", "sftkit_compile")  # run after the main cases of both modes
+CASES = ("liger", "sftkit", "hf", "sftkit_torch_ce", "sftkit_liger", "sftkit_compile")
+EXTRAS = ("sftkit_torch_ce", "sftkit_liger", "sftkit_compile")  # after the main cases
 MODES = ("bf16", "fp32_master")
-MIN_CASE_S = {"hf": 25.0, "liger": 30.0, "sftkit": 30.0, "sftkit_liger": 30.0,
-              "sftkit_compile": 75.0}  # fmt: skip
+MIN_CASE_S = {"hf": 25.0, "liger": 30.0, "sftkit": 30.0, "sftkit_torch_ce": 30.0,
+              "sftkit_liger": 30.0, "sftkit_compile": 75.0}  # fmt: skip
 
 
 @dataclass
@@ -173,8 +173,11 @@ def _hf_step(model: Any, optimizer: Any, batch: Any, mode: str) -> float:
     return float(loss.detach())
 
 
-def run_case(case: str, mode: str, setup: Setup, seed: int) -> dict[str, Any]:
-    """Build, warm up and time one case; returns its measurements."""
+def run_case(
+    case: str, mode: str, setup: Setup, seed: int, profile: Path | None = None
+) -> dict[str, Any]:
+    """Build, warm up and time one case; returns its measurements. With `profile`, two more
+    steps then run under torch.profiler and its kernel table goes to `profile/CASE_MODE.txt`."""
     import torch
 
     from sftkit.log.flops import flops_per_token, mfu, peak_flops
@@ -205,6 +208,7 @@ def run_case(case: str, mode: str, setup: Setup, seed: int) -> dict[str, Any]:
     opts = StepOptions(
         compute_dtype=torch.bfloat16 if mode == "fp32_master" else torch.float32,
         max_grad_norm=1.0, chunked_loss=True, chunk_size=setup.chunk_size,
+        fused_ce=False if case == "sftkit_torch_ce" else None,
     )  # fmt: skip
 
     def step(i: int, batch: Any) -> float:
@@ -224,6 +228,10 @@ def run_case(case: str, mode: str, setup: Setup, seed: int) -> dict[str, Any]:
     sync()
     seconds = time.perf_counter() - start
     tokens = sum(b.input_ids.numel() for b in batches[setup.warmup :])
+    if profile is not None:
+        profile_steps(
+            lambda i: step(i, batches[i % len(batches)]), cuda, profile / f"{case}_{mode}.txt"
+        )
     tps = tokens / seconds
     config = model.config
     peak = peak_flops(torch.cuda.get_device_name()) if cuda else None
@@ -240,6 +248,22 @@ def run_case(case: str, mode: str, setup: Setup, seed: int) -> dict[str, Any]:
         **info,
     }
     return result
+
+
+def profile_steps(run_step: Any, cuda: bool, path: Path) -> None:
+    """Two steps under torch.profiler; the table of ops by their own device (or CPU) time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for i in range(2):
+            run_step(i)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70))
 
 
 def _round(value: float | None) -> float | None:
@@ -291,6 +315,7 @@ def run_in_subprocess(
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--steps", str(args.steps)] if args.steps else []
     cmd += ["--chunk-size", str(args.chunk_size)] if args.chunk_size else []
+    cmd += ["--profile", str(args.profile)] if args.profile else []
     try:
         proc = subprocess.run(cmd, env=_child_env(extra), capture_output=True, text=True,
                               timeout=timeout, cwd=ROOT)  # fmt: skip
@@ -308,7 +333,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     by = {(r["case"], r["mode"]): r for r in records if "tokens_per_s" in r}
     out: dict[str, Any] = {"case": "summary"}
     for mode in MODES:
-        for variant in ("sftkit", "sftkit_liger", "sftkit_compile"):
+        for variant in ("sftkit", *EXTRAS):
             ours = by.get((variant, mode))
             for base in ("liger", "hf"):
                 ref = by.get((base, mode))
@@ -361,13 +386,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--budget", type=float, default=210.0, help="seconds for all cases")
     parser.add_argument("--out", type=Path, help="JSONL file (default: $OUT/sft_gpu.jsonl)")
     parser.add_argument("--inline", action="store_true", help="run cases in this process")
+    parser.add_argument("--profile", type=Path, help="folder for per-case profiler tables")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     setup = replace(TINY if args.tiny else GPU, docs=args.docs)
     setup = replace(setup, steps=args.steps or setup.steps,
                     chunk_size=args.chunk_size or setup.chunk_size)  # fmt: skip
     if args.child:
-        result = run_case(args.child[0], args.child[1], setup, args.seed)
+        result = run_case(args.child[0], args.child[1], setup, args.seed, args.profile)
         print("RESULT " + json.dumps(result), flush=True)
         return [result]
     import torch
@@ -401,7 +427,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             record["skipped"] = f"time budget: {left:.0f} s left"
         elif args.inline:
             try:
-                record |= run_case(case, mode, setup, args.seed)
+                record |= run_case(case, mode, setup, args.seed, args.profile)
             except Exception as exc:  # noqa: BLE001 - a failed case is a result, not a crash
                 record["error"] = f"{type(exc).__name__}: {exc}"[:500]
         else:

@@ -39,6 +39,7 @@ class StepOptions:
     chunked_loss: bool
     chunk_size: int
     grad_scale: float = 1.0  # undoes gradient averaging by a data-parallel wrapper
+    fused_ce: bool | None = None  # Triton loss kernel for the chunked head (None: on CUDA)
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -52,7 +53,7 @@ def micro_batch_nll(model: nn.Module, batch: PackedBatch, opts: StepOptions) -> 
     """Sum of NLL over the trained targets of one micro-batch (float32 scalar)."""
     if opts.chunked_loss:
         hidden, weight, targets = model_hidden_and_head(model, batch)
-        return chunked_nll_sum(hidden, weight, targets, opts.chunk_size)
+        return chunked_nll_sum(hidden, weight, targets, opts.chunk_size, fused_ce=opts.fused_ce)
     logits = model(**batch.model_kwargs(), use_cache=False).logits[:, :-1].float()
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),

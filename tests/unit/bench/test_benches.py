@@ -77,7 +77,7 @@ def test_tiny_inline_run_writes_every_case(tmp_path: Path, sft_gpu: ModuleType) 
 def test_failed_case_is_recorded_and_the_run_goes_on(
     tmp_path: Path, sft_gpu: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def boom(case: str, mode: str, setup: object, seed: int) -> dict:
+    def boom(case: str, mode: str, setup: object, seed: int, profile: object) -> dict:
         if case == "hf":
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return {"tokens_per_s": 10.0, "peak_gib": 1.0}
@@ -89,6 +89,17 @@ def test_failed_case_is_recorded_and_the_run_goes_on(
     assert got[("hf", "bf16")]["error"].startswith("RuntimeError: CUDA out of memory")
     assert got[("sftkit", "bf16")]["tokens_per_s"] == 10.0
     assert ("summary", None) in got
+
+
+def test_profile_table_per_case(tmp_path: Path, sft_gpu: ModuleType) -> None:
+    sft_gpu.main(["--tiny", "--inline", "--modes", "bf16", "--cases", "sftkit,sftkit_torch_ce",
+                  "--steps", "1", "--profile", str(tmp_path / "prof"),
+                  "--out", str(tmp_path / "r.jsonl")])  # fmt: skip
+    for case in ("sftkit", "sftkit_torch_ce"):
+        table = (tmp_path / "prof" / f"{case}_bf16.txt").read_text()
+        assert "aten::mm" in table and "Self CPU" in table, table[:500]
+    summary = _records(tmp_path / "r.jsonl")[("summary", None)]
+    assert summary.keys() == {"case", "seconds"}  # no Liger or HF case ran: no ratios
 
 
 def test_error_line_and_summary(sft_gpu: ModuleType) -> None:
