@@ -130,6 +130,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_b += grad.sum(0, dtype=torch.float32)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.fused = fused
         return total
 
     @staticmethod
@@ -139,8 +140,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         scale = grad_out.float()
         out_h = None if grad_h is None else grad_h * scale.to(grad_h.dtype)
         out_w = None
-        if grad_w is not None:  # cast first for low-precision heads: no second fp32 [V, H]
-            out_w = grad_w * scale if w_dtype == torch.float32 else grad_w.to(w_dtype).mul_(scale)
+        if grad_w is not None and w_dtype == torch.float32:
+            out_w = grad_w * scale
+        elif grad_w is not None and ctx.fused:
+            from sftkit.model.kernels.cross_entropy import scale_cast
+
+            out_w = scale_cast(grad_w, scale, w_dtype)
+        elif grad_w is not None:  # cast first for low-precision heads: no second fp32 [V, H]
+            out_w = grad_w.to(w_dtype).mul_(scale)
         out_b = None if grad_b is None else (grad_b * scale).to(b_dtype)
         return out_h, out_w, out_b, None, None, None
 
@@ -311,4 +318,10 @@ def model_hidden_and_head(model: nn.Module, batch: PackedBatch) -> tuple[Tensor,
     hidden = out.last_hidden_state[:, :-1]
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    return hidden[keep], head.weight, targets[keep]
+    if isinstance(hidden, DTensor):
+        return hidden[keep], head.weight, targets[keep]
+    # The batch knows how many targets it has, so the kept positions are found without the
+    # host sync of boolean indexing (which would stall the GPU queue mid-step): a stable sort
+    # puts them first, in order.
+    rows = torch.argsort((~keep).flatten().to(torch.uint8), stable=True)[: batch.num_target_tokens]
+    return hidden.flatten(0, 1)[rows], head.weight, targets.flatten()[rows]

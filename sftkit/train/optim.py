@@ -27,14 +27,23 @@ def import_object(dotted: str, key: str) -> Any:
 
 
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter], name: str | None, kwargs: dict[str, Any] | None
+    params: Iterable[torch.nn.Parameter],
+    name: str | None,
+    kwargs: dict[str, Any] | None,
+    prefer_fused: bool = False,
 ) -> torch.optim.Optimizer:
-    """`name` is a dotted class path; `kwargs` go to its constructor (lists become tuples)."""
+    """`name` is a dotted class path; `kwargs` go to its constructor (lists become tuples).
+
+    `prefer_fused` (the recipe sets it on CUDA without tensor parallelism) turns NeMo RL's
+    `foreach: false, fused: false` into torch's fused Adam/AdamW (see `_prefer_fused`).
+    """
     if name is None:  # Megatron recipes set policy.optimizer: null
         logger.warning("policy.optimizer is null: using %s", DEFAULT_OPTIMIZER)
         name, kwargs = DEFAULT_OPTIMIZER, DEFAULT_OPTIMIZER_KWARGS
     cls = import_object(name, "policy.optimizer.name")
     clean = {k: tuple(v) if isinstance(v, list) else v for k, v in (kwargs or {}).items()}
+    if prefer_fused:
+        clean = _prefer_fused(cls, clean)
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: check policy.dtensor_cfg.lora_cfg")
@@ -42,6 +51,28 @@ def build_optimizer(
         return cls(params, **clean)
     except TypeError as err:
         raise ValueError(f"policy.optimizer.kwargs do not fit {name}: {err}") from err
+
+
+def _prefer_fused(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Adam/AdamW with neither `foreach` nor `fused` on become fused, with one log line.
+
+    NeMo RL's recipes switch both off (an old workaround for DTensor parameters), which on a
+    GPU leaves torch's per-parameter loop: about ten kernels per parameter per step. The
+    fused kernel computes the same update in one pass, and lets the train step clip and skip
+    non-finite updates without waiting on the host (`step.device_side_update`). Setting
+    `foreach: true` keeps torch's multi-tensor path instead.
+    """
+    if cls not in (torch.optim.Adam, torch.optim.AdamW) or kwargs.get("foreach"):
+        return kwargs
+    if kwargs.get("fused") or kwargs.get("differentiable"):
+        return kwargs
+    logger.info(
+        "policy.optimizer: %s with fused=True on CUDA (the same update as the per-parameter "
+        "loop that foreach/fused=false select, in one kernel); set "
+        "policy.optimizer.kwargs.foreach=true to use torch's multi-tensor path instead",
+        cls.__name__,
+    )
+    return {**kwargs, "fused": True, "foreach": None}
 
 
 def build_scheduler(

@@ -396,6 +396,7 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
         model.parameters(),
         cfg.policy.optimizer.name if cfg.policy.optimizer else None,
         dict(cfg.policy.optimizer.kwargs) if cfg.policy.optimizer else None,
+        prefer_fused=env.device.type == "cuda" and env.tp_size == 1,
     )
     scheduler = build_scheduler(optimizer, cfg.policy.scheduler)
     sampler = GlobalBatchSampler(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from sftkit.data.packing import IGNORE_INDEX, PackedBatch
 from sftkit.train.dist import DistEnv, clip_grad_norm
@@ -83,7 +84,7 @@ def train_step(
 ) -> dict[str, float]:
     """Forward/backward over this rank's micro-batches, clip, check finiteness, update."""
     model.train()
-    # Summed on the device: one host sync per step, not one per micro-batch.
+    # Summed on the device: the host reads the loss once per step, not once per micro-batch.
     local_loss = torch.zeros((), dtype=torch.float64, device=env.device)
     denominator = max(global_tokens, 1)
     for batch in batches:
@@ -92,22 +93,80 @@ def train_step(
             nll = micro_batch_nll(model, batch, opts)
         (nll * (opts.grad_scale / denominator)).backward()
         local_loss += nll.detach().double() / denominator
-    loss = env.sum(float(local_loss))
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = opts.max_grad_norm if opts.max_grad_norm else math.inf
-    grad_norm = float(clip_grad_norm(params, max_norm))
+    if device_side_update(optimizer, env):
+        loss, grad_norm = _clip_and_update_on_device(
+            optimizer, params, local_loss, max_norm, global_tokens > 0
+        )
+    else:
+        loss = env.sum(float(local_loss))
+        grad_norm = float(clip_grad_norm(params, max_norm))
+        if math.isfinite(loss) and math.isfinite(grad_norm) and global_tokens > 0:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
         raise NonFiniteError(
             f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step} "
             f"on rank {env.rank} (loss={loss}, grad_norm={grad_norm}); the update was not "
             "applied and the last checkpoint is untouched. Lower the learning rate, check the "
             "data at this step, or use policy.precision=float32."
         )
-    if global_tokens > 0:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     return {"loss": loss, "grad_norm": grad_norm}
+
+
+def device_side_update(optimizer: torch.optim.Optimizer, env: DistEnv) -> bool:
+    """Whether clipping and the skip of a non-finite update can stay on the device.
+
+    torch's fused Adam, AdamW and SGD take a gradient divisor and a skip flag as device
+    tensors (`grad_scale`, `found_inf`: how `torch.amp.GradScaler` drives them), so the host
+    need not read the gradient norm before the update. Plain tensors only: FSDP2/TP
+    parameters (DTensors) and multi-process runs take the host-checked path.
+    """
+    if not getattr(optimizer, "_step_supports_amp_scaling", False) or env.initialized:
+        return False
+    return not any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])
+
+
+def _clip_and_update_on_device(
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    loss: torch.Tensor,
+    max_norm: float,
+    update: bool,
+) -> tuple[float, float]:
+    """Clip inside the fused update and skip it on the device when the loss or gradient is
+    not finite; the host waits for the gradient norm only, not for the update.
+
+    Clipping divides by `max(norm / max_norm, 1)` inside the optimizer kernel instead of a
+    separate pass over every gradient (torch's clip multiplies by its inverse: equal up to
+    float rounding).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = (
+        torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros((), dtype=torch.float32)
+    )
+    skip = ~(torch.isfinite(norm) & torch.isfinite(loss))
+    stats = torch.stack([loss, norm.double()])
+    cuda = stats.device.type == "cuda"
+    if cuda:  # into pinned memory, read once the norm is ready: the update keeps the GPU busy
+        stats = stats.to("cpu", non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    if update:
+        clip = (norm.float() + 1e-6) / max_norm
+        # The fused kernels read both as float32.
+        divisor = None if math.isinf(max_norm) else torch.clamp(clip, min=1.0)
+        optimizer.grad_scale = divisor  # type: ignore[attr-defined]
+        optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf  # type: ignore[attr-defined]
+    if cuda:
+        ready.synchronize()
+    loss_value, norm_value = stats.tolist()
+    return loss_value, norm_value
 
 
 @torch.no_grad()

@@ -77,3 +77,28 @@ def ce_loss_and_grad_(logits: Tensor, labels: Tensor, ignore_index: int = -100) 
         BLOCK=block, num_warps=32 if block >= 8192 else 8,
     )  # fmt: skip
     return nll.sum()
+
+
+@triton.jit
+def _scale_cast_kernel(SRC, SCALE, DST, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(SRC + offs, mask=mask).to(tl.float32) * tl.load(SCALE).to(tl.float32)
+    tl.store(DST + offs, x.to(DST.dtype.element_ty), mask=mask)
+
+
+def scale_cast(src: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """`(src * scale).to(dtype)` in one pass, `scale` a 0-dim tensor on src's device.
+
+    The head gradient ([V, H] float32, 1 GiB at Llama-3's vocabulary) is scaled by the
+    incoming loss gradient and cast to the weight's dtype once per step. In PyTorch that is
+    a cast then a multiply by a 0-dim device tensor, which takes torch's slow broadcasting
+    path; here it is one read and one write (and a single rounding).
+    """
+    src = src.contiguous()
+    out = torch.empty(src.shape, dtype=dtype, device=src.device)
+    n = src.numel()
+    if n:
+        block = 4096
+        _scale_cast_kernel[(triton.cdiv(n, block),)](src, scale, out, n, BLOCK=block)
+    return out

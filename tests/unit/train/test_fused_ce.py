@@ -51,6 +51,20 @@ SCRIPT = textwrap.dedent(
     torch.testing.assert_close(fused, plain.detach(), rtol=1e-5, atol=1e-4)
     for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g, 2.0 * r, rtol=1e-4, atol=1e-4)
+
+    # A bf16 head: its float32 gradient is scaled and cast in one kernel (scale_cast).
+    w16 = weight.detach().bfloat16().requires_grad_(True)
+    h16 = hidden.detach().bfloat16().requires_grad_(True)
+    plain16 = F.cross_entropy(F.linear(h16, w16).float(), targets, reduction="sum")
+    ref16 = torch.autograd.grad(0.5 * plain16, w16)[0]
+    fused16 = chunked_nll_sum(h16, w16, targets, chunk_size=10, fused_ce=True)
+    got16 = torch.autograd.grad(0.5 * fused16, w16)[0]
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16.float(), ref16.float(), rtol=2e-2, atol=2e-2)
+    src = torch.randn(5000)
+    cast = CE.scale_cast(src, torch.tensor(0.25), torch.bfloat16)
+    assert cast.dtype == torch.bfloat16  # within one bf16 step (the interpreter may truncate)
+    torch.testing.assert_close(cast.float(), src * 0.25, rtol=2**-7, atol=0)
     print("OK")
     """
 )

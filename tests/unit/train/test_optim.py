@@ -83,3 +83,25 @@ def test_bad_optimizer_specs() -> None:
         build_optimizer(params, "torch.optim.AdamW", {"nope": 1})
     with pytest.raises(ValueError, match="no trainable parameters"):
         build_optimizer([torch.nn.Parameter(torch.ones(1), requires_grad=False)], None, None)
+
+
+NEMO_KWARGS = {"lr": 1e-3, "weight_decay": 0.1, "foreach": False, "fused": False}
+
+
+def test_nemo_loop_flags_become_the_fused_kernel_when_preferred(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    params = [torch.nn.Parameter(torch.ones(3))]
+    with caplog.at_level("INFO", logger="sftkit"):
+        opt = build_optimizer(params, "torch.optim.AdamW", NEMO_KWARGS, prefer_fused=True)
+    assert opt.defaults["fused"] is True and opt.defaults["foreach"] is None
+    assert "fused=True" in caplog.text and "foreach=true" in caplog.text
+    # Not preferred (CPU, tensor parallel), an explicit foreach, or another optimizer: as set.
+    as_set = build_optimizer(params, "torch.optim.AdamW", NEMO_KWARGS)
+    assert as_set.defaults["fused"] is False and as_set.defaults["foreach"] is False
+    foreach = build_optimizer(
+        params, "torch.optim.AdamW", {**NEMO_KWARGS, "foreach": True}, prefer_fused=True
+    )
+    assert foreach.defaults["foreach"] is True and not foreach.defaults["fused"]
+    sgd = build_optimizer(params, "torch.optim.SGD", {"lr": 0.1, "fused": False}, True)
+    assert sgd.defaults["fused"] is False

@@ -18,7 +18,13 @@ from sftkit.data.loader import BatchPlan, micro_batches
 from sftkit.data.types import Example
 from sftkit.model.attention import enable_packed_attention
 from sftkit.train.dist import DistEnv
-from sftkit.train.step import NonFiniteError, StepOptions, supports_chunked_loss, train_step
+from sftkit.train.step import (
+    NonFiniteError,
+    StepOptions,
+    device_side_update,
+    supports_chunked_loss,
+    train_step,
+)
 
 ENV = DistEnv()
 
@@ -123,9 +129,12 @@ def snapshot(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_nonfinite_gradient_stops_before_the_update() -> None:
+# fused=True takes the device-side path: clip and skip inside torch's fused AdamW kernel.
+@pytest.mark.parametrize("fused", [False, True])
+def test_nonfinite_gradient_stops_before_the_update(fused: bool) -> None:
     model = tiny_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    assert device_side_update(optimizer, ENV) is fused
     batches = micro_batches(examples(), BatchPlan(micro_batch_size=4))
     tokens = sum(b.num_target_tokens for b in batches)
     train_step(model, optimizer, batches, tokens, opts(False), ENV, step=1)  # a healthy step
@@ -138,9 +147,10 @@ def test_nonfinite_gradient_stops_before_the_update() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_nonfinite_loss_stops_before_the_update() -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_nonfinite_loss_stops_before_the_update(fused: bool) -> None:
     model = tiny_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
     model.lm_head.register_forward_hook(lambda m, i, out: out * math.nan)
     batches = micro_batches(examples(), BatchPlan(micro_batch_size=8))
     before = snapshot(model)
@@ -148,4 +158,63 @@ def test_nonfinite_loss_stops_before_the_update() -> None:
         train_step(model, optimizer, batches, 10, opts(False), ENV, step=5)
     assert "last checkpoint is untouched" in str(err.value)
     assert all(torch.equal(a, b) for a, b in zip(before, snapshot(model), strict=True))
-    assert not optimizer.state
+    # The fused kernel saw the skip flag: its state exists but no step was counted.
+    assert all(float(s["step"]) == 0 for s in optimizer.state.values())
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_device_side_clipping_matches_the_host_checked_update(name: str) -> None:
+    """Clipping inside torch's fused kernel (grad / max(norm / max_norm, 1)) gives the same
+    losses, norms and weights as clip_grad_norm_ then the unfused step. SGD makes a wrong
+    clip visible in the weights (Adam is nearly blind to a uniform gradient scale)."""
+    data = examples()
+
+    def run(fused: bool, max_norm: float | None) -> tuple[list[dict], list[torch.Tensor]]:
+        model = tiny_model()
+        optimizer = getattr(torch.optim, name)(model.parameters(), lr=1e-2, fused=fused)
+        assert device_side_update(optimizer, ENV) is fused
+        batches = micro_batches(data, BatchPlan(micro_batch_size=3))
+        tokens = sum(b.num_target_tokens for b in batches)
+        step_opts = StepOptions(torch.float32, max_norm, chunked_loss=True, chunk_size=7)
+        results = [train_step(model, optimizer, batches, tokens, step_opts, ENV, step=s)
+                   for s in range(1, 4)]  # fmt: skip
+        return results, snapshot(model)
+
+    def flat(weights: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([w.flatten() for w in weights])
+
+    (host, host_weights), (device, device_weights) = run(False, 0.05), run(True, 0.05)
+    assert host[0]["grad_norm"] > 10 * 0.05  # clipping is active
+    for h, d in zip(host, device, strict=True):
+        assert d["loss"] == pytest.approx(h["loss"], rel=1e-6)
+        assert d["grad_norm"] == pytest.approx(h["grad_norm"], rel=1e-5)
+    assert rel(flat(device_weights), flat(host_weights)) < 1e-6
+    _, unclipped = run(True, None)  # control: without the clip the weights end elsewhere
+    assert rel(flat(unclipped), flat(host_weights)) > 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_device_side_update_matches_the_host_checked_one() -> None:
+    """On a GPU: the pinned-memory read after an event, the fused clip, and the skip."""
+    env = DistEnv(device=torch.device("cuda"))
+    data = examples()
+    step_opts = StepOptions(torch.float32, 0.05, chunked_loss=True, chunk_size=7)
+    runs = []
+    for fused in (False, True):
+        model = tiny_model().cuda()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, fused=fused)
+        batches = micro_batches(data, BatchPlan(micro_batch_size=3))
+        tokens = sum(b.num_target_tokens for b in batches)
+        results = [train_step(model, optimizer, batches, tokens, step_opts, env, step=s)
+                   for s in range(1, 4)]  # fmt: skip
+        runs.append((results, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (host, host_w), (device, device_w) = runs
+    for h, d in zip(host, device, strict=True):
+        assert d["loss"] == pytest.approx(h["loss"], rel=1e-5)
+        assert d["grad_norm"] == pytest.approx(h["grad_norm"], rel=1e-4)
+    assert rel(device_w, host_w) < 1e-5
+    model.model.norm.register_forward_hook(lambda m, i, out: out * math.nan)  # chunked head
+    before = snapshot(model)
+    with pytest.raises(NonFiniteError, match="non-finite loss"):
+        train_step(model, optimizer, batches, tokens, step_opts, env, step=4)
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(model), strict=True))
