@@ -31,7 +31,7 @@ on() { [[ ",$STEPS," == *",$1,"* ]]; }
   python -c "import liger_kernel, peft; print('liger ok, peft', peft.__version__)"
 } > "$OUT/env.txt" 2>&1
 
-on tests && timeout 70 python -m pytest -q -p no:cacheprovider -o addopts="" \
+on tests && timeout 100 python -m pytest -q -p no:cacheprovider -o addopts="" \
   tests/unit/model/test_attention.py tests/unit/model/test_fused.py \
   tests/unit/model/test_lora_triton.py tests/unit/log/test_log_gpu.py \
   tests/unit/train/test_loss.py tests/unit/train/test_step.py \

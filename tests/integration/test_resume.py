@@ -148,3 +148,30 @@ def test_resume_mismatch_fresh_starts_over(reference_run, small_run, tmp_path: P
     assert result.returncode == 0
     assert sorted(result.train_rows()) == [1]
     assert list((tmp_path / "ckpt").glob("previous_*/step_3"))
+
+
+def test_resume_with_the_fused_optimizer_is_bit_exact(
+    small_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's fused AdamW (sftkit's choice on CUDA; here on CPU) clips inside its kernel and
+    keeps its step counts as tensors: stopping at step 3 and resuming changes nothing."""
+    from sftkit.train import step as step_module
+
+    device_updates = []
+    on_device = step_module._clip_and_update_on_device
+
+    def counted(*args, **kwargs):
+        device_updates.append(1)
+        return on_device(*args, **kwargs)
+
+    monkeypatch.setattr(step_module, "_clip_and_update_on_device", counted)
+    fused = "policy.optimizer.kwargs.fused=true"
+    whole = small_run.inprocess(tmp_path / "whole", fused, "sft.max_num_steps=6")
+    part = small_run.inprocess(tmp_path / "part", fused, "sft.max_num_steps=3")
+    resumed = small_run.inprocess(tmp_path / "part", fused, "sft.max_num_steps=6")
+    assert whole.returncode == part.returncode == resumed.returncode == 0
+    assert len(device_updates) == 6 + 3 + 3  # every step took the device-side update
+    ref, got = whole.train_rows(), resumed.train_rows()
+    assert sorted(got) == [4, 5, 6]
+    for step in got:
+        assert {n: got[step][n] for n in EXACT} == {n: ref[step][n] for n in EXACT}, step
