@@ -43,6 +43,7 @@ tokens/s and memory over Liger's per mode (target: >= 1.25x tokens/s, <= memory)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -263,7 +264,42 @@ def profile_steps(run_step: Any, cuda: bool, path: Path) -> None:
             torch.cuda.synchronize()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70))
+    table = prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70)
+    kernels, host = [], []
+    for event in prof.events():
+        span = (event.time_range.start, event.time_range.end)
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.append(span)
+        elif event.device_type == torch.autograd.DeviceType.CPU:
+            host.append((*span, event.name))
+    path.write_text(table + "\n" + idle_report(kernels, host))
+
+
+def idle_report(
+    kernels: list[tuple[float, float]], host: list[tuple[float, float, str]], top: int = 15
+) -> str:
+    """Where the GPU sat idle between its first and last kernel, in microseconds: the total,
+    then the longest gaps, each with the host ops running at its middle (innermost first),
+    i.e. what the GPU was waiting for."""
+    if not kernels:
+        return "GPU idle: no device events recorded\n"
+    busy: list[list[float]] = []
+    for start, end in sorted(kernels):
+        if busy and start <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], end)
+        else:
+            busy.append([start, end])
+    gaps = [(b[0] - a[1], a[1], b[0]) for a, b in itertools.pairwise(busy)]
+    span = busy[-1][1] - busy[0][0]
+    idle = sum(g[0] for g in gaps)
+    lines = [f"GPU idle: {idle:,.0f} us of {span:,.0f} us ({100 * idle / span:.1f}%) "
+             f"in {len(gaps)} gaps; longest:"]  # fmt: skip
+    for length, start, end in sorted(gaps, reverse=True)[:top]:
+        mid = (start + end) / 2
+        active = sorted((e - s, name) for s, e, name in host if s <= mid <= e)
+        names = " < ".join(name for _, name in active[:4]) or "(no host op)"
+        lines.append(f"  {length:9,.0f} us at +{start - busy[0][0]:,.0f}: {names}")
+    return "\n".join(lines) + "\n"
 
 
 def _round(value: float | None) -> float | None:

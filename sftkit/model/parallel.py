@@ -39,13 +39,6 @@ def parallelize(model: nn.Module, cfg: MasterConfig, env: DistEnv) -> tuple[nn.M
     the meta device (see `materialize`).
     """
     d = cfg.policy.dtensor_cfg
-    if d.context_parallel_size > 1 and env.mesh is not None:  # one process: see recipe.py
-        raise ValueError(
-            f"policy.dtensor_cfg.context_parallel_size={d.context_parallel_size} is not "
-            "supported: sftkit splits sequences over ranks only by packing. Set it to 1 and "
-            "use tensor_parallel_size (with sequence_parallel) or activation_checkpointing "
-            "for long sequences"
-        )
     if env.mesh is None:  # one process: tensor/context parallel and replica sizes do not apply
         if d.cpu_offload:
             logger.warning("policy.dtensor_cfg.cpu_offload is ignored with one process")

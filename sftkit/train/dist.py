@@ -172,15 +172,25 @@ def init_distributed(device_preference: str = "auto") -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def parallel_layout(world_size: int, tp_size: int, dp_replicate: int) -> tuple[int, int]:
+def parallel_layout(
+    world_size: int, tp_size: int, dp_replicate: int, cp_size: int = 1
+) -> tuple[int, int]:
     """(tensor-parallel size, replica count) a run of `world_size` ranks uses.
 
     One process trains unsharded whatever the recipe's layout says (the maths is the same;
-    the caller warns); with several ranks the layout must divide the world size.
+    the caller warns); with several ranks the layout must divide the world size, and
+    context parallelism is refused.
     """
     tp, rep = max(tp_size, 1), max(dp_replicate, 1)
     if world_size == 1:
         return 1, 1
+    if cp_size > 1:
+        raise ValueError(
+            f"policy.dtensor_cfg.context_parallel_size={cp_size} is not supported: sftkit "
+            "splits sequences over ranks only by packing. Set it to 1 and use "
+            "tensor_parallel_size (with sequence_parallel) or activation_checkpointing for "
+            "long sequences"
+        )
     if world_size % (tp * rep):
         raise ValueError(
             f"policy.dtensor_cfg.tensor_parallel_size={tp} x dp_replicate_size={rep} needs a "

@@ -52,7 +52,8 @@ def maybe_self_launch(cfg: Any, argv: list[str]) -> int | None:
         )
     nproc = int(cfg.cluster.gpus_per_node)
     d = cfg.policy.dtensor_cfg
-    parallel_layout(nproc, d.tensor_parallel_size, d.dp_replicate_size)  # before any fork
+    # Before any fork: a layout the ranks cannot hold is a config error, not a rank crash.
+    parallel_layout(nproc, d.tensor_parallel_size, d.dp_replicate_size, d.context_parallel_size)
     _check_devices(cfg.cluster.device, nproc)
     return _elastic_run(nproc, argv)
 

@@ -218,7 +218,9 @@ def check_before_model(cfg: MasterConfig, env: DistEnv, data: PreparedData) -> N
     """Settings that cannot work, caught before the (slow) model load."""
     p = cfg.policy
     d = p.dtensor_cfg
-    tp, _ = parallel_layout(env.world_size, d.tensor_parallel_size, d.dp_replicate_size)
+    tp, _ = parallel_layout(
+        env.world_size, d.tensor_parallel_size, d.dp_replicate_size, d.context_parallel_size
+    )
     sizes = ("tensor_parallel_size", "context_parallel_size", "dp_replicate_size")
     layout = {k: getattr(d, k) for k in sizes}
     if env.world_size == 1 and any(size > 1 for size in layout.values()):

@@ -130,7 +130,7 @@ def device_side_update(optimizer: torch.optim.Optimizer, env: DistEnv) -> bool:
 
 def _clip_and_update_on_device(
     optimizer: torch.optim.Optimizer,
-    params: list[torch.Tensor],
+    params: list[nn.Parameter],
     loss: torch.Tensor,
     max_norm: float,
     update: bool,

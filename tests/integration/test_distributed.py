@@ -193,10 +193,20 @@ def test_hsdp_two_replicas_match_one_rank(
     assert_same_weights(single.checkpoint_dir / "final_hf", hsdp.checkpoint_dir / "final_hf")
 
 
-def test_layout_that_does_not_divide_the_ranks_is_a_config_error(
-    small_run: SmallRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        (
+            "dp_replicate_size=4",
+            "dp_replicate_size=4 needs a multiple of 4 ranks but this run has 2",
+        ),
+        ("context_parallel_size=2", "context_parallel_size=2 is not supported"),
+    ],
+)
+def test_layout_the_ranks_cannot_hold_is_a_config_error(
+    small_run: SmallRun, tmp_path: Path, capsys: pytest.CaptureFixture[str], size: str, message: str
 ) -> None:
-    more = ("cluster.gpus_per_node=2", "policy.dtensor_cfg.dp_replicate_size=4")
+    more = ("cluster.gpus_per_node=2", f"policy.dtensor_cfg.{size}")
     assert small_run.inprocess(tmp_path, *COMMON, *more).returncode == 2  # before any fork
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "dp_replicate_size=4 needs a multiple of 4 ranks but this run has 2" in last
+    assert message in last

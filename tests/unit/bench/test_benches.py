@@ -98,8 +98,22 @@ def test_profile_table_per_case(tmp_path: Path, sft_gpu: ModuleType) -> None:
     for case in ("sftkit", "sftkit_torch_ce"):
         table = (tmp_path / "prof" / f"{case}_bf16.txt").read_text()
         assert "aten::mm" in table and "Self CPU" in table, table[:500]
+        assert "GPU idle: no device events" in table  # CPU run: nothing on a device
     summary = _records(tmp_path / "r.jsonl")[("summary", None)]
     assert summary.keys() == {"case", "seconds"}  # no Liger or HF case ran: no ratios
+
+
+def test_idle_report_finds_the_gaps_between_kernels(sft_gpu: ModuleType) -> None:
+    kernels = [(0.0, 10.0), (5.0, 20.0), (50.0, 60.0), (61.0, 70.0), (170.0, 180.0)]
+    host = [(0.0, 200.0, "train_step"), (80.0, 160.0, "Optimizer.step"),
+            (100.0, 130.0, "aten::stack"), (30.0, 45.0, "aten::item")]  # fmt: skip
+    report = sft_gpu.idle_report(kernels, host)
+    # Overlapping kernels merge; gaps: 20-50 (30 us), 60-61 (1 us), 70-170 (100 us).
+    assert report.splitlines()[0].startswith("GPU idle: 131 us of 180 us (72.8%) in 3 gaps")
+    longest, second = report.splitlines()[1:3]
+    assert "100 us at +70: aten::stack < Optimizer.step < train_step" in longest
+    assert "30 us at +20: aten::item < train_step" in second
+    assert "no device events" in sft_gpu.idle_report([], host)
 
 
 def test_error_line_and_summary(sft_gpu: ModuleType) -> None:
