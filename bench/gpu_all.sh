@@ -31,13 +31,10 @@ on() { [[ ",$STEPS," == *",$1,"* ]]; }
   python -c "import liger_kernel, peft; print('liger ok, peft', peft.__version__)"
 } > "$OUT/env.txt" 2>&1
 
-# The LoRA kernels' Triton-interpreter test is CI's (CPU) job: triton 3.6's interpreter on the
-# GPU image trips over numpy scalars there; the real-kernel tests in the same file run here.
 on tests && timeout 100 python -m pytest -q -p no:cacheprovider -o addopts="" \
   tests/unit/model/test_attention.py tests/unit/model/test_fused.py \
   tests/unit/model/test_lora_triton.py tests/unit/log/test_log_gpu.py \
   tests/unit/train/test_loss.py tests/unit/train/test_step.py \
-  --deselect tests/unit/model/test_lora_triton.py::test_triton_kernels_equal_torch_path \
   > "$OUT/gpu_tests.log" 2>&1
 on tests && echo "exit $?" >> "$OUT/gpu_tests.log"
 

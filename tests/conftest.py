@@ -295,6 +295,26 @@ def preempted_run(small_run: SmallRun, tmp_path_factory: pytest.TempPathFactory)
     return finished(proc, work, set(), code)
 
 
+# Triton 3.6's interpreter (torch 2.10/2.11) hands kernels their scalar arguments as 1-element
+# numpy arrays and turns them into loop bounds with int(array), which numpy >= 2.4 refuses
+# ("only 0-dimensional arrays can be converted to Python scalars"). Interpreted scripts start
+# by making that conversion take the element; newer interpreters are unaffected.
+INTERPRETER_SHIM = """
+import numpy as _np
+import triton.runtime.interpreter as _interp
+
+if hasattr(_interp, "_patch_lang_tensor"):
+    _patch_tensor = _interp._patch_lang_tensor
+
+    def _scalar_index(tensor, scope):
+        _patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__",
+                       lambda self: int(_np.asarray(self.handle.data).reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = _scalar_index
+"""
+
+
 @pytest.fixture
 def run_triton_interpreted() -> Any:
     """`run(script) -> stdout`: `script` in a fresh Python with TRITON_INTERPRET=1 (Triton
@@ -304,7 +324,7 @@ def run_triton_interpreted() -> Any:
 
     def run(script: str) -> str:
         env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-        proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
+        proc = subprocess.run([sys.executable, "-c", INTERPRETER_SHIM + script], env=env, cwd=REPO,
                               capture_output=True, text=True, timeout=300)  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "OK" in proc.stdout
