@@ -55,7 +55,7 @@ def _varlen() -> Callable[..., Any] | None:
 
 
 @functools.cache
-def _flex_api() -> tuple[Callable[..., Any], Callable[..., Tensor]] | None:
+def _flex_api() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
     """(create_block_mask, flex_attention), imported lazily for the same reason."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention

@@ -49,7 +49,37 @@ def load_model(
         # A KV cache during training only costs memory (and, with an attention mask,
         # changes how transformers builds masks for packed rows).
         model.config.use_cache = False
+    keep_attention_softcap(model)
     return model
+
+
+def keep_attention_softcap(model: nn.Module) -> None:
+    """Run attention that honours the model's attention-logit softcap (Gemma2).
+
+    Transformers up to at least 5.17 picks SDPA for Gemma2, and its SDPA path drops
+    `attn_logit_softcapping` without a word: the model trains on other logits than it was
+    defined with (0.5 apart on a tiny Gemma2). Later versions refuse SDPA there. Such a
+    model is switched to eager attention with a warning; sftkit's packed attention (set
+    later for packed batches) applies the softcap itself.
+    """
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text() if callable(get_text) else config
+    softcap = getattr(text, "attn_logit_softcapping", None)
+    if softcap is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return
+    logger.warning(
+        "%s has attn_logit_softcapping=%s, which SDPA attention ignores; using eager "
+        "attention (set policy.sequence_packing.enabled=true for sftkit's packed attention, "
+        "which applies it)",
+        type(model).__name__,
+        softcap,
+    )
+    set_impl = getattr(model, "set_attn_implementation", None)
+    if callable(set_impl):
+        set_impl("eager")
+    else:
+        config._attn_implementation = "eager"  # type: ignore[union-attr]
 
 
 def model_config(

@@ -233,6 +233,8 @@ def _hf_plan(model: nn.Module) -> dict[str, str]:
 
     The lm_head entry is left out: the chunked loss multiplies by `lm_head.weight` itself,
     so the head stays whole per tensor-parallel rank (FSDP still shards it over dp ranks).
+    So is the vocabulary-parallel embedding some transformers versions add for tied
+    embeddings (`embed_tokens: embedding_rowwise`, 5.17): its weight is that same head.
     """
     base = getattr(getattr(model, "config", None), "base_model_tp_plan", None) or {}
     prefix = getattr(model, "base_model_prefix", "model")
@@ -242,7 +244,7 @@ def _hf_plan(model: nn.Module) -> dict[str, str]:
             "set policy.dtensor_cfg.custom_parallel_plan to a dotted path of a plan "
             "(dict of module pattern -> 'colwise' | 'rowwise' | ParallelStyle)"
         )
-    return {f"{prefix}.{k}": v for k, v in base.items()}
+    return {f"{prefix}.{k}": v for k, v in base.items() if v != "embedding_rowwise"}
 
 
 def _sequence_parallel_plan(model: nn.Module) -> dict[str, Any]:
@@ -379,7 +381,7 @@ def build_meta_model(
     """The HF model's architecture with parameters on the meta device (no weights read)."""
     from transformers import AutoModelForCausalLM
 
-    from sftkit.model.load import model_config
+    from sftkit.model.load import keep_attention_softcap, model_config
 
     _, config = model_config(model_name, trust_remote_code, config_overrides)
     if attn_implementation:
@@ -389,6 +391,7 @@ def build_meta_model(
         model = AutoModelForCausalLM.from_config(
             config, dtype=param_dtype, trust_remote_code=trust_remote_code
         )
+    keep_attention_softcap(model)
     return model
 
 

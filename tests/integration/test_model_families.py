@@ -220,7 +220,11 @@ def runs(family_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
 
 
 def load(path: Path, **kwargs: Any) -> nn.Module:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    """The reference: HF's model with eager attention, the model's exact definition (SDPA,
+    transformers 5.17's default for Gemma2, silently drops its attention softcap)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager", **kwargs
+    )
     return model.eval()
 
 
@@ -272,7 +276,7 @@ def test_packed_logits_equal_each_document_alone(
     from sftkit.data.packing import collate_packed, collate_padded
     from sftkit.model.attention import enable_packed_attention
 
-    reference = load(family_dirs[family])  # HF's default attention (eager for Gemma2)
+    reference = load(family_dirs[family])
     model = load(family_dirs[family])
     enable_packed_attention(model, backend)  # type: ignore[arg-type]
     docs, bins = packed_documents(reference.config.vocab_size)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from sftkit.model.load import load_model
+from sftkit.model.load import keep_attention_softcap, load_model
 
 
 @pytest.fixture
@@ -41,3 +41,24 @@ def test_unreachable_or_broken_names_are_config_errors(
         load_model(str(model_dir))
     with pytest.raises(ValueError, match=r"cannot be loaded"):
         load_model(str(model_dir.parent / "nowhere"))
+
+
+def test_sdpa_is_replaced_where_it_would_drop_the_attention_softcap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """transformers 5.17 runs Gemma2 on SDPA, whose path ignores attn_logit_softcapping."""
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+    gemma = Gemma2ForCausalLM(Gemma2Config(**small, attn_logit_softcapping=50.0))
+    gemma.config._attn_implementation = "sdpa"  # what 5.17 picks by default
+    with caplog.at_level("WARNING", logger="sftkit"):
+        keep_attention_softcap(gemma)
+    assert gemma.config._attn_implementation == "eager"
+    assert "attn_logit_softcapping=50.0, which SDPA attention ignores" in caplog.text
+    uncapped = Gemma2ForCausalLM(Gemma2Config(**small, attn_logit_softcapping=None))
+    uncapped.config._attn_implementation = "sdpa"
+    keep_attention_softcap(uncapped)
+    llama = LlamaForCausalLM(LlamaConfig(**small))
+    llama.config._attn_implementation = "sdpa"
+    keep_attention_softcap(llama)
+    assert uncapped.config._attn_implementation == llama.config._attn_implementation == "sdpa"
