@@ -295,8 +295,8 @@ def preempted_run(small_run: SmallRun, tmp_path_factory: pytest.TempPathFactory)
     return finished(proc, work, set(), code)
 
 
-# Triton 3.6's interpreter (torch 2.10/2.11) hands kernels their scalar arguments as 1-element
-# numpy arrays and turns them into loop bounds with int(array), which numpy >= 2.4 refuses
+# Triton 3.5/3.6's interpreters (torch 2.9-2.11) hand kernels their scalar arguments as 1-element
+# numpy arrays and turn them into loop bounds with int(array), which numpy >= 2.4 refuses
 # ("only 0-dimensional arrays can be converted to Python scalars"). Interpreted scripts start
 # by making that conversion take the element; newer interpreters are unaffected.
 INTERPRETER_SHIM = """
@@ -306,10 +306,13 @@ import triton.runtime.interpreter as _interp
 if hasattr(_interp, "_patch_lang_tensor"):
     _patch_tensor = _interp._patch_lang_tensor
 
-    def _scalar_index(tensor, scope):
-        _patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__",
-                       lambda self: int(_np.asarray(self.handle.data).reshape(-1)[0]))
+    def _scalar_index(tensor, *scope):  # triton 3.6 passes a patch scope, 3.5 does not
+        _patch_tensor(tensor, *scope)
+        index = lambda self: int(_np.asarray(self.handle.data).reshape(-1)[0])
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     _interp._patch_lang_tensor = _scalar_index
 """
