@@ -75,7 +75,8 @@ def format_step_line(
     if (tps := _tokens_per_sec(metrics)) is not None:
         fields.append(f"tok/s {tps:,.0f}")
     if (mfu := metrics.get("train/mfu")) is not None:
-        fields.append(f"mfu {100 * float(mfu):.1f}%")
+        pct = 100 * float(mfu)  # a tiny model's 0.0042% is not shown as 0.0%
+        fields.append(f"mfu {pct:.1f}%" if pct >= 0.1 or pct == 0 else f"mfu {pct:.2g}%")
     if eta_s is not None:
         fields.append(f"eta {format_eta(eta_s)}")
     return " | ".join(fields)

@@ -31,6 +31,8 @@ def test_step_line_format() -> None:
 def test_step_line_with_mfu_and_missing_fields() -> None:
     line = format_step_line(1, 5, {"train/loss": 2.0, "train/mfu": 0.408}, eta_s=None)
     assert line == "step 1/5 | loss 2.0000 | mfu 40.8%"
+    tiny = format_step_line(1, 5, {"train/mfu": 4.2e-5}, eta_s=None)
+    assert tiny == "step 1/5 | mfu 0.0042%"
 
 
 @pytest.mark.parametrize(
