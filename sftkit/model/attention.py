@@ -410,6 +410,16 @@ def sftkit_packed_attention(
     return out, None
 
 
+def set_attention_implementation(model: nn.Module, name: str) -> None:
+    """Switch an HF model's attention function (`set_attn_implementation` where transformers
+    has it, else the config field the attention layers read)."""
+    set_impl = getattr(model, "set_attn_implementation", None)
+    if callable(set_impl):
+        set_impl(name)
+    else:
+        model.config._attn_implementation = name  # type: ignore[union-attr]
+
+
 def enable_packed_attention(model: nn.Module, backend: Backend = "auto") -> str:
     """Make an HF model honour document boundaries (`cu_seq_lens_q`) in packed rows.
 
@@ -425,11 +435,7 @@ def enable_packed_attention(model: nn.Module, backend: Backend = "auto") -> str:
     AttentionInterface.register(ATTN_NAME, sftkit_packed_attention)
     param = next(model.parameters())
     chosen = resolve_backend(backend, param.device, param.dtype)
-    set_impl = getattr(model, "set_attn_implementation", None)
-    if callable(set_impl):
-        set_impl(ATTN_NAME)
-    else:
-        model.config._attn_implementation = ATTN_NAME  # type: ignore[union-attr]
+    set_attention_implementation(model, ATTN_NAME)
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if impl != ATTN_NAME:
         raise ValueError(

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sftkit.model.attention import set_attention_implementation
 from sftkit.model.builtin import resolve_model_path
 
 logger = logging.getLogger("sftkit")
@@ -75,11 +76,7 @@ def keep_attention_softcap(model: nn.Module) -> None:
         type(model).__name__,
         softcap,
     )
-    set_impl = getattr(model, "set_attn_implementation", None)
-    if callable(set_impl):
-        set_impl("eager")
-    else:
-        config._attn_implementation = "eager"  # type: ignore[union-attr]
+    set_attention_implementation(model, "eager")
 
 
 def model_config(
