@@ -131,8 +131,8 @@ def run_trl(examples: list[tuple[list[int], list[int]]], warmup: int) -> dict[st
 def run_sftkit(examples: list[tuple[list[int], list[int]]], warmup: int) -> dict[str, Any]:
     from sftkit.data.loader import BatchPlan, micro_batches
     from sftkit.data.types import Example
+    from sftkit.dist import DistEnv
     from sftkit.model.attention import enable_packed_attention
-    from sftkit.train.dist import DistEnv
     from sftkit.train.step import StepOptions, train_step
 
     model = build_model()

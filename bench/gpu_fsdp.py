@@ -55,9 +55,9 @@ def run_case(activation_checkpointing: bool, tiny: bool) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sftkit.data.packing import collate_padded
+    from sftkit.batch import collate_padded
+    from sftkit.dist import DistEnv
     from sftkit.model.parallel import apply_activation_checkpointing, apply_fsdp
-    from sftkit.train.dist import DistEnv
     from sftkit.train.step import StepOptions, train_step
 
     s = settings(tiny)

@@ -40,13 +40,8 @@ from typing import Any
 
 import torch
 
-from sftkit.data.packing import (
-    PackedBatch,
-    collate_packed,
-    collate_padded,
-    pack_sequences,
-    round_up,
-)
+from sftkit.batch import PackedBatch, collate_packed, collate_padded, round_up
+from sftkit.data.packing import pack_sequences
 from sftkit.model.attention import enable_packed_attention
 from sftkit.train.loss import chunked_nll_sum, model_hidden_and_head
 

@@ -124,7 +124,7 @@ def make_rows(setup: Setup, count: int, seed: int) -> list[list[tuple[list[int],
 
 def step_batches(setup: Setup, seed: int) -> list[Any]:
     """One PackedBatch per optimizer step (`rows` packed rows, no padding)."""
-    from sftkit.data.packing import collate_packed
+    from sftkit.batch import collate_packed
 
     rows = make_rows(setup, setup.rows * (setup.warmup + setup.steps), seed)
     batches = []
@@ -181,10 +181,10 @@ def run_case(
     steps then run under torch.profiler and its kernel table goes to `profile/CASE_MODE.txt`."""
     import torch
 
+    from sftkit.dist import DistEnv
     from sftkit.log.flops import flops_per_token, mfu, peak_flops
     from sftkit.model.attention import enable_packed_attention, resolve_backend
     from sftkit.model.fused import apply_fused_kernels, compile_layers
-    from sftkit.train.dist import DistEnv
     from sftkit.train.step import StepOptions, train_step
 
     cuda = setup.device == "cuda"

@@ -13,14 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sftkit.data.packing import (
-    PackedBatch,
-    collate_packed,
-    collate_padded,
-    dynamic_microbatches,
-    pack_sequences,
-    round_up,
-)
+from sftkit.batch import PackedBatch, collate_packed, collate_padded, round_up
+from sftkit.data.packing import dynamic_microbatches, pack_sequences
 from sftkit.data.types import Example
 
 

@@ -80,7 +80,7 @@ def hf_model_dir(model_name: str) -> Iterator[tuple[str, str | None]]:
 def load_model(model_dir: str, adapter: str | None, device: str) -> Any:
     from transformers import AutoModelForCausalLM
 
-    from sftkit.train.dist import pick_device
+    from sftkit.dist import pick_device
 
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(model_dir)

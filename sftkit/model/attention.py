@@ -459,7 +459,7 @@ def check_document_isolation(model: nn.Module) -> None:
     Falcon-H1 the second document moves by 1.2e-4 (float32 rounding is ~1e-6, hence the
     tight tolerance). Skipped on the meta device.
     """
-    from sftkit.data.packing import collate_packed
+    from sftkit.batch import collate_packed
 
     param = next(model.parameters())
     if param.device.type == "meta":

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from sftkit.config import MasterConfig
+from sftkit.dist import DistEnv
 from sftkit.model.load import decoder_layers
-from sftkit.train.dist import DistEnv
 
 logger = logging.getLogger("sftkit")
 
@@ -35,7 +35,7 @@ def parallelize(model: nn.Module, cfg: MasterConfig, env: DistEnv) -> tuple[nn.M
 
     The gradient scale undoes FSDP's gradient averaging over data-parallel ranks, so that
     the globally normalised loss yields true gradients (1.0 with one process). With several
-    ranks `env.mesh` must be set (`sftkit.train.dist.build_mesh`) and the model may be on
+    ranks `env.mesh` must be set (`sftkit.dist.build_mesh`) and the model may be on
     the meta device (see `materialize`).
     """
     d = cfg.policy.dtensor_cfg
@@ -511,8 +511,8 @@ def build_sharded_model(
     one block). LoRA A gets the values `apply_lora` would give it on one process from the
     same RNG state, so runs on different rank counts start from the same weights.
     """
+    from sftkit.dist import build_mesh
     from sftkit.model.lora import apply_lora
-    from sftkit.train.dist import build_mesh
 
     p = cfg.policy
     rng = torch.get_rng_state()

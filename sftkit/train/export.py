@@ -48,7 +48,7 @@ def export_checkpoint(checkpoint: Path, out: Path, adapter: bool = False) -> Pat
         raise ValueError(f"{checkpoint} is a full fine-tune; --adapter needs a LoRA run")
     sharded = checkpoint / "policy" / "dcp"
     if sharded.is_dir():  # a multi-rank checkpoint: consolidated here, in one process
-        from sftkit.train.dist import load_sharded
+        from sftkit.dist import load_sharded
 
         load_sharded(model, None, sharded, trainable_only=spec is not None)
     else:

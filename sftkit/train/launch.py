@@ -1,7 +1,7 @@
 """Self-launch: `run_sft.py cluster.gpus_per_node=N` starts N ranks with torch's elastic agent.
 
 Under torchrun, torch's elastic agent or `srun` with one task per rank, the process joins
-the existing group instead (`sftkit.train.dist.init_distributed`). Several nodes need one
+the existing group instead (`sftkit.dist.init_distributed`). Several nodes need one
 launcher per node (`examples/slurm/sft.sbatch`, or `torchrun --nnodes`); self-launch is for
 one node.
 """
@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sftkit.train.dist import in_launcher, parallel_layout
+from sftkit.dist import in_launcher, parallel_layout
 
 logger = logging.getLogger("sftkit")
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from sftkit.data.packing import IGNORE_INDEX, PackedBatch
+from sftkit.batch import IGNORE_INDEX, PackedBatch
 from sftkit.model.kernels import triton_available
 
 

@@ -15,11 +15,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from sftkit.batch import PackedBatch
 from sftkit.config import MasterConfig, config_to_dict, config_to_yaml
 from sftkit.data import PreparedData, load_tokenizer, prepare_data
 from sftkit.data.loader import BatchPlan, GlobalBatchSampler, iterate_eval_batches, micro_batches
-from sftkit.data.packing import PackedBatch
 from sftkit.data.types import Example
+from sftkit.dist import (
+    DistEnv,
+    init_distributed,
+    load_full_optimizer_state,
+    load_sharded,
+    parallel_layout,
+    save_sharded,
+    shutdown_distributed,
+)
 from sftkit.log import (
     ConsoleReporter,
     Loggers,
@@ -37,15 +46,6 @@ from sftkit.model.load import DTYPES, load_model, load_model_weights, save_hf, s
 from sftkit.model.lora import LoraSpec, apply_lora, lora_spec_from_config, merge_lora, save_adapter
 from sftkit.model.parallel import build_sharded_model, load_sharded_weights, parallelize
 from sftkit.train import checkpoint as ckpt
-from sftkit.train.dist import (
-    DistEnv,
-    init_distributed,
-    load_full_optimizer_state,
-    load_sharded,
-    parallel_layout,
-    save_sharded,
-    shutdown_distributed,
-)
 from sftkit.train.export import gather_hf
 from sftkit.train.loop import train
 from sftkit.train.optim import build_optimizer, build_scheduler

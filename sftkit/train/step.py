@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from sftkit.data.packing import IGNORE_INDEX, PackedBatch
-from sftkit.train.dist import DistEnv, clip_grad_norm
+from sftkit.batch import IGNORE_INDEX, PackedBatch
+from sftkit.dist import DistEnv, clip_grad_norm
 from sftkit.train.loss import chunked_loss_blocker, chunked_nll_sum, model_hidden_and_head
 
 logger = logging.getLogger("sftkit")

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sftkit.train.dist import apply_slurm_env, clip_grad_norm, first_slurm_host, in_launcher
+from sftkit.dist import apply_slurm_env, clip_grad_norm, first_slurm_host, in_launcher
 from sftkit.train.launch import maybe_self_launch
 
 REPO = Path(__file__).resolve().parents[2]

@@ -84,7 +84,7 @@ def test_global_batch_must_divide_over_data_parallel_ranks(small_run, tmp_path: 
     from types import SimpleNamespace
 
     from sftkit.config import load_config
-    from sftkit.train.dist import DistEnv
+    from sftkit.dist import DistEnv
     from sftkit.train.recipe import check_before_model
 
     cfg = load_config(None, small_run.overrides(tmp_path))

@@ -273,7 +273,7 @@ def packed_documents(vocab: int) -> tuple[list[tuple[list[int], list[int]]], lis
 def test_packed_logits_equal_each_document_alone(
     family_dirs: dict[str, Path], family: str, backend: str
 ) -> None:
-    from sftkit.data.packing import collate_packed, collate_padded
+    from sftkit.batch import collate_packed, collate_padded
     from sftkit.model.attention import enable_packed_attention
 
     reference = load(family_dirs[family])

@@ -1,4 +1,4 @@
-"""Bin packing, dynamic batching and collation (sftkit.data.packing), plus the packing bench."""
+"""Bin packing, dynamic batching (sftkit.data.packing) and collation (sftkit.batch), plus the packing bench."""
 
 from __future__ import annotations
 
@@ -10,15 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftkit.data.packing import (
-    IGNORE_INDEX,
-    PACKING_ALGORITHMS,
-    collate_packed,
-    collate_padded,
-    dynamic_microbatches,
-    pack_sequences,
-    round_up,
-)
+from sftkit.batch import IGNORE_INDEX, collate_packed, collate_padded, round_up
+from sftkit.data.packing import PACKING_ALGORITHMS, dynamic_microbatches, pack_sequences
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sftkit.data.packing import PackedBatch, collate_packed, collate_padded
+from sftkit.batch import PackedBatch, collate_packed, collate_padded
 from sftkit.model.attention import ATTN_NAME, _flex_api, enable_packed_attention
 
 VOCAB = 101

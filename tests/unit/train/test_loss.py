@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sftkit.train.loss as loss_mod
-from sftkit.data.packing import collate_packed, collate_padded, pack_sequences
+from sftkit.batch import collate_packed, collate_padded
+from sftkit.data.packing import pack_sequences
 from sftkit.model.attention import enable_packed_attention
 from sftkit.train.loss import chunked_nll_sum, model_hidden_and_head
 

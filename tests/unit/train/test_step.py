@@ -16,8 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from sftkit.data.loader import BatchPlan, micro_batches
 from sftkit.data.types import Example
+from sftkit.dist import DistEnv
 from sftkit.model.attention import enable_packed_attention
-from sftkit.train.dist import DistEnv
 from sftkit.train.step import (
     NonFiniteError,
     StepOptions,
