@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import traceback
 from typing import Any
 
 logger = logging.getLogger("sftkit")
@@ -22,7 +20,9 @@ commands:
 
 
 def _config_args(argv: list[str], prog: str) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog=prog, add_help=True)
+    from sftkit.errors import ArgumentParser
+
+    parser = ArgumentParser(prog=prog, add_help=True)
     parser.add_argument("--config", default=None, help="YAML config (default: the embedded one)")
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
@@ -31,53 +31,39 @@ def _config_args(argv: list[str], prog: str) -> tuple[argparse.Namespace, list[s
 
 
 def sft_main(argv: list[str]) -> int:
-    """Entry point of `examples/run_sft.py`; returns the exit code (75: resubmit to resume)."""
-    from sftkit.config import ConfigError, config_to_yaml, load_config
+    """Entry point of `examples/run_sft.py`; returns the exit code (75: resubmit to resume).
+
+    0 done, 1 training failure (non-finite loss, unreachable tracker), 2 config or usage
+    error (bad settings, resume mismatch, bad data), 75 saved early: requeue. Errors are
+    reported by `sftkit.errors` (one message, secrets scrubbed).
+    """
+    return _command(_sft, argv)
+
+
+def _sft(argv: list[str]) -> int:
+    from sftkit.config import config_to_yaml, load_config
     from sftkit.log import setup_logging
 
     args, overrides = _config_args(argv, "run_sft.py")
     setup_logging()
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"Config error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    launched = _run_reporting_errors(lambda c: _maybe_self_launch(c, argv), cfg)
+    launched = _maybe_self_launch(cfg, argv)
     if launched is not None:
         return launched
     from sftkit.train.recipe import run_sft
 
-    code = _run_reporting_errors(run_sft, cfg)
-    assert code is not None  # run_sft always returns an exit code
-    return code
+    return int(run_sft(cfg))
 
 
-def _run_reporting_errors(run_sft: Any, cfg: Any) -> int | None:
-    """Run, turning expected failures into one clear paragraph and an exit code.
+def _command(body: Any, argv: list[str]) -> int:
+    """Run a subcommand's body through the one error path (`sftkit.errors`)."""
+    from sftkit.errors import install_excepthook, run_reporting_errors
 
-    0 done, 1 training failure (non-finite loss, unreachable tracker), 2 config or usage
-    error (ValueError: bad settings, resume mismatch, bad data), 75 saved early: requeue.
-    Set SFTKIT_TRACEBACK=1 to see the traceback as well.
-    """
-    from sftkit.log import scrub
-    from sftkit.train.step import NonFiniteError
-
-    try:
-        code = run_sft(cfg)
-        return None if code is None else int(code)
-    except (NonFiniteError, ConnectionError) as err:
-        code, kind = 1, "Training stopped"
-        error: BaseException = err
-    except ValueError as err:  # ConfigError and DataError included: the fix is in the text
-        code, kind = 2, "Config error" if type(err).__name__ == "ConfigError" else "Error"
-        error = err
-    if os.environ.get("SFTKIT_TRACEBACK"):
-        traceback.print_exception(error)
-    print(f"{kind}: {scrub(str(error))}", file=sys.stderr)
-    return code
+    install_excepthook()
+    return int(run_reporting_errors(body, argv))
 
 
 def _maybe_self_launch(cfg: Any, argv: list[str]) -> int | None:
@@ -88,22 +74,24 @@ def _maybe_self_launch(cfg: Any, argv: list[str]) -> int | None:
 
 
 def eval_main(argv: list[str]) -> int:
+    """Entry point of `examples/run_eval.py`: 0 done, 2 bad config, data or model path."""
     from sftkit.eval.run import main
 
-    return main(argv)
+    return _command(main, argv)
 
 
 def preview_main(argv: list[str]) -> int:
     """Entry point of `examples/preview_data.py`: bad config or data is one line, exit 2."""
     from sftkit.data.preview import main
 
-    return _run_reporting_errors(lambda _: main(argv), None) or 0
+    return _command(main, argv)
 
 
 def export_main(argv: list[str]) -> int:
+    """`sftkit export`: 0 done, 2 not a complete checkpoint or a bad option."""
     from sftkit.train.export import main
 
-    return main(argv)
+    return _command(main, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

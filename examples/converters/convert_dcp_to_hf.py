@@ -10,14 +10,14 @@ The step directory is found from `--dcp-ckpt-path` (or `--config`); the rest is
 (`--adapter` writes the PEFT adapter instead).
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from sftkit.cli import export_main  # noqa: E402
+from sftkit.errors import ArgumentParser, report_error  # noqa: E402
 from sftkit.train.checkpoint import INFO  # noqa: E402
-from sftkit.train.export import main as export_main  # noqa: E402
 
 
 def step_dir(path: Path) -> Path | None:
@@ -27,7 +27,7 @@ def step_dir(path: Path) -> Path | None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, help="the step's config.yaml")
     parser.add_argument("--dcp-ckpt-path", type=Path, help="the step's policy/weights")
     parser.add_argument("--hf-ckpt-path", type=Path, required=True, help="output directory")
@@ -38,8 +38,8 @@ def main(argv: list[str]) -> int:
         parser.error("give --dcp-ckpt-path (or --config) inside a checkpoint step directory")
     step = next((s for s in map(step_dir, given) if s is not None), None)
     if step is None:
-        print(f"convert error: no checkpoint step directory holds {given[0]}", file=sys.stderr)
-        return 2
+        error = ValueError(f"no checkpoint step directory (step_N) holds {given[0]}")
+        return report_error(error) or 2
     return export_main([str(step), str(args.hf_ckpt_path), *(["--adapter"] * args.adapter)])
 
 

@@ -50,9 +50,9 @@ def section_class(tp: Any) -> type | None:
     return inner if isinstance(inner, type) and dataclasses.is_dataclass(inner) else None
 
 
-def schema_type(path: str) -> Any | None:
+def schema_type(path: str, root: type = MasterConfig) -> Any | None:
     """The annotation of a dotted schema path, or None when the schema does not know it."""
-    cls: type | None = MasterConfig
+    cls: type | None = root
     tp: Any = None
     for seg in path.split("."):
         if cls is None or seg not in field_types(cls):
@@ -63,8 +63,8 @@ def schema_type(path: str) -> Any | None:
 
 
 @cache
-def schema_paths() -> tuple[str, ...]:
-    """Every dotted key of the schema, sections included."""
+def schema_paths(root: type = MasterConfig) -> tuple[str, ...]:
+    """Every dotted key of the schema (`root`: the training config's), sections included."""
     out: list[str] = []
 
     def walk(cls: type, prefix: str) -> None:
@@ -74,7 +74,7 @@ def schema_paths() -> tuple[str, ...]:
             if sub is not None:
                 walk(sub, f"{prefix}{name}.")
 
-    walk(MasterConfig, "")
+    walk(root, "")
     return tuple(out)
 
 
@@ -111,14 +111,18 @@ def _where(sources: dict[str, str], path: str) -> str:
 # ---- unknown keys -----------------------------------------------------------------------
 
 
-def unknown_key_message(path: str) -> str | None:
-    """None if the schema knows `path` (or it lies in a free-form field), else the error text."""
-    cls: type = MasterConfig
+def unknown_key_message(path: str, root: type = MasterConfig) -> str | None:
+    """None if the schema knows `path` (or it lies in a free-form field), else the error text.
+
+    `root` is the schema's top dataclass: the training config's, or another command's
+    (`sftkit.eval.config.EvalConfig`), which gets the same messages.
+    """
+    cls: type = root
     walked: list[str] = []
     for seg in path.split("."):
         fields = field_types(cls)
         if seg not in fields:
-            return _unknown_message(".".join(walked), seg, cls)
+            return _unknown_message(".".join(walked), seg, cls, root)
         walked.append(seg)
         sub = section_class(fields[seg])
         if sub is None:
@@ -127,17 +131,17 @@ def unknown_key_message(path: str) -> str | None:
     return None
 
 
-def _unknown_message(prefix: str, key: str, cls: type) -> str:
+def _unknown_message(prefix: str, key: str, cls: type, root: type = MasterConfig) -> str:
     path = f"{prefix}.{key}" if prefix else key
     candidates = list(field_types(cls))
-    if prefix == "data":
+    if prefix == "data" and root is MasterConfig:
         candidates += sorted(DATASET_KEYS)
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     suggestion: str | None
     if close:
         suggestion = f"{prefix}.{close[0]}" if prefix else close[0]
     else:
-        suggestion = _elsewhere(key, path)
+        suggestion = _elsewhere(key, path, root)
     if suggestion:
         return f"Unknown config key '{path}'. Did you mean '{suggestion}'?"
     where = f"'{prefix}'" if prefix else "the top level"
@@ -146,21 +150,23 @@ def _unknown_message(prefix: str, key: str, cls: type) -> str:
             f"Unknown config key '{path}'. Valid keys under {where}: "
             f"{', '.join(sorted(candidates))}."
         )
-    return f"Unknown config key '{path}'. See sftkit/config/schema.py for the keys under {where}."
+    module = root.__module__.replace(".", "/")
+    return f"Unknown config key '{path}'. See {module}.py for the keys under {where}."
 
 
-def _elsewhere(key: str, path: str) -> str | None:
+def _elsewhere(key: str, path: str, root: type = MasterConfig) -> str | None:
     """A key of the same name in another section (a misplaced key), or a close full path."""
-    same_leaf = [p for p in schema_paths() if p.rsplit(".", 1)[-1] == key]
+    same_leaf = [p for p in schema_paths(root) if p.rsplit(".", 1)[-1] == key]
     if same_leaf:
         return same_leaf[0]
-    close = difflib.get_close_matches(path, schema_paths(), n=1, cutoff=0.85)
+    close = difflib.get_close_matches(path, schema_paths(root), n=1, cutoff=0.85)
     return close[0] if close else None
 
 
-def check_keys(tree: dict[str, Any], sources: dict[str, str]) -> None:
-    """Raise one ConfigError listing every key of the plain `tree` that the schema does not
-    know, every section given a non-mapping value, and malformed `data.train`/`validation`."""
+def check_keys(tree: dict[str, Any], sources: dict[str, str], root: type = MasterConfig) -> None:
+    """Raise one ConfigError listing every key of the plain `tree` that the schema (`root`)
+    does not know, every section given a non-mapping value, and malformed
+    `data.train`/`validation` (training config)."""
     errors: list[tuple[str, str]] = []  # (path, message)
 
     def walk(node: dict[str, Any], cls: type, prefix: str) -> None:
@@ -168,7 +174,7 @@ def check_keys(tree: dict[str, Any], sources: dict[str, str]) -> None:
         for key, value in node.items():
             path = f"{prefix}{key}"
             if key not in fields:
-                errors.append((path, _unknown_message(prefix.rstrip("."), str(key), cls)))
+                errors.append((path, _unknown_message(prefix.rstrip("."), str(key), cls, root)))
                 continue
             sub = section_class(fields[key])
             if sub is not None and isinstance(value, dict):
@@ -182,8 +188,8 @@ def check_keys(tree: dict[str, Any], sources: dict[str, str]) -> None:
                     )
                 )
 
-    walk(tree, MasterConfig, "")
-    data = tree.get("data")
+    walk(tree, root, "")
+    data = tree.get("data") if root is MasterConfig else None
     for name in ("train", "validation"):
         value = data.get(name) if isinstance(data, dict) else None
         message = None if _is_interpolation(value) else _dataset_shape_error(f"data.{name}", value)
@@ -263,16 +269,28 @@ def check_config(cfg: MasterConfig, sources: dict[str, str] | None = None) -> No
                 "true; they are mutually exclusive: set one of them to false.",
             )
         )
-    for path, allowed in CHOICES.items():
+    problems += choice_problems(cfg, CHOICES)
+    for name in ("train", "validation"):
+        message = _dataset_shape_error(f"data.{name}", getattr(cfg.data, name))
+        if message:
+            problems.append((f"data.{name}", message))
+    raise_problems(problems, sources)
+
+
+def choice_problems(cfg: Any, choices: dict[str, tuple[str, ...]]) -> list[tuple[str, str]]:
+    """(path, message) for each choice field of `cfg` set outside its allowed values."""
+    problems = []
+    for path, allowed in choices.items():
         value = _get(cfg, path)
         if value is not None and value not in allowed:
             problems.append(
                 (path, f"{path} is {value!r}; choose one of {', '.join(map(repr, allowed))}.")
             )
-    for name in ("train", "validation"):
-        message = _dataset_shape_error(f"data.{name}", getattr(cfg.data, name))
-        if message:
-            problems.append((f"data.{name}", message))
+    return problems
+
+
+def raise_problems(problems: list[tuple[str, str]], sources: dict[str, str]) -> None:
+    """One ConfigError listing every (path, message), each with where its key was set."""
     if problems:
         raise ConfigError(
             "\n".join(msg + _where(sources, path) for path, msg in problems),
@@ -296,52 +314,59 @@ def _dataset_shape_error(path: str, value: Any) -> str | None:
 
 
 @cache
-def _default_tree() -> dict[str, Any]:
-    return dataclasses.asdict(MasterConfig())
+def _default_tree(root: type = MasterConfig) -> dict[str, Any]:
+    return dataclasses.asdict(root())
 
 
-def _default_value(tree: dict[str, Any], path: str) -> Any:
-    if path in DERIVED_DEFAULTS:
+def _default_value(tree: dict[str, Any], path: str, root: type) -> Any:
+    if root is MasterConfig and path in DERIVED_DEFAULTS:
         return _get(tree, DERIVED_DEFAULTS[path])
-    return _get(_default_tree(), path)
+    return _get(_default_tree(root), path)
 
 
-def _leaves(value: Any, path: str) -> list[str]:
+def _leaves(value: Any, path: str, root: type) -> list[str]:
     """Leaf paths under `path` when it is a schema section, else just `path`."""
-    tp = schema_type(path)
+    tp = schema_type(path, root)
     if tp is None or section_class(tp) is None or not isinstance(value, dict):
         return [path]
-    return [leaf for key, sub in value.items() for leaf in _leaves(sub, f"{path}.{key}")]
+    return [leaf for key, sub in value.items() for leaf in _leaves(sub, f"{path}.{key}", root)]
 
 
-def ignored_settings(cfg: MasterConfig | dict[str, Any]) -> list[str]:
-    """Dotted paths in `IGNORED_KEYS` (or below a listed section) set to a non-default value.
+def ignored_settings(
+    cfg: Any, root: type = MasterConfig, ignored: dict[str, str] | None = None
+) -> list[str]:
+    """Dotted paths in `ignored` (default `IGNORED_KEYS`; or below a listed section) set to
+    a non-default value in `cfg`, an instance (or dict) of the schema `root`.
 
     A disabled `megatron_cfg` is not read (by NeMo RL either); an enabled one's optimizer
     and schedule are honoured (`sftkit.config.compat.megatron_optimizer`).
     """
-    tree = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
-    megatron = bool(_get(tree, "policy.megatron_cfg.enabled"))
+    is_instance = dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)
+    tree = dataclasses.asdict(cfg) if is_instance else cfg
+    training = root is MasterConfig
+    megatron = training and bool(_get(tree, "policy.megatron_cfg.enabled"))
     found: list[str] = []
-    for path in IGNORED_KEYS:
-        if path.startswith("policy.megatron_cfg.") and not megatron:
+    for path in IGNORED_KEYS if ignored is None else ignored:
+        if training and path.startswith("policy.megatron_cfg.") and not megatron:
             continue
-        for leaf in _leaves(_get(tree, path), path):
+        for leaf in _leaves(_get(tree, path), path, root):
             if megatron and leaf in MEGATRON_HONOURED:
                 continue
             value = _get(tree, leaf)
-            if value is None and leaf in DERIVED_DEFAULTS:
+            if training and value is None and leaf in DERIVED_DEFAULTS:
                 continue  # not filled yet (a schema instance built in code): the default
-            if value != _default_value(tree, leaf):
+            if value != _default_value(tree, leaf, root):
                 found.append(leaf)
     return found
 
 
-def ignored_reason(path: str) -> str:
-    """The reason recorded in `IGNORED_KEYS` for `path` or its nearest listed section."""
+def ignored_reason(path: str, ignored: dict[str, str] | None = None) -> str:
+    """The reason recorded in `ignored` (default `IGNORED_KEYS`) for `path` or its nearest
+    listed section."""
+    table = IGNORED_KEYS if ignored is None else ignored
     parts = path.split(".")
     for end in range(len(parts), 0, -1):
-        reason = IGNORED_KEYS.get(".".join(parts[:end]))
+        reason = table.get(".".join(parts[:end]))
         if reason:
             return reason
     return "not acted on"

@@ -87,7 +87,7 @@ def load_config(
     Hydra-style strings (`sft.max_num_steps=10`, `++a.b=1`, `+a.b=1`, `~a.b`).
     """
     _, cfg = _build(config_path, overrides or [])
-    _warn_ignored(cfg)
+    warn_ignored(cfg)
     return cfg
 
 
@@ -437,19 +437,28 @@ def _read_other_versions(cfg: DictConfig) -> None:
     report_flat_data(cfg)
 
 
-def _warn_ignored(cfg: MasterConfig) -> None:
-    paths = ignored_settings(cfg)
+def warn_ignored(
+    cfg: Any,
+    root: type = MasterConfig,
+    ignored: dict[str, str] | None = None,
+    what: str = "sftkit ignores",
+) -> None:
+    """One warning listing the accepted-but-ignored settings of `cfg` (a `root` instance)
+    set to non-default values, each with its value (secrets redacted) and the reason."""
+    paths = ignored_settings(cfg, root, ignored)
     if not paths:
         return
-    tree = _redact_config(dataclasses.asdict(cfg))
+    plain = dataclasses.asdict(cfg)
+    tree = _redact_config(plain) if root is MasterConfig else redact_secrets(plain)
     lines = []
     for path in paths:
         value: Any = tree
         for seg in path.split("."):
             value = value[seg]
-        lines.append(f"  {path}={value!r}: {ignored_reason(path)}")
+        lines.append(f"  {path}={value!r}: {ignored_reason(path, ignored)}")
     logger.warning(
-        "sftkit ignores %d NeMo RL setting(s) set to non-default values:\n%s",
+        "%s %d NeMo RL setting(s) set to non-default values:\n%s",
+        what,
         len(paths),
         "\n".join(lines),
     )

@@ -10,7 +10,6 @@ stderr): `input_ids`, `tokens` (`tokenizer.decode([id])` per id), `loss_mask`
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from typing import Any, TextIO
 from sftkit.data.prepare import collect_items, settings_from_config
 from sftkit.data.processor import ORIGIN_KEY, Processor
 from sftkit.data.tokenizer import load_tokenizer
+from sftkit.log.redact import install_redaction
 
 logger = logging.getLogger("sftkit")
 TRAINED_ON, TRAINED_OFF = "\x1b[1;30;42m", "\x1b[0m"  # black on green
@@ -101,10 +101,10 @@ def print_records(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `examples/preview_data.py` and `sftkit preview`."""
-    parser = argparse.ArgumentParser(
-        description="Show tokenized examples and which tokens are trained."
-    )
+    """`examples/preview_data.py` and `sftkit preview` (errors: `sftkit.cli.preview_main`)."""
+    from sftkit.errors import ArgumentParser
+
+    parser = ArgumentParser(description="Show tokenized examples and which tokens are trained.")
     parser.add_argument(
         "--config", default=None, help="YAML config (default: examples/configs/sft.yaml)"
     )
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(message)s")
+    install_redaction()  # the root handler above prints config warnings: scrub them too
     from sftkit.config.load import load_config  # the config package; imported at call time
 
     cfg = load_config(args.config, args.overrides)
@@ -126,4 +127,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from sftkit.cli import preview_main
+
+    raise SystemExit(preview_main(sys.argv[1:]))

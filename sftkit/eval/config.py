@@ -7,16 +7,16 @@ keys fail with the nearest valid key; bad values name the key, the value and the
 
 from __future__ import annotations
 
-import difflib
 import logging
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
+from sftkit.config.checks import check_keys, choice_problems, raise_problems, unknown_key_message
 from sftkit.config.errors import ConfigError
-from sftkit.config.load import read_config_tree, register_resolvers
+from sftkit.config.load import read_config_tree, register_resolvers, warn_ignored
 from sftkit.config.overrides import apply_overrides
 
 logger = logging.getLogger("sftkit")
@@ -68,7 +68,7 @@ class EvalDataSection:
 
 @dataclass
 class EvalSection:
-    metric: str = "exact_match"  # exact_match | contains | pass@k | cons@k (exact match)
+    metric: str = "exact_match"  # exact_match | contains | pass@k | cons@k (see METRICS)
     num_tests_per_prompt: int = 1  # samples per prompt (pass@k / cons@k)
     k_value: int = 1  # k of pass@k / cons@k
     seed: int = 42  # sampling seed
@@ -87,20 +87,31 @@ class EvalConfig:
     logger: dict[str, Any] = field(default_factory=dict)
 
 
-# Keys accepted for NeMo RL compatibility: a non-default value is reported once.
-IGNORED = (
-    "generation.backend", "generation.num_prompts_per_step", "generation.model_path",
-    "generation.vllm_cfg", "generation.colocated", "env", "cluster", "logger",
-)  # fmt: skip
-FREE_FORM = ("generation.vllm_cfg", "generation.colocated", "tokenizer.chat_template_kwargs")
+# Keys accepted for NeMo RL compatibility, with the reason shown when one is set: a
+# non-default value is reported once (as the training config's IGNORED_KEYS).
+IGNORED: dict[str, str] = {
+    "generation.backend": "sftkit generates with transformers in this process",
+    "generation.num_prompts_per_step": "all prompts are generated in batches of batch_size",
+    "generation.model_path": "generation.model_name names the model",
+    "generation.vllm_cfg": "no vLLM: sftkit generates with transformers",
+    "generation.colocated": "no Ray workers: one process",
+    "env": "no math-verify workers: eval.metric scores the generations",
+    "cluster": "one process on generation.device",
+    "logger": "results go to stdout and eval.save_path",
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "eval.metric": METRICS,
+    "generation.device": ("auto", "cpu", "cuda"),
+}
 
 
 def load_eval_config(path: str | None, overrides: list[str]) -> EvalConfig:
-    """The eval YAML (with `defaults:` parents) plus overrides, checked against the schema."""
+    """The eval YAML (with `defaults:` parents) plus overrides, checked against the schema
+    with the training config's checks (unknown keys, choices, ignored settings)."""
     register_resolvers()
     tree, sources = read_config_tree(Path(path) if path else DEFAULT_EVAL_CONFIG)
-    apply_overrides(tree, overrides, sources, lambda key, source: None)
-    _check_keys(tree, EvalConfig, "", sources)
+    apply_overrides(tree, overrides, sources, _check_known)
+    check_keys(tree, sources, root=EvalConfig)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(EvalConfig), tree)
         OmegaConf.resolve(merged)
@@ -109,63 +120,37 @@ def load_eval_config(path: str | None, overrides: list[str]) -> EvalConfig:
         key = getattr(err, "full_key", "") or "?"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"eval config {key}: {first} (set in {sources.get(key, '?')})") from None
-    _check_values(cfg)
-    _warn_ignored(cfg)
+    _check_values(cfg, sources)
+    warn_ignored(cfg, EvalConfig, IGNORED, "sftkit eval ignores")
     return cfg
 
 
-def _check_keys(node: Any, schema: type, prefix: str, sources: dict[str, str]) -> None:
-    if not isinstance(node, dict):
-        return
-    names = {f.name: f for f in fields(schema)}
-    for key, value in node.items():
-        path = f"{prefix}{key}"
-        if key not in names:
-            valid = [f"{prefix}{n}" for n in names]
-            close = difflib.get_close_matches(path, valid, n=1, cutoff=0.6)
-            hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(valid)}."
-            where = sources.get(path, "the eval config")
-            raise ConfigError(f"Unknown eval config key {path!r}.{hint} (set in {where})")
-        sub = _dataclass_type(names[key])
-        if sub is not None and path not in FREE_FORM:
-            _check_keys(value, sub, f"{path}.", sources)
+def _check_known(path: str, source: str) -> None:
+    message = unknown_key_message(path, root=EvalConfig)
+    if message:
+        raise ConfigError(f"{message} (set in {source})", path=path, source=source)
 
 
-def _dataclass_type(f: Any) -> type | None:
-    if f.default_factory is not MISSING:
-        made = f.default_factory()
-        return type(made) if is_dataclass(made) else None
-    return None
-
-
-def _check_values(cfg: EvalConfig) -> None:
-    if cfg.eval.metric not in METRICS:
-        raise ConfigError(f"eval.metric={cfg.eval.metric!r}: choose one of {', '.join(METRICS)}.")
+def _check_values(cfg: EvalConfig, sources: dict[str, str]) -> None:
+    problems = choice_problems(cfg, CHOICES)
     if cfg.eval.num_tests_per_prompt < 1:
-        raise ConfigError("eval.num_tests_per_prompt must be >= 1.")
-    if not 1 <= cfg.eval.k_value <= cfg.eval.num_tests_per_prompt:
-        raise ConfigError(
+        problems.append(("eval.num_tests_per_prompt", "eval.num_tests_per_prompt must be >= 1."))
+    elif not 1 <= cfg.eval.k_value <= cfg.eval.num_tests_per_prompt:
+        problems.append((
+            "eval.k_value",
             f"eval.k_value={cfg.eval.k_value} must be between 1 and eval.num_tests_per_prompt="
-            f"{cfg.eval.num_tests_per_prompt}; raise num_tests_per_prompt or lower k_value."
-        )
+            f"{cfg.eval.num_tests_per_prompt}; raise num_tests_per_prompt or lower k_value.",
+        ))  # fmt: skip
     if cfg.generation.temperature < 0 or cfg.generation.max_new_tokens < 1:
-        raise ConfigError("generation.temperature must be >= 0 and max_new_tokens >= 1.")
+        problems.append((
+            "generation.temperature",
+            "generation.temperature must be >= 0 and max_new_tokens >= 1.",
+        ))  # fmt: skip
     if cfg.data.dataset_name:
-        raise ConfigError(
+        problems.append((
+            "data.dataset_name",
             f"data.dataset_name={cfg.data.dataset_name!r}: sftkit evaluates local data only. "
             "Set data.dataset_name=null and data.data_path to a .jsonl file with "
-            "data.problem_key / data.solution_key columns."
-        )
-
-
-def _warn_ignored(cfg: EvalConfig) -> None:
-    defaults = OmegaConf.structured(EvalConfig)
-    ours = OmegaConf.structured(cfg)
-    changed = [
-        key for key in IGNORED if OmegaConf.select(ours, key) != OmegaConf.select(defaults, key)
-    ]
-    if changed:
-        logger.warning(
-            "sftkit eval generates with transformers in one process; ignored: %s",
-            ", ".join(changed),
-        )
+            "data.problem_key / data.solution_key columns.",
+        ))  # fmt: skip
+    raise_problems(problems, sources)

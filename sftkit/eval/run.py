@@ -15,8 +15,6 @@ import argparse
 import json
 import logging
 import math
-import os
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -272,25 +270,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of `examples/run_eval.py` and `sftkit eval`: 0 done, 2 bad config/data."""
+    """`examples/run_eval.py` and `sftkit eval` (errors: `sftkit.cli.eval_main`)."""
+    from sftkit.errors import ArgumentParser
     from sftkit.log import setup_logging
 
-    parser = argparse.ArgumentParser(prog="run_eval.py")
+    parser = ArgumentParser(prog="run_eval.py")
     parser.add_argument("--config", default=None, help="eval YAML (default: evals/eval.yaml)")
     args, overrides = parser.parse_known_args(argv)
     setup_logging()
-    try:
-        cfg = load_eval_config(args.config, overrides)
-    except ValueError as err:
-        print(f"Config error: {err}", file=sys.stderr)
-        return 2
-    try:
-        result = evaluate(cfg)
-    except (ValueError, ImportError) as err:  # bad data, model path, template, missing peft
-        if os.environ.get("SFTKIT_TRACEBACK"):
-            raise
-        print(f"Error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_eval_config(args.config, overrides)
+    result = evaluate(cfg)
     gen = cfg.generation
     sampling = "greedy" if gen.temperature == 0 else f"temperature {gen.temperature}"
     metric = result["metric"].replace("@k", f"@{cfg.eval.k_value}")

@@ -7,9 +7,7 @@ directory; LoRA runs become a merged HF directory, or with `--adapter` a PEFT ad
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -117,18 +115,16 @@ def save_hf_state_dict(
 
 
 def main(argv: list[str]) -> int:
+    """`sftkit export` (errors: `sftkit.cli.export_main`)."""
+    from sftkit.errors import ArgumentParser
     from sftkit.log import setup_logging
 
-    parser = argparse.ArgumentParser(prog="sftkit export", description=__doc__)
+    parser = ArgumentParser(prog="sftkit export", description=__doc__)
     parser.add_argument("checkpoint", type=Path, help="checkpoint_dir/step_N (or checkpoint_dir)")
     parser.add_argument("out", type=Path, help="output directory")
     parser.add_argument("--adapter", action="store_true", help="write a PEFT adapter (LoRA runs)")
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        out = export_checkpoint(args.checkpoint, args.out, args.adapter)
-    except ValueError as err:
-        print(f"export error: {err}", file=sys.stderr)
-        return 2
+    out = export_checkpoint(args.checkpoint, args.out, args.adapter)
     print(f"exported {out}")
     return 0
