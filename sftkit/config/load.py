@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf._utils import _DEFAULT_MARKER_
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.resolvers import oc
 
 from sftkit.config.checks import (
     check_config,
@@ -69,10 +71,30 @@ _RESOLVERS: dict[str, Any] = {
 
 
 def register_resolvers() -> None:
-    """Register NeMo RL's OmegaConf resolvers once; a resolver of the same name is kept."""
+    """Register NeMo RL's OmegaConf resolvers once; a resolver of the same name is kept.
+
+    `oc.env` is wrapped so that the value of a secret-looking variable (`${oc.env:HF_TOKEN}`)
+    is remembered and scrubbed from everything written or logged, however short it is.
+    """
     for name, fn in _RESOLVERS.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    global _env_wrapped
+    if not _env_wrapped:
+        OmegaConf.register_new_resolver("oc.env", _env_resolver, replace=True, use_cache=False)
+        _env_wrapped = True
+
+
+_env_wrapped = False
+
+
+def _env_resolver(key: str, default: Any = _DEFAULT_MARKER_) -> str | None:
+    value = oc.env(key, default)
+    # Imported here: `sftkit.log` imports torch (3 s), which loading a config does not need.
+    from sftkit.log.redact import remember_interpolated
+
+    remember_interpolated(key, value)
+    return value
 
 
 # ---- public API -------------------------------------------------------------------------

@@ -272,22 +272,22 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     """`examples/run_eval.py` and `sftkit eval` (errors: `sftkit.cli.eval_main`)."""
     from sftkit.errors import ArgumentParser
-    from sftkit.log import setup_logging
+    from sftkit.log import redact, scrub, setup_logging
 
     parser = ArgumentParser(prog="run_eval.py")
     parser.add_argument("--config", default=None, help="eval YAML (default: evals/eval.yaml)")
     args, overrides = parser.parse_known_args(argv)
     setup_logging()
     cfg = load_eval_config(args.config, overrides)
-    result = evaluate(cfg)
+    result = redact(evaluate(cfg))  # a model URL's password, a token in a generation
     gen = cfg.generation
     sampling = "greedy" if gen.temperature == 0 else f"temperature {gen.temperature}"
     metric = result["metric"].replace("@k", f"@{cfg.eval.k_value}")
-    print(
+    print(scrub(
         f"model {result['model']} | data {result['dataset']} | {sampling}, max_new_tokens "
         f"{gen.max_new_tokens} | {metric} {result['score']:.4f} ({result['num_samples']} "
         f"samples, {result['seconds']}s)"
-    )
+    ))  # fmt: skip
     if cfg.eval.save_path:
         path = Path(cfg.eval.save_path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,13 @@ Two rules, applied together:
   `"***"`; data-field names such as `input_key` and special-token names such as
   `pad_token` are not secrets and are kept, because configs must reload unchanged;
 * any occurrence of the value of a secret-looking environment variable (`WANDB_API_KEY`,
-  `HF_TOKEN`, `*_KEY`, `*_TOKEN`, `*SECRET*`, ...) in any string becomes `"***"`, wherever
-  it appears (a URL, a log message, a traceback).
+  `HF_TOKEN`, `*_KEY`, `*_TOKEN`, `*_PASS`, `*PASSWORD*`, `*SECRET*`, ...) in any string
+  becomes `"***"`, wherever it appears (a URL, a log message, a traceback), and so does the
+  password of a URL (`https://user:pass@host` -> `https://user:***@host`).
+
+`scrub` is the one function that does the second rule; everything sftkit writes or logs
+(saved `config.yaml`, tracker configs and run names, log records, error messages,
+tracebacks, eval results) goes through it.
 """
 
 from __future__ import annotations
@@ -36,10 +41,18 @@ _PUBLIC_NAME = re.compile(
 )
 # Environment variables whose values are secrets.
 _SECRET_ENV = re.compile(
-    r"(^|_)(API_?KEY|KEY|TOKEN|PASSWORD|PASSWD|CREDENTIALS?)(_|$)|SECRET", re.IGNORECASE
+    # `PWD` is not one: it is the working directory.
+    r"(^|_)(API_?KEY|KEY|TOKEN|PASS|CREDENTIALS?)(_|$)|SECRET|PASSW(OR)?D|PASSPHRASE",
+    re.IGNORECASE,
 )
 # Shorter values ("1", "true", "false", paths like "/tmp") would scrub ordinary text.
 _MIN_SECRET_LEN = 8
+# A value the config read with `${oc.env:NAME}` from a secret-looking NAME is known to be
+# used, so a shorter one is hidden too (but not 1-3 characters: "1" would eat step numbers).
+_MIN_INTERPOLATED_LEN = 4
+_interpolated: set[str] = set()
+# The password of a URL: `scheme://user:password@host` (user may be empty).
+_URL_PASSWORD = re.compile(r"([a-z][a-z0-9+.-]*://[^:/@\s]*):([^@/\s]+)@", re.IGNORECASE)
 
 
 def is_secret_name(name: str) -> bool:
@@ -47,22 +60,38 @@ def is_secret_name(name: str) -> bool:
     return bool(_SECRET_NAME.search(name)) and not _PUBLIC_NAME.search(name)
 
 
+def is_secret_env_name(name: str) -> bool:
+    """True when an environment variable's value is a secret (`HF_TOKEN`, `DB_PASS`, ...)."""
+    return bool(_SECRET_ENV.search(name))
+
+
+def remember_interpolated(name: str, value: object) -> None:
+    """Note the value of `${oc.env:name}` when `name` is secret-looking (scrubbed from then on)."""
+    if is_secret_env_name(name) and isinstance(value, str):
+        if len(value) >= _MIN_INTERPOLATED_LEN:
+            _interpolated.add(value)
+
+
 def env_secrets() -> list[str]:
-    """Values of secret-looking environment variables, longest first (read at call time)."""
+    """Values of secret-looking environment variables, longest first (read at call time),
+    and the values of such variables that a config interpolated."""
     values = {
         value
         for name, value in os.environ.items()
         if _SECRET_ENV.search(name) and len(value) >= _MIN_SECRET_LEN
-    }
+    } | _interpolated
     # Longest first, so that a secret containing another one is replaced whole.
     return sorted(values, key=len, reverse=True)
 
 
 def scrub(text: str, secrets: list[str] | None = None) -> str:
-    """Replace every occurrence of an environment secret in `text` with `"***"`."""
+    """Replace every occurrence of an environment secret, and every URL password, in `text`
+    with `"***"`."""
     for secret in env_secrets() if secrets is None else secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
+    if "@" in text:
+        text = _URL_PASSWORD.sub(rf"\1:{REDACTED}@", text)
     return text
 
 
@@ -96,8 +125,6 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         secrets = env_secrets()
-        if not secrets:
-            return True
         message = record.getMessage()
         cleaned = scrub(message, secrets)
         if cleaned != message:

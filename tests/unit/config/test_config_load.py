@@ -293,3 +293,33 @@ def test_resolvers_registered_once() -> None:
     register_resolvers()  # idempotent: no "resolver already registered" error
     cfg = OmegaConf.create({"a": 6, "b": "${div:${a},4}", "c": "${sub:${a},1}"})
     assert (cfg.b, cfg.c) == (1.5, 5)
+
+
+def test_secrets_from_the_environment_never_reach_the_saved_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However a secret got into the config (an `${oc.env:...}` interpolation, a literal copy,
+    a URL), the saved YAML hides it, keeps everything else, and still loads."""
+    monkeypatch.setenv("DB_PASS", "s3cr7")  # short, but interpolated from a secret name
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-0123456789abcdef")
+    cfg = load_config(
+        None,
+        [
+            "logger.wandb.name=run-${oc.env:DB_PASS}",
+            "logger.mlflow.run_name=tok-0123456789abcdef",
+            "logger.mlflow.tracking_uri=https://bob:${oc.env:DB_PASS}-x@mlflow.example.com",
+            "logger.wandb.project=https://alice:hunter2@example.com/p",
+            "++data.train.input_key=question",
+        ],
+    )
+    assert cfg.logger.wandb.name == "run-s3cr7"  # the run itself sees the real values
+    text = config_to_yaml(cfg)
+    for secret in ("s3cr7", "tok-0123456789abcdef", "hunter2"):
+        assert secret not in text, secret
+    assert "name: run-***" in text and "tracking_uri: https://bob:***@mlflow.example.com" in text
+    assert "input_key: question" in text  # a data field name, not a secret
+    saved = tmp_path / "config.yaml"
+    saved.write_text(text)
+    reloaded = load_config(saved)
+    assert reloaded.policy == cfg.policy and reloaded.data == cfg.data
+    assert reloaded.logger.wandb.project == "https://alice:***@example.com/p"

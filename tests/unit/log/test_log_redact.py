@@ -136,3 +136,46 @@ def test_without_redaction_the_canary_would_leak() -> None:
     logger.setLevel(logging.INFO)
     logger.info("using key %s", CANARY)
     assert CANARY in stream.getvalue()  # the filter above is what removes it
+
+
+@pytest.mark.parametrize(
+    ("text", "scrubbed"),
+    [
+        ("https://bob:pa55w0rd@mlflow.example.com:5000/x", "https://bob:***@mlflow.example.com:5000/x"),
+        ("postgresql+psycopg2://u:p@db/x and s3://k:v@b", "postgresql+psycopg2://u:***@db/x and s3://k:***@b"),
+        ("https://:tok@host", "https://:***@host"),
+        ("https://bob@host/x", "https://bob@host/x"),  # no password
+        ("git@github.com:org/repo.git", "git@github.com:org/repo.git"),
+        ("mail me at a@b.c: thanks", "mail me at a@b.c: thanks"),
+    ],
+)  # fmt: skip
+def test_url_passwords_are_scrubbed(text: str, scrubbed: str) -> None:
+    assert scrub(text) == scrubbed
+    assert redact({"logger": {"tracking_uri": text}}) == {"logger": {"tracking_uri": scrubbed}}
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        ("DB_PASS", True),
+        ("PGPASSWORD", True),
+        ("SSH_PASSPHRASE", True),
+        ("MLFLOW_TRACKING_PASSWORD", True),
+        ("AWS_SECRET_ACCESS_KEY", True),
+        ("GITHUB_TOKEN", True),
+        ("PWD", False),  # the working directory
+        ("OLDPWD", False),
+        ("TOKENIZERS_PARALLELISM", False),
+        ("PASSTHROUGH_MODE", False),
+    ],
+)
+def test_secret_environment_names(name: str, secret: bool) -> None:
+    from sftkit.log.redact import is_secret_env_name
+
+    assert is_secret_env_name(name) is secret
+
+
+def test_pass_variables_are_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_PASS", "db-pass-value-42")
+    monkeypatch.setenv("PGPASSWORD", "pg-password-value-42")
+    assert scrub("a db-pass-value-42 b pg-password-value-42") == "a *** b ***"

@@ -74,7 +74,11 @@ def test_mlflow_local_store_has_metrics_and_redacted_params(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    config = {"sft": {"max_num_steps": 3}, "env": {"api_key": CANARY_KEY}}
+    config = {
+        "sft": {"max_num_steps": 3},
+        "env": {"api_key": CANARY_KEY},
+        "logger": {"uri": "https://bob:pw-in-url-1234@mlflow.example.com"},
+    }
     sink = MlflowSink(tmp_path, config, experiment_name="exp", run_name="run", tracking_uri=None)
     for step, loss in [(1, 2.0), (2, 1.5), (3, 1.0)]:
         sink.log({"train/loss": loss, "train/grad_norm": float("nan")}, step)
@@ -88,8 +92,12 @@ def test_mlflow_local_store_has_metrics_and_redacted_params(
     assert client.get_metric_history(sink.run_id, "train/grad_norm") == []  # NaN skipped
     assert run.data.params["sft.max_num_steps"] == "3"
     assert run.data.params["env.api_key"] == "***"
+    assert run.data.params["logger.uri"] == "https://bob:***@mlflow.example.com"
     assert not any(
-        CANARY_KEY.encode() in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()
+        secret in p.read_bytes()
+        for p in tmp_path.rglob("*")
+        if p.is_file()
+        for secret in (CANARY_KEY.encode(), b"pw-in-url-1234")
     )
 
 
