@@ -4,7 +4,8 @@
 #   pip download --no-deps -d .wheels liger-kernel pytest pluggy iniconfig pygments tomli \
 #       exceptiongroup omegaconf==2.3.0 antlr4-python3-runtime==4.9.3)
 # Only a few files come back from a device run: keep run directories outside $OUT.
-# 1. the GPU unit tests (varlen attention, fused kernels and loss, LoRA kernel, GPU monitor)
+# 1. the GPU tests (tests/gpu: varlen attention, fused loss, device-side step, GPU monitor)
+#    and the kernel unit tests
 # 2. the real entry point on CUDA: bf16, packing, LoRA, a few dozen steps
 # 3. bench/sft_gpu.py   issue 7: sftkit vs HF vs HF+Liger, 1B full FT, both precision modes
 # 4. bench/lora.py      issue 5: 8B LoRA sftkit vs PEFT (+Liger); 1B LoRA vs full
@@ -31,8 +32,10 @@ on() { [[ ",$STEPS," == *",$1,"* ]]; }
   python -c "import liger_kernel, peft; print('liger ok, peft', peft.__version__)"
 } > "$OUT/env.txt" 2>&1
 
+# tests/gpu holds every CUDA test (`gpu` marker); the unit files beside it run their CPU
+# fallback checks and Triton kernels (interpreted) on the device image's versions.
 on tests && timeout 100 python -m pytest -q -p no:cacheprovider -o addopts="" \
-  tests/unit/model/test_attention.py tests/unit/model/test_fused.py \
+  tests/gpu tests/unit/model/test_attention.py tests/unit/model/test_fused.py \
   tests/unit/model/test_lora_triton.py tests/unit/log/test_log_gpu.py \
   tests/unit/train/test_loss.py tests/unit/train/test_step.py \
   > "$OUT/gpu_tests.log" 2>&1

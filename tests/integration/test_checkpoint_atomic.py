@@ -59,6 +59,7 @@ def assert_restart_is_exact(small_run, reference_run, work: Path) -> int:
     return start
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("point", "resumes_from"),
     [
@@ -75,6 +76,7 @@ def test_sigkill_at_each_save_point(
     assert assert_restart_is_exact(small_run, reference_run, tmp_path) == resumes_from
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigkill_at_random_moments_inside_a_save(
     small_run, reference_run, tmp_path: Path, seed: int

@@ -29,6 +29,7 @@ def test_full_nemo_rl_metric_set_every_step(reference_run) -> None:
     assert sum("timing/train/checkpointing" in r for r in rows) == 14
 
 
+@pytest.mark.slow
 def test_tensorboard_and_local_mlflow_receive_the_same_values(preempted_run, monkeypatch) -> None:
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -106,6 +106,7 @@ def fsdp(small_run: SmallRun, tmp_path_factory: pytest.TempPathFactory) -> RunRe
     return two_ranks(small_run, tmp_path_factory.mktemp("fsdp"))
 
 
+@pytest.mark.slow
 def test_fsdp2_two_ranks_match_one_rank(single: RunResult, fsdp: RunResult) -> None:
     assert_same_losses(single, fsdp, list(range(1, STEPS + 1)))
     assert fsdp.val_rows().keys() == single.val_rows().keys() == {3, 6}
@@ -121,6 +122,7 @@ def test_fsdp2_two_ranks_match_one_rank(single: RunResult, fsdp: RunResult) -> N
     assert "LlamaForCausalLM" in (fsdp.checkpoint_dir / "final_hf" / "config.json").read_text()
 
 
+@pytest.mark.slow
 def test_export_consolidates_a_sharded_checkpoint(fsdp: RunResult, tmp_path: Path) -> None:
     from sftkit.train.export import export_checkpoint
 
@@ -128,6 +130,7 @@ def test_export_consolidates_a_sharded_checkpoint(fsdp: RunResult, tmp_path: Pat
     assert_same_weights(out, fsdp.checkpoint_dir / "final_hf")
 
 
+@pytest.mark.slow
 def test_resume_sharded_checkpoint_on_one_rank(
     small_run: SmallRun, single: RunResult, fsdp: RunResult, tmp_path: Path
 ) -> None:
@@ -140,6 +143,7 @@ def test_resume_sharded_checkpoint_on_one_rank(
     assert_same_losses(single, resumed, [4, 5, 6])
 
 
+@pytest.mark.slow
 def test_resume_one_rank_checkpoint_on_two_srun_tasks(
     small_run: SmallRun, single: RunResult, tmp_path: Path
 ) -> None:
@@ -153,6 +157,7 @@ def test_resume_one_rank_checkpoint_on_two_srun_tasks(
     assert_same_losses(single, resumed, [4, 5, 6])
 
 
+@pytest.mark.slow
 def test_lora_under_fsdp2_matches_one_rank(small_run: SmallRun, tmp_path: Path) -> None:
     one = one_rank(small_run, tmp_path / "one", *LORA, "checkpointing.save_period=0")
     two = two_ranks(small_run, tmp_path / "two", *LORA, "checkpointing.save_period=0")
@@ -162,6 +167,7 @@ def test_lora_under_fsdp2_matches_one_rank(small_run: SmallRun, tmp_path: Path) 
     assert_same_weights(one.checkpoint_dir / "final_hf", two.checkpoint_dir / "final_hf")
 
 
+@pytest.mark.slow
 def test_tensor_parallel_two_ranks_match_one_rank(
     small_run: SmallRun, single: RunResult, tmp_path: Path
 ) -> None:
@@ -183,6 +189,7 @@ def test_tensor_parallel_two_ranks_match_one_rank(
     assert_same_losses(single, result, list(range(1, STEPS + 1)))
 
 
+@pytest.mark.slow
 def test_hsdp_two_replicas_match_one_rank(
     small_run: SmallRun, single: RunResult, tmp_path: Path
 ) -> None:

@@ -63,6 +63,7 @@ def test_self_launch_decisions(monkeypatch: pytest.MonkeyPatch) -> None:
     assert maybe_self_launch(cfg(2), []) is None  # under torchrun: join
 
 
+@pytest.mark.slow
 def test_sbatch_starts_one_torchrun_per_node(tmp_path: Path) -> None:
     stubs = tmp_path / "bin"
     stubs.mkdir()
@@ -106,6 +107,7 @@ def test_clip_grad_norm_equals_torch_on_one_mesh() -> None:
         torch.testing.assert_close(p.grad, g * 0.5 / (expected + 1e-6))
 
 
+@pytest.mark.slow
 def test_gpu_fsdp_bench_tiny_cpu_mode(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

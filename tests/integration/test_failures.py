@@ -17,6 +17,7 @@ def tree_hash(directory: Path) -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.slow
 def test_exploding_lr_stops_loudly_and_keeps_the_checkpoint(small_run, tmp_path: Path) -> None:
     """lr=1e30: step 1 is finite (and saved), its update makes step 2's loss non-finite."""
     result = small_run.subprocess(

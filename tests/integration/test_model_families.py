@@ -457,6 +457,7 @@ FUSED_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_fused_kernels_patch_families_exactly_or_not_at_all(run_triton_interpreted) -> None:
     out = run_triton_interpreted(FUSED_SCRIPT)
     patched = {line.split()[0] for line in out.splitlines() if "'rms_norm'" in line}

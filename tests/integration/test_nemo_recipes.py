@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # recipe runs
+
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "tests" / "fixtures" / "nemo_configs" / "recipes"
 

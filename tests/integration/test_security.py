@@ -121,6 +121,7 @@ def files_under(*roots: Path) -> list[Path]:
     return [p for root in roots for p in root.rglob("*") if p.is_file()]
 
 
+@pytest.mark.slow
 def test_canary_secrets_never_reach_logs_configs_or_trackers(preempted_run) -> None:
     """The run had WANDB_API_KEY/HF_TOKEN set and one of them inside two config values."""
     canaries = [v.encode() for v in CANARY_ENV.values()]
@@ -140,6 +141,7 @@ def is_mlflow_run_name(path: str) -> bool:
     return "/mlflow/" in path and (path.endswith("meta.yaml") or path.endswith("mlflow.runName"))
 
 
+@pytest.mark.slow
 def test_mlflow_run_name_is_scrubbed(preempted_run) -> None:
     canary = CANARY_ENV["WANDB_API_KEY"].encode()
     leaks = [p for p in files_under(preempted_run.work) if canary in p.read_bytes()]

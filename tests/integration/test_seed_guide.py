@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the guide's recipe runs
+
 REPO = Path(__file__).resolve().parents[2]
 QWEN25 = REPO / "tests" / "fixtures" / "templates" / "qwen25.jinja"
 # The seed guide's custom-template example, verbatim.

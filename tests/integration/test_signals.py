@@ -7,8 +7,12 @@ import signal
 import threading
 from pathlib import Path
 
+import pytest
+
 from sftkit.train import checkpoint as ckpt
 from sftkit.train.loop import EXIT_REQUEUE
+
+pytestmark = pytest.mark.slow  # real processes sent signals
 
 EXACT = ("train/loss", "train/grad_norm", "train/lr", "train/global_valid_toks")
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 MAX_LINES = 600
 
@@ -29,6 +31,7 @@ def test_ruff_is_clean() -> None:
     assert result.returncode == 0, result.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_mypy_is_clean() -> None:
     # Settings in pyproject.toml ([tool.mypy]: the sftkit package, third-party imports silent).
     result = subprocess.run(

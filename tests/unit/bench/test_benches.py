@@ -54,6 +54,7 @@ def test_rows_are_full_and_documents_isolated(sft_gpu: ModuleType) -> None:
     assert all(b.num_target_tokens == setup.rows * (setup.seq - 1) for b in full)
 
 
+@pytest.mark.slow
 def test_tiny_inline_run_writes_every_case(tmp_path: Path, sft_gpu: ModuleType) -> None:
     out = tmp_path / "sft_gpu.jsonl"
     sft_gpu.main(["--tiny", "--inline", "--modes", "bf16,fp32_master", "--steps", "1",
@@ -74,6 +75,7 @@ def test_tiny_inline_run_writes_every_case(tmp_path: Path, sft_gpu: ModuleType) 
     assert summary["bf16_sftkit_over_hf"] > 0 and "bf16_target_met" not in summary
 
 
+@pytest.mark.slow
 def test_failed_case_is_recorded_and_the_run_goes_on(
     tmp_path: Path, sft_gpu: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -91,6 +93,7 @@ def test_failed_case_is_recorded_and_the_run_goes_on(
     assert ("summary", None) in got
 
 
+@pytest.mark.slow
 def test_profile_table_per_case(tmp_path: Path, sft_gpu: ModuleType) -> None:
     sft_gpu.main(["--tiny", "--inline", "--modes", "bf16", "--cases", "sftkit,sftkit_torch_ce",
                   "--steps", "1", "--profile", str(tmp_path / "prof"),

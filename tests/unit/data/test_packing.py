@@ -196,6 +196,7 @@ def test_documented_distribution_packs_at_least_97_percent() -> None:
         assert bench.packing_efficiency(setup, seed=1234) >= 0.97
 
 
+@pytest.mark.slow
 def test_packing_bench_tiny_mode(tmp_path: Path) -> None:
     out = tmp_path / "bench.jsonl"
     threads = torch.get_num_threads()

@@ -133,23 +133,6 @@ def test_backend_choice_and_errors() -> None:
         model(**batch.model_kwargs(), attention_mask=torch.ones(3, ROW, ROW)[:, None].bool())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["varlen", "flex"])
-def test_cuda_backends_match_per_document_reference(backend: str) -> None:
-    model = tiny_llama(dtype=torch.bfloat16).cuda()
-    enable_packed_attention(model, backend)
-    batch = packed_batch().to("cuda")
-    logits = model(**batch.model_kwargs(), use_cache=False).logits.float()
-    logits.square().mean().backward()  # the backward must run too
-    with torch.no_grad():
-        worst = 0.0
-        for d, r, s in doc_slices():
-            ids = torch.tensor([documents(LENGTHS)[d][0]], device="cuda")
-            ref = model(input_ids=ids, use_cache=False).logits[0].float()
-            worst = max(worst, (logits[r, s : s + LENGTHS[d]] - ref).abs().max().item())
-    assert worst < 5e-2  # bf16
-
-
 def windowed_or_capped(family: str, dtype: torch.dtype) -> torch.nn.Module:
     """A tiny Mistral (sliding window 6) or Gemma2 (window 6, attention and final softcaps)."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
@@ -187,15 +170,6 @@ def packed_family_error(family: str, device: str, dtype: torch.dtype) -> float:
     return worst
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])
-@pytest.mark.parametrize(
-    ("device", "dtype", "tol"),
-    [("cpu", torch.float32, 1e-5), pytest.param("cuda", torch.bfloat16, 5e-2, marks=CUDA)],
-)
-def test_packed_window_and_softcap_match_per_document_reference(
-    family: str, device: str, dtype: torch.dtype, tol: float
-) -> None:
-    assert packed_family_error(family, device, dtype) < tol
+def test_packed_window_and_softcap_match_per_document_reference(family: str) -> None:
+    assert packed_family_error(family, "cpu", torch.float32) < 1e-5  # CUDA: tests/gpu

@@ -134,6 +134,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_triton_kernels_equal_hf_code(run_triton_interpreted: Any) -> None:
     run_triton_interpreted(SCRIPT)
 

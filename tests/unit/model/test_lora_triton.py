@@ -9,6 +9,8 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import torch
@@ -55,5 +57,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_triton_kernels_equal_torch_path(run_triton_interpreted: Any) -> None:
     run_triton_interpreted(SCRIPT)

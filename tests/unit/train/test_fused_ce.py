@@ -11,6 +11,8 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import torch
@@ -70,5 +72,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_fused_ce_kernel_equals_cross_entropy(run_triton_interpreted: Any) -> None:
     run_triton_interpreted(SCRIPT)
