@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger("sftkit")
@@ -58,7 +59,7 @@ def _sft(argv: list[str]) -> int:
     return int(run_sft(cfg))
 
 
-def _command(body: Any, argv: list[str]) -> int:
+def _command(body: Callable[[list[str]], int], argv: list[str]) -> int:
     """Run a subcommand's body through the one error path (`sftkit.errors`)."""
     from sftkit.errors import install_excepthook, run_reporting_errors
 

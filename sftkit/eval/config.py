@@ -1,13 +1,14 @@
 """The eval config: `examples/configs/evals/eval.yaml`, NeMo RL's eval keys, overrides.
 
 NeMo RL's eval YAML loads unchanged: vLLM, cluster and env settings are accepted and
-reported once as ignored (sftkit generates with transformers in this process). Unknown
-keys fail with the nearest valid key; bad values name the key, the value and the type.
+reported once as ignored (sftkit generates with transformers in this process). The
+training config's checks (`sftkit.config.checks`) run on it: unknown keys fail with the
+nearest valid key, choices list their values, ignored settings are warned about with the
+reason; bad values name the key, the value and the type.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,6 @@ from sftkit.config.checks import check_keys, choice_problems, raise_problems, un
 from sftkit.config.errors import ConfigError
 from sftkit.config.load import read_config_tree, register_resolvers, warn_ignored
 from sftkit.config.overrides import apply_overrides
-
-logger = logging.getLogger("sftkit")
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_EVAL_CONFIG = REPO / "examples" / "configs" / "evals" / "eval.yaml"

@@ -92,3 +92,9 @@ def test_dependency_resolution_is_pinned_by_date() -> None:
     tool_uv = text[text.index("[tool.uv]") :]
     assert re.search(r'^exclude-newer = "\d{4}-\d{2}-\d{2}T', tool_uv, re.MULTILINE)
     assert "uv run pytest\n" in (REPO / ".ci" / "run").read_text()  # everything, in CI
+
+
+def test_test_file_names_are_unique() -> None:
+    # tests/ has no __init__.py files: two test files of one name cannot be collected together.
+    names = [p.name for p in TESTS.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
