@@ -146,3 +146,31 @@ def test_mlflow_run_name_is_scrubbed(preempted_run) -> None:
     canary = CANARY_ENV["WANDB_API_KEY"].encode()
     leaks = [p for p in files_under(preempted_run.work) if canary in p.read_bytes()]
     assert leaks == []
+
+
+def test_interpolated_and_url_secrets_never_reach_files_or_stderr(
+    small_run, tmp_path: Path, capsys
+) -> None:
+    """A short password read with `${oc.env:...}` and a password inside a URL: the run uses
+    them, and no file it writes (config.yaml, metrics, MLflow store) nor stderr holds them."""
+    secret, url_password = "s3cr7x", "url-pw-0417"
+    capsys.readouterr()
+    result = small_run.inprocess(
+        tmp_path,
+        "sft.max_num_steps=1",
+        "logger.mlflow_enabled=true",
+        "logger.wandb.name=run-${oc.env:DB_PASS}",
+        f"logger.mlflow.run_name=https://bob:{url_password}@mlflow.example.com",
+        env={"DB_PASS": secret},
+    )
+    err = capsys.readouterr().err
+    assert result.returncode == 0, err[-2000:]
+    config = (result.checkpoint_dir / "step_1" / "config.yaml").read_text()
+    assert "name: run-***" in config and "https://bob:***@mlflow.example.com" in config
+    leaks = [
+        str(p)
+        for p in files_under(tmp_path)
+        for s in (secret, url_password)
+        if s.encode() in p.read_bytes()
+    ]
+    assert leaks == [] and secret not in err and url_password not in err
