@@ -251,7 +251,7 @@ def tensor_parallel_plan(
     style names ('colwise', 'rowwise', ...) or torch `ParallelStyle` objects.
     """
     if custom:
-        from sftkit.train.optim import import_object
+        from sftkit.config.dotted import import_object
 
         found = import_object(custom, "policy.dtensor_cfg.custom_parallel_plan")
         plan = dict(found(model) if callable(found) else found)
