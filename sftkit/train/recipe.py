@@ -132,7 +132,16 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     )
     lora = lora_spec_from_config(cfg.policy)
     checkpointer = Checkpointer(
-        cfg, env, model, optimizer, scheduler, sampler, tokenizer, lora, fingerprint, resume_dir
+        cfg=cfg,
+        env=env,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sampler=sampler,
+        tokenizer=tokenizer,
+        lora=lora,
+        fingerprint=fingerprint,
+        resume_dir=resume_dir,
     )
     loggers = setup_loggers(cfg, env)  # before load: restoring the RNG is the last step
     state = checkpointer.load()
