@@ -15,7 +15,6 @@ import os
 import re
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -231,92 +230,6 @@ def build_mesh(env: DistEnv, tp_size: int, dp_replicate: int = 1) -> DeviceMesh 
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------- sharded checkpoints
-
-
-def _state_options(trainable_only: bool, full: bool = False) -> Any:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(ignore_frozen_params=trainable_only, full_state_dict=full)
-
-
-def save_sharded(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    directory: Path,
-    trainable_only: bool,
-) -> None:
-    """Model (and optimizer) state through torch.distributed.checkpoint: each rank writes
-    its own shards, keyed by parameter name, so any number of ranks can load them back.
-    Collective: every rank calls. `trainable_only` leaves frozen (LoRA base) weights out."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    directory.mkdir(parents=True, exist_ok=True)
-    options = _state_options(trainable_only)
-    if optimizer is None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        state: dict[str, Any] = {"model": get_model_state_dict(model, options=options)}
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-        state = {"model": model_sd, "optim": optim_sd}
-    dcp.save(state, checkpoint_id=str(directory))
-
-
-def load_sharded(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    directory: Path,
-    trainable_only: bool,
-) -> None:
-    """Inverse of `save_sharded`, resharding to this run's ranks (one process works too)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_state_dict,
-        set_model_state_dict,
-        set_state_dict,
-    )
-
-    options = _state_options(trainable_only)
-    if optimizer is None:
-        state: dict[str, Any] = {"model": get_model_state_dict(model, options=options)}
-        dcp.load(state, checkpoint_id=str(directory))
-        set_model_state_dict(model, state["model"], options=options)
-        return
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(directory))
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optim"],
-        options=options,
-    )
-
-
-def load_full_optimizer_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path
-) -> None:
-    """Load a one-process `optimizer.state_dict()` file (keyed by parameter index) into a
-    sharded run's optimizer: indices become names, then each rank keeps its shards."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-    saved = torch.load(path, weights_only=True)
-    names = {id(p): n for n, p in model.named_parameters()}
-    fqns = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    full: dict[str, Any] = {
-        "state": {fqns[int(i)]: value for i, value in saved["state"].items()},
-        "param_groups": [
-            {**group, "params": [fqns[int(i)] for i in group["params"]]}
-            for group in saved["param_groups"]
-        ],
-    }
-    set_optimizer_state_dict(model, optimizer, full, options=_state_options(False, full=True))
 
 
 # ----------------------------------------------------------------------------- grad clipping

@@ -5,8 +5,9 @@ Everything a template could stringify into the literal text "None" is either rej
 renders `None` as "None" and the model would be trained on it (Megatron-Bridge #5742).
 
 The adaptations at the end (`arguments_as_objects`, `with_tool_schemas`, ...) reshape a
-conversation the way real chat templates expect it; the renderer applies them, in
-`ADAPTATIONS` order, only when the template rejects the data as given.
+conversation the way real chat templates expect it; the renderer applies them, cumulatively
+in the order of `sftkit.data.templates._variants`, only when the template rejects the data
+as given.
 """
 
 from __future__ import annotations

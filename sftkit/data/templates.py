@@ -27,7 +27,7 @@ give identical spans both ways. `ChatRenderer.stats` counts both paths.
 Real templates reject data that other templates accept (Gemma: no system role; Hermes:
 tool results need a `name`; GLM-4.5: arguments must be an object; DeepSeek-R1: arguments
 must be a string). A rejected conversation is retried with the adaptations of
-`sftkit.data.messages` (`ADAPTATIONS`), each logged once; the text is always the template's
+`sftkit.data.messages` (in `_variants` order), each logged once; the text is always the template's
 own rendering of the messages it was given, so `apply_chat_template` on them agrees.
 """
 
@@ -153,7 +153,7 @@ class ChatRenderer:
     ) -> tuple[str, list[Span], list[dict[str, Any]]]:
         """Return `(full_text, spans, messages_rendered)`, one span per assistant message.
 
-        A conversation the template rejects is retried with `ADAPTATIONS` (e.g. a leading
+        A conversation the template rejects is retried with the adaptations of `_variants` (e.g. a leading
         system message folded into the first user turn, NeMo RL #2863).
         """
         full, messages, tools = self.render_full(messages, tools)

@@ -420,7 +420,9 @@ def set_attention_implementation(model: nn.Module, name: str) -> None:
         model.config._attn_implementation = name  # type: ignore[union-attr]
 
 
-def enable_packed_attention(model: nn.Module, backend: Backend = "auto") -> str:
+def enable_packed_attention(
+    model: nn.Module, backend: Backend = "auto", device: torch.device | None = None
+) -> str:
     """Make an HF model honour document boundaries (`cu_seq_lens_q`) in packed rows.
 
     Registers `sftkit_packed` with transformers' `AttentionInterface` and switches the model
@@ -428,13 +430,15 @@ def enable_packed_attention(model: nn.Module, backend: Backend = "auto") -> str:
     on other CUDA dtypes, and one causal SDPA per document (`segments`) on CPU; `sdpa` (one
     SDPA with a block-diagonal causal mask) is the portable fallback. Batches without
     `cu_seq_lens_q` run plain causal SDPA. Returns the backend chosen for the model's current
-    device and dtype (re-resolved per call, so moving the model later is fine).
+    device and dtype (re-resolved per call, so moving the model later is fine); `device`
+    names where the model will run when it is not there yet (e.g. still on the meta device,
+    where the document-isolation check is skipped: call `check_document_isolation` later).
     """
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_NAME, sftkit_packed_attention)
     param = next(model.parameters())
-    chosen = resolve_backend(backend, param.device, param.dtype)
+    chosen = resolve_backend(backend, device or param.device, param.dtype)
     set_attention_implementation(model, ATTN_NAME)
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if impl != ATTN_NAME:

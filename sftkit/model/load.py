@@ -1,4 +1,6 @@
-"""Loading the HF model, and moving weights in and out of checkpoints and HF directories."""
+"""Loading the HF model (dtype, attention, config overrides) and writing HF directories.
+
+Checkpoint weights are `sftkit.train.checkpointer`'s."""
 
 from __future__ import annotations
 
@@ -124,48 +126,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         f"{type(model).__name__} has no `model.layers` ModuleList; sftkit shards, checkpoints "
         "and compiles per decoder layer, so it needs an HF decoder-only layout"
     )
-
-
-def save_model_weights(model: nn.Module, directory: Path, trainable_only: bool) -> Path:
-    """Write the model's weights (or only its trainable ones) as one safetensors file."""
-    from safetensors.torch import save_file, save_model
-
-    directory.mkdir(parents=True, exist_ok=True)
-    if trainable_only:
-        path = directory / "trainable.safetensors"
-        tensors = {
-            name: p.detach().contiguous().cpu()
-            for name, p in model.named_parameters()
-            if p.requires_grad
-        }
-        save_file(tensors, path)
-    else:
-        path = directory / "model.safetensors"
-        save_model(model, str(path))  # handles tied (shared) tensors
-    return path
-
-
-def load_model_weights(model: nn.Module, directory: Path) -> None:
-    """Inverse of save_model_weights; strict about names so a mismatch is loud."""
-    from safetensors.torch import load_file, load_model
-
-    full = directory / "model.safetensors"
-    if full.exists():
-        missing, unexpected = load_model(model, str(full), strict=False)
-        if unexpected or missing:
-            raise ValueError(
-                f"{full} does not fit the model: missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(unexpected)[:5]}"
-            )
-        return
-    tensors = load_file(str(directory / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    unknown = sorted(set(tensors) - set(params))
-    if unknown:
-        raise ValueError(f"{directory}: checkpoint has parameters the model lacks: {unknown[:5]}")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value)
 
 
 def save_hf(model: nn.Module, tokenizer: Any, directory: Path) -> None:

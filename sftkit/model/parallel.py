@@ -1,12 +1,12 @@
-"""Model transforms for scale-out, in one fixed order: LoRA -> TP -> activation
-checkpointing -> compile -> FSDP2 (LoRA is applied by the caller first, so the TP plan
-covers the LoRA branches), and loading weights shard by shard into a sharded model.
+"""The scale-out transforms `sftkit.model.build.build_model` applies, and loading weights
+shard by shard into a sharded model.
 
-One process: nothing is wrapped (activation checkpointing and compile only). Several:
 `build_mesh` gives a (dp, tp) mesh; DTensor tensor parallelism runs over "tp" and FSDP2
 `fully_shard` (per decoder layer, then the root) over "dp", with float32 master weights and
 float32 gradient reduction, computing in `policy.precision`. With `dp_replicate_size` > 1
 "dp" is split into (dp_replicate, dp_shard) and `fully_shard` on that 2-D mesh is HSDP.
+A sharded model is built on the meta device, transformed, then allocated (`materialize`)
+and filled block by block (`load_sharded_weights`, `init_lora_sharded`).
 """
 
 from __future__ import annotations
@@ -23,59 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sftkit.config import MasterConfig
 from sftkit.dist import DistEnv
 from sftkit.model.load import decoder_layers
 
 logger = logging.getLogger("sftkit")
 
 
-def parallelize(model: nn.Module, cfg: MasterConfig, env: DistEnv) -> tuple[nn.Module, float]:
-    """Apply the configured transforms; returns (model, gradient scale).
-
-    The gradient scale undoes FSDP's gradient averaging over data-parallel ranks, so that
-    the globally normalised loss yields true gradients (1.0 with one process). With several
-    ranks `env.mesh` must be set (`sftkit.dist.build_mesh`) and the model may be on
-    the meta device (see `materialize`).
-    """
-    d = cfg.policy.dtensor_cfg
-    if env.mesh is None:  # one process: tensor/context parallel and replica sizes do not apply
-        if d.cpu_offload:
-            logger.warning("policy.dtensor_cfg.cpu_offload is ignored with one process")
-        if d.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        if d.compile:
-            _compile_layers(model)
-        return model.to(env.device), 1.0
-    tp_mesh, dp_mesh = env.mesh["tp"], env.mesh["dp"]
-    # A 2-D (replicate, shard) mesh makes fully_shard hybrid (HSDP).
-    shard_mesh = env.mesh["dp_replicate", "dp_shard"] if d.dp_replicate_size > 1 else dp_mesh
-    if tp_mesh.size() > 1:
-        if d.sequence_parallel and _has_lora(model):
-            # Measured: gradients off by ~1e-4 relative at step 1 (tests/integration/
-            # test_distributed.py setup, TP=2); refuse rather than train subtly wrong.
-            raise ValueError(
-                "policy.dtensor_cfg.sequence_parallel with LoRA is not supported yet; set "
-                "sequence_parallel=false (tensor parallelism with LoRA works)"
-            )
-        plan = tensor_parallel_plan(model, d.custom_parallel_plan, d.sequence_parallel)
-        apply_tensor_parallel(model, tp_mesh, plan)
-    if d.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if d.compile:
-        _compile_layers(model)
-    compute = _dtype(cfg.policy.precision)
-    apply_fsdp(model, shard_mesh, None if compute == torch.float32 else compute, d.cpu_offload)
-    return model, float(dp_mesh.size())
-
-
-def _dtype(name: str) -> torch.dtype:
-    from sftkit.model.load import DTYPES
-
-    return DTYPES[name]
-
-
-# ----------------------------------------------------------------------------- AC, compile
+# ----------------------------------------------------------------------------- activation checkpointing
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -93,11 +47,6 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     layers = decoder_layers(model)
     for index, layer in enumerate(layers):
         layers[index] = checkpoint_wrapper(layer)
-
-
-def _compile_layers(model: nn.Module) -> None:
-    for layer in decoder_layers(model):
-        layer.compile()  # in place: parameter names unchanged
 
 
 # ----------------------------------------------------------------------------- FSDP2
@@ -302,7 +251,7 @@ def tensor_parallel_plan(
     style names ('colwise', 'rowwise', ...) or torch `ParallelStyle` objects.
     """
     if custom:
-        from sftkit.train.optim import import_object
+        from sftkit.config.dotted import import_object
 
         found = import_object(custom, "policy.dtensor_cfg.custom_parallel_plan")
         plan = dict(found(model) if callable(found) else found)
@@ -502,42 +451,6 @@ def materialize(model: nn.Module, device: torch.device) -> None:
                 buffer.copy_(buffers[name])
 
 
-def build_sharded_model(
-    cfg: MasterConfig, env: DistEnv, spec: Any, param_dtype: torch.dtype
-) -> tuple[nn.Module, float]:
-    """Meta-device model -> LoRA -> parallel transforms -> allocate own shards -> load them.
-
-    Every rank reads only its blocks of the weight files (peak host memory: its shards plus
-    one block). LoRA A gets the values `apply_lora` would give it on one process from the
-    same RNG state, so runs on different rank counts start from the same weights.
-    """
-    from sftkit.dist import build_mesh
-    from sftkit.model.lora import apply_lora
-
-    p = cfg.policy
-    rng = torch.get_rng_state()
-    build_mesh(env, p.dtensor_cfg.tensor_parallel_size, p.dtensor_cfg.dp_replicate_size)
-    model = build_meta_model(
-        p.model_name,
-        param_dtype=param_dtype,
-        trust_remote_code=p.trust_remote_code,
-        attn_implementation=p.attn_implementation,
-        config_overrides=dict(p.hf_config_overrides or {}),
-    )
-    if spec is not None:
-        names = apply_lora(model, spec)
-        logger.info("LoRA on %d modules (rank %d, alpha %s)", len(names), spec.dim, spec.alpha)
-    model, grad_scale = parallelize(model, cfg, env)
-    materialize(model, torch.device("cpu") if p.dtensor_cfg.cpu_offload else env.device)
-    load_sharded_weights(model, weight_files(p.model_name, env), lambda n: not _is_lora(n))
-    if spec is not None:
-        init_lora_sharded(model, spec.lora_A_init, rng)
-    return model, grad_scale
-
-
-def _has_lora(model: nn.Module) -> bool:
-    return any(_is_lora(n) for n, _ in model.named_parameters())
-
-
-def _is_lora(name: str) -> bool:
+def is_lora_param(name: str) -> bool:
+    """A LoRA parameter's name (`sftkit.model.lora`): initialised, not loaded from the base."""
     return ".lora_A." in name or ".lora_B." in name

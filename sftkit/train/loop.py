@@ -14,6 +14,7 @@ from typing import Any
 
 from sftkit.data.loader import dummy_micro_batch, micro_batches, rank_share
 from sftkit.train.checkpoint import ranking_metric
+from sftkit.train.state import Run
 from sftkit.train.step import train_step
 
 logger = logging.getLogger("sftkit")
@@ -46,9 +47,10 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def train(run: Any) -> int:
-    """Run the loop on a prepared `sftkit.train.recipe.Run`; returns the process exit code."""
+def train(run: Run) -> int:
+    """Run the loop on a prepared `Run` (`sftkit.train.recipe.setup`); returns the exit code."""
     cfg, env, state, sampler = run.cfg, run.env, run.state, run.sampler
+    checkpointer = run.checkpointer
     stop = StopFlag()
     stop.install()
     started = time.monotonic()
@@ -113,10 +115,7 @@ def train(run: Any) -> int:
             state.metrics = ranking_metric(cfg.checkpointing.metric_name, metrics)
 
             last_step = step >= run.total_steps
-            period = cfg.sft.val_period
-            if run.has_validation and (
-                (period > 0 and step % period == 0) or (cfg.sft.val_at_end and last_step)
-            ):
+            if run.should_validate(step, last_step):
                 run.validate(step)
 
             # Stop early on a signal (any rank) or when the deadline leaves no room to save.
@@ -125,9 +124,9 @@ def train(run: Any) -> int:
                 elapsed = time.monotonic() - started
                 needed = 2 * (time.monotonic() - t_step) + last_save_time
                 stopping = stopping or env.max(elapsed + needed >= run.deadline) > 0
-            if run.should_save(step, last_step) or (stopping and cfg.checkpointing.enabled):
+            if checkpointer.should_save(step, last_step, stopping):
                 t_save = time.monotonic()
-                run.save()
+                checkpointer.save(state)
                 last_save_time = time.monotonic() - t_save
                 run.loggers.log({"timing/train/checkpointing": last_save_time}, step)
             if stopping:

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from sftkit.config.dotted import import_object
+
 logger = logging.getLogger("sftkit")
 
 DEFAULT_OPTIMIZER = "torch.optim.AdamW"
 DEFAULT_OPTIMIZER_KWARGS: dict[str, Any] = {"lr": 5.0e-6, "weight_decay": 0.1}
-
-
-def import_object(dotted: str, key: str) -> Any:
-    """Import `package.module.Name`; errors name the config key that held the path."""
-    module_name, _, attr = dotted.rpartition(".")
-    if not module_name:
-        raise ValueError(f"{key}={dotted!r} is not a dotted path like 'torch.optim.AdamW'")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"{key}={dotted!r} cannot be imported: {err}") from err
 
 
 def build_optimizer(

@@ -1,13 +1,28 @@
-"""The resumable state of a run, and every RNG it depends on, in weights-only-loadable form."""
+"""A run's state: `Run` (everything the loop touches), its resumable counters
+(`TrainState`) and every RNG it depends on, in weights-only-loadable form."""
 
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from sftkit.batch import PackedBatch
+from sftkit.config import MasterConfig
+from sftkit.data.loader import BatchPlan, GlobalBatchSampler, iterate_eval_batches, micro_batches
+from sftkit.data.types import Example
+from sftkit.dist import DistEnv
+from sftkit.log import ConsoleReporter, Loggers, mfu
+from sftkit.train.checkpoint import ranking_metric
+from sftkit.train.step import StepOptions, validation_loss
+
+if TYPE_CHECKING:  # the Checkpointer saves TrainState: imported for the annotation only
+    from sftkit.train.checkpointer import Checkpointer
 
 
 @dataclass
@@ -36,6 +51,82 @@ class TrainState:
             total_valid_tokens=int(info.get("total_valid_tokens", 0)),
             metrics=metrics,
         )
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once by `sftkit.train.recipe.setup`."""
+
+    cfg: MasterConfig
+    env: DistEnv
+    tokenizer: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # torch LRScheduler
+    sampler: GlobalBatchSampler
+    plan: BatchPlan
+    step_opts: StepOptions
+    train_examples: list[Example]
+    val_examples: list[Example]
+    state: TrainState
+    checkpointer: Checkpointer
+    loggers: Loggers
+    console: ConsoleReporter
+    total_steps: int
+    deadline: float | None  # seconds from the start by which the last save must be done
+    flops_per_token: float | None
+    peak_flops: float | None
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.val_examples)
+
+    def should_validate(self, step: int, last_step: bool) -> bool:
+        """Every `sft.val_period` steps, and at the last step with `sft.val_at_end`."""
+        period = self.cfg.sft.val_period
+        periodic = period > 0 and step % period == 0
+        return self.has_validation and (periodic or (self.cfg.sft.val_at_end and last_step))
+
+    def validate(self, step: int) -> float:
+        """Validation loss over `sft.val_batches` batches; logged at `step`."""
+        t0 = time.monotonic()
+        sft = self.cfg.sft
+        plan = BatchPlan(
+            micro_batch_size=sft.val_micro_batch_size,
+            multiple_of=self.plan.multiple_of,
+            pad_id=self.plan.pad_id,
+        )
+        batches: list[PackedBatch] = []
+        for examples in iterate_eval_batches(
+            self.val_examples, sft.val_global_batch_size, sft.val_batches
+        ):
+            share = examples[self.env.dp_rank :: self.env.dp_size]
+            batches += micro_batches(share, plan) if share else []
+        val_loss, _ = validation_loss(self.model, batches, self.step_opts, self.env)
+        metrics = {
+            "validation/val_loss": val_loss,
+            "timing/validation/total_validation_time": time.monotonic() - t0,
+        }
+        self.state.metrics.update(ranking_metric(self.cfg.checkpointing.metric_name, metrics))
+        self.loggers.log(metrics, step)
+        self.console.validation(step, metrics)
+        return val_loss
+
+    def throughput_metrics(self, real: int, processed: int, step_time: float) -> dict[str, float]:
+        """Real (non-pad) tokens/s, padding fraction and, on GPUs with a known peak, MFU.
+
+        `real` and `processed` are this rank's example tokens and row tokens (pads included).
+        """
+        real_total, processed_total = self.env.sum(real), self.env.sum(processed)
+        per_gpu = real_total / step_time / self.env.world_size
+        out = {
+            "timing/train/real_tokens_per_sec_per_gpu": per_gpu,
+            "train/padding_fraction": 1 - real_total / max(processed_total, 1),
+        }
+        value = mfu(per_gpu, self.flops_per_token or 0, self.peak_flops)
+        if value is not None:
+            out["train/mfu"] = value
+        return out
 
 
 def seed_everything(seed: int) -> None:

@@ -59,7 +59,7 @@ def no_model_load(monkeypatch):
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the config error was reported")
 
-    monkeypatch.setattr(recipe, "load_model", forbidden)
+    monkeypatch.setattr(recipe, "build_model", forbidden)
 
 
 @pytest.mark.parametrize(

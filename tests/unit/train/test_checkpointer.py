@@ -1,0 +1,103 @@
+"""The Checkpointer on one process: what `save` writes, `load` brings back exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sftkit.config import load_config
+from sftkit.data.loader import GlobalBatchSampler
+from sftkit.dist import DistEnv
+from sftkit.model.build import build_model
+from sftkit.model.lora import lora_spec_from_config
+from sftkit.train import checkpoint as ckpt
+from sftkit.train.checkpointer import Checkpointer, pick_resume_dir
+from sftkit.train.optim import build_optimizer, build_scheduler
+from sftkit.train.state import TrainState
+
+ENV = DistEnv()
+FINGERPRINT = {"model": "tiny", "seed": 1}
+LORA = ["policy.dtensor_cfg.lora_cfg.enabled=true"]
+
+
+def checkpointer(tiny_model_dir: Path, work: Path, seed: int, *more: str) -> Checkpointer:
+    from transformers import AutoTokenizer
+
+    cfg = load_config(
+        None,
+        [
+            f"policy.model_name={tiny_model_dir}",
+            f"checkpointing.checkpoint_dir={work}",
+            "checkpointing.keep_top_k=null",
+            "cluster.device=cpu",
+            *more,
+        ],
+    )
+    torch.manual_seed(seed)  # LoRA's init: a different seed gives different weights
+    model = build_model(cfg, ENV)
+    optimizer = build_optimizer(model.parameters(), "torch.optim.AdamW", {"lr": 0.1})
+    scheduler = build_scheduler(optimizer, cfg.policy.scheduler)  # warmup + cosine
+    sampler = GlobalBatchSampler(10, 2, True, seed)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    spec = lora_spec_from_config(cfg.policy)
+    return Checkpointer(
+        cfg, ENV, model, optimizer, scheduler, sampler, tokenizer, spec, FINGERPRINT
+    )
+
+
+def train_one_step(c: Checkpointer) -> None:
+    ids = torch.tensor([[1, 5, 7, 9, 11, 2]])
+    c.model(input_ids=ids, labels=ids).loss.backward()
+    c.optimizer.step()
+    c.scheduler.step()
+    c.sampler.next_batch()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_save_then_load_restores_every_piece_of_state(
+    tiny_model_dir: Path, tmp_path: Path, lora: bool
+) -> None:
+    more = LORA if lora else []
+    saved = checkpointer(tiny_model_dir, tmp_path, 0, *more)
+    train_one_step(saved)
+    state = TrainState(step=3, consumed_samples=6, total_valid_tokens=40)
+    state.metrics = {"train:loss": 1.5}
+    path = saved.save(state)
+    after_save = torch.rand(4)  # the RNG stream right after the save, as a resume sees it
+
+    assert path == tmp_path / "step_3" and ckpt.verify(path) is None
+    weights = "trainable" if lora else "model"
+    assert (path / "policy" / "weights" / f"{weights}.safetensors").is_file()
+
+    fresh = checkpointer(tiny_model_dir, tmp_path, 1, *more)
+    assert fresh.load() == TrainState()  # nothing picked: a fresh start
+    pairs = list(zip(saved.model.parameters(), fresh.model.parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in pairs)  # so the load below has work to do
+    fresh.resume_dir = pick_resume_dir(fresh.cfg.checkpointing, FINGERPRINT, ENV)
+    assert fresh.resume_dir == path
+    restored = fresh.load()
+
+    assert restored == state
+    assert torch.equal(torch.rand(4), after_save)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    for a, b in zip(saved.optimizer.state.values(), fresh.optimizer.state.values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq")), a.keys()
+    assert fresh.scheduler.state_dict() == saved.scheduler.state_dict()
+    assert fresh.sampler.state_dict() == saved.sampler.state_dict()
+
+
+def test_a_different_fingerprint_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    saved = checkpointer(tiny_model_dir, tmp_path, 0)
+    saved.save(TrainState(step=1))
+    with pytest.raises(ckpt.ResumeMismatchError, match="seed: checkpoint has 1, this run has 2"):
+        pick_resume_dir(saved.cfg.checkpointing, {**FINGERPRINT, "seed": 2}, ENV)
+
+
+def test_should_save_periods_last_step_and_stopping(tiny_model_dir: Path, tmp_path: Path) -> None:
+    c = checkpointer(tiny_model_dir, tmp_path, 0, "checkpointing.save_period=3")
+    assert [s for s in range(1, 8) if c.should_save(s, last_step=s == 7)] == [3, 6, 7]
+    assert c.should_save(4, last_step=False, stopping=True)
+    c.cfg.checkpointing.enabled = False
+    assert not c.should_save(3, last_step=True, stopping=True)
