@@ -273,7 +273,6 @@ def load_sharded(
     trainable_only: bool,
 ) -> None:
     """Inverse of `save_sharded`, resharding to this run's ranks (one process works too)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_state_dict,
@@ -281,15 +280,17 @@ def load_sharded(
         set_state_dict,
     )
 
+    from sftkit.train.safe_load import dcp_load  # the checkpoint is untrusted: no raw pickles
+
     options = _state_options(trainable_only)
     if optimizer is None:
         state: dict[str, Any] = {"model": get_model_state_dict(model, options=options)}
-        dcp.load(state, checkpoint_id=str(directory))
+        dcp_load(state, directory)
         set_model_state_dict(model, state["model"], options=options)
         return
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(directory))
+    dcp_load(state, directory)
     set_state_dict(
         model,
         optimizer,
@@ -306,7 +307,9 @@ def load_full_optimizer_state(
     sharded run's optimizer: indices become names, then each rank keeps its shards."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    saved = torch.load(path, weights_only=True)
+    from sftkit.train.safe_load import load_state_file
+
+    saved = load_state_file(path)
     names = {id(p): n for n, p in model.named_parameters()}
     fqns = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     full: dict[str, Any] = {

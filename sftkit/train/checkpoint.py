@@ -102,17 +102,57 @@ def write_manifest(directory: Path, step: int | None = None) -> None:
     os.replace(tmp, directory / MANIFEST)
 
 
+def inside(root: Path, path: Path) -> bool:
+    """True when `path`, symlinks resolved, lies within `root` (a checkpoint never points out)."""
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _manifest_problem(directory: Path, manifest: Any) -> str | None:
+    """Why a parsed manifest.json cannot be trusted (wrong shape, a path leading out)."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return "malformed manifest.json (not an object with a 'files' mapping)"
+    for name, meta in files.items():
+        if not (
+            isinstance(meta, dict)
+            and type(meta.get("size")) is int
+            and isinstance(meta.get("sha256"), str)
+        ):
+            return f"malformed manifest.json (entry {name!r} needs an integer size and a sha256)"
+        relative = Path(name)
+        if (
+            relative.is_absolute()
+            or ".." in relative.parts
+            or not inside(directory, directory / name)
+        ):
+            return f"manifest.json names {name!r}, outside the checkpoint"
+    return None
+
+
 def verify(directory: Path, hashes: bool = True) -> str | None:
-    """None when `directory` is a complete checkpoint, else the reason it is not."""
+    """None when `directory` is a complete checkpoint, else the reason it is not.
+
+    A checkpoint is untrusted input: a manifest of the wrong shape, a path leading out of the
+    directory or a symlink inside it make it "not a checkpoint", like a bad hash.
+    """
     manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
+    if directory.is_symlink() or not manifest_path.is_file():
         return "no manifest.json (the save did not finish)"
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as err:
+    except (ValueError, OSError) as err:
         return f"unreadable manifest.json ({err})"
-    for name, meta in files.items():
+    problem = _manifest_problem(directory, manifest)
+    if problem:
+        return problem
+    links = [p for p in directory.rglob("*") if p.is_symlink()]
+    if links:
+        return f"{links[0].relative_to(directory)} is a symlink (checkpoints hold plain files)"
+    for name, meta in manifest["files"].items():
         path = directory / name
         if not path.is_file():
             return f"{name} is missing"
@@ -120,6 +160,18 @@ def verify(directory: Path, hashes: bool = True) -> str | None:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {meta['size']}"
         if hashes and _sha256(path) != meta["sha256"]:
             return f"{name} does not match its sha256 (corrupted)"
+    if INFO not in manifest["files"]:
+        return f"the manifest does not list {INFO}"
+    try:
+        info = read_info(directory)
+    except (ValueError, OSError) as err:
+        return f"unreadable {INFO} ({err})"
+    if not isinstance(info, dict) or type(info.get("step")) is not int:
+        return f"malformed {INFO} (not an object with an integer step)"
+    if not isinstance(info.get("fingerprint", {}), dict) or any(
+        not isinstance(v, (int, float)) for k, v in info.items() if k.startswith(("val:", "train:"))
+    ):
+        return f"malformed {INFO} (fingerprint or metric of the wrong type)"
     return None
 
 
@@ -130,7 +182,7 @@ def step_dirs(checkpoint_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for path in checkpoint_dir.iterdir():
         match = _STEP_DIR.match(path.name)
-        if match and path.is_dir():
+        if match and path.is_dir() and not path.is_symlink():  # a link may lead anywhere
             found.append((int(match.group(1)), path))
     return sorted(found, reverse=True)
 
@@ -233,7 +285,9 @@ def save_checkpoint(
         fault_point("info_written", step)
         write_manifest(tmp, step)
         fault_point("manifest_written", step)
-        if final.exists():  # a broken save of the same step, skipped when this run resumed
+        if final.is_symlink():  # never follow a link out of checkpoint_dir
+            final.unlink()
+        elif final.exists():  # a broken save of the same step, skipped when this run resumed
             shutil.rmtree(final)
         os.rename(tmp, final)
         fault_point("renamed", step)
@@ -247,7 +301,7 @@ def remove_stale_tmp_dirs(checkpoint_dir: Path) -> None:
     if not checkpoint_dir.is_dir():
         return
     for path in checkpoint_dir.iterdir():
-        if _TMP_DIR.match(path.name) and path.is_dir():
+        if _TMP_DIR.match(path.name) and path.is_dir() and not path.is_symlink():
             logger.info("Removing %s, left by an interrupted save", path)
             shutil.rmtree(path, ignore_errors=True)
 

@@ -49,6 +49,7 @@ from sftkit.train import checkpoint as ckpt
 from sftkit.train.export import gather_hf
 from sftkit.train.loop import train
 from sftkit.train.optim import build_optimizer, build_scheduler
+from sftkit.train.safe_load import load_state_file
 from sftkit.train.state import TrainState, rng_state, seed_everything, set_rng_state
 from sftkit.train.step import StepOptions, supports_chunked_loss, validation_loss
 
@@ -360,17 +361,17 @@ def restore(run: Run, directory: Path) -> None:
     else:
         load_model_weights(run.model, directory / "policy" / "weights")
         if with_optimizer:
-            run.optimizer.load_state_dict(torch.load(opt_dir / "optimizer.pt", weights_only=True))
+            run.optimizer.load_state_dict(load_state_file(opt_dir / "optimizer.pt"))
     if with_optimizer:
-        run.scheduler.load_state_dict(torch.load(opt_dir / "scheduler.pt", weights_only=True))
+        run.scheduler.load_state_dict(load_state_file(opt_dir / "scheduler.pt"))
     else:
         logger.warning(
             "%s has no optimizer state (save_optimizer=false): fresh optimizer", directory
         )
-    run.sampler.load_state_dict(torch.load(directory / "train_dataloader.pt", weights_only=True))
+    run.sampler.load_state_dict(load_state_file(directory / "train_dataloader.pt"))
     rng_file = directory / "rng" / f"rank_{run.env.rank}.pt"
     if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(load_state_file(rng_file))
     run.state = TrainState.from_json(ckpt.read_info(directory))
     logger.info("Resumed from %s at step %d", directory, run.state.step)
 
