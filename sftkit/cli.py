@@ -58,17 +58,18 @@ def sft_main(argv: list[str]) -> int:
 def _run_reporting_errors(run_sft: Any, cfg: Any) -> int | None:
     """Run, turning expected failures into one clear paragraph and an exit code.
 
-    0 done, 1 training failure (non-finite loss, unreachable tracker), 2 config or usage
+    0 done, 1 training failure (non-finite loss or weights, unreachable tracker, full disk), 2 config or usage
     error (ValueError: bad settings, resume mismatch, bad data), 75 saved early: requeue.
     Set SFTKIT_TRACEBACK=1 to see the traceback as well.
     """
     from sftkit.log import scrub
+    from sftkit.train.checkpoint import CheckpointWriteError
     from sftkit.train.step import NonFiniteError
 
     try:
         code = run_sft(cfg)
         return None if code is None else int(code)
-    except (NonFiniteError, ConnectionError) as err:
+    except (NonFiniteError, ConnectionError, CheckpointWriteError) as err:
         code, kind = 1, "Training stopped"
         error: BaseException = err
     except ValueError as err:  # ConfigError and DataError included: the fix is in the text

@@ -23,6 +23,7 @@ manifest_written, renamed, retention.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -30,8 +31,10 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,10 @@ FAULT_POINTS = (
 
 class ResumeMismatchError(ValueError):
     """The checkpoint was made with settings that make resuming meaningless."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A save could not be written (disk full); the previous checkpoint is intact."""
 
 
 def fault_point(point: str, step: int | None = None) -> None:
@@ -256,6 +263,35 @@ def archive_old_checkpoints(checkpoint_dir: Path) -> Path | None:
     return archive
 
 
+def check_finite_weights(
+    params: Iterable[Any], step: int, agree: Callable[[float], float] = lambda x: x
+) -> None:
+    """Raise NonFiniteError when any parameter holds inf/NaN (before a save, never per step).
+
+    One fused max-abs reduction over this rank's shards and one host read; `agree` (the
+    run's max over ranks) makes every rank stop together. `lr=1e30 weight_decay=1e12` turns
+    the weights non-finite in the update after a finite loss: without this check `step_1`
+    held them and resuming repeated the failure.
+    """
+    import torch
+
+    from sftkit.train.step import NonFiniteError
+
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    tensors = [t.detach() for t in local if t.numel() > 0]
+    bad = 0.0
+    if tensors:
+        peaks = torch._foreach_norm(tensors, float("inf"))
+        bad = float((~torch.isfinite(torch.stack([p.float() for p in peaks]))).sum())
+    bad = agree(bad)
+    if bad:
+        raise NonFiniteError(
+            f"non-finite weights after step {step} ({int(bad)} parameter tensors hold inf/NaN); "
+            "not saved, so the previous checkpoint stays the resume point. Lower "
+            "policy.optimizer.kwargs.lr or weight_decay, or use policy.precision=float32."
+        )
+
+
 def save_checkpoint(
     checkpoint_dir: Path,
     step: int,
@@ -263,13 +299,53 @@ def save_checkpoint(
     write_files: Callable[[Path], None],
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
+    size_hint: int = 0,
 ) -> Path:
     """Write one checkpoint atomically and return its final path.
 
     `write_files(tmp_dir)` runs on every rank (each writes its own parts); rank 0 then
-    writes training_info.json and the manifest and renames after a barrier.
+    writes training_info.json and the manifest and renames after a barrier. A full disk
+    removes the partial `tmp_step_N` and raises CheckpointWriteError saying how much space
+    the save needs (the previous checkpoint's size, else `size_hint` bytes).
     """
     tmp = checkpoint_dir / f"tmp_step_{step}"
+    try:
+        return _save_checkpoint(checkpoint_dir, tmp, step, info, write_files, rank, barrier)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        written = _tree_size(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = step_dirs(checkpoint_dir)
+        needed = max(_tree_size(previous[0][1]) if previous else size_hint, written)
+        free = shutil.disk_usage(checkpoint_dir).free
+        raise CheckpointWriteError(
+            f"no space left on the device of {checkpoint_dir} while saving step {step} "
+            f"({err.filename or tmp}): a checkpoint needs about {_gb(needed)}, {_gb(free)} is "
+            f"free. The partial {tmp.name} was removed and the previous checkpoint is intact; "
+            "free space (or lower checkpointing.keep_top_k) and start the same command again"
+        ) from err
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB"
+
+
+def _tree_size(directory: Path) -> int:
+    if not directory.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _save_checkpoint(
+    checkpoint_dir: Path,
+    tmp: Path,
+    step: int,
+    info: dict[str, Any],
+    write_files: Callable[[Path], None],
+    rank: int,
+    barrier: Callable[[], None],
+) -> Path:
     final = checkpoint_dir / f"step_{step}"
     if rank == 0:
         fault_point("start", step)
@@ -294,6 +370,56 @@ def save_checkpoint(
         _fsync_dir(checkpoint_dir)
     barrier()
     return final
+
+
+@contextmanager
+def atomic_output_dir(final: Path, write: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling of `final` to write into; once the block ends it replaces
+    `final` by a rename, so a kill never leaves a half-written model (final_hf, exports).
+    `write=False` (ranks that take part in a gather but write nothing) only yields the path.
+    """
+    tmp = final.parent / f".tmp_{final.name}"
+    if not write:
+        yield tmp
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    old = final.parent / f".old_{final.name}"
+    if final.exists() or final.is_symlink():
+        _remove(old)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _remove(old)
+    _fsync_dir(final.parent)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a link (never what it points to) or a directory tree."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def check_writable(directory: Path, key: str) -> None:
+    """Create `directory` and a probe file in it, before any slow work; a ValueError names
+    the config `key` when that fails (a file in the path, no permission, read-only disk)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".sftkit-write-test-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(
+            f"{key}={directory} is not a writable directory ({err.strerror or err}"
+            f"{': ' + str(err.filename) if err.filename else ''}); choose another path or fix "
+            "its permissions"
+        ) from err
 
 
 def remove_stale_tmp_dirs(checkpoint_dir: Path) -> None:

@@ -27,6 +27,10 @@ def export_checkpoint(checkpoint: Path, out: Path, adapter: bool = False) -> Pat
     from sftkit.model.load import load_model, load_model_weights, save_hf
     from sftkit.model.lora import apply_lora, lora_spec_from_config, merge_lora, save_adapter
 
+    if out.exists() and not _replaceable(out):
+        raise ValueError(
+            f"{out} exists and is not a model directory: export into a new or empty directory"
+        )
     if not (checkpoint / ckpt.INFO).exists():
         latest = ckpt.latest_checkpoint(checkpoint)
         if latest is None:
@@ -56,14 +60,23 @@ def export_checkpoint(checkpoint: Path, out: Path, adapter: bool = False) -> Pat
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "policy" / "tokenizer")
-    if adapter:
-        save_adapter(model, out, cfg.policy.model_name, spec)  # type: ignore[arg-type]
-        tokenizer.save_pretrained(out)
-    else:
-        if spec is not None:
-            merge_lora(model)
-        save_hf(model, tokenizer, out)
+    with ckpt.atomic_output_dir(out) as tmp:  # a kill never leaves a half model at `out`
+        if adapter:
+            save_adapter(model, tmp, cfg.policy.model_name, spec)  # type: ignore[arg-type]
+            tokenizer.save_pretrained(tmp)
+        else:
+            if spec is not None:
+                merge_lora(model)
+            save_hf(model, tokenizer, tmp)
     return out
+
+
+def _replaceable(out: Path) -> bool:
+    """An export replaces `out` as a whole: only an empty directory or an earlier export."""
+    if out.is_symlink() or not out.is_dir():
+        return False
+    names = {p.name for p in out.iterdir()}
+    return not names or bool(names & {"config.json", "adapter_config.json"})
 
 
 def gather_hf(

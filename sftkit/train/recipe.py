@@ -125,6 +125,7 @@ class Run:
     def save(self) -> Path:
         """An atomic checkpoint of everything the next step depends on, then retention."""
         c = self.cfg.checkpointing
+        ckpt.check_finite_weights(self.model.parameters(), self.state.step, self.env.max)
         self.state.epoch = self.sampler.epoch
         info = {
             **self.state.to_json(),
@@ -163,9 +164,11 @@ class Run:
             if c.save_consolidated and not sharded:
                 export_hf(self, directory / "policy" / "consolidated", merge=False)
 
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         path = ckpt.save_checkpoint(
-            self.checkpoint_dir, self.state.step, info, write_files, self.env.rank, self.env.barrier
-        )
+            self.checkpoint_dir, self.state.step, info, write_files, self.env.rank, self.env.barrier,
+            size_hint=weights * (3 if c.save_optimizer else 1),  # Adam: weights + 2 moments
+        )  # fmt: skip
         if self.env.is_main:
             ckpt.apply_retention(
                 self.checkpoint_dir, c.metric_name, c.keep_top_k, c.higher_is_better,
@@ -378,6 +381,9 @@ def restore(run: Run, directory: Path) -> None:
 
 def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     """Tokenizer -> data -> checks -> model -> optimizer -> resume -> loggers."""
+    ckpt.check_writable(Path(cfg.checkpointing.checkpoint_dir), "checkpointing.checkpoint_dir")
+    if env.is_main:
+        ckpt.check_writable(Path(cfg.logger.log_dir), "logger.log_dir")
     seed_everything(cfg.sft.seed)
     tokenizer = load_tokenizer(cfg.policy)
     data = prepare_data(cfg, tokenizer)
@@ -450,10 +456,13 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
 def finish(run: Run) -> None:
     """Write `final_hf/` (and `final_adapter/` for LoRA) under the checkpoint directory."""
     out = Path(run.cfg.checkpointing.checkpoint_dir)
+    ckpt.check_finite_weights(run.model.parameters(), run.state.step, run.env.max)
     if run.lora is not None:
-        save_adapter(run.model, out / "final_adapter", run.cfg.policy.model_name, run.lora)
+        with ckpt.atomic_output_dir(out / "final_adapter", write=run.env.is_main) as tmp:
+            save_adapter(run.model, tmp, run.cfg.policy.model_name, run.lora)
     if run.env.is_main or run.env.world_size > 1:  # sharded: every rank takes part in the gather
-        export_hf(run, out / "final_hf", merge=True)
+        with ckpt.atomic_output_dir(out / "final_hf", write=run.env.is_main) as tmp:
+            export_hf(run, tmp, merge=True)
     if run.env.is_main:
         logger.info("Final model: %s", out / "final_hf")
     run.env.barrier()
