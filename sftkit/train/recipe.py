@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,8 +48,16 @@ from sftkit.model.lora import LoraSpec, apply_lora, lora_spec_from_config, merge
 from sftkit.model.parallel import build_sharded_model, load_sharded_weights, parallelize
 from sftkit.train import checkpoint as ckpt
 from sftkit.train.export import gather_hf
-from sftkit.train.loop import train
+from sftkit.train.loop import (
+    EXIT_REQUEUE,
+    Preempted,
+    StopFlag,
+    preempted_marker,
+    train,
+    write_preempted_marker,
+)
 from sftkit.train.optim import build_optimizer, build_scheduler
+from sftkit.train.run_lock import take_run_lock
 from sftkit.train.safe_load import load_state_file
 from sftkit.train.state import TrainState, rng_state, seed_everything, set_rng_state
 from sftkit.train.step import StepOptions, supports_chunked_loss, validation_loss
@@ -381,9 +390,6 @@ def restore(run: Run, directory: Path) -> None:
 
 def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     """Tokenizer -> data -> checks -> model -> optimizer -> resume -> loggers."""
-    ckpt.check_writable(Path(cfg.checkpointing.checkpoint_dir), "checkpointing.checkpoint_dir")
-    if env.is_main:
-        ckpt.check_writable(Path(cfg.logger.log_dir), "logger.log_dir")
     seed_everything(cfg.sft.seed)
     tokenizer = load_tokenizer(cfg.policy)
     data = prepare_data(cfg, tokenizer)
@@ -473,18 +479,42 @@ def run_sft(cfg: MasterConfig) -> int:
     env = init_distributed(cfg.cluster.device)
     setup_logging(env.rank)
     install_redaction()
+    c = cfg.checkpointing
+    stop = StopFlag(interrupt=True)  # a signal during setup: stop at once, nothing to save
+    stop.install()
+    lock = None
+    step = 0
     try:
+        # Write problems surface before the work, and one run owns checkpoint_dir.
+        ckpt.check_writable(Path(c.checkpoint_dir), "checkpointing.checkpoint_dir")
+        if env.is_main:
+            ckpt.check_writable(Path(cfg.logger.log_dir), "logger.log_dir")
+        lock = take_run_lock(Path(c.checkpoint_dir), c.take_over_lock, env)
+        if env.is_main:
+            preempted_marker(Path(c.checkpoint_dir)).unlink(missing_ok=True)
         run = setup(cfg, env)
         try:
-            code = train(run)
+            code = train(run, stop)
+            step = run.state.step
             if code == 0:
                 finish(run)
         finally:
             run.console.close()
             run.loggers.close()
         env.barrier()
+    except Preempted as signalled:
+        logger.warning(
+            "Stopping during setup (signal %s): nothing to save; start the same command "
+            "again (exit code %d)", signal.Signals(signalled.signum).name, EXIT_REQUEUE,
+        )  # fmt: skip
+        code = EXIT_REQUEUE
     finally:
+        stop.restore()
+        if lock is not None:
+            lock.release()
         # Leaving a gloo/NCCL group alive at interpreter exit can abort the process
         # ("terminate called without an active exception", exit -6) after a good run.
         shutdown_distributed()
+    if code == EXIT_REQUEUE and env.is_main:  # torchrun returns 1 anyway: job scripts read this
+        write_preempted_marker(preempted_marker(Path(c.checkpoint_dir)), step, "requeue")
     return code
