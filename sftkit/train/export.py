@@ -21,8 +21,13 @@ from sftkit.train import checkpoint as ckpt
 logger = logging.getLogger("sftkit")
 
 
-def export_checkpoint(checkpoint: Path, out: Path, adapter: bool = False) -> Path:
-    """Write `out` from `checkpoint` (a step_N dir, or a checkpoint_dir: its latest)."""
+def export_checkpoint(
+    checkpoint: Path, out: Path, adapter: bool = False, trust_remote_code: bool = False
+) -> Path:
+    """Write `out` from `checkpoint` (a step_N dir, or a checkpoint_dir: its latest).
+
+    The checkpoint is untrusted input: its config.yaml asking for `trust_remote_code` (the
+    model's own Python code) is refused unless the caller passes `trust_remote_code`."""
     from sftkit.config import load_config
     from sftkit.model.load import load_model, load_model_weights, save_hf
     from sftkit.model.lora import apply_lora, lora_spec_from_config, merge_lora, save_adapter
@@ -40,6 +45,12 @@ def export_checkpoint(checkpoint: Path, out: Path, adapter: bool = False) -> Pat
     if problem:
         raise ValueError(f"{checkpoint} is not a complete checkpoint: {problem}")
     cfg = load_config(checkpoint / "config.yaml", [])
+    if cfg.policy.trust_remote_code and not trust_remote_code:
+        raise ValueError(
+            f"{checkpoint}/config.yaml sets policy.trust_remote_code=true: loading its model "
+            f"runs Python code from {cfg.policy.model_name}; pass --trust-remote-code if you "
+            "trust that code"
+        )
     model = load_model(
         cfg.policy.model_name,
         trust_remote_code=cfg.policy.trust_remote_code,
@@ -136,10 +147,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("checkpoint", type=Path, help="checkpoint_dir/step_N (or checkpoint_dir)")
     parser.add_argument("out", type=Path, help="output directory")
     parser.add_argument("--adapter", action="store_true", help="write a PEFT adapter (LoRA runs)")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="allow a checkpoint whose config sets policy.trust_remote_code=true",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        out = export_checkpoint(args.checkpoint, args.out, args.adapter)
+        out = export_checkpoint(args.checkpoint, args.out, args.adapter, args.trust_remote_code)
     except ValueError as err:
         print(f"export error: {err}", file=sys.stderr)
         return 2

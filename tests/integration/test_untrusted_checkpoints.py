@@ -199,3 +199,23 @@ def test_malformed_manifest_does_not_block_resume(reference_run, small_run, tmp_
     result = small_run.inprocess(tmp_path, "sft.max_num_steps=7")
     assert result.returncode == 0
     assert sorted(result.train_rows()) == [6, 7]
+
+
+def test_export_refuses_remote_code_named_by_the_checkpoint(
+    reference_run, tmp_path: Path, capsys
+) -> None:
+    from sftkit.train.export import main
+
+    step = tmp_path / "ckpt" / "step_3"
+    shutil.copytree(reference_run.checkpoint_dir / "step_3", step)
+    config = step / "config.yaml"
+    assert "trust_remote_code: false" in config.read_text()
+    config.write_text(
+        config.read_text().replace("trust_remote_code: false", "trust_remote_code: true")
+    )
+    ckpt.write_manifest(step)
+    capsys.readouterr()
+    assert main([str(step), str(tmp_path / "out")]) == 2
+    assert "--trust-remote-code" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main([str(step), str(tmp_path / "out"), "--trust-remote-code"]) == 0
