@@ -22,6 +22,7 @@ from sftkit.config.schema import (
 )
 
 _MUST_SAVE_BY = re.compile(r"\d+:\d+:\d+:\d+")
+_FLOAT32_MAX = 3.4028234663852886e38  # optimizer hyperparameters become float32 in the kernels
 _MAX_LISTED_KEYS = 16
 
 
@@ -270,6 +271,7 @@ def check_config(cfg: MasterConfig, sources: dict[str, str] | None = None) -> No
             )
         )
     problems += choice_problems(cfg, CHOICES)
+    problems += _optimizer_number_problems(policy.optimizer)
     for name in ("train", "validation"):
         message = _dataset_shape_error(f"data.{name}", getattr(cfg.data, name))
         if message:
@@ -297,6 +299,23 @@ def raise_problems(problems: list[tuple[str, str]], sources: dict[str, str]) -> 
             path=problems[0][0],
             source=source_of(sources, problems[0][0]),
         )
+
+
+def _optimizer_number_problems(optimizer: Any) -> list[tuple[str, str]]:
+    """lr, weight_decay and eps must be finite in float32: `lr=1e45` otherwise ends in
+    torch's "value cannot be converted to type float without overflow" at the first step."""
+    kwargs = getattr(optimizer, "kwargs", None) or {}
+    problems = []
+    for name in ("lr", "weight_decay", "eps"):
+        value = kwargs.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not abs(value) <= _FLOAT32_MAX:  # NaN fails this too
+            path = f"policy.optimizer.kwargs.{name}"
+            problems.append(
+                (path, f"{path} is {value!r}, beyond float32's range (3.4e38): use a finite value.")
+            )
+    return problems
 
 
 def _dataset_shape_error(path: str, value: Any) -> str | None:

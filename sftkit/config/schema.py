@@ -62,6 +62,7 @@ class CheckpointingConfig:
     ft_keep_latest_k: int | None = None  # always keep the latest k checkpoints
     resume: bool = True  # sftkit: resume from the latest complete checkpoint in checkpoint_dir
     resume_mismatch: str = "error"  # sftkit: error | fresh, when settings differ from the saved
+    take_over_lock: bool = False  # sftkit: take another run's lock on checkpoint_dir (it is dead)
     pretrained_checkpoint: PretrainedCheckpointConfig = field(
         default_factory=PretrainedCheckpointConfig
     )

@@ -23,6 +23,7 @@ manifest_written, renamed, retention.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -30,10 +31,14 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from sftkit.errors import RunFailure
 
 logger = logging.getLogger("sftkit")
 
@@ -52,6 +57,10 @@ FAULT_POINTS = (
 
 class ResumeMismatchError(ValueError):
     """The checkpoint was made with settings that make resuming meaningless."""
+
+
+class CheckpointWriteError(RunFailure):
+    """A save could not be written (disk full); the previous checkpoint is intact (exit 1)."""
 
 
 def fault_point(point: str, step: int | None = None) -> None:
@@ -102,17 +111,57 @@ def write_manifest(directory: Path, step: int | None = None) -> None:
     os.replace(tmp, directory / MANIFEST)
 
 
+def inside(root: Path, path: Path) -> bool:
+    """True when `path`, symlinks resolved, lies within `root` (a checkpoint never points out)."""
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _manifest_problem(directory: Path, manifest: Any) -> str | None:
+    """Why a parsed manifest.json cannot be trusted (wrong shape, a path leading out)."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return "malformed manifest.json (not an object with a 'files' mapping)"
+    for name, meta in files.items():
+        if not (
+            isinstance(meta, dict)
+            and type(meta.get("size")) is int
+            and isinstance(meta.get("sha256"), str)
+        ):
+            return f"malformed manifest.json (entry {name!r} needs an integer size and a sha256)"
+        relative = Path(name)
+        if (
+            relative.is_absolute()
+            or ".." in relative.parts
+            or not inside(directory, directory / name)
+        ):
+            return f"manifest.json names {name!r}, outside the checkpoint"
+    return None
+
+
 def verify(directory: Path, hashes: bool = True) -> str | None:
-    """None when `directory` is a complete checkpoint, else the reason it is not."""
+    """None when `directory` is a complete checkpoint, else the reason it is not.
+
+    A checkpoint is untrusted input: a manifest of the wrong shape, a path leading out of the
+    directory or a symlink inside it make it "not a checkpoint", like a bad hash.
+    """
     manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
+    if directory.is_symlink() or not manifest_path.is_file():
         return "no manifest.json (the save did not finish)"
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as err:
+    except (ValueError, OSError) as err:
         return f"unreadable manifest.json ({err})"
-    for name, meta in files.items():
+    problem = _manifest_problem(directory, manifest)
+    if problem:
+        return problem
+    links = [p for p in directory.rglob("*") if p.is_symlink()]
+    if links:
+        return f"{links[0].relative_to(directory)} is a symlink (checkpoints hold plain files)"
+    for name, meta in manifest["files"].items():
         path = directory / name
         if not path.is_file():
             return f"{name} is missing"
@@ -120,6 +169,18 @@ def verify(directory: Path, hashes: bool = True) -> str | None:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {meta['size']}"
         if hashes and _sha256(path) != meta["sha256"]:
             return f"{name} does not match its sha256 (corrupted)"
+    if INFO not in manifest["files"]:
+        return f"the manifest does not list {INFO}"
+    try:
+        info = read_info(directory)
+    except (ValueError, OSError) as err:
+        return f"unreadable {INFO} ({err})"
+    if not isinstance(info, dict) or type(info.get("step")) is not int:
+        return f"malformed {INFO} (not an object with an integer step)"
+    if not isinstance(info.get("fingerprint", {}), dict) or any(
+        not isinstance(v, (int, float)) for k, v in info.items() if k.startswith(("val:", "train:"))
+    ):
+        return f"malformed {INFO} (fingerprint or metric of the wrong type)"
     return None
 
 
@@ -130,7 +191,7 @@ def step_dirs(checkpoint_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for path in checkpoint_dir.iterdir():
         match = _STEP_DIR.match(path.name)
-        if match and path.is_dir():
+        if match and path.is_dir() and not path.is_symlink():  # a link may lead anywhere
             found.append((int(match.group(1)), path))
     return sorted(found, reverse=True)
 
@@ -204,6 +265,35 @@ def archive_old_checkpoints(checkpoint_dir: Path) -> Path | None:
     return archive
 
 
+def check_finite_weights(
+    params: Iterable[Any], step: int, agree: Callable[[float], float] = lambda x: x
+) -> None:
+    """Raise NonFiniteError when any parameter holds inf/NaN (before a save, never per step).
+
+    One fused max-abs reduction over this rank's shards and one host read; `agree` (the
+    run's max over ranks) makes every rank stop together. `lr=1e30 weight_decay=1e12` turns
+    the weights non-finite in the update after a finite loss: without this check `step_1`
+    held them and resuming repeated the failure.
+    """
+    import torch
+
+    from sftkit.train.step import NonFiniteError
+
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    tensors = [t.detach() for t in local if t.numel() > 0]
+    bad = 0.0
+    if tensors:
+        peaks = torch._foreach_norm(tensors, float("inf"))
+        bad = float((~torch.isfinite(torch.stack([p.float() for p in peaks]))).sum())
+    bad = agree(bad)
+    if bad:
+        raise NonFiniteError(
+            f"non-finite weights after step {step} ({int(bad)} parameter tensors hold inf/NaN); "
+            "not saved, so the previous checkpoint stays the resume point. Lower "
+            "policy.optimizer.kwargs.lr or weight_decay, or use policy.precision=float32."
+        )
+
+
 def save_checkpoint(
     checkpoint_dir: Path,
     step: int,
@@ -211,13 +301,53 @@ def save_checkpoint(
     write_files: Callable[[Path], None],
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
+    size_hint: int = 0,
 ) -> Path:
     """Write one checkpoint atomically and return its final path.
 
     `write_files(tmp_dir)` runs on every rank (each writes its own parts); rank 0 then
-    writes training_info.json and the manifest and renames after a barrier.
+    writes training_info.json and the manifest and renames after a barrier. A full disk
+    removes the partial `tmp_step_N` and raises CheckpointWriteError saying how much space
+    the save needs (the previous checkpoint's size, else `size_hint` bytes).
     """
     tmp = checkpoint_dir / f"tmp_step_{step}"
+    try:
+        return _save_checkpoint(checkpoint_dir, tmp, step, info, write_files, rank, barrier)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        written = _tree_size(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = step_dirs(checkpoint_dir)
+        needed = max(_tree_size(previous[0][1]) if previous else size_hint, written)
+        free = shutil.disk_usage(checkpoint_dir).free
+        raise CheckpointWriteError(
+            f"no space left on the device of {checkpoint_dir} while saving step {step} "
+            f"({err.filename or tmp}): a checkpoint needs about {_gb(needed)}, {_gb(free)} is "
+            f"free. The partial {tmp.name} was removed and the previous checkpoint is intact; "
+            "free space (or lower checkpointing.keep_top_k) and start the same command again"
+        ) from err
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB"
+
+
+def _tree_size(directory: Path) -> int:
+    if not directory.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _save_checkpoint(
+    checkpoint_dir: Path,
+    tmp: Path,
+    step: int,
+    info: dict[str, Any],
+    write_files: Callable[[Path], None],
+    rank: int,
+    barrier: Callable[[], None],
+) -> Path:
     final = checkpoint_dir / f"step_{step}"
     if rank == 0:
         fault_point("start", step)
@@ -233,7 +363,9 @@ def save_checkpoint(
         fault_point("info_written", step)
         write_manifest(tmp, step)
         fault_point("manifest_written", step)
-        if final.exists():  # a broken save of the same step, skipped when this run resumed
+        if final.is_symlink():  # never follow a link out of checkpoint_dir
+            final.unlink()
+        elif final.exists():  # a broken save of the same step, skipped when this run resumed
             shutil.rmtree(final)
         os.rename(tmp, final)
         fault_point("renamed", step)
@@ -242,12 +374,62 @@ def save_checkpoint(
     return final
 
 
+@contextmanager
+def atomic_output_dir(final: Path, write: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling of `final` to write into; once the block ends it replaces
+    `final` by a rename, so a kill never leaves a half-written model (final_hf, exports).
+    `write=False` (ranks that take part in a gather but write nothing) only yields the path.
+    """
+    tmp = final.parent / f".tmp_{final.name}"
+    if not write:
+        yield tmp
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    old = final.parent / f".old_{final.name}"
+    if final.exists() or final.is_symlink():
+        _remove(old)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _remove(old)
+    _fsync_dir(final.parent)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a link (never what it points to) or a directory tree."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def check_writable(directory: Path, key: str) -> None:
+    """Create `directory` and a probe file in it, before any slow work; a ValueError names
+    the config `key` when that fails (a file in the path, no permission, read-only disk)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".sftkit-write-test-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(
+            f"{key}={directory} is not a writable directory ({err.strerror or err}"
+            f"{': ' + str(err.filename) if err.filename else ''}); choose another path or fix "
+            "its permissions"
+        ) from err
+
+
 def remove_stale_tmp_dirs(checkpoint_dir: Path) -> None:
     """Delete `tmp_step_N` left by a killed save (saves are synchronous: none is in flight)."""
     if not checkpoint_dir.is_dir():
         return
     for path in checkpoint_dir.iterdir():
-        if _TMP_DIR.match(path.name) and path.is_dir():
+        if _TMP_DIR.match(path.name) and path.is_dir() and not path.is_symlink():
             logger.info("Removing %s, left by an interrupted save", path)
             shutil.rmtree(path, ignore_errors=True)
 

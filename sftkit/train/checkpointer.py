@@ -43,6 +43,7 @@ from sftkit.model.load import save_hf
 from sftkit.model.lora import LoraSpec, lora_modules, merge_lora, save_adapter
 from sftkit.model.parallel import load_sharded_weights
 from sftkit.train import checkpoint as ckpt
+from sftkit.train.safe_load import dcp_load, load_state_file
 from sftkit.train.state import TrainState, rng_state, set_rng_state
 
 logger = logging.getLogger("sftkit")
@@ -80,12 +81,15 @@ class Checkpointer:
     def save(self, state: TrainState) -> Path:
         """An atomic checkpoint of everything the next step depends on, then retention."""
         c = self.cfg.checkpointing
+        ckpt.check_finite_weights(self.model.parameters(), state.step, self.env.max)
         state.epoch = self.sampler.epoch
         info = {**state.to_json(), "format_version": ckpt.FORMAT_VERSION}
         info["fingerprint"] = self.fingerprint
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         path = ckpt.save_checkpoint(
-            self.directory, state.step, info, self._write_files, self.env.rank, self.env.barrier
-        )
+            self.directory, state.step, info, self._write_files, self.env.rank, self.env.barrier,
+            size_hint=weights * (3 if c.save_optimizer else 1),  # Adam: weights + 2 moments
+        )  # fmt: skip
         if self.env.is_main:
             ckpt.apply_retention(
                 self.directory, c.metric_name, c.keep_top_k, c.higher_is_better,
@@ -139,16 +143,16 @@ class Checkpointer:
             world_size=self.env.world_size,
         )
         if with_optimizer:
-            self.scheduler.load_state_dict(torch.load(opt_dir / "scheduler.pt", weights_only=True))
+            self.scheduler.load_state_dict(load_state_file(opt_dir / "scheduler.pt"))
         else:
             logger.warning(
                 "%s has no optimizer state (save_optimizer=false): fresh optimizer", directory
             )
-        sampler_state = torch.load(directory / "train_dataloader.pt", weights_only=True)
+        sampler_state = load_state_file(directory / "train_dataloader.pt")
         self.sampler.load_state_dict(sampler_state)
         rng_file = directory / "rng" / f"rank_{self.env.rank}.pt"
         if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            set_rng_state(load_state_file(rng_file))
         state = TrainState.from_json(ckpt.read_info(directory))
         logger.info("Resumed from %s at step %d", directory, state.step)
         return state
@@ -167,13 +171,17 @@ class Checkpointer:
         merge_lora(model)
         save_hf(model, self.tokenizer, directory)
 
-    def save_final(self) -> Path:
-        """Write `final_hf/` (and `final_adapter/` for LoRA) under the checkpoint directory."""
+    def save_final(self, step: int) -> Path:
+        """Write `final_hf/` (and `final_adapter/` for LoRA) under the checkpoint directory,
+        each atomically (a kill never leaves half a model there); refused when non-finite."""
         out = self.directory
+        ckpt.check_finite_weights(self.model.parameters(), step, self.env.max)
         if self.lora is not None:
-            save_adapter(self.model, out / "final_adapter", self.cfg.policy.model_name, self.lora)
+            with ckpt.atomic_output_dir(out / "final_adapter", write=self.env.is_main) as tmp:
+                save_adapter(self.model, tmp, self.cfg.policy.model_name, self.lora)
         if self.env.is_main or self.env.world_size > 1:  # sharded: every rank gathers
-            self.export_hf(out / "final_hf", merge=True)
+            with ckpt.atomic_output_dir(out / "final_hf", write=self.env.is_main) as tmp:
+                self.export_hf(tmp, merge=True)
         if self.env.is_main:
             logger.info("Final model: %s", out / "final_hf")
         self.env.barrier()
@@ -259,7 +267,7 @@ def load_policy(
     else:
         load_model_weights(model, directory / "policy" / "weights")
         if optimizer is not None:
-            optimizer.load_state_dict(torch.load(opt_dir / "optimizer.pt", weights_only=True))
+            optimizer.load_state_dict(load_state_file(opt_dir / "optimizer.pt"))
 
 
 def save_model_weights(model: nn.Module, directory: Path, trainable_only: bool) -> Path:
@@ -343,8 +351,8 @@ def load_sharded(
     directory: Path,
     trainable_only: bool,
 ) -> None:
-    """Inverse of `save_sharded`, resharding to this run's ranks (one process works too)."""
-    import torch.distributed.checkpoint as dcp
+    """Inverse of `save_sharded`, resharding to this run's ranks (one process works too).
+    The checkpoint is untrusted: its metadata loads through `safe_load`'s allow-list."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_state_dict,
@@ -355,12 +363,12 @@ def load_sharded(
     options = _state_options(trainable_only)
     if optimizer is None:
         state: dict[str, Any] = {"model": get_model_state_dict(model, options=options)}
-        dcp.load(state, checkpoint_id=str(directory))
+        dcp_load(state, directory)
         set_model_state_dict(model, state["model"], options=options)
         return
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(directory))
+    dcp_load(state, directory)
     set_state_dict(
         model,
         optimizer,
@@ -377,7 +385,7 @@ def load_full_optimizer_state(
     sharded run's optimizer: indices become names, then each rank keeps its shards."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    saved = torch.load(path, weights_only=True)
+    saved = load_state_file(path)
     names = {id(p): n for n, p in model.named_parameters()}
     fqns = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     full: dict[str, Any] = {

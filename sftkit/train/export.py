@@ -15,13 +15,22 @@ from sftkit.train import checkpoint as ckpt
 logger = logging.getLogger("sftkit")
 
 
-def export_checkpoint(checkpoint: Path, out: Path, adapter: bool = False) -> Path:
-    """Write `out` from `checkpoint` (a step_N dir, or a checkpoint_dir: its latest)."""
+def export_checkpoint(
+    checkpoint: Path, out: Path, adapter: bool = False, trust_remote_code: bool = False
+) -> Path:
+    """Write `out` from `checkpoint` (a step_N dir, or a checkpoint_dir: its latest).
+
+    The checkpoint is untrusted input: its config.yaml asking for `trust_remote_code` (the
+    model's own Python code) is refused unless the caller passes `trust_remote_code`."""
     from sftkit.config import load_config
     from sftkit.model.load import load_model, save_hf
     from sftkit.model.lora import apply_lora, lora_spec_from_config, merge_lora, save_adapter
     from sftkit.train.checkpointer import load_policy
 
+    if out.exists() and not _replaceable(out):
+        raise ValueError(
+            f"{out} exists and is not a model directory: export into a new or empty directory"
+        )
     if not (checkpoint / ckpt.INFO).exists():
         latest = ckpt.latest_checkpoint(checkpoint)
         if latest is None:
@@ -31,6 +40,12 @@ def export_checkpoint(checkpoint: Path, out: Path, adapter: bool = False) -> Pat
     if problem:
         raise ValueError(f"{checkpoint} is not a complete checkpoint: {problem}")
     cfg = load_config(checkpoint / "config.yaml", [])
+    if cfg.policy.trust_remote_code and not trust_remote_code:
+        raise ValueError(
+            f"{checkpoint}/config.yaml sets policy.trust_remote_code=true: loading its model "
+            f"runs Python code from {cfg.policy.model_name}; pass --trust-remote-code if you "
+            "trust that code"
+        )
     model = load_model(
         cfg.policy.model_name,
         trust_remote_code=cfg.policy.trust_remote_code,
@@ -46,14 +61,23 @@ def export_checkpoint(checkpoint: Path, out: Path, adapter: bool = False) -> Pat
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "policy" / "tokenizer")
-    if adapter:
-        save_adapter(model, out, cfg.policy.model_name, spec)  # type: ignore[arg-type]
-        tokenizer.save_pretrained(out)
-    else:
-        if spec is not None:
-            merge_lora(model)
-        save_hf(model, tokenizer, out)
+    with ckpt.atomic_output_dir(out) as tmp:  # a kill never leaves a half model at `out`
+        if adapter:
+            save_adapter(model, tmp, cfg.policy.model_name, spec)  # type: ignore[arg-type]
+            tokenizer.save_pretrained(tmp)
+        else:
+            if spec is not None:
+                merge_lora(model)
+            save_hf(model, tokenizer, tmp)
     return out
+
+
+def _replaceable(out: Path) -> bool:
+    """An export replaces `out` as a whole: only an empty directory or an earlier export."""
+    if out.is_symlink() or not out.is_dir():
+        return False
+    names = {p.name for p in out.iterdir()}
+    return not names or bool(names & {"config.json", "adapter_config.json"})
 
 
 def main(argv: list[str]) -> int:
@@ -65,8 +89,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("checkpoint", type=Path, help="checkpoint_dir/step_N (or checkpoint_dir)")
     parser.add_argument("out", type=Path, help="output directory")
     parser.add_argument("--adapter", action="store_true", help="write a PEFT adapter (LoRA runs)")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="allow a checkpoint whose config sets policy.trust_remote_code=true",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     setup_logging()
-    out = export_checkpoint(args.checkpoint, args.out, args.adapter)
+    out = export_checkpoint(args.checkpoint, args.out, args.adapter, args.trust_remote_code)
     print(f"exported {out}")
     return 0

@@ -55,7 +55,9 @@ def maybe_self_launch(cfg: Any, argv: list[str]) -> int | None:
     # Before any fork: a layout the ranks cannot hold is a config error, not a rank crash.
     parallel_layout(nproc, d.tensor_parallel_size, d.dp_replicate_size, d.context_parallel_size)
     _check_devices(cfg.cluster.device, nproc)
-    return _elastic_run(nproc, argv)
+    from sftkit.train.loop import preempted_marker
+
+    return _elastic_run(nproc, argv, preempted_marker(Path(cfg.checkpointing.checkpoint_dir)))
 
 
 def _check_devices(preference: str, nproc: int) -> None:
@@ -78,9 +80,17 @@ def _check_devices(preference: str, nproc: int) -> None:
         )
 
 
-def _elastic_run(nproc: int, argv: list[str]) -> int:
+def _elastic_run(nproc: int, argv: list[str], marker: Path) -> int:
+    """Run the ranks; 75 whenever rank 0 left the preemption `marker` (it saved and stopped
+    for requeue), also when this launcher was the one signalled: torch's agent then gives
+    the ranks SIGTERM and a grace period, and raises SignalException."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from sftkit.train.loop import EXIT_REQUEUE
+
+    marker.unlink(missing_ok=True)
 
     # One thread per rank unless told otherwise: N ranks x all cores oversubscribes the CPU
     # (torchrun does the same).
@@ -99,10 +109,14 @@ def _elastic_run(nproc: int, argv: list[str]) -> int:
         monitor_interval=0.5,
     )
     logger.info("Starting %d ranks on this node (torch elastic)", nproc)
+    code = 0
     try:
         elastic_launch(config, sys.executable)(*child_command(argv))
     except ChildFailedError as err:
         codes = {rank: failure.exitcode for rank, failure in err.failures.items()}
         code = codes.get(0, next(iter(codes.values())))
-        return code if code > 0 else 1
-    return 0
+        code = code if code > 0 else 1
+    except SignalException as err:
+        logger.warning("The launcher got %s; the ranks were told to stop", err.sigval.name)
+        code = 128 + int(err.sigval)
+    return EXIT_REQUEUE if marker.exists() else code

@@ -6,10 +6,13 @@ epoch budget, a preemption signal or the checkpoint deadline says stop.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sftkit.data.loader import dummy_micro_batch, micro_batches, rank_share
@@ -25,12 +28,47 @@ EXIT_USAGE = 2  # a config or usage error, reported before training starts
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: saved and stopped early (signal or deadline); start again
 
 
+MARKER_ENV = "SFTKIT_PREEMPTED_MARKER"  # where rank 0 leaves the marker (launcher scripts)
+MARKER_NAME = ".preempted"  # default: <checkpoint_dir>/.preempted
+
+
+class Preempted(BaseException):
+    """A stop signal during setup: nothing to save yet, so the run ends at once (exit 75).
+    A BaseException, like KeyboardInterrupt, so no `except Exception` in setup swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def preempted_marker(checkpoint_dir: Path) -> Path:
+    """The file rank 0 writes when the run stops for requeue (exit 75).
+
+    torchrun returns 1 whatever its ranks returned, so job scripts test for this file
+    instead (`examples/slurm/sft.sbatch`); `$SFTKIT_PREEMPTED_MARKER` overrides the path.
+    """
+    return Path(os.environ.get(MARKER_ENV) or checkpoint_dir / MARKER_NAME)
+
+
+def write_preempted_marker(path: Path, step: int, reason: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"step": step, "reason": reason, "time": time.time()}) + "\n")
+    except OSError as err:  # the exit code still says 75 where the launcher passes it on
+        logger.warning("Could not write the preemption marker %s: %s", path, err)
+
+
 @dataclass
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1; the loop finishes its step, saves and exits for requeue."""
+    """Set by SIGTERM / SIGUSR1; the loop finishes its step, saves and exits for requeue.
+
+    While `interrupt` is set (setup: tokenizing, loading the model) the handler raises
+    Preempted instead, so a signal then ends the run at once rather than after setup.
+    """
 
     signum: int | None = None
     previous: dict[int, Any] = field(default_factory=dict)
+    interrupt: bool = False
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -41,18 +79,25 @@ class StopFlag:
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.signum = signum
+        if self.interrupt:
+            raise Preempted(signum)
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
 
-def train(run: Run) -> int:
-    """Run the loop on a prepared `Run` (`sftkit.train.recipe.setup`); returns the exit code."""
+def train(run: Run, stop: StopFlag | None = None) -> int:
+    """Run the loop on a prepared `Run` (`sftkit.train.recipe.setup`); returns the exit code.
+
+    `stop`: the caller's installed flag (it restores the handlers), else one of our own."""
     cfg, env, state, sampler = run.cfg, run.env, run.state, run.sampler
     checkpointer = run.checkpointer
-    stop = StopFlag()
-    stop.install()
+    own = stop is None
+    stop = stop or StopFlag()
+    if own:
+        stop.install()
+    stop.interrupt = False  # from here a signal finishes the step and saves
     started = time.monotonic()
     last_save_time = 0.0
     if state.step == 0 and cfg.sft.val_at_start and run.has_validation:
@@ -147,5 +192,6 @@ def train(run: Run) -> int:
                 exit_code = EXIT_REQUEUE
                 break
     finally:
-        stop.restore()
+        if own:
+            stop.restore()
     return exit_code

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,8 +31,16 @@ from sftkit.model.load import DTYPES
 from sftkit.model.lora import lora_spec_from_config
 from sftkit.train import checkpoint as ckpt
 from sftkit.train.checkpointer import Checkpointer, pick_resume_dir, resume_fingerprint
-from sftkit.train.loop import train
+from sftkit.train.loop import (
+    EXIT_REQUEUE,
+    Preempted,
+    StopFlag,
+    preempted_marker,
+    train,
+    write_preempted_marker,
+)
 from sftkit.train.optim import build_optimizer, build_scheduler
+from sftkit.train.run_lock import take_run_lock
 from sftkit.train.state import Run, seed_everything
 from sftkit.train.step import StepOptions, supports_chunked_loss
 
@@ -183,18 +193,42 @@ def run_sft(cfg: MasterConfig) -> int:
     env = init_distributed(cfg.cluster.device)
     setup_logging(env.rank)
     install_redaction()
+    c = cfg.checkpointing
+    stop = StopFlag(interrupt=True)  # a signal during setup: stop at once, nothing to save
+    stop.install()
+    lock = None
+    step = 0
     try:
+        # Write problems surface before the work, and one run owns checkpoint_dir.
+        ckpt.check_writable(Path(c.checkpoint_dir), "checkpointing.checkpoint_dir")
+        if env.is_main:
+            ckpt.check_writable(Path(cfg.logger.log_dir), "logger.log_dir")
+        lock = take_run_lock(Path(c.checkpoint_dir), c.take_over_lock, env)
+        if env.is_main:
+            preempted_marker(Path(c.checkpoint_dir)).unlink(missing_ok=True)
         run = setup(cfg, env)
         try:
-            code = train(run)
+            code = train(run, stop)
+            step = run.state.step
             if code == 0:
-                run.checkpointer.save_final()
+                run.checkpointer.save_final(step)
         finally:
             run.console.close()
             run.loggers.close()
         env.barrier()
+    except Preempted as signalled:
+        logger.warning(
+            "Stopping during setup (signal %s): nothing to save; start the same command "
+            "again (exit code %d)", signal.Signals(signalled.signum).name, EXIT_REQUEUE,
+        )  # fmt: skip
+        code = EXIT_REQUEUE
     finally:
+        stop.restore()
+        if lock is not None:
+            lock.release()
         # Leaving a gloo/NCCL group alive at interpreter exit can abort the process
         # ("terminate called without an active exception", exit -6) after a good run.
         shutdown_distributed()
+    if code == EXIT_REQUEUE and env.is_main:  # torchrun returns 1 anyway: job scripts read this
+        write_preempted_marker(preempted_marker(Path(c.checkpoint_dir)), step, "requeue")
     return code

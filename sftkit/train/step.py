@@ -96,15 +96,23 @@ def train_step(
         local_loss += nll.detach().double() / denominator
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = opts.max_grad_norm if opts.max_grad_norm else math.inf
-    if device_side_update(optimizer, env):
-        loss, grad_norm = _clip_and_update_on_device(
-            optimizer, params, local_loss, max_norm, global_tokens > 0
-        )
-    else:
-        loss = env.sum(float(local_loss))
-        grad_norm = float(clip_grad_norm(params, max_norm))
-        if math.isfinite(loss) and math.isfinite(grad_norm) and global_tokens > 0:
-            optimizer.step()
+    try:
+        if device_side_update(optimizer, env):
+            loss, grad_norm = _clip_and_update_on_device(
+                optimizer, params, local_loss, max_norm, global_tokens > 0
+            )
+        else:
+            loss = env.sum(float(local_loss))
+            grad_norm = float(clip_grad_norm(params, max_norm))
+            if math.isfinite(loss) and math.isfinite(grad_norm) and global_tokens > 0:
+                optimizer.step()
+    except RuntimeError as err:  # e.g. lr=1e38: lr / (1 - beta1) no longer fits a float
+        if "overflow" not in str(err):
+            raise
+        raise NonFiniteError(
+            f"the optimizer update at step {step} overflowed ({err}); the last checkpoint is "
+            "untouched. Lower policy.optimizer.kwargs.lr (or weight_decay)."
+        ) from err
     optimizer.zero_grad(set_to_none=True)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise NonFiniteError(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import logging
-import pickle
 import shutil
 from pathlib import Path
 
@@ -74,16 +73,17 @@ class Exploit:
      "policy/optimizer/scheduler.pt"],
 )  # fmt: skip
 def test_poisoned_state_file_never_executes(
-    reference_run, small_run, tmp_path: Path, name: str
+    reference_run, small_run, tmp_path: Path, capsys, name: str
 ) -> None:
     step = tmp_path / "ckpt" / "step_3"
     shutil.copytree(reference_run.checkpoint_dir / "step_3", step)
     marker = tmp_path / "pwned"
     torch.save({"state": Exploit(marker)}, step / name)
     ckpt.write_manifest(step)  # a consistent manifest: the file is "valid", just malicious
-    with pytest.raises(pickle.UnpicklingError):
-        small_run.inprocess(tmp_path)
+    capsys.readouterr()
+    assert small_run.inprocess(tmp_path).returncode == 2  # refused in one line, naming the file
     assert not marker.exists()
+    assert "refusing to load" in capsys.readouterr().err
 
 
 def test_trust_remote_code_is_off_by_default_and_warns(tiny_model_dir: Path, caplog) -> None:
