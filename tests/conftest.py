@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The offline quick start: the tiny built-in model on the bundled addition task.
+QUICKSTART = REPO / "examples" / "configs" / "quickstart.yaml"
 TRAIN_ROWS, VAL_ROWS, GLOBAL_BATCH = 96, 16, 16
 STEPS_PER_EPOCH = TRAIN_ROWS // GLOBAL_BATCH
 
@@ -155,7 +157,7 @@ class SmallRun:
         torch.set_num_threads(1)
         _drop_sftkit_handlers()  # bind the run's log handler to this test's stderr
         try:
-            code = sft_main(self.overrides(work, *more))
+            code = sft_main(["--config", str(QUICKSTART), *self.overrides(work, *more)])
         finally:
             _drop_sftkit_handlers()
             torch.set_num_threads(threads)
@@ -168,7 +170,8 @@ class SmallRun:
         return RunResult(code, work, new)
 
     def command(self, work: Path, *more: str) -> list[str]:
-        return [sys.executable, str(REPO / "examples" / "run_sft.py"), *self.overrides(work, *more)]
+        script = str(REPO / "examples" / "run_sft.py")
+        return [sys.executable, script, "--config", str(QUICKSTART), *self.overrides(work, *more)]
 
     def start(self, work: Path, *more: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         """The entry point as a real process (stdout/stderr to work/stdout.txt, stderr.txt)."""

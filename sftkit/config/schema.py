@@ -257,6 +257,7 @@ class MegatronConfig:
     gradient_accumulation_fusion: bool = False
     use_fused_weighted_squared_relu: bool = False
     attention_backend: str | None = None  # Megatron attention kernel (auto, flash, unfused, ...)
+    megatron_recipe: str | None = None  # Megatron-Bridge recipe function (newer NeMo RL spelling)
     peft: PeftConfig = field(default_factory=PeftConfig)
     optimizer: MegatronOptimizerConfig = field(default_factory=MegatronOptimizerConfig)
     scheduler: MegatronSchedulerConfig = field(default_factory=MegatronSchedulerConfig)
@@ -496,6 +497,7 @@ IGNORED_KEYS: dict[str, str] = {
     "policy.megatron_cfg.gradient_accumulation_fusion": "Megatron-only",
     "policy.megatron_cfg.use_fused_weighted_squared_relu": "Megatron-only",
     "policy.megatron_cfg.attention_backend": "Megatron-only",
+    "policy.megatron_cfg.megatron_recipe": "Megatron-only",
     "policy.megatron_cfg.peft.a2a_experimental": "Megatron-only communication strategy",
     "policy.megatron_cfg.optimizer": "Megatron-only (lr, betas, eps, weight decay, clip are used)",
     "policy.megatron_cfg.scheduler": "Megatron-only (the lr warmup and decay are used)",

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "examples" / "configs" / "quickstart.yaml"
 
 
 def run(script: str, *args: str, cwd: Path, env_home: Path) -> subprocess.CompletedProcess:
@@ -28,6 +29,8 @@ def short_run(work: Path) -> tuple[str, ...]:
     """Overrides of the 40-step run on the data subset written under `work`."""
     data = work / "data"
     return (
+        "--config",
+        str(QUICKSTART),
         "sft.max_num_steps=40",
         "sft.val_period=20",
         "checkpointing.save_period=20",
@@ -131,7 +134,7 @@ def test_unknown_key_suggests_the_nearest(tmp_path: Path) -> None:
 
 
 def test_print_config_resolves_interpolations(tmp_path: Path) -> None:
-    result = run("run_sft.py", "--print-config", "policy.train_micro_batch_size=8",
+    result = run("run_sft.py", "--config", str(QUICKSTART), "--print-config", "policy.train_micro_batch_size=8",
                  cwd=tmp_path, env_home=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "train_mb_tokens: 512" in result.stdout  # ${mul:64, 8}
