@@ -21,6 +21,13 @@ commands:
 """
 
 
+QUICKSTART_HINT = (
+    " (no --config: this is NeMo RL's base, Llama-3.2-1B on SQuAD from the Hugging Face Hub;"
+    " offline, try the quick start: uv run examples/run_sft.py --config"
+    " examples/configs/quickstart.yaml)"
+)
+
+
 def _config_args(argv: list[str], prog: str) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog=prog, add_help=True)
     parser.add_argument("--config", default=None, help="YAML config (default: the embedded one)")
@@ -45,17 +52,22 @@ def sft_main(argv: list[str]) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    launched = _run_reporting_errors(lambda c: _maybe_self_launch(c, argv), cfg)
+    from sftkit.hub import offline_if_unreachable
+
+    offline_if_unreachable(cfg)  # offline: hub errors in seconds, not after retries
+    # No --config is NeMo RL's base (a gated hub model, SQuAD): point at the offline start.
+    hint = QUICKSTART_HINT if args.config is None else ""
+    launched = _run_reporting_errors(lambda c: _maybe_self_launch(c, argv), cfg, hint)
     if launched is not None:
         return launched
     from sftkit.train.recipe import run_sft
 
-    code = _run_reporting_errors(run_sft, cfg)
+    code = _run_reporting_errors(run_sft, cfg, hint)
     assert code is not None  # run_sft always returns an exit code
     return code
 
 
-def _run_reporting_errors(run_sft: Any, cfg: Any) -> int | None:
+def _run_reporting_errors(run_sft: Any, cfg: Any, hint: str = "") -> int | None:
     """Run, turning expected failures into one clear paragraph and an exit code.
 
     0 done, 1 training failure (non-finite loss, unreachable tracker), 2 config or usage
@@ -76,7 +88,7 @@ def _run_reporting_errors(run_sft: Any, cfg: Any) -> int | None:
         error = err
     if os.environ.get("SFTKIT_TRACEBACK"):
         traceback.print_exception(error)
-    print(f"{kind}: {scrub(str(error))}", file=sys.stderr)
+    print(f"{kind}: {scrub(str(error))}{hint if code == 2 else ''}", file=sys.stderr)
     return code
 
 
