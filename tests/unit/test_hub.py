@@ -10,6 +10,7 @@ import pytest
 
 from sftkit import hub
 from sftkit.config import load_config
+from tests.conftest import _drop_sftkit_handlers
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "configs" / "quickstart.yaml"
@@ -71,3 +72,22 @@ def test_open_assistant_offline_is_one_data_error(unreachable_hub: None) -> None
         OasstDataset()
     assert time.monotonic() - start < 10
     assert "\n" not in str(err.value)
+
+
+def test_no_config_offline_ends_in_one_line_naming_the_quick_start(
+    unreachable_hub: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`run_sft.py` with no --config is NeMo RL's base; offline it says how to start."""
+    from sftkit.cli import sft_main
+
+    start = time.monotonic()
+    try:
+        code = sft_main([f"logger.log_dir={tmp_path}", f"checkpointing.checkpoint_dir={tmp_path}"])
+    finally:
+        _drop_sftkit_handlers()
+    assert time.monotonic() - start < 30  # imports included
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("Error: policy.tokenizer.name='meta-llama/Llama-3.2-1B'")
+    assert err[-1].endswith("uv run examples/run_sft.py --config examples/configs/quickstart.yaml)")
