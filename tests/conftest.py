@@ -43,11 +43,31 @@ def write_addition_data(path: Path, rows: int, seed: int = 0) -> Path:
     return path
 
 
-def read_metrics(exp_dir: Path) -> list[dict[str, Any]]:
+def read_metrics(exp_dir: Path, since_resume: bool = False) -> list[dict[str, Any]]:
+    """The rows of `exp_dir/metrics.jsonl`; with `since_resume`, only those after the last
+    `{"resumed": true}` row (what the latest, resumed run logged into the directory)."""
     path = exp_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if since_resume:
+        marks = [i for i, row in enumerate(rows) if row.get("resumed")]
+        rows = rows[marks[-1] + 1 :] if marks else rows
+    return rows
+
+
+def run_dirs(log_dir: Path, before: dict[Path, float]) -> list[Path]:
+    """The exp dirs a run wrote: new ones, or one it continued (its metrics.jsonl changed)."""
+    return [p for p in exp_dirs(log_dir) if p not in before or _mtime(p) != before[p]]
+
+
+def dir_times(log_dir: Path) -> dict[Path, float]:
+    return {p: _mtime(p) for p in exp_dirs(log_dir)}
+
+
+def _mtime(exp_dir: Path) -> float:
+    path = exp_dir / "metrics.jsonl"
+    return path.stat().st_mtime_ns if path.exists() else 0.0
 
 
 def exp_dirs(log_dir: Path) -> list[Path]:
@@ -79,7 +99,8 @@ class RunResult:
 
     @property
     def metrics(self) -> list[dict[str, Any]]:
-        return read_metrics(self.exp_dir)
+        """The rows this run logged (a resumed run continues the earlier run's exp_NNN)."""
+        return read_metrics(self.exp_dir, since_resume=True)
 
     def train_rows(self) -> dict[int, dict[str, Any]]:
         """step -> the train/* metrics logged at that step (timings left out)."""
@@ -150,7 +171,7 @@ class SmallRun:
 
         from sftkit.cli import sft_main
 
-        before = set(exp_dirs(work / "logs"))
+        before = dir_times(work / "logs")
         threads = torch.get_num_threads()
         saved_env = {k: os.environ.get(k) for k in (env or {})}
         os.environ.update(env or {})
@@ -166,8 +187,7 @@ class SmallRun:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-        new = [p for p in exp_dirs(work / "logs") if p not in before]
-        return RunResult(code, work, new)
+        return RunResult(code, work, run_dirs(work / "logs", before))
 
     def command(self, work: Path, *more: str) -> list[str]:
         script = str(REPO / "examples" / "run_sft.py")
@@ -187,7 +207,7 @@ class SmallRun:
     def subprocess(
         self, work: Path, *more: str, env: dict[str, str] | None = None, timeout: float = 300
     ) -> RunResult:
-        before = set(exp_dirs(work / "logs"))
+        before = dir_times(work / "logs")
         proc = self.start(work, *more, env=env)
         code = proc.wait(timeout=timeout)
         return finished(proc, work, before, code)
@@ -202,8 +222,8 @@ def _drop_sftkit_handlers() -> None:
     logger.handlers[:] = [h for h in logger.handlers if not getattr(h, "_sftkit", False)]
 
 
-def finished(proc: subprocess.Popen, work: Path, before: set[Path], code: int) -> RunResult:
-    new = [p for p in exp_dirs(work / "logs") if p not in before]
+def finished(proc: subprocess.Popen, work: Path, before: dict[Path, float], code: int) -> RunResult:
+    new = run_dirs(work / "logs", before)
     return RunResult(
         code, work, new, (work / "stdout.txt").read_text(), (work / "stderr.txt").read_text()
     )

@@ -24,6 +24,7 @@ logger = logging.getLogger("sftkit")
 def export_checkpoint(checkpoint: Path, out: Path, adapter: bool = False) -> Path:
     """Write `out` from `checkpoint` (a step_N dir, or a checkpoint_dir: its latest)."""
     from sftkit.config import load_config
+    from sftkit.model.builtin import adapter_base_name
     from sftkit.model.load import load_model, load_model_weights, save_hf
     from sftkit.model.lora import apply_lora, lora_spec_from_config, merge_lora, save_adapter
 
@@ -57,7 +58,8 @@ def export_checkpoint(checkpoint: Path, out: Path, adapter: bool = False) -> Pat
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "policy" / "tokenizer")
     if adapter:
-        save_adapter(model, out, cfg.policy.model_name, spec)  # type: ignore[arg-type]
+        base = adapter_base_name(cfg.policy.model_name)  # loadable without sftkit
+        save_adapter(model, out, base, spec)  # type: ignore[arg-type]
         tokenizer.save_pretrained(out)
     else:
         if spec is not None:

@@ -37,10 +37,11 @@ from sftkit.log import (
     flops_per_token,
     install_redaction,
     mfu,
-    next_exp_dir,
     setup_logging,
 )
+from sftkit.log.rundir import run_exp_dir
 from sftkit.model.attention import enable_packed_attention
+from sftkit.model.builtin import adapter_base_name
 from sftkit.model.fused import apply_fused_kernels
 from sftkit.model.load import DTYPES, load_model, load_model_weights, save_hf, save_model_weights
 from sftkit.model.lora import LoraSpec, apply_lora, lora_spec_from_config, merge_lora, save_adapter
@@ -405,7 +406,11 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
         len(data.train), cfg.policy.train_global_batch_size, cfg.data.shuffle, cfg.sft.seed
     )
     total_steps = min(cfg.sft.max_num_steps, cfg.sft.max_num_epochs * sampler.batches_per_epoch)
-    exp_dir = next_exp_dir(cfg.logger.log_dir) if env.is_main else None
+    exp_dir = (
+        run_exp_dir(cfg.logger.log_dir, cfg.checkpointing.checkpoint_dir, resume_dir)
+        if env.is_main
+        else None
+    )
     mean_len = sum(len(e.input_ids) for e in data.train) / len(data.train)
     run = Run(
         cfg=cfg,
@@ -447,10 +452,14 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
 
 
 def finish(run: Run) -> None:
-    """Write `final_hf/` (and `final_adapter/` for LoRA) under the checkpoint directory."""
+    """Write `final_hf/` (and `final_adapter/` for LoRA) under the checkpoint directory, or
+    with checkpointing disabled under the run's `exp_NNN` (only rank 0 writes)."""
     out = Path(run.cfg.checkpointing.checkpoint_dir)
+    if not run.cfg.checkpointing.enabled:
+        out = run.loggers.exp_dir or out  # None off rank 0, which writes nothing
     if run.lora is not None:
-        save_adapter(run.model, out / "final_adapter", run.cfg.policy.model_name, run.lora)
+        base = adapter_base_name(run.cfg.policy.model_name)
+        save_adapter(run.model, out / "final_adapter", base, run.lora)
     if run.env.is_main or run.env.world_size > 1:  # sharded: every rank takes part in the gather
         export_hf(run, out / "final_hf", merge=True)
     if run.env.is_main:

@@ -79,7 +79,7 @@ def test_default_run_trains_checkpoints_and_exports(trained: dict) -> None:
         "timing/train/valid_tokens_per_sec_per_gpu",
     ):  # fmt: skip
         assert name in rows[1], name
-    ckpt = work / "results" / "sft"
+    ckpt = work / "results" / "quickstart"
     assert (ckpt / "step_20" / "manifest.json").exists()
     assert (ckpt / "step_40" / "training_info.json").exists()
     assert not list(ckpt.glob("tmp_step_*"))
@@ -114,8 +114,8 @@ def test_resume_continues_with_identical_losses(trained: dict, tmp_path: Path) -
 
     work = tmp_path / "resume"
     shutil.copytree(trained["work"], work)
-    shutil.rmtree(work / "results" / "sft" / "step_40")
-    shutil.rmtree(work / "results" / "sft" / "final_hf")
+    shutil.rmtree(work / "results" / "quickstart" / "step_40")
+    shutil.rmtree(work / "results" / "quickstart" / "final_hf")
     result = run("run_sft.py", *short_run(trained["work"]), cwd=work, env_home=trained["home"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from" in result.stderr
