@@ -315,7 +315,7 @@ def preempted_run(small_run: SmallRun, tmp_path_factory: pytest.TempPathFactory)
     wait_for_step(work / "logs", 2, proc)
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=120)
-    return finished(proc, work, set(), code)
+    return finished(proc, work, {}, code)
 
 
 # Triton 3.5/3.6's interpreters (torch 2.9-2.11) hand kernels their scalar arguments as 1-element
