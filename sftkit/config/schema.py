@@ -326,7 +326,7 @@ class WandbConfig:
     project: str = "sft-dev"
     name: str = "sft-dev"
     entity: str | None = None
-    mode: str | None = None  # sftkit: online | offline | disabled; null: offline without an API key
+    mode: str | None = None  # sftkit: online | offline | disabled; null: wandb decides
 
 
 @dataclass
