@@ -361,7 +361,8 @@ class LoggerConfig:
     mlflow_enabled: bool = False
     swanlab_enabled: bool = False
     monitor_gpus: bool = True
-    num_val_samples_to_print: int = 0
+    num_val_samples_to_print: int = 0  # greedy samples of the first N validation rows
+    val_sample_max_new_tokens: int = 128  # sftkit: token budget of each validation sample
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -506,7 +507,6 @@ IGNORED_KEYS: dict[str, str] = {
     "checkpointing.is_async": "saves are synchronous",
     "checkpointing.pretrained_checkpoint": "Megatron checkpoints are not loaded",
     "logger.swanlab_enabled": "no SwanLab sink",
-    "logger.num_val_samples_to_print": "SFT validation generates no samples",
     "cluster.segment_size": "Ray-only",
     "cluster.master_port_range_low": "Ray-only",
     "cluster.master_port_range_high": "Ray-only",

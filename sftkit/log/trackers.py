@@ -163,6 +163,14 @@ class WandbSink:
         values = {name: to_number(v) for name, v in metrics.items()}
         self._run.log({k: v for k, v in values.items() if v is not None}, step=step)
 
+    def log_samples(self, records: list[dict[str, Any]], step: int) -> None:
+        """Validation samples as a wandb table (`val_samples`) at `step`."""
+        import wandb
+
+        columns = ["step", "prompt", "reference", "generated"]
+        table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in records])
+        self._run.log({"val_samples": table}, step=step)
+
     def close(self) -> None:
         self._run.finish()
 

@@ -29,6 +29,7 @@ from sftkit.dist import (
     save_sharded,
     shutdown_distributed,
 )
+from sftkit.eval.samples import report_val_samples
 from sftkit.log import (
     ConsoleReporter,
     Loggers,
@@ -112,6 +113,7 @@ class Run:
         self.state.metrics.update(ckpt.ranking_metric(self.cfg.checkpointing.metric_name, metrics))
         self.loggers.log(metrics, step)
         self.console.validation(step, metrics)
+        report_val_samples(self, step)  # logger.num_val_samples_to_print; all ranks take part
         return val_loss
 
     def should_save(self, step: int, last_step: bool) -> bool:
