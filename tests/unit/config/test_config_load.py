@@ -293,3 +293,10 @@ def test_resolvers_registered_once() -> None:
     register_resolvers()  # idempotent: no "resolver already registered" error
     cfg = OmegaConf.create({"a": 6, "b": "${div:${a},4}", "c": "${sub:${a},1}"})
     assert (cfg.b, cfg.c) == (1.5, 5)
+
+
+def test_non_integer_seed_is_one_line_naming_the_key() -> None:
+    quickstart = Path(load_module.__file__).parents[2] / "examples/configs/quickstart.yaml"
+    with pytest.raises(ConfigError, match=r"sft\.seed.*'abc'.*expected int") as err:
+        load_config(quickstart, ["sft.seed=abc"])
+    assert "\n" not in str(err.value)
