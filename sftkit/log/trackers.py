@@ -167,8 +167,8 @@ class WandbSink:
         """Validation samples as a wandb table (`val_samples`) at `step`."""
         import wandb
 
-        columns = ["step", "prompt", "reference", "generated"]
-        table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in records])
+        columns: list[str | int] = ["step", "prompt", "reference", "generated"]
+        table = wandb.Table(columns=columns, data=[[r[str(c)] for c in columns] for r in records])
         self._run.log({"val_samples": table}, step=step)
 
     def close(self) -> None:

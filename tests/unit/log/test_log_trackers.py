@@ -180,6 +180,8 @@ def test_wandb_key_without_network_runs_offline_without_hanging(
     with caplog.at_level("WARNING", logger="sftkit"):
         sink = WandbSink(wandb_env / "exp", {}, project="p", name="n")
     sink.log({"train/loss": 1.0}, step=1)
+    sample = {"step": 1, "prompt": "12+34=", "reference": "46", "generated": "46"}
+    sink.log_samples([sample], step=1)  # a wandb table
     sink.close()
     assert sink.mode == "offline"
     assert time.monotonic() - start < 60  # wandb's offline start included
