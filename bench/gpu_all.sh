@@ -41,7 +41,7 @@ on tests && timeout 100 python -m pytest -q -p no:cacheprovider -o addopts="" \
   > "$OUT/gpu_tests.log" 2>&1
 on tests && echo "exit $?" >> "$OUT/gpu_tests.log"
 
-E2E="sft.max_num_steps=60 sft.val_period=30 checkpointing.save_period=30 \
+E2E="--config examples/configs/quickstart.yaml sft.max_num_steps=60 sft.val_period=30 checkpointing.save_period=30 \
 policy.precision=bfloat16 policy.train_global_batch_size=256 policy.train_micro_batch_size=64"
 if on e2e; then  # run dirs live in /tmp: only the metrics come back (few files)
   ( timeout 45 python examples/run_sft.py $E2E checkpointing.checkpoint_dir=/tmp/e2e/full \

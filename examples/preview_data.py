@@ -1,6 +1,6 @@
 """Show tokenized examples with trained tokens highlighted (see sftkit/data/preview.py).
 
-    uv run examples/preview_data.py --config examples/configs/sft.yaml [overrides] \
+    uv run examples/preview_data.py --config examples/configs/quickstart.yaml [overrides] \
         [--split train|validation] [--num N] [--json]
 
 A bad config or bad data is reported in one line (exit code 2), as `run_sft.py` does;

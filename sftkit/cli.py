@@ -20,6 +20,13 @@ commands:
 """
 
 
+QUICKSTART_HINT = (
+    " (no --config: this is NeMo RL's base, Llama-3.2-1B on SQuAD from the Hugging Face Hub;"
+    " offline, try the quick start: uv run examples/run_sft.py --config"
+    " examples/configs/quickstart.yaml)"
+)
+
+
 def _config_args(argv: list[str], prog: str) -> tuple[argparse.Namespace, list[str]]:
     from sftkit.errors import ArgumentParser
 
@@ -43,6 +50,7 @@ def sft_main(argv: list[str]) -> int:
 
 def _sft(argv: list[str]) -> int:
     from sftkit.config import config_to_yaml, load_config
+    from sftkit.errors import add_usage_hint
     from sftkit.log import setup_logging
 
     args, overrides = _config_args(argv, "run_sft.py")
@@ -51,12 +59,20 @@ def _sft(argv: list[str]) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    launched = _maybe_self_launch(cfg, argv)
-    if launched is not None:
-        return launched
-    from sftkit.train.recipe import run_sft
+    from sftkit.hub import offline_if_unreachable
 
-    return int(run_sft(cfg))
+    offline_if_unreachable(cfg)  # offline: hub errors in seconds, not after retries
+    try:
+        launched = _maybe_self_launch(cfg, argv)
+        if launched is not None:
+            return launched
+        from sftkit.train.recipe import run_sft
+
+        return int(run_sft(cfg))
+    except Exception as err:
+        if args.config is None:  # NeMo RL's base (a gated hub model, SQuAD): name the offline start
+            add_usage_hint(err, QUICKSTART_HINT)
+        raise
 
 
 def _command(body: Callable[[list[str]], int], argv: list[str]) -> int:

@@ -53,6 +53,11 @@ def classify(err: BaseException) -> tuple[int, str] | None:
     return None
 
 
+def add_usage_hint(err: BaseException, hint: str) -> None:
+    """Append `hint` to `err`'s message if it is reported as a usage error (exit 2)."""
+    err.sftkit_hint = hint  # type: ignore[attr-defined]
+
+
 def report_error(err: BaseException, stream: TextIO | None = None) -> int | None:
     """Print a known error as `<label>: <message>` (scrubbed) and return its exit code;
     None (nothing printed) when `err` is not a known error."""
@@ -66,6 +71,8 @@ def report_error(err: BaseException, stream: TextIO | None = None) -> int | None
     if os.environ.get("SFTKIT_TRACEBACK"):
         stream.write(scrub("".join(traceback.format_exception(type(err), err, err.__traceback__))))
     message = str(err).strip() or type(err).__name__
+    if code == EXIT_USAGE:
+        message += getattr(err, "sftkit_hint", "")
     print(f"{label}: {scrub(message)}", file=stream)
     return code
 

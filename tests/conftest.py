@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The offline quick start: the tiny built-in model on the bundled addition task.
+QUICKSTART = REPO / "examples" / "configs" / "quickstart.yaml"
 TRAIN_ROWS, VAL_ROWS, GLOBAL_BATCH = 96, 16, 16
 STEPS_PER_EPOCH = TRAIN_ROWS // GLOBAL_BATCH
 
@@ -41,11 +43,31 @@ def write_addition_data(path: Path, rows: int, seed: int = 0) -> Path:
     return path
 
 
-def read_metrics(exp_dir: Path) -> list[dict[str, Any]]:
+def read_metrics(exp_dir: Path, since_resume: bool = False) -> list[dict[str, Any]]:
+    """The rows of `exp_dir/metrics.jsonl`; with `since_resume`, only those after the last
+    `{"resumed": true}` row (what the latest, resumed run logged into the directory)."""
     path = exp_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if since_resume:
+        marks = [i for i, row in enumerate(rows) if row.get("resumed")]
+        rows = rows[marks[-1] + 1 :] if marks else rows
+    return rows
+
+
+def run_dirs(log_dir: Path, before: dict[Path, float]) -> list[Path]:
+    """The exp dirs a run wrote: new ones, or one it continued (its metrics.jsonl changed)."""
+    return [p for p in exp_dirs(log_dir) if p not in before or _mtime(p) != before[p]]
+
+
+def dir_times(log_dir: Path) -> dict[Path, float]:
+    return {p: _mtime(p) for p in exp_dirs(log_dir)}
+
+
+def _mtime(exp_dir: Path) -> float:
+    path = exp_dir / "metrics.jsonl"
+    return path.stat().st_mtime_ns if path.exists() else 0.0
 
 
 def exp_dirs(log_dir: Path) -> list[Path]:
@@ -77,7 +99,8 @@ class RunResult:
 
     @property
     def metrics(self) -> list[dict[str, Any]]:
-        return read_metrics(self.exp_dir)
+        """The rows this run logged (a resumed run continues the earlier run's exp_NNN)."""
+        return read_metrics(self.exp_dir, since_resume=True)
 
     def train_rows(self) -> dict[int, dict[str, Any]]:
         """step -> the train/* metrics logged at that step (timings left out)."""
@@ -148,14 +171,14 @@ class SmallRun:
 
         from sftkit.cli import sft_main
 
-        before = set(exp_dirs(work / "logs"))
+        before = dir_times(work / "logs")
         threads = torch.get_num_threads()
         saved_env = {k: os.environ.get(k) for k in (env or {})}
         os.environ.update(env or {})
         torch.set_num_threads(1)
         _drop_sftkit_handlers()  # bind the run's log handler to this test's stderr
         try:
-            code = sft_main(self.overrides(work, *more))
+            code = sft_main(["--config", str(QUICKSTART), *self.overrides(work, *more)])
         finally:
             _drop_sftkit_handlers()
             torch.set_num_threads(threads)
@@ -164,11 +187,11 @@ class SmallRun:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-        new = [p for p in exp_dirs(work / "logs") if p not in before]
-        return RunResult(code, work, new)
+        return RunResult(code, work, run_dirs(work / "logs", before))
 
     def command(self, work: Path, *more: str) -> list[str]:
-        return [sys.executable, str(REPO / "examples" / "run_sft.py"), *self.overrides(work, *more)]
+        script = str(REPO / "examples" / "run_sft.py")
+        return [sys.executable, script, "--config", str(QUICKSTART), *self.overrides(work, *more)]
 
     def start(self, work: Path, *more: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         """The entry point as a real process (stdout/stderr to work/stdout.txt, stderr.txt)."""
@@ -184,7 +207,7 @@ class SmallRun:
     def subprocess(
         self, work: Path, *more: str, env: dict[str, str] | None = None, timeout: float = 300
     ) -> RunResult:
-        before = set(exp_dirs(work / "logs"))
+        before = dir_times(work / "logs")
         proc = self.start(work, *more, env=env)
         code = proc.wait(timeout=timeout)
         return finished(proc, work, before, code)
@@ -199,8 +222,8 @@ def _drop_sftkit_handlers() -> None:
     logger.handlers[:] = [h for h in logger.handlers if not getattr(h, "_sftkit", False)]
 
 
-def finished(proc: subprocess.Popen, work: Path, before: set[Path], code: int) -> RunResult:
-    new = [p for p in exp_dirs(work / "logs") if p not in before]
+def finished(proc: subprocess.Popen, work: Path, before: dict[Path, float], code: int) -> RunResult:
+    new = run_dirs(work / "logs", before)
     return RunResult(
         code, work, new, (work / "stdout.txt").read_text(), (work / "stderr.txt").read_text()
     )
@@ -292,7 +315,7 @@ def preempted_run(small_run: SmallRun, tmp_path_factory: pytest.TempPathFactory)
     wait_for_step(work / "logs", 2, proc)
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=120)
-    return finished(proc, work, set(), code)
+    return finished(proc, work, {}, code)
 
 
 # Triton 3.5/3.6's interpreters (torch 2.9-2.11) hand kernels their scalar arguments as 1-element

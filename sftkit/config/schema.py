@@ -258,6 +258,7 @@ class MegatronConfig:
     gradient_accumulation_fusion: bool = False
     use_fused_weighted_squared_relu: bool = False
     attention_backend: str | None = None  # Megatron attention kernel (auto, flash, unfused, ...)
+    megatron_recipe: str | None = None  # Megatron-Bridge recipe function (newer NeMo RL spelling)
     peft: PeftConfig = field(default_factory=PeftConfig)
     optimizer: MegatronOptimizerConfig = field(default_factory=MegatronOptimizerConfig)
     scheduler: MegatronSchedulerConfig = field(default_factory=MegatronSchedulerConfig)
@@ -326,7 +327,7 @@ class WandbConfig:
     project: str = "sft-dev"
     name: str = "sft-dev"
     entity: str | None = None
-    mode: str | None = None  # sftkit: online | offline | disabled; null: offline without an API key
+    mode: str | None = None  # sftkit: online | offline | disabled; null: wandb decides
 
 
 @dataclass
@@ -361,7 +362,8 @@ class LoggerConfig:
     mlflow_enabled: bool = False
     swanlab_enabled: bool = False
     monitor_gpus: bool = True
-    num_val_samples_to_print: int = 0
+    num_val_samples_to_print: int = 0  # greedy samples of the first N validation rows
+    val_sample_max_new_tokens: int = 128  # sftkit: token budget of each validation sample
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -497,6 +499,7 @@ IGNORED_KEYS: dict[str, str] = {
     "policy.megatron_cfg.gradient_accumulation_fusion": "Megatron-only",
     "policy.megatron_cfg.use_fused_weighted_squared_relu": "Megatron-only",
     "policy.megatron_cfg.attention_backend": "Megatron-only",
+    "policy.megatron_cfg.megatron_recipe": "Megatron-only",
     "policy.megatron_cfg.peft.a2a_experimental": "Megatron-only communication strategy",
     "policy.megatron_cfg.optimizer": "Megatron-only (lr, betas, eps, weight decay, clip are used)",
     "policy.megatron_cfg.scheduler": "Megatron-only (the lr warmup and decay are used)",
@@ -505,7 +508,6 @@ IGNORED_KEYS: dict[str, str] = {
     "checkpointing.is_async": "saves are synchronous",
     "checkpointing.pretrained_checkpoint": "Megatron checkpoints are not loaded",
     "logger.swanlab_enabled": "no SwanLab sink",
-    "logger.num_val_samples_to_print": "SFT validation generates no samples",
     "cluster.segment_size": "Ray-only",
     "cluster.master_port_range_low": "Ray-only",
     "cluster.master_port_range_high": "Ray-only",

@@ -131,6 +131,7 @@ def tokenize_splits(
             )
         setattr(result, split, examples)
         result.report.update(counts)
+        _warn_overlong(split, counts, settings)
     logger.info(
         "data ready in %.1fs (%s): %s",
         time.perf_counter() - start,
@@ -138,6 +139,33 @@ def tokenize_splits(
         ", ".join(f"{k}={v}" for k, v in result.report.items()),
     )
     return result
+
+
+def _length_p99(results: list[BatchResult]) -> int:
+    """The smallest length at which at least 99% of the rows fit (tokens before the policy)."""
+    full = [r.full_lengths for r in results if r.full_lengths is not None]
+    lengths = np.sort(np.concatenate(full)) if full else np.zeros(0, dtype=np.int64)
+    if not len(lengths):
+        return 0
+    return int(lengths[-(-99 * len(lengths) // 100) - 1])
+
+
+def _warn_overlong(split: str, counts: dict[str, int], settings: ProcessorSettings) -> None:
+    """Loud when more than 1% of a split's rows exceed the length limit."""
+    rows = counts.get(f"{split}/rows", 0)
+    over = sum(
+        counts.get(f"{split}/{k}", 0) for k in ("truncated", "dropped_overlong", "masked_overlong")
+    )
+    if not rows or over * 100 <= rows:
+        return
+    action = {"truncate": "truncated", "drop": "dropped", "mask": "masked (not trained)"}
+    fit = counts.get(f"{split}/length_p99", 0)
+    logger.warning(
+        "%s: %d of %d rows (%.1f%%) are longer than %d tokens and were %s; "
+        "policy.max_total_sequence_length=%s would fit at least 99%% of them.",
+        split, over, rows, 100 * over / rows, settings.max_length,
+        action[settings.overlong_policy], fit or "?",
+    )  # fmt: skip
 
 
 # -- workers ---------------------------------------------------------------------------
@@ -234,6 +262,7 @@ def _pack(
         "dropped_overlong": int((drops == 1).sum()),
         "dropped_untrainable": int((drops == 2).sum()),
         "masked_overlong": int(np.concatenate([r.masked for r in results]).sum()),
+        "length_p99": _length_p99(results),
         **paths,  # rows that needed the prefix renders / the tokenizer's offsets
     }
     return arrays, {"names": list(index), "counts": counts}

@@ -1,6 +1,6 @@
 """See what the model will be trained on: tokens, with trained ones highlighted.
 
-    uv run examples/preview_data.py --config examples/configs/sft.yaml [overrides]
+    uv run examples/preview_data.py --config examples/configs/quickstart.yaml [overrides]
         [--split train|validation] [--num N] [--json]
 
 `--json` prints one JSON object per example on stdout and nothing else (logs go to

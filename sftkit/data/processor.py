@@ -76,6 +76,7 @@ class BatchResult:
     truncated: np.ndarray  # bool per row
     masked: np.ndarray  # bool per row
     paths: dict[str, int]  # rows per path: spans (fast/fallback), offsets (bytes/chars)
+    full_lengths: np.ndarray | None = None  # int64 per row: tokens before the length policy
 
     @classmethod
     def empty(cls) -> BatchResult:
@@ -164,12 +165,14 @@ class Processor:
         drops = np.zeros(n, dtype=np.int8)
         truncated = np.zeros(n, dtype=bool)
         masked = np.zeros(n, dtype=bool)
+        full = np.zeros(n, dtype=np.int64)
         for lo in range(0, n, TOKENIZE_BATCH):
             hi = min(lo + TOKENIZE_BATCH, n)
             rendered = [self._render(rows[k], wheres[k]) for k in range(lo, hi)]
             for k, (r, (ids, ranges)) in enumerate(
                 zip(rendered, self._tokenize(rendered), strict=True), start=lo
             ):
+                full[k] = len(ids)
                 drop, kept, truncated[k], masked[k] = self._policy(len(ids), ranges, r.where)
                 if drop:
                     drops[k] = DROP_CODES[drop]
@@ -191,6 +194,7 @@ class Processor:
             truncated=truncated,
             masked=masked,
             paths={k: after[k] - before[k] for k in after},
+            full_lengths=full,
         )
 
     def _paths(self) -> dict[str, int]:

@@ -27,7 +27,7 @@ METRICS = ("exact_match", "contains", "pass@k", "cons@k")
 
 @dataclass
 class GenerationSection:
-    model_name: str = "results/sft/final_hf"  # HF dir, step_N checkpoint, PEFT adapter, hub id
+    model_name: str = "results/quickstart/final_hf"  # HF dir, step_N, PEFT adapter, hub id
     max_new_tokens: int = 32  # tokens generated per prompt
     batch_size: int = 64  # prompts per generate call
     temperature: float = 0.0  # 0 = greedy (NeMo RL's default)

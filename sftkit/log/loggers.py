@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ import torch
 from sftkit.log.gpu import GpuMonitor
 from sftkit.log.sinks import JsonlSink, MetricSink, TensorboardSink
 from sftkit.log.trackers import MlflowSink, WandbSink
+
+VAL_SAMPLES_FILE = "val_samples.jsonl"  # beside metrics.jsonl
 
 
 class Loggers:
@@ -39,6 +42,19 @@ class Loggers:
             self.last_step = max(self.last_step, step)
             for sink in self.sinks:
                 sink.log(metrics, step)
+
+    def log_samples(self, records: list[dict[str, Any]], step: int) -> None:
+        """Validation samples: appended to `exp_dir/val_samples.jsonl` and handed to every
+        sink that shows text (`log_samples`: wandb table, TensorBoard text)."""
+        if self.exp_dir is None or not records:
+            return
+        with self._lock:
+            with (self.exp_dir / VAL_SAMPLES_FILE).open("a") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            for sink in self.sinks:
+                log_samples = getattr(sink, "log_samples", None)
+                if log_samples is not None:
+                    log_samples(records, step)
 
     def log_at_last_step(self, metrics: dict[str, float]) -> None:
         """Log at the last step seen (for metrics sampled off the step, like GPU memory)."""

@@ -116,5 +116,15 @@ class TensorboardSink:
         # One flush per logging call (once per step): a crash loses no scalars.
         self._writer.flush()
 
+    def log_samples(self, records: list[dict[str, Any]], step: int) -> None:
+        """Validation samples as one Markdown text entry (`val_samples`) at `step`."""
+        rows = "\n\n".join(
+            f"**prompt** `{r['prompt']}`  \n**reference** `{r['reference']}`  \n"
+            f"**generated** `{r['generated']}`"
+            for r in records
+        )
+        self._writer.add_text("val_samples", rows, global_step=step)
+        self._writer.flush()
+
     def close(self) -> None:
         self._writer.close()

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from sftkit.log.redact import redact, scrub
 from sftkit.log.sinks import to_number
@@ -41,11 +43,86 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-class WandbSink:
-    """A wandb run in `exp_dir/wandb`; offline when no `WANDB_API_KEY` is set.
+WANDB_DEFAULT_URL = "https://api.wandb.ai"
+_WANDB_MODES = {
+    "online": "online",
+    "offline": "offline",
+    "dryrun": "offline",
+    "disabled": "disabled",
+}
 
-    `mode` (logger.wandb.mode) overrides: online | offline | disabled. Offline runs can be
-    uploaded later with `wandb sync <exp_dir>/wandb/offline-run-*`.
+
+def _wandb_base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_URL
+
+
+def wandb_credentials() -> bool:
+    """Whether wandb would find an API key: `WANDB_API_KEY`, or `wandb login`'s netrc entry
+    for the server (`WANDB_BASE_URL`'s host; the netrc file is `NETRC` or ~/.netrc)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    host = urlparse(_wandb_base_url()).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or str(Path.home() / ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def wandb_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the wandb server opens within `timeout` seconds."""
+    url = urlparse(_wandb_base_url())
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((url.hostname or "api.wandb.ai", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def decide_wandb_mode(mode: str | None, run_dir: str | Path) -> tuple[str, str | None]:
+    """(mode, note to log once) by wandb's own rules; sftkit never overrides them.
+
+    `logger.wandb.mode`, then `WANDB_MODE`, decide when set (an explicit online mode with the
+    server unreachable is a one-line `ConnectionError`, not a hang). Otherwise credentials
+    (`WANDB_API_KEY`, `wandb login`) mean online; none means offline, said once; credentials
+    with the server unreachable mean offline with a warning, so a run never waits on wandb.
+    """
+    sync = f"upload it later with `wandb sync {Path(run_dir) / 'wandb'}/offline-run-*`"
+    chosen = mode or os.environ.get("WANDB_MODE")
+    if chosen:
+        if chosen not in _WANDB_MODES:
+            source = "logger.wandb.mode" if mode else "WANDB_MODE"
+            raise ValueError(
+                f"{source}={chosen!r} is not a wandb mode: use online, offline or disabled"
+            )
+        chosen = _WANDB_MODES[chosen]
+        if chosen == "online" and not wandb_reachable():
+            source = "logger.wandb.mode" if mode else "WANDB_MODE"
+            raise ConnectionError(
+                f"{source}=online but the wandb server {_wandb_base_url()} is unreachable; "
+                "fix the network or WANDB_BASE_URL, or set WANDB_MODE=offline (then `wandb "
+                "sync`) or logger.wandb_enabled=false."
+            )
+        return chosen, None
+    if not wandb_credentials():
+        return "offline", (
+            "wandb: no credentials (WANDB_API_KEY or `wandb login`): logging offline; " + sync
+        )
+    if not wandb_reachable():
+        return "offline", (
+            f"wandb: the server {_wandb_base_url()} is unreachable: logging offline; " + sync
+        )
+    return "online", None
+
+
+class WandbSink:
+    """A wandb run in `exp_dir/wandb`, online or offline by wandb's rules
+    (`decide_wandb_mode`). Offline runs can be uploaded later with
+    `wandb sync <exp_dir>/wandb/offline-run-*`.
     """
 
     def __init__(
@@ -64,13 +141,9 @@ class WandbSink:
                 "logger.wandb_enabled=true needs the wandb package: pip install 'sftkit[wandb]' "
                 "(or set logger.wandb_enabled=false)"
             ) from e
-        if mode is None:
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        if mode not in ("online", "offline", "disabled"):
-            raise ValueError(
-                f"logger.wandb.mode={mode!r} is not a wandb mode: use online, offline, "
-                "disabled or null (offline when WANDB_API_KEY is unset)"
-            )
+        mode, note = decide_wandb_mode(mode, exp_dir)
+        if note:
+            log.warning("%s", note)
         self.dir = Path(exp_dir) / "wandb"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.mode = mode
@@ -89,6 +162,14 @@ class WandbSink:
     def log(self, metrics: dict[str, float], step: int) -> None:
         values = {name: to_number(v) for name, v in metrics.items()}
         self._run.log({k: v for k, v in values.items() if v is not None}, step=step)
+
+    def log_samples(self, records: list[dict[str, Any]], step: int) -> None:
+        """Validation samples as a wandb table (`val_samples`) at `step`."""
+        import wandb
+
+        columns: list[str | int] = ["step", "prompt", "reference", "generated"]
+        table = wandb.Table(columns=columns, data=[[r[str(c)] for c in columns] for r in records])
+        self._run.log({"val_samples": table}, step=step)
 
     def close(self) -> None:
         self._run.finish()

@@ -167,3 +167,12 @@ def build_builtin(key: str, path: Path, seed: int = 0) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def adapter_base_name(name: str) -> str:
+    """`base_model_name_or_path` for a saved adapter: something `from_pretrained` loads with
+    no sftkit import (a built-in's directory, a local directory made absolute, a hub id)."""
+    if is_builtin(name):
+        return str(Path(resolve_model_path(name)).resolve())
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.exists() else name

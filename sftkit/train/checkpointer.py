@@ -39,6 +39,7 @@ from sftkit.data import PreparedData
 from sftkit.data.loader import GlobalBatchSampler
 from sftkit.data.types import Example
 from sftkit.dist import DistEnv
+from sftkit.model.builtin import adapter_base_name
 from sftkit.model.load import save_hf
 from sftkit.model.lora import LoraSpec, lora_modules, merge_lora, save_adapter
 from sftkit.model.parallel import load_sharded_weights
@@ -171,14 +172,17 @@ class Checkpointer:
         merge_lora(model)
         save_hf(model, self.tokenizer, directory)
 
-    def save_final(self, step: int) -> Path:
+    def save_final(self, step: int, exp_dir: Path | None) -> Path:
         """Write `final_hf/` (and `final_adapter/` for LoRA) under the checkpoint directory,
-        each atomically (a kill never leaves half a model there); refused when non-finite."""
-        out = self.directory
+        or with checkpointing disabled under the run's `exp_dir` (None off rank 0, which
+        writes nothing), each atomically (a kill never leaves half a model there); refused
+        when the weights are non-finite."""
+        out = self.directory if self.cfg.checkpointing.enabled else exp_dir or self.directory
         ckpt.check_finite_weights(self.model.parameters(), step, self.env.max)
         if self.lora is not None:
+            base = adapter_base_name(self.cfg.policy.model_name)  # loadable without sftkit
             with ckpt.atomic_output_dir(out / "final_adapter", write=self.env.is_main) as tmp:
-                save_adapter(self.model, tmp, self.cfg.policy.model_name, self.lora)
+                save_adapter(self.model, tmp, base, self.lora)
         if self.env.is_main or self.env.world_size > 1:  # sharded: every rank gathers
             with ckpt.atomic_output_dir(out / "final_hf", write=self.env.is_main) as tmp:
                 self.export_hf(tmp, merge=True)

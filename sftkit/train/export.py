@@ -23,6 +23,7 @@ def export_checkpoint(
     The checkpoint is untrusted input: its config.yaml asking for `trust_remote_code` (the
     model's own Python code) is refused unless the caller passes `trust_remote_code`."""
     from sftkit.config import load_config
+    from sftkit.model.builtin import adapter_base_name
     from sftkit.model.load import load_model, save_hf
     from sftkit.model.lora import apply_lora, lora_spec_from_config, merge_lora, save_adapter
     from sftkit.train.checkpointer import load_policy
@@ -63,7 +64,8 @@ def export_checkpoint(
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "policy" / "tokenizer")
     with ckpt.atomic_output_dir(out) as tmp:  # a kill never leaves a half model at `out`
         if adapter:
-            save_adapter(model, tmp, cfg.policy.model_name, spec)  # type: ignore[arg-type]
+            base = adapter_base_name(cfg.policy.model_name)  # loadable without sftkit
+            save_adapter(model, tmp, base, spec)  # type: ignore[arg-type]
             tokenizer.save_pretrained(tmp)
         else:
             if spec is not None:

@@ -23,9 +23,9 @@ from sftkit.log import (
     device_peak_flops,
     flops_per_token,
     install_redaction,
-    next_exp_dir,
     setup_logging,
 )
+from sftkit.log.rundir import run_exp_dir
 from sftkit.model.build import build_model
 from sftkit.model.load import DTYPES
 from sftkit.model.lora import lora_spec_from_config
@@ -116,11 +116,12 @@ def setup_optimizer(cfg: MasterConfig, env: DistEnv, model: nn.Module) -> torch.
     )
 
 
-def setup_loggers(cfg: MasterConfig, env: DistEnv) -> Loggers:
-    """Metric sinks on rank 0 (in `logger.log_dir/exp_NNN/`); a no-op elsewhere."""
-    exp_dir = next_exp_dir(cfg.logger.log_dir) if env.is_main else None
-    if exp_dir is None:
+def setup_loggers(cfg: MasterConfig, env: DistEnv, resume_dir: Path | None) -> Loggers:
+    """Metric sinks on rank 0 (in `logger.log_dir/exp_NNN/`, the resumed run's own when
+    resuming); a no-op elsewhere."""
+    if not env.is_main:
         return Loggers()
+    exp_dir = run_exp_dir(cfg.logger.log_dir, cfg.checkpointing.checkpoint_dir, resume_dir)
     logger.info("Logging to %s", exp_dir)
     return build_loggers(cfg.logger, exp_dir, config_to_dict(cfg), env.rank)
 
@@ -153,7 +154,7 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
         fingerprint=fingerprint,
         resume_dir=resume_dir,
     )
-    loggers = setup_loggers(cfg, env)  # before load: restoring the RNG is the last step
+    loggers = setup_loggers(cfg, env, resume_dir)  # before load: restoring the RNG is the last step
     state = checkpointer.load()
     total_steps = min(cfg.sft.max_num_steps, cfg.sft.max_num_epochs * sampler.batches_per_epoch)
     mean_len = sum(len(e.input_ids) for e in data.train) / len(data.train)
@@ -211,7 +212,7 @@ def run_sft(cfg: MasterConfig) -> int:
             code = train(run, stop)
             step = run.state.step
             if code == 0:
-                run.checkpointer.save_final(step)
+                run.checkpointer.save_final(step, run.loggers.exp_dir)
         finally:
             run.console.close()
             run.loggers.close()

@@ -17,6 +17,7 @@ from sftkit.config import MasterConfig
 from sftkit.data.loader import BatchPlan, GlobalBatchSampler, iterate_eval_batches, micro_batches
 from sftkit.data.types import Example
 from sftkit.dist import DistEnv
+from sftkit.eval.samples import report_val_samples
 from sftkit.log import ConsoleReporter, Loggers, mfu
 from sftkit.train.checkpoint import ranking_metric
 from sftkit.train.step import StepOptions, validation_loss
@@ -110,6 +111,7 @@ class Run:
         self.state.metrics.update(ranking_metric(self.cfg.checkpointing.metric_name, metrics))
         self.loggers.log(metrics, step)
         self.console.validation(step, metrics)
+        report_val_samples(self, step)  # logger.num_val_samples_to_print; all ranks take part
         return val_loss
 
     def throughput_metrics(self, real: int, processed: int, step_time: float) -> dict[str, float]:

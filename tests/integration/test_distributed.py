@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RunResult, SmallRun, exp_dirs, finished
+from conftest import RunResult, SmallRun, dir_times, finished
 
 STEPS = 6
 RTOL = 1e-5
@@ -52,7 +52,7 @@ def free_port() -> int:
 def srun_two_tasks(small_run: SmallRun, work: Path, *more: str) -> RunResult:
     """Two tasks as `srun --ntasks=2` starts them: only SLURM_* variables, no RANK."""
     work.mkdir(parents=True, exist_ok=True)
-    before = set(exp_dirs(work / "logs"))
+    before = dir_times(work / "logs")
     port = str(free_port())
     procs = []
     for task in range(2):
@@ -174,7 +174,7 @@ def test_tensor_parallel_two_ranks_match_one_rank(
     """TP=2 under torchrun (both ranks hold the same batch: one data-parallel rank)."""
     work = tmp_path / "tp"
     work.mkdir()
-    before = set(exp_dirs(work / "logs"))
+    before = dir_times(work / "logs")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
         *small_run.command(work, *COMMON, "policy.dtensor_cfg.tensor_parallel_size=2",

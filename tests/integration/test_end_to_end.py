@@ -12,6 +12,7 @@ import pytest
 pytestmark = pytest.mark.slow  # the entry-point scripts as real processes
 
 REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "examples" / "configs" / "quickstart.yaml"
 
 
 def run(script: str, *args: str, cwd: Path, env_home: Path) -> subprocess.CompletedProcess:
@@ -30,6 +31,8 @@ def short_run(work: Path) -> tuple[str, ...]:
     """Overrides of the 40-step run on the data subset written under `work`."""
     data = work / "data"
     return (
+        "--config",
+        str(QUICKSTART),
         "sft.max_num_steps=40",
         "sft.val_period=20",
         "checkpointing.save_period=20",
@@ -78,7 +81,7 @@ def test_default_run_trains_checkpoints_and_exports(trained: dict) -> None:
         "timing/train/valid_tokens_per_sec_per_gpu",
     ):  # fmt: skip
         assert name in rows[1], name
-    ckpt = work / "results" / "sft"
+    ckpt = work / "results" / "quickstart"
     assert (ckpt / "step_20" / "manifest.json").exists()
     assert (ckpt / "step_40" / "training_info.json").exists()
     assert not list(ckpt.glob("tmp_step_*"))
@@ -113,8 +116,8 @@ def test_resume_continues_with_identical_losses(trained: dict, tmp_path: Path) -
 
     work = tmp_path / "resume"
     shutil.copytree(trained["work"], work)
-    shutil.rmtree(work / "results" / "sft" / "step_40")
-    shutil.rmtree(work / "results" / "sft" / "final_hf")
+    shutil.rmtree(work / "results" / "quickstart" / "step_40")
+    shutil.rmtree(work / "results" / "quickstart" / "final_hf")
     result = run("run_sft.py", *short_run(trained["work"]), cwd=work, env_home=trained["home"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from" in result.stderr
@@ -133,7 +136,7 @@ def test_unknown_key_suggests_the_nearest(tmp_path: Path) -> None:
 
 
 def test_print_config_resolves_interpolations(tmp_path: Path) -> None:
-    result = run("run_sft.py", "--print-config", "policy.train_micro_batch_size=8",
+    result = run("run_sft.py", "--config", str(QUICKSTART), "--print-config", "policy.train_micro_batch_size=8",
                  cwd=tmp_path, env_home=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "train_mb_tokens: 512" in result.stdout  # ${mul:64, 8}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sftkit.train import checkpoint as ckpt
+from tests.conftest import QUICKSTART
 
 
 def tree_hash(directory: Path) -> str:
@@ -88,7 +89,7 @@ def test_global_batch_must_divide_over_data_parallel_ranks(small_run, tmp_path: 
     from sftkit.dist import DistEnv
     from sftkit.train.recipe import check_before_model
 
-    cfg = load_config(None, small_run.overrides(tmp_path))
+    cfg = load_config(QUICKSTART, small_run.overrides(tmp_path))
     data = SimpleNamespace(validation=[object()])
     check_before_model(cfg, DistEnv(world_size=2), data)  # 16 = 8 x 2: fine
     with pytest.raises(ValueError, match="data-parallel size = 8 x 4"):

@@ -35,7 +35,13 @@ import transformers
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import _drop_sftkit_handlers, exp_dirs, read_metrics, write_addition_data  # noqa: E402
+from conftest import (  # noqa: E402
+    QUICKSTART,
+    _drop_sftkit_handlers,
+    exp_dirs,
+    read_metrics,
+    write_addition_data,
+)
 
 STEPS, GLOBAL, MICRO, SEQ = 3, 8, 4, 64
 RESUME_FAMILY = "gemma2"
@@ -156,6 +162,8 @@ class Runs:
 
     def overrides(self, family: str, work: Path, extra: list[str]) -> list[str]:
         return [
+            "--config",
+            str(QUICKSTART),
             f"policy.model_name={self.dirs[family]}",
             f"data.train.data_path={self.train}",
             f"data.validation.data_path={self.val}",

@@ -17,6 +17,7 @@ from sftkit.train.loop import EXIT_REQUEUE, MARKER_NAME
 from tests.conftest import REPO, wait_for_step
 
 
+@pytest.mark.slow  # a training subprocess
 def test_preemption_save_leaves_the_marker(preempted_run) -> None:
     assert preempted_run.returncode == EXIT_REQUEUE
     marker = preempted_run.checkpoint_dir / MARKER_NAME
@@ -36,13 +37,13 @@ def test_signal_during_setup_exits_75_with_nothing_saved(
         seen.append(signum)
 
     previous = signal.signal(signal.SIGTERM, recorder)
-    real_setup_model = recipe.setup_model
+    real_build_model = recipe.build_model
 
     def preempted_while_loading(*args: object, **kwargs: object) -> object:
         os.kill(os.getpid(), signal.SIGTERM)
-        return real_setup_model(*args, **kwargs)
+        return real_build_model(*args, **kwargs)
 
-    monkeypatch.setattr(recipe, "setup_model", preempted_while_loading)
+    monkeypatch.setattr(recipe, "build_model", preempted_while_loading)
     try:
         capsys.readouterr()
         result = small_run.inprocess(tmp_path, "sft.max_num_steps=2")
@@ -82,6 +83,7 @@ def sbatch(tmp_path: Path, srun_body: str, **env: str) -> subprocess.CompletedPr
                           env=full, capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
 
 
+@pytest.mark.slow  # runs the sbatch script
 def test_sbatch_turns_the_marker_into_75(tmp_path: Path) -> None:
     # torchrun's ranks saved and exited 75, torchrun returned 1; rank 0 left the marker.
     result = sbatch(tmp_path, 'touch "$SFTKIT_PREEMPTED_MARKER"; exit 1')
@@ -91,6 +93,7 @@ def test_sbatch_turns_the_marker_into_75(tmp_path: Path) -> None:
     assert sbatch(tmp_path, "exit 0").returncode == 0
 
 
+@pytest.mark.slow  # runs the sbatch script
 def test_sbatch_gpus_follow_the_allocation(tmp_path: Path) -> None:
     result = sbatch(tmp_path, "exit 0", SLURM_GPUS_PER_NODE="h100:4")
     args = (tmp_path / "srun_args").read_text().splitlines()

@@ -88,7 +88,7 @@ def test_second_run_is_refused_before_the_model_loads(
 
     write_lock(tmp_path / "ckpt", pid=live_pid)
     (tmp_path / "ckpt" / "tmp_step_7").mkdir()  # the holder's save in progress
-    monkeypatch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(recipe, "build_model", lambda *a, **k: pytest.fail("model loaded"))
     capsys.readouterr()
     result = small_run.inprocess(tmp_path, "sft.max_num_steps=1")
     err = capsys.readouterr().err

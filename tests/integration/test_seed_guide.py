@@ -19,6 +19,7 @@ import pytest
 pytestmark = pytest.mark.slow  # the guide's recipe runs
 
 REPO = Path(__file__).resolve().parents[2]
+QS = ("--config", str(REPO / "examples" / "configs" / "quickstart.yaml"))
 QWEN25 = REPO / "tests" / "fixtures" / "templates" / "qwen25.jinja"
 # The seed guide's custom-template example, verbatim.
 SQUAD_TEMPLATE = (
@@ -90,7 +91,7 @@ def guide(sftkit_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     (d / "prompt.txt").write_text("Compute: {}")
     (d / "system.txt").write_text("You add numbers.")
     config = f"""
-defaults: {REPO / "examples" / "configs" / "sft.yaml"}
+defaults: {REPO / "examples" / "configs" / "quickstart.yaml"}
 policy:
   tokenizer:
     chat_template: {QWEN25}
@@ -186,7 +187,7 @@ def test_megatron_peft_custom_template_then_eval(
     work = guide["dir"] / "megatron"
     peft = "policy.megatron_cfg.peft"
     code = sft_main([
-        "--config", str(REPO / "examples" / "configs" / "sft.yaml"),
+        "--config", str(REPO / "examples" / "configs" / "quickstart.yaml"),
         "policy.dtensor_cfg.enabled=false", "policy.megatron_cfg.enabled=true",
         f"{peft}.enabled=true", *SMALL, f"checkpointing.checkpoint_dir={work / 'ckpt'}",
         f"logger.log_dir={work / 'logs'}", f"data.cache_dir={work / 'cache'}",
@@ -256,14 +257,14 @@ def test_user_mistakes_fail_in_one_line_before_training(
         [{"input": "word " * 300, "output": "x"}, {"input": "1+1", "output": "2"}] * 4,
     )
     for args, pattern in MISTAKES:
-        code = sft_main([a.format(d=d) for a in args] + [f"data.cache_dir={d / 'cache'}"])
+        code = sft_main([*QS, *(a.format(d=d) for a in args), f"data.cache_dir={d / 'cache'}"])
         err = capsys.readouterr().err
         assert code == 2, (args, err[-2000:])
         message = [line for line in err.splitlines() if "rror" in line]
         assert len(message) == 1 and "Traceback" not in err, (args, err[-2000:])
         assert __import__("re").search(pattern, message[0]), (pattern, message[0])
     # overlong rows dropped on request are counted in the data report, never silent
-    code = sft_main([f"data.train.data_path={d / 'train_dataset.jsonl'}", *SMALL,
+    code = sft_main([*QS, f"data.train.data_path={d / 'train_dataset.jsonl'}", *SMALL,
                      f"data.validation.data_path={d / 'mixed.jsonl'}", "data.overlong_policy=drop",
                      f"checkpointing.checkpoint_dir={d / 'drop'}", f"logger.log_dir={d / 'drop'}",
                      "sft.max_num_steps=1", f"data.cache_dir={d / 'cache'}"])  # fmt: skip

@@ -84,7 +84,7 @@ def no_model_load(monkeypatch):
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the directory error was reported")
 
-    monkeypatch.setattr(recipe, "load_model", forbidden)
+    monkeypatch.setattr(recipe, "build_model", forbidden)
 
 
 @pytest.mark.parametrize("key", ["checkpointing.checkpoint_dir", "logger.log_dir"])
@@ -139,14 +139,14 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous(
 
 
 def test_a_failed_final_export_leaves_no_half_model(small_run, tmp_path: Path, monkeypatch) -> None:
-    import sftkit.train.recipe as recipe
+    import sftkit.train.checkpointer as checkpointer
 
     def dies_halfway(model: object, tokenizer: object, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt  # what a kill mid-write leaves behind, minus the process
 
-    monkeypatch.setattr(recipe, "save_hf", dies_halfway)
+    monkeypatch.setattr(checkpointer, "save_hf", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         small_run.inprocess(tmp_path, "sft.max_num_steps=1")
     assert not (tmp_path / "ckpt" / "final_hf").exists()

@@ -20,7 +20,13 @@ SLOW_CALL = re.compile(
     r"subprocess\.(Popen|run)\(|\.subprocess\(|small_run\.start\(|preempted_run|"
     r"run_triton_interpreted|\"--tiny\"|mypy"
 )
-FAST_SUBPROCESS = {"test_ruff_is_clean"}  # ruff takes a second
+FAST_SUBPROCESS = {
+    "test_ruff_is_clean",  # ruff takes a second
+    # a sleeping process stands for another run's live pid (`live_pid`)
+    "test_a_live_holder_is_refused_by_name",
+    "test_take_over_switch_and_release_keeps_foreign_locks",
+    "test_second_run_is_refused_before_the_model_loads",
+}
 NEEDS_CUDA = re.compile(r"skipif\(\s*not torch\.cuda\.is_available\(\)")
 
 

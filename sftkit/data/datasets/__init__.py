@@ -91,6 +91,7 @@ def load_dataset(entry: Mapping[str, Any]) -> Any:
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         _report_unused(str(name), kwargs, params)
         kwargs = {k: v for k, v in kwargs.items() if k in params}
+    _check_required(str(name), entry, kwargs, params)
     dataset = cls(**kwargs)
     _check(dataset, str(name))
     spec = dataset.task_spec
@@ -100,6 +101,30 @@ def load_dataset(entry: Mapping[str, Any]) -> Any:
             spec.prompt = spec.system_prompt = None
             spec.__post_init__()
     return dataset
+
+
+def _check_required(
+    name: str, entry: Mapping[str, Any], kwargs: Mapping[str, Any], params: Mapping[str, Any]
+) -> None:
+    """A required argument the entry lacks is one line naming it, not a TypeError."""
+    required = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    missing = [
+        key
+        for key, p in params.items()
+        if p.kind in required and p.default is inspect.Parameter.empty and key not in kwargs
+    ]
+    if not missing:
+        return
+    hint = ""
+    if "train_data_path" in entry or "val_data_path" in entry:
+        hint = (
+            " train_data_path/val_data_path belong to NeMo RL's older flat data form, which "
+            "sftkit does not map: set data.train.data_path (and data.validation.data_path)."
+        )
+    raise ValueError(
+        f"dataset_name={name!r} needs {', '.join(missing)}, which the data entry does not "
+        f"set.{hint}"
+    )
 
 
 def _report_unused(name: str, kwargs: dict[str, Any], params: Mapping[str, Any]) -> None:

@@ -8,6 +8,7 @@ and `task_spec` (a `TaskDataSpec` naming the task). Rows are dicts with `message
 from __future__ import annotations
 
 import random
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ class TaskDataSpec:
     def __post_init__(self) -> None:
         if self.prompt_file and self.prompt is None:
             self.prompt = _read_text(self.prompt_file, "prompt_file")
+            _check_placeholder(self.prompt, self.prompt_file)
         if self.system_prompt_file and self.system_prompt is None:
             self.system_prompt = _read_text(self.system_prompt_file, "system_prompt_file")
 
@@ -53,6 +55,23 @@ class TaskDataSpec:
         ):
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         return {**row, "messages": messages}
+
+
+def _check_placeholder(template: str, path: str) -> None:
+    """A prompt file must hold one `{}` where the question goes: without it `str.format`
+    would drop the question silently, and a named field would fail on every row."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:  # an unmatched brace
+        raise ValueError(
+            f"prompt_file {path}: {err}; write literal braces as {{{{ and }}}}."
+        ) from None
+    if not fields or any(f not in ("", "0") for f in fields):
+        found = f" (found {{{fields[0]}}})" if fields else ""
+        raise ValueError(
+            f"prompt_file {path} has no {{}} placeholder for the question{found}: put {{}} "
+            "where the user's text goes (write literal braces as {{ and }})."
+        )
 
 
 # A relative prompt file is looked up in the working directory (as NeMo RL does), then in
@@ -86,6 +105,11 @@ class RawDataset:
 
 def split_rows(rows: list[Row], size: float | int, seed: int) -> tuple[list[Row], list[Row] | None]:
     """Seeded split into (train, validation); validation is None when size is 0."""
+    if isinstance(size, bool) or not isinstance(size, int | float):
+        raise ValueError(
+            f"split_validation_size={size!r}: use a fraction in (0, 1) (0.05 for 5%) or a row "
+            "count >= 1."
+        )
     if not size:
         return rows, None
     if size < 0 or (isinstance(size, float) and size >= 1 and not float(size).is_integer()):

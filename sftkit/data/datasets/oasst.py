@@ -8,6 +8,7 @@ from typing import Any
 
 from sftkit.data.datasets.base import RawDataset, Row, TaskDataSpec
 from sftkit.data.datasets.files import read_json
+from sftkit.data.errors import DataError
 
 SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant "
@@ -72,4 +73,13 @@ def _threads(
 def _download() -> Path:
     from huggingface_hub import hf_hub_download  # lazy: hub access only when asked for
 
-    return Path(hf_hub_download("OpenAssistant/oasst1", HUB_FILE, repo_type="dataset"))
+    try:
+        return Path(hf_hub_download("OpenAssistant/oasst1", HUB_FILE, repo_type="dataset"))
+    except Exception as err:  # offline, gated or moved: the hub raises many types
+        first = (str(err).strip().splitlines() or ["no message"])[0][:300]
+        raise DataError(
+            "open_assistant (OpenAssistant/oasst1)",
+            f"could not download {HUB_FILE} from the Hugging Face Hub "
+            f"({type(err).__name__}: {first}).",
+            "download it where the hub is reachable and set data_path to the local file.",
+        ) from None

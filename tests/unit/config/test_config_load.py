@@ -323,3 +323,10 @@ def test_secrets_from_the_environment_never_reach_the_saved_config(
     reloaded = load_config(saved)
     assert reloaded.policy == cfg.policy and reloaded.data == cfg.data
     assert reloaded.logger.wandb.project == "https://alice:***@example.com/p"
+
+
+def test_non_integer_seed_is_one_line_naming_the_key() -> None:
+    quickstart = Path(load_module.__file__).parents[2] / "examples/configs/quickstart.yaml"
+    with pytest.raises(ConfigError, match=r"sft\.seed.*'abc'.*expected int") as err:
+        load_config(quickstart, ["sft.seed=abc"])
+    assert "\n" not in str(err.value)

@@ -197,3 +197,63 @@ def test_bos_added_where_the_template_lacks_it(tmp_path: Path):
     example = prepare_data(cfg, tok).train[0]
     assert example.input_ids[0] == tok.bos_token_id and example.loss_mask[0] == 0
     assert example.input_ids.count(tok.bos_token_id) == 1
+
+
+def test_truncation_over_one_percent_warns_with_a_length_that_fits(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """2 of 10 rows cut: a warning with the count and the length that fits >= 99% of rows."""
+    path = _write(tmp_path / "d.jsonl", 10, 5)
+    cfg = _cfg(
+        tmp_path,
+        {"dataset_name": "openai_format", "data_path": str(path)},
+        max_input_seq_length=120,
+    )
+    tokenizer = make_tokenizer("qwen25")
+    with caplog.at_level("WARNING", logger="sftkit"):
+        data = prepare_data(cfg, tokenizer)
+    [warning] = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
+    fit = data.report["train/length_p99"]
+    assert "train: 2 of 10 rows (20.0%) are longer than 120 tokens and were truncated" in warning
+    assert f"max_total_sequence_length={fit} would fit" in warning
+    # The smallest such length: one token less cuts the 2 long rows again.
+    with caplog.at_level("WARNING", logger="sftkit"):
+        prepare_data(_cfg(tmp_path, cfg.data.train, max_input_seq_length=fit - 1), tokenizer)
+    assert [r for r in caplog.records if "longer than" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sftkit"):  # all fit: silent
+        prepare_data(_cfg(tmp_path, cfg.data.train, max_input_seq_length=fit), tokenizer)
+    assert not [r for r in caplog.records if "longer than" in r.getMessage()]
+
+
+def test_split_validation_size_as_percent_is_one_line_naming_the_key(tmp_path: Path):
+    path = _write(tmp_path / "d.jsonl", 10)
+    cfg = _cfg(
+        tmp_path,
+        {"dataset_name": "openai_format", "data_path": str(path), "split_validation_size": "5%"},
+    )
+    with pytest.raises(ValueError, match=r"split_validation_size='5%'.*0\.05") as err:
+        prepare_data(cfg, make_tokenizer("qwen25"))
+    assert "\n" not in str(err.value)
+
+
+def test_flat_train_data_path_is_one_line_naming_the_key(tmp_path: Path):
+    path = _write(tmp_path / "d.jsonl", 10)
+    cfg = _cfg(tmp_path, None, dataset_name="ResponseDataset", extra={"train_data_path": str(path)})
+    with pytest.raises(
+        ValueError, match=r"needs data_path.*train_data_path.*data\.train\.data_path"
+    ):
+        prepare_data(cfg, make_tokenizer("qwen25"))
+
+
+def test_prompt_file_without_placeholder_names_the_file(tmp_path: Path):
+    from sftkit.data.datasets.base import TaskDataSpec
+
+    (tmp_path / "p.txt").write_text("Answer the question.")
+    with pytest.raises(ValueError, match=r"prompt_file .*p\.txt has no \{\} placeholder"):
+        TaskDataSpec("x", prompt_file=str(tmp_path / "p.txt"))
+    (tmp_path / "q.txt").write_text("Question: {question}")
+    with pytest.raises(ValueError, match=r"q\.txt has no \{\} placeholder.*found \{question\}"):
+        TaskDataSpec("x", prompt_file=str(tmp_path / "q.txt"))
+    (tmp_path / "ok.txt").write_text("Q ({{literal}}): {}")
+    assert TaskDataSpec("x", prompt_file=str(tmp_path / "ok.txt")).prompt == "Q ({{literal}}): {}"

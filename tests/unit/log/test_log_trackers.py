@@ -38,6 +38,7 @@ def test_wandb_offline_without_api_key_keeps_secrets_out(
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))  # must not be used
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no `wandb login` either
     config = {"policy": {"model_name": "tiny"}, "extra": {"hf_token": CANARY_TOKEN}}
 
     # No API key: offline, no network, and a run directory under exp_dir/wandb.
@@ -134,3 +135,63 @@ def test_check_reachable_accepts_any_http_answer() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No wandb settings, no netrc; an unreachable wandb server."""
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return tmp_path
+
+
+def test_wandb_mode_follows_wandb_rules(wandb_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sftkit.log import trackers
+
+    # No credentials at all: offline, said once with how to upload.
+    mode, note = trackers.decide_wandb_mode(None, wandb_env)
+    assert mode == "offline" and note and "no credentials" in note and "wandb sync" in note
+    # `wandb login`'s netrc entry counts as credentials: then the server decides (here down).
+    (wandb_env / "netrc").write_text("machine 127.0.0.1 login user password secret-key\n")
+    start = time.monotonic()
+    mode, note = trackers.decide_wandb_mode(None, wandb_env)
+    assert mode == "offline" and note and "unreachable" in note
+    assert time.monotonic() - start < 10
+    # WANDB_MODE and logger.wandb.mode decide when set; no probe for offline.
+    monkeypatch.setattr(trackers, "wandb_reachable", lambda: pytest.fail("probed"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert trackers.decide_wandb_mode(None, wandb_env) == ("offline", None)
+    assert trackers.decide_wandb_mode("disabled", wandb_env) == ("disabled", None)
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert trackers.decide_wandb_mode(None, wandb_env) == ("offline", None)
+
+
+def test_wandb_online_forced_with_server_down_is_one_line(
+    wandb_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sftkit.log import trackers
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with pytest.raises(ConnectionError, match=r"WANDB_MODE=online but the wandb server") as err:
+        trackers.decide_wandb_mode(None, wandb_env)
+    assert "\n" not in str(err.value)
+
+
+def test_wandb_key_without_network_runs_offline_without_hanging(
+    wandb_env: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", CANARY_KEY)
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="sftkit"):
+        sink = WandbSink(wandb_env / "exp", {}, project="p", name="n")
+    sink.log({"train/loss": 1.0}, step=1)
+    sample = {"step": 1, "prompt": "12+34=", "reference": "46", "generated": "46"}
+    sink.log_samples([sample], step=1)  # a wandb table
+    sink.close()
+    assert sink.mode == "offline"
+    assert time.monotonic() - start < 60  # wandb's offline start included
+    notes = [r.getMessage() for r in caplog.records if "wandb" in r.getMessage()]
+    assert len(notes) == 1 and "unreachable: logging offline" in notes[0]
