@@ -15,11 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from sftkit.batch import PackedBatch
 from sftkit.config import MasterConfig, config_to_dict, config_to_yaml
 from sftkit.data import PreparedData, load_tokenizer, prepare_data
-from sftkit.data.loader import BatchPlan, GlobalBatchSampler, iterate_eval_batches, micro_batches
-from sftkit.data.types import Example
+from sftkit.data.loader import BatchPlan, GlobalBatchSampler, build_sampler
+from sftkit.data.types import ExampleSet
 from sftkit.dist import (
     DistEnv,
     init_distributed,
@@ -50,7 +49,8 @@ from sftkit.train.export import gather_hf
 from sftkit.train.loop import train
 from sftkit.train.optim import build_optimizer, build_scheduler
 from sftkit.train.state import TrainState, rng_state, seed_everything, set_rng_state
-from sftkit.train.step import StepOptions, supports_chunked_loss, validation_loss
+from sftkit.train.step import StepOptions, supports_chunked_loss
+from sftkit.train.validation import validation_metrics
 
 logger = logging.getLogger("sftkit")
 
@@ -68,8 +68,8 @@ class Run:
     sampler: GlobalBatchSampler
     plan: BatchPlan
     step_opts: StepOptions
-    train_examples: list[Example]
-    val_examples: list[Example]
+    train_examples: ExampleSet
+    val_examples: ExampleSet
     state: TrainState
     loggers: Loggers
     console: ConsoleReporter
@@ -89,25 +89,13 @@ class Run:
         return Path(self.cfg.checkpointing.checkpoint_dir)
 
     def validate(self, step: int) -> float:
-        """Validation loss over `sft.val_batches` batches; logged at `step`."""
+        """Validation loss per set over `sft.val_batches` batches each; logged at `step`."""
         t0 = time.monotonic()
-        sft = self.cfg.sft
-        plan = BatchPlan(
-            micro_batch_size=sft.val_micro_batch_size,
-            multiple_of=self.plan.multiple_of,
-            pad_id=self.plan.pad_id,
+        metrics = validation_metrics(
+            self.model, self.val_examples, self.cfg.sft, self.plan, self.step_opts, self.env
         )
-        batches: list[PackedBatch] = []
-        for examples in iterate_eval_batches(
-            self.val_examples, sft.val_global_batch_size, sft.val_batches
-        ):
-            share = examples[self.env.dp_rank :: self.env.dp_size]
-            batches += micro_batches(share, plan) if share else []
-        val_loss, _ = validation_loss(self.model, batches, self.step_opts, self.env)
-        metrics = {
-            "validation/val_loss": val_loss,
-            "timing/validation/total_validation_time": time.monotonic() - t0,
-        }
+        val_loss = metrics["validation/val_loss"]
+        metrics["timing/validation/total_validation_time"] = time.monotonic() - t0
         self.state.metrics.update(ckpt.ranking_metric(self.cfg.checkpointing.metric_name, metrics))
         self.loggers.log(metrics, step)
         self.console.validation(step, metrics)
@@ -252,15 +240,6 @@ def check_before_model(cfg: MasterConfig, env: DistEnv, data: PreparedData) -> N
         )  # fmt: skip
 
 
-def data_fingerprint(examples: list[Example]) -> str:
-    digest = hashlib.sha256()
-    for e in examples:
-        digest.update(len(e.input_ids).to_bytes(4, "little"))
-        digest.update(torch.tensor(e.input_ids, dtype=torch.int32).numpy().tobytes())
-        digest.update(bytes(e.loss_mask))
-    return digest.hexdigest()[:16]
-
-
 def resume_fingerprint(cfg: MasterConfig, tokenizer: Any, data: PreparedData) -> dict[str, Any]:
     """What makes resuming meaningful (micro-batch size is left out: it cannot change the
     loss or the gradient, so changing it to fit memory is allowed)."""
@@ -272,7 +251,7 @@ def resume_fingerprint(cfg: MasterConfig, tokenizer: Any, data: PreparedData) ->
         "chat_template_sha": hashlib.sha256(str(template).encode()).hexdigest()[:16],
         "lora": asdict(p.dtensor_cfg.lora_cfg) if p.dtensor_cfg.lora_cfg.enabled else None,
         "megatron_peft": asdict(p.megatron_cfg.peft) if p.megatron_cfg.enabled else None,
-        "train_data": data_fingerprint(data.train),
+        "train_data": data.train.digest(),  # tokens, masks, dataset names and weights
         "train_global_batch_size": p.train_global_batch_size,
         "max_total_sequence_length": p.max_total_sequence_length,
         "seed": cfg.sft.seed,
@@ -401,12 +380,12 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
         prefer_fused=env.device.type == "cuda" and env.tp_size == 1,
     )
     scheduler = build_scheduler(optimizer, cfg.policy.scheduler)
-    sampler = GlobalBatchSampler(
-        len(data.train), cfg.policy.train_global_batch_size, cfg.data.shuffle, cfg.sft.seed
+    sampler = build_sampler(
+        data.train, cfg.policy.train_global_batch_size, cfg.data.shuffle, cfg.sft.seed
     )
     total_steps = min(cfg.sft.max_num_steps, cfg.sft.max_num_epochs * sampler.batches_per_epoch)
     exp_dir = next_exp_dir(cfg.logger.log_dir) if env.is_main else None
-    mean_len = sum(len(e.input_ids) for e in data.train) / len(data.train)
+    mean_len = data.train.mean_length()
     run = Run(
         cfg=cfg,
         env=env,

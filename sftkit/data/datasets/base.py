@@ -8,8 +8,8 @@ and `task_spec` (a `TaskDataSpec` naming the task). Rows are dicts with `message
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -14,7 +14,7 @@ import io
 import itertools
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, overload
 
@@ -27,7 +27,7 @@ SAVED_MARKERS = ("dataset_dict.json", "state.json")
 ARROW_BATCH = 1024  # rows per Arrow record batch turned into Python objects
 
 
-class Rows:
+class Rows(Sequence[Row]):
     """Rows read lazily: each pass over them reads the source again, one row at a time.
 
     Memory holds the row being read, never the file. The NeMo RL protocol's sequence
@@ -172,9 +172,7 @@ def iter_json(path: Path) -> Iterator[Row]:
 
 
 def _json_array(text: str, path: Path) -> list[Row]:
-    items = _loads(
-        text, str(path), "JSON", "fix the JSON, or write one object per line (JSONL)."
-    )
+    items = _loads(text, str(path), "JSON", "fix the JSON, or write one object per line (JSONL).")
     if not isinstance(items, list):
         raise DataError(str(path), "expected a JSON array of objects.", "write one per line.")
     return [_object(item, f"{path} item {k}") for k, item in enumerate(items)]
@@ -261,9 +259,7 @@ def _read_saved(path: Path, split: str | None) -> Rows:
     return _hf_rows(ds, str(path))
 
 
-def read_hub(
-    name: str, split: str | None = None, subset: str | None = None, **kwargs: Any
-) -> Rows:
+def read_hub(name: str, split: str | None = None, subset: str | None = None, **kwargs: Any) -> Rows:
     """A hub dataset (or a local directory of data files) through `datasets.load_dataset`.
 
     `split` defaults to "train". Failures (no network, unknown id, no data files) become

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from sftkit.data.datasets.base import RawDataset, Row, TaskDataSpec, require
 from sftkit.data.datasets.files import read_hub, read_rows
@@ -22,7 +23,7 @@ class Tulu3SftMixtureDataset(RawDataset):
         prompt_file: str | None = None,
         system_prompt_file: str | None = None,
     ) -> None:
-        source = (
+        source: Sequence[Row] = (
             read_rows(data_path)
             if data_path
             else read_hub("allenai/tulu-3-sft-mixture", split=split)
