@@ -389,11 +389,12 @@ class Processor:
 
 
 def row_chars(row: Any, limit: int) -> int:
-    """Characters in a row's strings (keys included), counted until `limit` is passed.
+    """Characters in a row's strings (keys included, origin not), counted until `limit` is passed.
 
     Iterative, so a row nested deeper than the recursion limit is measured too.
     """
-    total, stack = 0, [row]
+    total = 0
+    stack = [v for k, v in row.items() if k != ORIGIN_KEY] if isinstance(row, dict) else [row]
     while stack and total <= limit:
         node = stack.pop()
         if isinstance(node, str):
