@@ -303,13 +303,16 @@ class DataConfig:
     add_generation_prompt: bool = False  # accepted for compatibility; headers are never trained
     shuffle: bool = True  # shuffle training data each epoch
     num_workers: int = 1  # worker processes for tokenization
-    train: Any = None  # one dataset config (a mapping) or a list of them
-    validation: Any = None  # one dataset config (a mapping) or a list of them
+    train: Any = None  # one dataset config (a mapping) or a list; entries may set name, weight
+    validation: Any = None  # one dataset config (a mapping) or a list; entries may set name
     # Keys filled into every dataset config that lacks them.
     default: dict[str, Any] = field(default_factory=_default_dataset_defaults)
     overlong_policy: str = "truncate"  # sftkit: truncate | drop | mask examples over the limit
     drop_untrainable: bool = False  # sftkit: drop (and count) examples with no trained tokens
     cache_dir: str | None = None  # sftkit: tokenized-data cache; null uses ~/.cache/sftkit/data
+    # sftkit: rows with more characters are dropped (and counted) before tokenizing;
+    # null: max(1,000,000, 8 x max_input_seq_length)
+    max_row_chars: int | None = None
     # The seed's flat form: `dataset_name` and dataset keys (DATASET_KEYS) directly under
     # `data`. The loader moves those keys into `extra`.
     dataset_name: str | None = None

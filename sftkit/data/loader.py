@@ -3,19 +3,22 @@
 Data order is a pure function of (seed, epoch): each epoch's permutation comes from a
 generator seeded with `seed + epoch`, and the sampler's whole state is two integers
 (epoch, batches consumed this epoch). That makes resume exact and the state file
-loadable with `torch.load(weights_only=True)` without an allow-list.
+loadable with `torch.load(weights_only=True)` without an allow-list. A weighted mixture
+(`MixtureSampler`) adds one integer per dataset.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from sftkit.batch import PackedBatch, collate_packed, collate_padded, round_up
 from sftkit.data.packing import dynamic_microbatches, pack_sequences
-from sftkit.data.types import Example
+from sftkit.data.types import Example, ExampleSet, Source
 
 
 class GlobalBatchSampler:
@@ -38,16 +41,19 @@ class GlobalBatchSampler:
         self.seed = seed
         self.epoch = 0
         self.position = 0  # global batches already taken from this epoch
+        self._cached: tuple[int, torch.Tensor] | None = None
 
     @property
     def batches_per_epoch(self) -> int:
         return self.num_examples // self.global_batch_size
 
-    def _order(self, epoch: int) -> list[int]:
+    def _order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
-            return list(range(self.num_examples))
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_examples, generator=generator).tolist()
+            return torch.arange(self.num_examples)
+        if self._cached is None or self._cached[0] != epoch:  # one permutation per epoch
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._cached = (epoch, torch.randperm(self.num_examples, generator=generator))
+        return self._cached[1]
 
     def next_batch(self) -> list[int] | None:
         """The next global batch of this epoch, or None (and the epoch advances) at its end."""
@@ -57,14 +63,92 @@ class GlobalBatchSampler:
             return None
         start = self.position * self.global_batch_size
         self.position += 1
-        return self._order(self.epoch)[start : start + self.global_batch_size]
+        return self._order(self.epoch)[start : start + self.global_batch_size].tolist()
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+
+
+class MixtureSampler(GlobalBatchSampler):
+    """Global batches drawn from several datasets in proportion to their weights.
+
+    Sample `k` of the run comes from the dataset furthest behind its share (`k * w_i /
+    sum(w)` minus what it has given), so every batch holds the weights' proportions to
+    within one sample and the running fraction never drifts. Within a dataset samples
+    follow a seeded permutation per pass: nothing repeats before the dataset is
+    exhausted, then the next pass reshuffles. An epoch is as many samples as all datasets
+    hold. The state is integers only: (epoch, position) and the samples drawn per dataset.
+    """
+
+    def __init__(
+        self, sources: list[Source], global_batch_size: int, shuffle: bool, seed: int
+    ) -> None:
+        super().__init__(sum(s.size for s in sources), global_batch_size, shuffle, seed)
+        weights = [float(s.weight or 0) for s in sources]
+        self.sources = sources
+        self.shares = [w / sum(weights) for w in weights]
+        self.drawn = [0] * len(sources)  # samples taken from each dataset, all epochs
+        self._perms: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def next_batch(self) -> list[int] | None:
+        if self.position >= self.batches_per_epoch:
+            self.epoch += 1
+            self.position = 0
+            return None
+        batch = [self._draw() for _ in range(self.global_batch_size)]
+        if self.shuffle:  # mix the datasets over the batch (and so over the ranks)
+            step = self.epoch * self.batches_per_epoch + self.position
+            generator = torch.Generator().manual_seed(self.seed + 7919 * (step + 1))
+            batch = [batch[i] for i in torch.randperm(len(batch), generator=generator).tolist()]
+        self.position += 1
+        return batch
+
+    def _draw(self) -> int:
+        total = sum(self.drawn) + 1
+        k = max(range(len(self.sources)), key=lambda i: total * self.shares[i] - self.drawn[i])
+        source = self.sources[k]
+        rounds, pos = divmod(self.drawn[k], source.size)
+        self.drawn[k] += 1
+        return source.start + int(self._permutation(k, rounds)[pos])
+
+    def _permutation(self, k: int, rounds: int) -> torch.Tensor:
+        cached = self._perms.get(k)
+        if cached is None or cached[0] != rounds:
+            size = self.sources[k].size
+            if self.shuffle:
+                seed = int(np.random.SeedSequence([self.seed, k, rounds]).generate_state(1)[0])
+                perm = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+            else:
+                perm = torch.arange(size)
+            cached = self._perms[k] = (rounds, perm)
+        return cached[1]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "drawn": list(self.drawn)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.drawn = [int(n) for n in state["drawn"]]
+
+
+def build_sampler(
+    examples: ExampleSet, global_batch_size: int, shuffle: bool, seed: int
+) -> GlobalBatchSampler:
+    """A `MixtureSampler` when the training datasets carry weights, else NeMo RL's
+    concatenation (one permutation of all examples per epoch)."""
+    if examples.sources and all(s.weight is not None for s in examples.sources):
+        empty = [s.name for s in examples.sources if s.size == 0]
+        if empty:
+            raise ValueError(
+                f"training dataset {empty[0]!r} has no examples left after the length policy, "
+                "so its weight cannot be honoured; remove it from data.train or fix its data."
+            )
+        return MixtureSampler(examples.sources, global_batch_size, shuffle, seed)
+    return GlobalBatchSampler(len(examples), global_batch_size, shuffle, seed)
 
 
 @dataclass
@@ -125,12 +209,12 @@ def dummy_micro_batch(pad_id: int) -> PackedBatch:
 
 
 def iterate_eval_batches(
-    examples: list[Example], batch_size: int, max_batches: int
+    examples: Sequence[Example], batch_size: int, max_batches: int
 ) -> Iterator[list[Example]]:
     """Validation batches in a fixed order; `max_batches <= 0` means the whole set."""
     count = 0
     for start in range(0, len(examples), batch_size):
         if 0 < max_batches <= count:
             return
-        yield examples[start : start + batch_size]
+        yield list(examples[start : start + batch_size])
         count += 1

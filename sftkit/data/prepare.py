@@ -1,165 +1,265 @@
 """`prepare_data`: dataset configs in, tokenized train/validation examples out.
 
-Rows are tokenized in `data.num_workers` processes (chunks in order, so results do not
-depend on the worker count) and cached on disk (see `sftkit.data.cache`).
+Rows stream from the readers in chunks: one pass hashes them into the cache key (see
+`sftkit.data.cache`); on a miss a second pass tokenizes the chunks in `data.num_workers`
+processes (in order, so results do not depend on the worker count) and appends them to
+the cache entry's files. The result memory-maps that entry, so the process holds a few
+chunks of rows at a time, never the dataset.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
+import math
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
-
+from sftkit.config.schema import DataConfig, MasterConfig, PolicyConfig
 from sftkit.data import cache
-from sftkit.data.datasets import load_dataset, rows_of
-from sftkit.data.processor import BatchResult, OverlongPolicy, Processor, ProcessorSettings
-from sftkit.data.types import Example, PreparedData
+from sftkit.data.datasets import has_split, iter_rows, load_dataset
+from sftkit.data.processor import (
+    DEFAULT_MAX_ROW_CHARS,
+    BatchResult,
+    OverlongPolicy,
+    Processor,
+    ProcessorSettings,
+)
+from sftkit.data.types import PreparedData
 
 logger = logging.getLogger("sftkit")
 
 Item = tuple[dict[str, Any], str]  # (row, task_name)
-CHUNK_MAX = 1024  # rows per worker task
+CHUNK_MAX = 1024  # rows per worker task: bounds a worker's (and the queue's) memory
+HASH_CHUNK = 1024  # rows per hash update (fixed: the key must not depend on workers)
+SPLITS = ("train", "validation")
 
 
-def prepare_data(cfg: Any, tokenizer: Any) -> PreparedData:
+@dataclass
+class Entry:
+    """One configured dataset: its name, sampling weight and dataset config."""
+
+    name: str
+    weight: float | None
+    config: dict[str, Any]
+
+
+@dataclass
+class Part:
+    """One named dataset's rows for one split: `split` is the `formatted_ds` key to read."""
+
+    name: str
+    dataset: Any
+    split: str
+
+    def items(self) -> Iterator[Item]:
+        spec = self.dataset.task_spec
+        apply = getattr(spec, "apply", None)  # drop-in task specs may have none
+        for row in iter_rows(self.dataset, self.split):
+            yield (apply(row) if apply else row, spec.task_name)
+
+
+def prepare_data(cfg: MasterConfig, tokenizer: Any) -> PreparedData:
     """Load the configured datasets, tokenize and mask them, and apply the length policy.
 
-    Validation = the held-out parts of the training datasets (`split_validation_size`)
-    plus the `data.validation` datasets. Max length = `data.max_input_seq_length` or
-    `policy.max_total_sequence_length`.
+    Validation = the held-out parts of the training datasets (`split_validation_size`,
+    named after their train entry) plus the `data.validation` datasets, one named set
+    each. Max length = `data.max_input_seq_length` or `policy.max_total_sequence_length`.
     """
-    settings = settings_from_config(cfg)
-    with _gc_paused():  # rows are plain data without cycles; collections only cost time
-        splits = collect_items(cfg)
-    if not splits["train"]:
-        raise ValueError("data.train produced no rows. Check data.train (or data.dataset_name).")
-    data_cfg = cfg.data
-    workers = max(1, int(getattr(data_cfg, "num_workers", 1) or 1))
-    cache_dir = getattr(data_cfg, "cache_dir", None)
-    return tokenize_splits(
-        splits,
-        tokenizer,
-        settings,
-        workers,
-        Path(cache_dir).expanduser() if cache_dir else cache.default_cache_dir(),
-    )
-
-
-def settings_from_config(cfg: Any) -> ProcessorSettings:
     data = cfg.data
-    max_len = getattr(data, "max_input_seq_length", None) or cfg.policy.max_total_sequence_length
-    tok_cfg = getattr(cfg.policy, "tokenizer", None)
-    kwargs = _plain(getattr(tok_cfg, "chat_template_kwargs", None)) or {}
-    policy = getattr(data, "overlong_policy", "truncate")
-    if policy not in ("truncate", "drop", "mask"):
-        raise ValueError(f"data.overlong_policy={policy!r}: use truncate, drop or mask.")
+    settings = settings_from_config(data, cfg.policy, cfg.sft.only_unmask_final)
+    train, validation = dataset_entries(data)
+    parts = collect_parts(train, validation)
+    cache_dir = Path(data.cache_dir).expanduser() if data.cache_dir else cache.default_cache_dir()
+    result = tokenize_splits(parts, tokenizer, settings, max(1, data.num_workers), cache_dir)
+    result.train = result.train.with_weights({e.name: e.weight for e in train})
+    return result
+
+
+def settings_from_config(
+    data: DataConfig, policy: PolicyConfig, only_unmask_final: bool = False
+) -> ProcessorSettings:
+    max_len = data.max_input_seq_length or policy.max_total_sequence_length
+    kwargs = _plain(policy.tokenizer.chat_template_kwargs) or {}
+    if data.overlong_policy not in ("truncate", "drop", "mask"):
+        raise ValueError(
+            f"data.overlong_policy={data.overlong_policy!r}: use truncate, drop or mask."
+        )
+    max_chars = data.max_row_chars
+    if max_chars is None:
+        max_chars = max(DEFAULT_MAX_ROW_CHARS, 8 * int(max_len))
+    if max_chars < 1:
+        raise ValueError(f"data.max_row_chars={max_chars}: use a positive number, or null.")
     return ProcessorSettings(
         max_length=int(max_len),
-        overlong_policy=cast(OverlongPolicy, policy),  # checked just above
-        add_bos=bool(getattr(data, "add_bos", True)),
-        add_eos=bool(getattr(data, "add_eos", True)),
-        only_unmask_final=bool(getattr(getattr(cfg, "sft", None), "only_unmask_final", False)),
-        drop_untrainable=bool(getattr(data, "drop_untrainable", False)),
+        overlong_policy=cast(OverlongPolicy, data.overlong_policy),  # checked just above
+        add_bos=data.add_bos,
+        add_eos=data.add_eos,
+        only_unmask_final=only_unmask_final,
+        drop_untrainable=data.drop_untrainable,
         template_kwargs=dict(kwargs),
+        max_row_chars=int(max_chars),
     )
 
 
-def dataset_entries(cfg: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train entries, validation entries) with `data.default` merged into each."""
-    data = cfg.data
-    default = _plain(getattr(data, "default", None)) or {}
-    train = _as_list(_plain(getattr(data, "train", None)))
-    if not train and getattr(data, "dataset_name", None):  # the seed's flat form
-        extra = _plain(getattr(data, "extra", None)) or {}
-        train = [{"dataset_name": data.dataset_name, **extra}]
-    validation = _as_list(_plain(getattr(data, "validation", None)))
-    return [{**default, **e} for e in train], [{**default, **e} for e in validation]
+def dataset_entries(data: DataConfig) -> tuple[list[Entry], list[Entry]]:
+    """(train entries, validation entries), named, with `data.default` merged into each."""
+    default = _plain(data.default) or {}
+    train = _as_list(_plain(data.train))
+    if not train and data.dataset_name:  # the seed's flat form
+        train = [{"dataset_name": data.dataset_name, **(_plain(data.extra) or {})}]
+    validation = _as_list(_plain(data.validation))
+    return (
+        _named([{**default, **e} for e in train], "data.train", weighted=True),
+        _named([{**default, **e} for e in validation], "data.validation", weighted=False),
+    )
 
 
-def collect_items(cfg: Any) -> dict[str, list[Item]]:
-    """Rows (with task spec applied) for each split."""
-    train_entries, val_entries = dataset_entries(cfg)
-    out: dict[str, list[Item]] = {"train": [], "validation": []}
-    for entry in train_entries:
-        ds = load_dataset(entry)
-        out["train"] += _items(ds, rows_of(ds, "train"))
-        out["validation"] += _items(ds, rows_of(ds, "validation"))
-    for entry in val_entries:
-        ds = load_dataset(entry)
-        out["validation"] += _items(ds, rows_of(ds, "validation") or rows_of(ds, "train"))
+def _named(entries: list[dict[str, Any]], key: str, weighted: bool) -> list[Entry]:
+    """Entries with `name` and `weight` taken out and checked."""
+    out: list[Entry] = []
+    seen: dict[str, int] = {}
+    weights = [e.get("weight") for e in entries]
+    for k, raw in enumerate(entries):
+        config = dict(raw)
+        name = config.pop("name", None) or default_name(config)
+        weight = config.pop("weight", None)
+        where = f"{key}[{k}] ({name})"
+        if not isinstance(name, str):
+            raise ValueError(f"{where}: name must be a string.")
+        if weight is not None and not weighted:
+            raise ValueError(f"{where}: weight applies to data.train entries only; remove it.")
+        if weighted and weight is None and any(w is not None for w in weights):
+            raise ValueError(
+                f"{where} has no weight but other data.train entries have one: give every "
+                "data.train entry a weight (relative, > 0), or none for plain concatenation."
+            )
+        if weight is not None and (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+            or weight <= 0
+        ):
+            raise ValueError(f"{where}: weight={weight!r}; use a number > 0.")
+        if name in seen:
+            raise ValueError(
+                f"{key}[{seen[name]}] and {key}[{k}] are both named {name!r}; give one of them "
+                "a distinct `name`."
+            )
+        seen[name] = k
+        out.append(Entry(name, None if weight is None else float(weight), config))
     return out
 
 
+def default_name(config: dict[str, Any]) -> str:
+    """The file (or hub dataset) stem of `data_path`, else the dataset name."""
+    path = config.get("data_path")
+    if path:
+        return Path(str(path).rstrip("/")).stem or str(path)
+    return str(config.get("dataset_name") or "dataset").rpartition(".")[2]
+
+
+def collect_parts(train: list[Entry], validation: list[Entry]) -> dict[str, list[Part]]:
+    """Each split's named parts; a held-out split carries its train entry's name."""
+    parts: dict[str, list[Part]] = {"train": [], "validation": []}
+    owners: dict[str, str] = {}
+
+    def add_validation(part: Part, owner: str) -> None:
+        if part.name in owners:
+            raise ValueError(
+                f"two validation sets are named {part.name!r} ({owners[part.name]} and "
+                f"{owner}); set `name` on one of them."
+            )
+        owners[part.name] = owner
+        parts["validation"].append(part)
+
+    for k, entry in enumerate(train):
+        ds = load_dataset(entry.config)
+        parts["train"].append(Part(entry.name, ds, "train"))
+        if has_split(ds, "validation"):
+            add_validation(Part(entry.name, ds, "validation"), f"data.train[{k}]'s split")
+    for k, entry in enumerate(validation):
+        ds = load_dataset(entry.config)
+        split = "validation" if has_split(ds, "validation") else "train"
+        add_validation(Part(entry.name, ds, split), f"data.validation[{k}]")
+    return parts
+
+
+def first_items(data: DataConfig, split: str, num: int) -> list[Item]:
+    """The first `num` rows of a split (for previews), reading no further."""
+    parts = collect_parts(*dataset_entries(data))[split]
+    return list(itertools.islice(itertools.chain.from_iterable(p.items() for p in parts), num))
+
+
 def tokenize_splits(
-    splits: dict[str, list[Item]],
+    parts: dict[str, list[Part]],
     tokenizer: Any,
     settings: ProcessorSettings,
-    workers: int = 1,
-    cache_dir: Path | None = None,
+    workers: int,
+    cache_dir: Path,
 ) -> PreparedData:
-    """Tokenize each split (through the cache when `cache_dir` is given)."""
-    key = cache.cache_key(splits, tokenizer, settings) if cache_dir else ""
-    path = cache_dir / f"{key}.npz" if cache_dir else None
-    hit = cache.load(path) if path else None
+    """Tokenize each split through the cache; the result maps the cache entry."""
     start = time.perf_counter()
-    if hit is not None:
-        arrays, meta = hit
-    else:
+    with _gc_paused():  # rows are plain data without cycles; collections only cost time
+        key, rows = _key(parts, tokenizer, settings)
+    if not rows["train"]:
+        raise ValueError("data.train produced no rows. Check data.train (or data.dataset_name).")
+    directory = cache_dir / key
+    meta = cache.read_meta(directory)
+    hit = meta is not None
+    if meta is None:
         Processor(tokenizer, settings)  # fail fast on tokenizer/template problems, in-process
-        arrays, meta = {}, {"report": {}, "tasks": {}}
-        for split, (packed, tasks) in _run(splits, tokenizer, settings, workers).items():
-            arrays.update({f"{split}/{k}": v for k, v in packed.items()})
-            meta["tasks"][split] = tasks
-        if path:
-            cache.save(path, arrays, meta)
-    result = PreparedData([], [], {"cache_hit": int(hit is not None)})
-    for split in splits:
-        examples, counts = _unpack(arrays, meta["tasks"][split], split)
-        if split == "train" and not examples:
-            raise ValueError(
-                f"no training examples remain after the length policy ({counts}). Raise "
-                "data.max_input_seq_length, or use data.overlong_policy: truncate."
-            )
-        setattr(result, split, examples)
-        result.report.update(counts)
-        _warn_overlong(split, counts, settings)
+        meta = _build(parts, tokenizer, settings, workers, cache_dir, key, sum(rows.values()))
+    sets = {split: cache.open_split(directory, split, meta[split]) for split in SPLITS}
+    result = PreparedData(sets["train"], sets["validation"], {"cache_hit": int(hit)})
+    for split in SPLITS:
+        info = meta[split]
+        result.report.update({f"{split}/{k}": int(v) for k, v in info["counts"].items()})
+        result.report.update(
+            {f"{split}/examples": info["examples"], f"{split}/tokens": info["tokens"],
+             f"{split}/trained_tokens": info["trained_tokens"]}
+        )  # fmt: skip
+        if info["counts"]["dropped_oversize"]:
+            logger.warning(
+                "%s: dropped %d row(s) longer than data.max_row_chars=%d characters (first: "
+                "%s); raise data.max_row_chars to keep them",
+                split, info["counts"]["dropped_oversize"], settings.max_row_chars,
+                info["oversize"][0] if info["oversize"] else "?",
+            )  # fmt: skip
+        _warn_overlong(split, info["counts"], settings)
+    if not len(result.train):
+        counts = {k: v for k, v in result.report.items() if k.startswith("train/")}
+        raise ValueError(
+            f"no training examples remain after the length policy ({counts}). Raise "
+            "data.max_input_seq_length, or use data.overlong_policy: truncate."
+        )
     logger.info(
         "data ready in %.1fs (%s): %s",
         time.perf_counter() - start,
-        "cache" if hit is not None else f"{workers} worker(s)",
+        "cache" if hit else f"{workers} worker(s)",
         ", ".join(f"{k}={v}" for k, v in result.report.items()),
     )
     return result
 
 
-def _length_p99(results: list[BatchResult]) -> int:
-    """The smallest length at which at least 99% of the rows fit (tokens before the policy)."""
-    full = [r.full_lengths for r in results if r.full_lengths is not None]
-    lengths = np.sort(np.concatenate(full)) if full else np.zeros(0, dtype=np.int64)
-    if not len(lengths):
-        return 0
-    return int(lengths[-(-99 * len(lengths) // 100) - 1])
-
-
 def _warn_overlong(split: str, counts: dict[str, int], settings: ProcessorSettings) -> None:
     """Loud when more than 1% of a split's rows exceed the length limit."""
-    rows = counts.get(f"{split}/rows", 0)
-    over = sum(
-        counts.get(f"{split}/{k}", 0) for k in ("truncated", "dropped_overlong", "masked_overlong")
-    )
+    rows = counts.get("rows", 0)
+    over = sum(counts.get(k, 0) for k in ("truncated", "dropped_overlong", "masked_overlong"))
     if not rows or over * 100 <= rows:
         return
     action = {"truncate": "truncated", "drop": "dropped", "mask": "masked (not trained)"}
-    fit = counts.get(f"{split}/length_p99", 0)
+    fit = counts.get("length_p99", 0)
     logger.warning(
         "%s: %d of %d rows (%.1f%%) are longer than %d tokens and were %s; "
         "policy.max_total_sequence_length=%s would fit at least 99%% of them.",
@@ -168,25 +268,58 @@ def _warn_overlong(split: str, counts: dict[str, int], settings: ProcessorSettin
     )  # fmt: skip
 
 
-# -- workers ---------------------------------------------------------------------------
+def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _key(
+    parts: dict[str, list[Part]], tokenizer: Any, settings: ProcessorSettings
+) -> tuple[str, dict[str, int]]:
+    """The cache key (one streaming pass over every row) and the row count per split."""
+    h = cache.key_hasher(tokenizer, settings)
+    rows = dict.fromkeys(SPLITS, 0)
+    for split in SPLITS:
+        h.update(f"\0split:{split}\0".encode())
+        for part in parts[split]:
+            h.update(f"\0source:{part.name}\0".encode())
+            for chunk in _chunks(part.items(), HASH_CHUNK):
+                h.update(cache.rows_digest(chunk))
+                rows[split] += len(chunk)
+    return h.hexdigest()[:32], rows
+
+
+# -- tokenizing -------------------------------------------------------------------------
 _PROCESSOR: Processor | None = None
-_ITEMS: list[Item] = []  # the rows, inherited by forked workers instead of pickled to them
-# (start, stop, index of `start` within its split, the rows when not forked)
-Task = tuple[int, int, int, list[Item] | None]
+
+
+@dataclass
+class _Task:
+    split: str
+    name: str  # the part
+    first: int = 0  # index of the first row within its part
+    rows: list[Item] | None = None  # None: the part ends here
+
+
+class _Ready:
+    def __init__(self, value: BatchResult) -> None:
+        self.value = value
+
+    def get(self) -> BatchResult:
+        return self.value
 
 
 def _init_worker(tokenizer: Any, settings: ProcessorSettings) -> None:
     global _PROCESSOR
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
-    gc.freeze()  # inherited rows are never garbage: keep collections from walking them
     _PROCESSOR = Processor(tokenizer, settings)
 
 
-def _work(task: Task) -> BatchResult:
+def _work(payload: tuple[list[dict[str, Any]], int]) -> BatchResult:
     assert _PROCESSOR is not None
-    start, stop, first, rows = task
-    chunk = _ITEMS[start:stop] if rows is None else rows
-    return _PROCESSOR.process_batch([r for r, _ in chunk], _wheres(first, stop - start))
+    rows, first = payload
+    return _PROCESSOR.process_batch(rows, _wheres(first, len(rows)))
 
 
 def _wheres(first: int, n: int) -> list[str]:
@@ -194,99 +327,86 @@ def _wheres(first: int, n: int) -> list[str]:
     return [f"row {k}" for k in range(first, first + n)]
 
 
-def _run(
-    splits: dict[str, list[Item]], tokenizer: Any, settings: ProcessorSettings, workers: int
-) -> dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]]:
-    """Process every split, in one pool of `workers` processes when there is enough work."""
-    global _ITEMS
-    names = list(splits)
-    items = [item for name in names for item in splits[name]]
-    offsets = np.cumsum([0] + [len(splits[name]) for name in names]).tolist()
-    workers = min(workers, os.cpu_count() or 1, max(1, len(items) // 64))
-    # chunks never straddle two splits; ~16 per worker keep the last one from finishing
-    # long after the others; the cap bounds a worker's memory
-    size = min(max(16, -(-len(items) // (workers * 16))), CHUNK_MAX)
-    bounds = [
-        (i, min(i + size, hi), i - lo)
-        for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)
-        for i in range(lo, hi, size)
-    ]
+def _tasks(parts: dict[str, list[Part]], size: int) -> Iterator[_Task]:
+    for split in SPLITS:
+        for part in parts[split]:
+            first = 0
+            for chunk in _chunks(part.items(), size):
+                yield _Task(split, part.name, first, chunk)
+                first += len(chunk)
+            yield _Task(split, part.name)
+
+
+def _ordered(
+    tasks: Iterable[_Task], submit: Callable[[_Task], Any], window: int
+) -> Iterator[tuple[_Task, BatchResult | None]]:
+    """Results in task order with at most `window` chunks in flight (bounded memory:
+    `Pool.imap` would read every row ahead into its queue)."""
+    pending: deque[tuple[_Task, Any]] = deque()
+    for task in tasks:
+        pending.append((task, None if task.rows is None else submit(task)))
+        while pending and (len(pending) > window or pending[0][1] is None):
+            done, handle = pending.popleft()
+            yield done, None if handle is None else handle.get()
+    while pending:
+        done, handle = pending.popleft()
+        yield done, None if handle is None else handle.get()
+
+
+def _build(
+    parts: dict[str, list[Part]],
+    tokenizer: Any,
+    settings: ProcessorSettings,
+    workers: int,
+    cache_dir: Path,
+    key: str,
+    total: int,
+) -> dict[str, Any]:
+    """Tokenize every split into a new cache entry; returns its metadata."""
+    workers = min(workers, os.cpu_count() or 1, max(1, total // 64))
+    # ~16 chunks per worker keep the last one from finishing long after the others
+    size = min(max(16, -(-total // (workers * 16))), CHUNK_MAX)
+    tmp = cache.new_entry(cache_dir, key)
+    try:
+        writers = {split: cache.SplitWriter(tmp, split) for split in SPLITS}
+        with _gc_paused(), _submitter(tokenizer, settings, workers) as (submit, window):
+            for task, result in _ordered(_tasks(parts, size), submit, window):
+                if result is None:
+                    writers[task.split].end_source(task.name)
+                else:
+                    assert task.rows is not None
+                    writers[task.split].add(result, [t for _, t in task.rows])
+        meta = {split: writer.close() for split, writer in writers.items()}
+        cache.publish(tmp, cache_dir / key, meta)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+@contextmanager
+def _submitter(
+    tokenizer: Any, settings: ProcessorSettings, workers: int
+) -> Iterator[tuple[Callable[[_Task], Any], int]]:
+    """(submit a chunk, chunks in flight): in this process, or in a pool of `workers`."""
     if workers <= 1:
         processor = Processor(tokenizer, settings)
-        results = [
-            processor.process_batch([r for r, _ in items[a:b]], _wheres(first, b - a))
-            for a, b, first in bounds
-        ]
-    else:
-        fork = sys.platform == "linux"  # fork shares the rows and the tokenizer for free
-        ctx = mp.get_context("fork" if fork else "spawn")
-        tasks: list[Task] = [(a, b, k, None if fork else items[a:b]) for a, b, k in bounds]
-        _ITEMS = items if fork else []
-        try:
-            with ctx.Pool(
-                workers, initializer=_init_worker, initargs=(tokenizer, settings)
-            ) as pool:
-                results = list(pool.imap(_work, tasks))
-        finally:
-            _ITEMS = []
-    out = {}
-    for name, lo, hi in zip(names, offsets[:-1], offsets[1:], strict=True):
-        mine = [r for (a, _, _), r in zip(bounds, results, strict=True) if lo <= a < hi]
-        out[name] = _pack(mine, [task for _, task in items[lo:hi]])
-    return out
 
+        def run_here(task: _Task) -> _Ready:
+            assert task.rows is not None
+            rows = [r for r, _ in task.rows]
+            return _Ready(processor.process_batch(rows, _wheres(task.first, len(rows))))
 
-def _pack(
-    results: list[BatchResult], tasks: list[str]
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    if not results:  # an empty split
-        results = [BatchResult.empty()]
-    lengths = np.concatenate([r.lengths for r in results])
-    drops = np.concatenate([r.drops for r in results])
-    kept = drops == 0
-    index: dict[str, int] = {}
-    task_ix = np.asarray([index.setdefault(t, len(index)) for t in tasks], dtype=np.int32)
-    arrays = {
-        "ids": np.concatenate([r.ids for r in results]),
-        "mask": np.concatenate([r.mask for r in results]),
-        "lengths": lengths[kept],
-        "task": task_ix[kept],
-        "truncated": np.concatenate([r.truncated for r in results])[kept],
-    }
-    paths = {"span_fallbacks": 0, "offset_fallbacks": 0}
-    for r in results:
-        for k, v in r.paths.items():
-            paths[k] = paths.get(k, 0) + v
-    counts = {
-        "rows": int(len(drops)),
-        "dropped_overlong": int((drops == 1).sum()),
-        "dropped_untrainable": int((drops == 2).sum()),
-        "masked_overlong": int(np.concatenate([r.masked for r in results]).sum()),
-        "length_p99": _length_p99(results),
-        **paths,  # rows that needed the prefix renders / the tokenizer's offsets
-    }
-    return arrays, {"names": list(index), "counts": counts}
+        yield run_here, 0
+        return
+    fork = sys.platform == "linux"  # fork shares the tokenizer for free
+    ctx = mp.get_context("fork" if fork else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, settings)) as pool:
 
+        def run_there(task: _Task) -> Any:
+            assert task.rows is not None
+            return pool.apply_async(_work, (([r for r, _ in task.rows], task.first),))
 
-def _unpack(
-    arrays: dict[str, np.ndarray], tasks: dict[str, Any], split: str
-) -> tuple[list[Example], dict[str, int]]:
-    with _gc_paused():  # millions of new ints and lists: collections would only slow it down
-        ids, mask = arrays[f"{split}/ids"].tolist(), arrays[f"{split}/mask"].tolist()
-        lengths = arrays[f"{split}/lengths"].tolist()
-        task_ix = arrays[f"{split}/task"].tolist()
-        truncated = arrays[f"{split}/truncated"].tolist()
-        names = tasks["names"]
-        examples, pos = [], 0
-        for n, t, tr in zip(lengths, task_ix, truncated, strict=True):
-            examples.append(Example(ids[pos : pos + n], mask[pos : pos + n], names[t], tr))
-            pos += n
-    counts = {f"{split}/{k}": int(v) for k, v in tasks["counts"].items()}
-    counts[f"{split}/examples"] = len(examples)
-    counts[f"{split}/truncated"] = int(sum(truncated))
-    counts[f"{split}/tokens"] = len(ids)
-    counts[f"{split}/trained_tokens"] = int(arrays[f"{split}/mask"].sum())
-    return examples, counts
+        yield run_there, 2 * workers
 
 
 @contextmanager
@@ -301,12 +421,6 @@ def _gc_paused() -> Iterator[None]:
 
 
 # -- config helpers --------------------------------------------------------------------
-def _items(dataset: Any, rows: list[dict[str, Any]]) -> list[Item]:
-    spec = dataset.task_spec
-    apply = getattr(spec, "apply", None)
-    return [(apply(row) if apply else row, spec.task_name) for row in rows]
-
-
 def _plain(value: Any) -> Any:
     """OmegaConf containers to plain dicts/lists; anything else unchanged."""
     try:

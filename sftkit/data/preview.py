@@ -16,7 +16,8 @@ import os
 import sys
 from typing import Any, TextIO
 
-from sftkit.data.prepare import collect_items, settings_from_config
+from sftkit.config.schema import MasterConfig
+from sftkit.data.prepare import first_items, settings_from_config
 from sftkit.data.processor import ORIGIN_KEY, Processor
 from sftkit.data.tokenizer import load_tokenizer
 from sftkit.log.redact import install_redaction
@@ -26,11 +27,12 @@ TRAINED_ON, TRAINED_OFF = "\x1b[1;30;42m", "\x1b[0m"  # black on green
 
 
 def preview_records(
-    cfg: Any, tokenizer: Any, split: str = "train", num: int = 3
+    cfg: MasterConfig, tokenizer: Any, split: str = "train", num: int = 3
 ) -> list[dict[str, Any]]:
     """The first `num` rows of a split, processed exactly as training processes them."""
-    items = collect_items(cfg)[split][:num]
-    processor = Processor(tokenizer, settings_from_config(cfg))
+    items = first_items(cfg.data, split, num)
+    settings = settings_from_config(cfg.data, cfg.policy, cfg.sft.only_unmask_final)
+    processor = Processor(tokenizer, settings)
     records = []
     for k, (row, task) in enumerate(items):
         where = str(row.get(ORIGIN_KEY, f"{split} row {k}"))

@@ -34,7 +34,8 @@ from sftkit.data.types import Example
 
 OverlongPolicy = Literal["truncate", "drop", "mask"]
 ORIGIN_KEY = "_origin"  # where a row came from ("train.jsonl:12"), set by the readers
-DROP_CODES = {None: 0, "overlong": 1, "untrainable": 2}
+DROP_CODES = {None: 0, "overlong": 1, "untrainable": 2, "oversize": 3}
+DEFAULT_MAX_ROW_CHARS = 1_000_000  # data.max_row_chars: null -> max(this, 8 x token limit)
 TOKENIZE_BATCH = 256  # rows per Rust call: amortizes call overhead, bounds Encoding memory
 Ranges = list[tuple[int, int]]  # trained token ranges [first, stop)
 VERIFY_FIRST = 8  # rows per processor whose byte-table ranges are checked against offsets
@@ -54,6 +55,7 @@ class ProcessorSettings:
     only_unmask_final: bool = False
     drop_untrainable: bool = False
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    max_row_chars: int = DEFAULT_MAX_ROW_CHARS  # longer rows are dropped before rendering
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Outcome:
     """One row's result: an example, or the reason it was dropped."""
 
     example: Example | None
-    dropped: str | None = None  # "overlong" | "untrainable"
+    dropped: str | None = None  # "overlong" | "untrainable" | "oversize"
     masked: bool = False  # kept with a zero mask by overlong_policy=mask
 
 
@@ -77,6 +79,7 @@ class BatchResult:
     masked: np.ndarray  # bool per row
     paths: dict[str, int]  # rows per path: spans (fast/fallback), offsets (bytes/chars)
     full_lengths: np.ndarray | None = None  # int64 per row: tokens before the length policy
+    oversize: list[str] = field(default_factory=list)  # where the first oversize row was
 
     @classmethod
     def empty(cls) -> BatchResult:
@@ -142,6 +145,8 @@ class Processor:
     def process(self, row: dict[str, Any], task_name: str, where: str = "row") -> Outcome:
         """Encode a row and apply the length policy and the untrainable check."""
         where = str(row.get(ORIGIN_KEY, where))
+        if row_chars(row, self.settings.max_row_chars) > self.settings.max_row_chars:
+            return Outcome(None, dropped="oversize")
         ids, mask, _ = self.encode(row, where)
         return self.apply_policy(ids, mask, task_name, where)
 
@@ -165,13 +170,19 @@ class Processor:
         drops = np.zeros(n, dtype=np.int8)
         truncated = np.zeros(n, dtype=bool)
         masked = np.zeros(n, dtype=bool)
-        full = np.zeros(n, dtype=np.int64)
+        full = np.full(n, -1, dtype=np.int64)  # -1: not tokenized (oversize)
+        oversize: list[str] = []
+        limit = self.settings.max_row_chars
         for lo in range(0, n, TOKENIZE_BATCH):
-            hi = min(lo + TOKENIZE_BATCH, n)
-            rendered = [self._render(rows[k], wheres[k]) for k in range(lo, hi)]
-            for k, (r, (ids, ranges)) in enumerate(
-                zip(rendered, self._tokenize(rendered), strict=True), start=lo
-            ):
+            todo = []
+            for k in range(lo, min(lo + TOKENIZE_BATCH, n)):
+                if row_chars(rows[k], limit) > limit:  # before any copy of its text is made
+                    drops[k] = DROP_CODES["oversize"]
+                    oversize = oversize or [str(rows[k].get(ORIGIN_KEY, wheres[k]))]
+                else:
+                    todo.append(k)
+            rendered = [self._render(rows[k], wheres[k]) for k in todo]
+            for k, r, (ids, ranges) in zip(todo, rendered, self._tokenize(rendered), strict=True):
                 full[k] = len(ids)
                 drop, kept, truncated[k], masked[k] = self._policy(len(ids), ranges, r.where)
                 if drop:
@@ -195,6 +206,7 @@ class Processor:
             masked=masked,
             paths={k: after[k] - before[k] for k in after},
             full_lengths=full,
+            oversize=oversize,
         )
 
     def _paths(self) -> dict[str, int]:
@@ -378,6 +390,25 @@ class Processor:
                 )
             raise DataError(where, problem, fix)
         return None, kept, truncated, masked
+
+
+def row_chars(row: Any, limit: int) -> int:
+    """Characters in a row's strings (keys included, origin not), counted until `limit` is passed.
+
+    Iterative, so a row nested deeper than the recursion limit is measured too.
+    """
+    total = 0
+    stack = [v for k, v in row.items() if k != ORIGIN_KEY] if isinstance(row, dict) else [row]
+    while stack and total <= limit:
+        node = stack.pop()
+        if isinstance(node, str):
+            total += len(node)
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return total
 
 
 def _special_ids(tokenizer: Any) -> frozenset[int]:

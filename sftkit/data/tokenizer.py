@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from sftkit.config.schema import PolicyConfig, TokenizerConfig
 
 logger = logging.getLogger("sftkit")
 
@@ -15,21 +16,20 @@ PASSTHROUGH_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% 
 BUILTIN_PREFIX = "sftkit:"
 
 
-def load_tokenizer(policy_cfg: Any) -> PreTrainedTokenizerBase:
+def load_tokenizer(policy: PolicyConfig) -> PreTrainedTokenizerBase:
     """Load `policy.tokenizer.name` (default `policy.model_name`) and set its chat template.
 
     The name is a local directory, a hub id, or `sftkit:<builtin>`. The resolved template
     (see `resolve_chat_template`) is stored on the tokenizer, so a saved tokenizer carries
     the template the model was trained with. A tokenizer without a pad token pads with EOS.
     """
-    tok_cfg = getattr(policy_cfg, "tokenizer", None)
-    name = getattr(tok_cfg, "name", None) or policy_cfg.model_name
-    name = str(name)
+    tok_cfg = policy.tokenizer
+    name = str(tok_cfg.name or policy.model_name)
     if name.startswith(BUILTIN_PREFIX):
         from sftkit.model.builtin import resolve_model_path  # the model package owns these
 
         name = resolve_model_path(name)
-    trust = bool(getattr(policy_cfg, "trust_remote_code", False))
+    trust = policy.trust_remote_code
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
     except (OSError, ValueError) as err:
@@ -51,17 +51,17 @@ def load_tokenizer(policy_cfg: Any) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def resolve_chat_template(tok_cfg: Any, tokenizer: PreTrainedTokenizerBase, name: str) -> str:
+def resolve_chat_template(
+    tok_cfg: TokenizerConfig, tokenizer: PreTrainedTokenizerBase, name: str
+) -> str:
     """Return the Jinja source the run renders with.
 
     `chat_template` (or the seed's `custom_template`, which wins when set):
     absent or "default" -> the tokenizer's own; None -> passthrough (contents concatenated);
     "*.jinja" -> that file; anything else -> an inline Jinja string.
     """
-    custom = getattr(tok_cfg, "custom_template", None)
-    choice: str | None = (
-        custom if custom is not None else getattr(tok_cfg, "chat_template", "default")
-    )
+    custom = tok_cfg.custom_template
+    choice: str | None = custom if custom is not None else tok_cfg.chat_template
     if choice == "default":
         own = tokenizer.chat_template
         if isinstance(own, dict):  # several named templates: NeMo RL uses the default one

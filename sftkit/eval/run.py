@@ -11,7 +11,6 @@ template and `prompt_file` / `system_prompt_file`, as the eval guide asks.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from sftkit.config.schema import TokenizerConfig
 from sftkit.eval.config import EvalConfig, EvalDataSection, GenerationSection, load_eval_config
 
 logger = logging.getLogger("sftkit")
@@ -110,7 +110,7 @@ def load_eval_tokenizer(cfg: EvalConfig, model_dir: str, adapter: str | None) ->
         ) from None
     choice = cfg.tokenizer.chat_template
     template = cfg.generation.chat_template if choice == "default" else choice
-    spec = argparse.Namespace(chat_template=template, custom_template=None)
+    spec = TokenizerConfig(chat_template=template)
     try:
         tokenizer.chat_template = resolve_chat_template(spec, tokenizer, name)
     except ValueError as err:  # its text names the training key
@@ -135,7 +135,7 @@ def read_eval_rows(cfg: EvalDataSection) -> list[dict[str, Any]]:
     from sftkit.data.datasets.files import read_rows
     from sftkit.data.errors import DataError
 
-    rows = read_rows(cfg.data_path, split=cfg.split)
+    rows = list(read_rows(cfg.data_path, split=cfg.split))
     for row in rows:
         for key in (cfg.problem_key, cfg.solution_key):
             if row.get(key) is None:

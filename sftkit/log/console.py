@@ -23,6 +23,19 @@ LOGGER_NAME = "sftkit"
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is now (a redirect or a test's capture set after
+    setup), never to a stream that has since been closed."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def setup_logging(rank: int = 0, level: int | str = logging.INFO) -> logging.Logger:
     """Send the "sftkit" logger to stderr (INFO on rank 0, WARNING on others), secrets scrubbed.
 
@@ -31,7 +44,7 @@ def setup_logging(rank: int = 0, level: int | str = logging.INFO) -> logging.Log
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(level if rank == 0 else logging.WARNING)
     if not any(getattr(h, "_sftkit", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         prefix = "" if rank == 0 else f"[rank {rank}] "
         handler.setFormatter(logging.Formatter(prefix + _FORMAT, datefmt="%H:%M:%S"))
         handler._sftkit = True  # type: ignore[attr-defined]

@@ -37,7 +37,6 @@ from sftkit.config import MasterConfig, config_to_yaml
 from sftkit.config.schema import CheckpointingConfig
 from sftkit.data import PreparedData
 from sftkit.data.loader import GlobalBatchSampler
-from sftkit.data.types import Example
 from sftkit.dist import DistEnv
 from sftkit.model.builtin import adapter_base_name
 from sftkit.model.load import save_hf
@@ -195,15 +194,6 @@ class Checkpointer:
 # ----------------------------------------------------------------------------- resume pick
 
 
-def data_fingerprint(examples: list[Example]) -> str:
-    digest = hashlib.sha256()
-    for e in examples:
-        digest.update(len(e.input_ids).to_bytes(4, "little"))
-        digest.update(torch.tensor(e.input_ids, dtype=torch.int32).numpy().tobytes())
-        digest.update(bytes(e.loss_mask))
-    return digest.hexdigest()[:16]
-
-
 def resume_fingerprint(cfg: MasterConfig, tokenizer: Any, data: PreparedData) -> dict[str, Any]:
     """What makes resuming meaningful (micro-batch size is left out: it cannot change the
     loss or the gradient, so changing it to fit memory is allowed)."""
@@ -215,7 +205,7 @@ def resume_fingerprint(cfg: MasterConfig, tokenizer: Any, data: PreparedData) ->
         "chat_template_sha": hashlib.sha256(str(template).encode()).hexdigest()[:16],
         "lora": asdict(p.dtensor_cfg.lora_cfg) if p.dtensor_cfg.lora_cfg.enabled else None,
         "megatron_peft": asdict(p.megatron_cfg.peft) if p.megatron_cfg.enabled else None,
-        "train_data": data_fingerprint(data.train),
+        "train_data": data.train.digest(),  # tokens, masks, dataset names and weights
         "train_global_batch_size": p.train_global_batch_size,
         "max_total_sequence_length": p.max_total_sequence_length,
         "seed": cfg.sft.seed,

@@ -150,6 +150,7 @@ def train(run: Run, stop: StopFlag | None = None) -> int:
                 / step_time
                 / env.world_size,
             }
+            metrics.update(run.train_examples.sample_counts(indices))  # train/samples/<name>
             real = sum(len(e.input_ids) for e in mine)
             processed = sum(b.input_ids.numel() for b in batches)
             metrics.update(run.throughput_metrics(real, processed, step_time))

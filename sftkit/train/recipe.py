@@ -14,7 +14,7 @@ from torch import nn
 
 from sftkit.config import MasterConfig, config_to_dict
 from sftkit.data import PreparedData, load_tokenizer, prepare_data
-from sftkit.data.loader import BatchPlan, GlobalBatchSampler
+from sftkit.data.loader import BatchPlan, build_sampler
 from sftkit.dist import DistEnv, init_distributed, parallel_layout, shutdown_distributed
 from sftkit.log import (
     ConsoleReporter,
@@ -138,8 +138,8 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     model = build_model(cfg, env)
     optimizer = setup_optimizer(cfg, env, model)
     scheduler = build_scheduler(optimizer, cfg.policy.scheduler)
-    sampler = GlobalBatchSampler(
-        len(data.train), cfg.policy.train_global_batch_size, cfg.data.shuffle, cfg.sft.seed
+    sampler = build_sampler(
+        data.train, cfg.policy.train_global_batch_size, cfg.data.shuffle, cfg.sft.seed
     )
     lora = lora_spec_from_config(cfg.policy)
     checkpointer = Checkpointer(
@@ -157,7 +157,7 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     loggers = setup_loggers(cfg, env, resume_dir)  # before load: restoring the RNG is the last step
     state = checkpointer.load()
     total_steps = min(cfg.sft.max_num_steps, cfg.sft.max_num_epochs * sampler.batches_per_epoch)
-    mean_len = sum(len(e.input_ids) for e in data.train) / len(data.train)
+    mean_len = data.train.mean_length()
     return Run(
         cfg=cfg,
         env=env,

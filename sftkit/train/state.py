@@ -12,15 +12,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from sftkit.batch import PackedBatch
 from sftkit.config import MasterConfig
-from sftkit.data.loader import BatchPlan, GlobalBatchSampler, iterate_eval_batches, micro_batches
-from sftkit.data.types import Example
+from sftkit.data.loader import BatchPlan, GlobalBatchSampler
+from sftkit.data.types import ExampleSet
 from sftkit.dist import DistEnv
 from sftkit.eval.samples import report_val_samples
 from sftkit.log import ConsoleReporter, Loggers, mfu
 from sftkit.train.checkpoint import ranking_metric
-from sftkit.train.step import StepOptions, validation_loss
+from sftkit.train.step import StepOptions
+from sftkit.train.validation import validation_metrics
 
 if TYPE_CHECKING:  # the Checkpointer saves TrainState: imported for the annotation only
     from sftkit.train.checkpointer import Checkpointer
@@ -67,8 +67,8 @@ class Run:
     sampler: GlobalBatchSampler
     plan: BatchPlan
     step_opts: StepOptions
-    train_examples: list[Example]
-    val_examples: list[Example]
+    train_examples: ExampleSet
+    val_examples: ExampleSet
     state: TrainState
     checkpointer: Checkpointer
     loggers: Loggers
@@ -89,25 +89,13 @@ class Run:
         return self.has_validation and (periodic or (self.cfg.sft.val_at_end and last_step))
 
     def validate(self, step: int) -> float:
-        """Validation loss over `sft.val_batches` batches; logged at `step`."""
+        """Validation loss per set over `sft.val_batches` batches each; logged at `step`."""
         t0 = time.monotonic()
-        sft = self.cfg.sft
-        plan = BatchPlan(
-            micro_batch_size=sft.val_micro_batch_size,
-            multiple_of=self.plan.multiple_of,
-            pad_id=self.plan.pad_id,
+        metrics = validation_metrics(
+            self.model, self.val_examples, self.cfg.sft, self.plan, self.step_opts, self.env
         )
-        batches: list[PackedBatch] = []
-        for examples in iterate_eval_batches(
-            self.val_examples, sft.val_global_batch_size, sft.val_batches
-        ):
-            share = examples[self.env.dp_rank :: self.env.dp_size]
-            batches += micro_batches(share, plan) if share else []
-        val_loss, _ = validation_loss(self.model, batches, self.step_opts, self.env)
-        metrics = {
-            "validation/val_loss": val_loss,
-            "timing/validation/total_validation_time": time.monotonic() - t0,
-        }
+        val_loss = metrics["validation/val_loss"]
+        metrics["timing/validation/total_validation_time"] = time.monotonic() - t0
         self.state.metrics.update(ranking_metric(self.cfg.checkpointing.metric_name, metrics))
         self.loggers.log(metrics, step)
         self.console.validation(step, metrics)

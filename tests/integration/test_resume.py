@@ -175,3 +175,79 @@ def test_resume_with_the_fused_optimizer_is_bit_exact(
     assert sorted(got) == [4, 5, 6]
     for step in got:
         assert {n: got[step][n] for n in EXACT} == {n: ref[step][n] for n in EXACT}, step
+
+
+def mixture_overrides(small_run, data: Path) -> list[str]:
+    """Two training sets mixed 3:1 (40 + 24 examples: 4 steps per epoch) and two named
+    validation sets, ranked by one of them."""
+    from conftest import write_addition_data
+
+    easy = write_addition_data(data / "easy.jsonl", 40, seed=2)
+    hard = write_addition_data(data / "hard.jsonl", 24, seed=3)
+    return [
+        f"data.train=[{{data_path: '{easy}', weight: 3}}, {{data_path: '{hard}', weight: 1}}]",
+        f"data.validation=[{{data_path: '{small_run.validation}', name: held}}, "
+        f"{{data_path: '{hard}', name: hard_val}}]",
+        "checkpointing.metric_name=val:held/val_loss",
+        "sft.max_num_steps=9",
+        "sft.val_period=3",
+    ]
+
+
+@pytest.mark.slow
+def test_weighted_mixture_resumes_bit_exact_after_sigkill(small_run, tmp_path: Path) -> None:
+    """A 3:1 mixture killed with SIGKILL mid-run resumes with the same samples, losses and
+    per-dataset validation losses as the uninterrupted run."""
+    import os
+    import signal
+
+    from conftest import read_metrics, wait_for_step
+
+    more = mixture_overrides(small_run, tmp_path / "data")
+    whole = small_run.inprocess(tmp_path / "whole", *more)
+    assert whole.returncode == 0
+    ref = whole.train_rows()
+    assert sorted(ref) == list(range(1, 10))
+    for step in ref:  # every step draws 12 from easy and 4 from hard
+        assert (ref[step]["train/samples/easy"], ref[step]["train/samples/hard"]) == (12, 4)
+    vals = {r["step"]: r for r in whole.metrics if "validation/val_loss" in r}
+    assert sorted(vals) == [3, 6, 9]
+    for row in vals.values():
+        held, hard = row["validation/held/val_loss"], row["validation/hard_val/val_loss"]
+        assert min(held, hard) < row["validation/val_loss"] < max(held, hard)
+    info = ckpt.read_info(whole.checkpoint_dir / "step_9")
+    assert info["val:held/val_loss"] == vals[9]["validation/held/val_loss"]
+
+    work = tmp_path / "killed"
+    proc = small_run.start(work, *more)
+    wait_for_step(work / "logs", 5, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    latest = ckpt.latest_checkpoint(work / "ckpt")
+    assert latest is not None
+    start = int(latest.name.split("_")[1])
+    state = torch.load(latest / "train_dataloader.pt", weights_only=True)
+    assert set(state) == {"epoch", "position", "drawn"} and sum(state["drawn"]) == 16 * start
+    resumed = small_run.inprocess(work, *more)
+    assert resumed.returncode == 0
+    got = resumed.train_rows()
+    assert sorted(got) == list(range(start + 1, 10))
+    for step in got:
+        assert got[step] == {k: v for k, v in ref[step].items() if k in got[step]}, step
+        assert {k for k in got[step] if k.startswith("train/samples/")} == {
+            "train/samples/easy", "train/samples/hard",
+        }  # fmt: skip
+    resumed_vals = {
+        r["step"]: r for r in read_metrics(resumed.exp_dir) if "validation/val_loss" in r
+    }
+    for step, row in resumed_vals.items():
+        for key in (
+            "validation/val_loss",
+            "validation/held/val_loss",
+            "validation/hard_val/val_loss",
+        ):
+            assert row[key] == vals[step][key], (step, key)
+    weights = Path("policy/weights/model.safetensors")
+    assert sha256(work / "ckpt" / "step_9" / weights) == sha256(
+        whole.checkpoint_dir / "step_9" / weights
+    )

@@ -10,7 +10,7 @@ import difflib
 import importlib
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from sftkit.config.schema import DATASET_KEYS
@@ -45,6 +45,8 @@ __all__ = [
     "DATASETS",
     "RawDataset",
     "TaskDataSpec",
+    "has_split",
+    "iter_rows",
     "load_dataset",
     "resolve_class",
     "rows_of",
@@ -173,13 +175,22 @@ def _check(dataset: Any, name: str) -> None:
 
 def rows_of(dataset: Any, split: str) -> list[Row]:
     """A split of `formatted_ds` as a list of dicts, each with an `_origin`."""
+    return list(iter_rows(dataset, split))
+
+
+def has_split(dataset: Any, split: str) -> bool:
+    """Whether `formatted_ds` has rows for `split` (lazy splits count as having rows)."""
+    part = dataset.formatted_ds.get(split)
+    return part is not None and (not isinstance(part, list) or len(part) > 0)
+
+
+def iter_rows(dataset: Any, split: str) -> Iterator[Row]:
+    """A split of `formatted_ds` row by row, each with an `_origin`."""
     part = dataset.formatted_ds.get(split)
     if part is None:
-        return []
+        return
     label = f"{dataset.task_spec.task_name}[{split}]"
-    rows = []
     for k, row in enumerate(part):
         row = dict(row)
         row.setdefault("_origin", f"{label} row {k}")
-        rows.append(row)
-    return rows
+        yield row

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from sftkit.data.datasets.files import Rows
 from sftkit.data.errors import DataError
 
 Row = dict[str, Any]
@@ -92,19 +96,25 @@ def _read_text(path: str, key: str) -> str:
 class RawDataset:
     """Base class: subclasses set `formatted_ds` and `task_spec` in `__init__`."""
 
-    formatted_ds: dict[str, list[Row] | None]
+    formatted_ds: dict[str, Sequence[Row] | None]
     task_spec: TaskDataSpec
 
     def set_splits(
-        self, rows: list[Row], split_validation_size: float | int = 0, seed: int = 42
+        self, rows: Sequence[Row], split_validation_size: float | int = 0, seed: int = 42
     ) -> None:
         """Set `formatted_ds`, holding out a fraction (< 1) or a count (>= 1) for validation."""
         train, validation = split_rows(rows, split_validation_size, seed)
         self.formatted_ds = {"train": train, "validation": validation}
 
 
-def split_rows(rows: list[Row], size: float | int, seed: int) -> tuple[list[Row], list[Row] | None]:
-    """Seeded split into (train, validation); validation is None when size is 0."""
+def split_rows(
+    rows: Sequence[Row], size: float | int, seed: int
+) -> tuple[Sequence[Row], Sequence[Row] | None]:
+    """Seeded split into (train, validation); validation is None when size is 0.
+
+    Lazily read `Rows` stay lazy: the split is a mask over row positions, so a pass over
+    either part reads the source again and skips the other part's rows.
+    """
     if isinstance(size, bool) or not isinstance(size, int | float):
         raise ValueError(
             f"split_validation_size={size!r}: use a fraction in (0, 1) (0.05 for 5%) or a row "
@@ -124,10 +134,18 @@ def split_rows(rows: list[Row], size: float | int, seed: int) -> tuple[list[Row]
         )
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
+    if isinstance(rows, Rows):
+        mask = np.zeros(len(rows), dtype=bool)
+        mask[order[:count]] = True
+        return _masked(rows, mask, False), _masked(rows, mask, True)
     held = set(order[:count])
     train = [r for i, r in enumerate(rows) if i not in held]
     validation = [rows[i] for i in sorted(held)]
     return train, validation
+
+
+def _masked(rows: Rows, mask: np.ndarray, keep: bool) -> Rows:
+    return Rows(lambda: (r for r, m in zip(rows, mask.tolist(), strict=True) if m == keep))
 
 
 def require(row: Row, key: str, where: str, hint: str = "") -> Any:

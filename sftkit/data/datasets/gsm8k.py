@@ -27,7 +27,7 @@ class GSM8KDataset(RawDataset):
             else read_hub("openai/gsm8k", split=split, subset=subset)
         )
         self.task_spec = TaskDataSpec("gsm8k", prompt_file, system_prompt_file)
-        self.set_splits([self.format_data(r) for r in source], split_validation_size, seed)
+        self.set_splits(source.map(self.format_data), split_validation_size, seed)
 
     def format_data(self, row: Row) -> Row:
         where = row.get("_origin", "row")

@@ -40,7 +40,7 @@ class OpenAIFormatDataset(RawDataset):
         del use_preserving_dataset  # rows are never schema-unified
         self.chat_key, self.system_key, self.tool_key = chat_key, system_key, tool_key
         self.system_prompt = system_prompt
-        rows = [self.format_data(r) for r in read_rows(str(data_path), split=split, subset=subset)]
+        rows = read_rows(str(data_path), split=split, subset=subset).map(self.format_data)
         self.task_spec = TaskDataSpec(_task_name(str(data_path)), prompt_file, system_prompt_file)
         self.set_splits(rows, split_validation_size, seed)
 

@@ -30,7 +30,7 @@ class OpenMathInstruct2Dataset(RawDataset):
             else read_hub("nvidia/OpenMathInstruct-2", split=split)
         )
         self.task_spec = TaskDataSpec("OpenMathInstruct-2", prompt_file, system_prompt_file)
-        self.set_splits([self.format_data(r) for r in source], split_validation_size, seed)
+        self.set_splits(source.map(self.format_data), split_validation_size, seed)
 
     def format_data(self, row: Row) -> Row:
         where = row.get("_origin", "row")

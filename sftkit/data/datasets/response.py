@@ -29,9 +29,7 @@ class ResponseDataset(RawDataset):
         system_prompt_file: str | None = None,
     ) -> None:
         self.input_key, self.output_key = input_key, output_key
-        rows = [
-            self.format_data(row) for row in read_rows(str(data_path), split=split, subset=subset)
-        ]
+        rows = read_rows(str(data_path), split=split, subset=subset).map(self.format_data)
         self.task_spec = TaskDataSpec(_task_name(str(data_path)), prompt_file, system_prompt_file)
         self.set_splits(rows, split_validation_size, seed)
 

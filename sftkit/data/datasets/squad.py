@@ -21,7 +21,7 @@ class SquadDataset(RawDataset):
     ) -> None:
         source = read_rows(data_path) if data_path else read_hub("rajpurkar/squad", split=split)
         self.task_spec = TaskDataSpec("SQuAD", prompt_file, system_prompt_file)
-        self.set_splits([format_squad(r) for r in source], split_validation_size, seed)
+        self.set_splits(source.map(format_squad), split_validation_size, seed)
 
 
 def format_squad(row: Row) -> Row:

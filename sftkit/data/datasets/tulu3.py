@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from sftkit.data.datasets.base import RawDataset, Row, TaskDataSpec, require
 from sftkit.data.datasets.files import read_hub, read_rows
@@ -22,14 +23,14 @@ class Tulu3SftMixtureDataset(RawDataset):
         prompt_file: str | None = None,
         system_prompt_file: str | None = None,
     ) -> None:
-        source = (
+        source: Sequence[Row] = (
             read_rows(data_path)
             if data_path
             else read_hub("allenai/tulu-3-sft-mixture", split=split)
         )
         if max_samples is not None and max_samples < len(source):
-            picked = sorted(random.Random(seed).sample(range(len(source)), max_samples))
-            source = [source[i] for i in picked]
+            picked = set(random.Random(seed).sample(range(len(source)), max_samples))
+            source = [row for i, row in enumerate(source) if i in picked]
         self.task_spec = TaskDataSpec("tulu3_sft_mixture", prompt_file, system_prompt_file)
         self.set_splits([format_tulu3(r) for r in source], split_validation_size, seed)
 

@@ -176,3 +176,42 @@ def test_cpu_vs_trl_tiny(tmp_path: Path) -> None:
     assert abs(trl["mean_loss"] - ours["mean_loss"]) < 0.05
     ratio = ours["real_tokens_per_s"] / trl["real_tokens_per_s"]
     assert summary["sftkit_over_trl"] == round(ratio, 3)
+
+
+@pytest.mark.slow
+def test_data_scale_tiny_mode_measures_every_case(tmp_path: Path) -> None:
+    """bench/data_scale.py --tiny: the real entry point per size, memory sampled over the tree."""
+    data_scale = _load("data_scale")
+    out = tmp_path / "scale.jsonl"
+    result = data_scale.main(["--tiny", "--dir", str(tmp_path), "--out", str(out)])
+    sizes = [r for r in result["records"] if not r["big_row_mb"]]
+    big = [r for r in result["records"] if r["big_row_mb"]]
+    assert [r["size_gb"] for r in sizes] == [0.001, 0.002] and len(big) == 1
+    for r in result["records"]:
+        assert r["peak_rss_anon_mb"] > 50 and r["prep_rows_per_s"] > 0 and r["cache_mb"] > 0
+    assert sizes[1]["rows"] > 1.8 * sizes[0]["rows"] and sizes[1]["cache_mb"] > sizes[0]["cache_mb"]
+    assert big[0]["rows"] == sizes[0]["rows"] + 1 and big[0]["data_bytes"] > 2**19
+    summary = result["summary"]
+    assert summary["peak_ratio_largest_over_smallest"] > 0 and summary["peak_ratio_big_row"] > 0
+    assert len(out.read_text().splitlines()) == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("sftkit-data-scale-")]
+
+
+def test_tree_rss_anon_counts_children() -> None:
+    import os
+    import subprocess
+
+    data_scale = _load("data_scale")
+    alone = data_scale.tree_rss_anon_kb(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "x = bytearray(200 * 2**20); input()"],
+                             stdin=subprocess.PIPE)  # fmt: skip
+    try:
+        import time
+
+        deadline = time.monotonic() + 60
+        while data_scale.tree_rss_anon_kb(os.getpid()) < alone + 150 * 1024:
+            assert time.monotonic() < deadline, "the child's 200 MB never showed"
+            time.sleep(0.1)
+    finally:
+        child.kill()
+        child.wait()

@@ -78,7 +78,10 @@ def test_bad_data_is_one_line_and_exit_2(
     from sftkit.cli import main as cli_main
 
     broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n')
+    good = (
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'
+    )
+    broken.write_text(good + "\n{not json\n")  # rows stream: the first bad line is reported
     code = cli_main(["preview", "--config", str(config), f"data.train.data_path={broken}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2

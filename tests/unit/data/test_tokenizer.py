@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from conftest import TEMPLATES
 
+from sftkit.config.schema import PolicyConfig, TokenizerConfig
 from sftkit.data.tokenizer import PASSTHROUGH_TEMPLATE, load_tokenizer
 
 
-def _policy(name: str, **tok) -> SimpleNamespace:
-    return SimpleNamespace(
-        model_name=name,
-        trust_remote_code=False,
-        tokenizer=SimpleNamespace(
-            name=None,
-            chat_template=tok.pop("chat_template", "default"),
-            custom_template=tok.pop("custom_template", None),
-        ),
-    )
+def _policy(name: str, **tok) -> PolicyConfig:
+    return PolicyConfig(model_name=name, tokenizer=TokenizerConfig(**tok))
 
 
 def test_local_directory_default_template_and_pad(tokenizer_dir: Path):
