@@ -380,6 +380,9 @@ def sftkit_packed_attention(
     softcap = kwargs.pop("softcap", None)
     window = kwargs.pop("sliding_window", None)
     window = int(window) if window is not None and window > 0 else None
+    layout = kwargs.pop("sftkit_cp", None)
+    if layout is not None:  # a context-parallel shard (sftkit.model.context_parallel)
+        return _context_parallel(query, key, value, layout, dropout, scaling, window, softcap)
     if cu_seqlens is None and softcap is None and window is None:
         # Padded rows: plain causal SDPA. Padding is on the right, so pads only ever follow
         # real tokens and the loss mask drops them.
@@ -408,6 +411,31 @@ def sftkit_packed_attention(
         backend, query, key, value, cu_seqlens, max_seqlen, dropout, scaling, window, softcap
     )
     return out, None
+
+
+def _context_parallel(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    layout: Any,
+    dropout: float,
+    scaling: float | None,
+    window: int | None,
+    softcap: float | None,
+) -> tuple[Tensor, None]:
+    from sftkit.model.context_parallel import context_parallel_attention
+
+    if dropout > 0 or window is not None or softcap is not None:
+        raise ValueError(
+            "policy.dtensor_cfg.context_parallel_size > 1 supports plain causal attention "
+            "only (no attention dropout, sliding window or softcapping); set "
+            "policy.hf_config_overrides.attention_dropout=0 or context_parallel_size=1"
+        )
+    device_type = query.device.type
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)  # as in sftkit_packed_attention
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    return context_parallel_attention(query, key, value, layout, scaling), None
 
 
 def set_attention_implementation(model: nn.Module, name: str) -> None:
