@@ -506,6 +506,12 @@ def check_document_isolation(model: nn.Module) -> None:
         ref = model(input_ids=alone, use_cache=False).logits[0].float()
     finally:
         model.train(was_training)
+        # FSDP2 keeps the root's parameters unsharded after its forward (backward would
+        # need them); an optimizer built now would hold those temporary tensors instead of
+        # the sharded parameters (root weights never trained, DCP saves fail: KeyError).
+        reshard = getattr(model, "reshard", None)
+        if callable(reshard):
+            reshard()
     err = float((packed - ref).abs().max())
     tol = 2e-5 if param.dtype == torch.float32 else 3e-2
     if err > tol * max(1.0, float(ref.abs().max())):

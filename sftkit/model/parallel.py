@@ -516,7 +516,8 @@ def build_sharded_model(
 
     p = cfg.policy
     rng = torch.get_rng_state()
-    build_mesh(env, p.dtensor_cfg.tensor_parallel_size, p.dtensor_cfg.dp_replicate_size)
+    d = p.dtensor_cfg
+    build_mesh(env, d.tensor_parallel_size, d.dp_replicate_size, d.context_parallel_size)
     model = build_meta_model(
         p.model_name,
         param_dtype=param_dtype,

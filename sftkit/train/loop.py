@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sftkit.data.loader import dummy_micro_batch, micro_batches, rank_share
+from sftkit.model.context_parallel import shard_batches
 from sftkit.train.checkpoint import ranking_metric
 from sftkit.train.step import train_step
 
@@ -72,6 +73,7 @@ def train(run: Any) -> int:
             batches = micro_batches(mine, run.plan)
             count = int(env.max(len(batches)))
             batches += [dummy_micro_batch(run.plan.pad_id)] * (count - len(batches))
+            batches = shard_batches(batches, env)  # context parallel: this rank's chunks
             global_tokens = int(env.sum(sum(b.num_target_tokens for b in batches)))
             global_seqs = len(indices)
             t_data = time.monotonic()
@@ -103,7 +105,7 @@ def train(run: Any) -> int:
                 / step_time
                 / env.world_size,
             }
-            real = sum(len(e.input_ids) for e in mine)
+            real = sum(len(e.input_ids) for e in mine) // env.cp_size
             processed = sum(b.input_ids.numel() for b in batches)
             metrics.update(run.throughput_metrics(real, processed, step_time))
             run.loggers.log(metrics, step)

@@ -41,6 +41,7 @@ from sftkit.log import (
     setup_logging,
 )
 from sftkit.model.attention import enable_packed_attention
+from sftkit.model.context_parallel import shard_batches
 from sftkit.model.fused import apply_fused_kernels
 from sftkit.model.load import DTYPES, load_model, load_model_weights, save_hf, save_model_weights
 from sftkit.model.lora import LoraSpec, apply_lora, lora_spec_from_config, merge_lora, save_adapter
@@ -102,7 +103,7 @@ class Run:
             self.val_examples, sft.val_global_batch_size, sft.val_batches
         ):
             share = examples[self.env.dp_rank :: self.env.dp_size]
-            batches += micro_batches(share, plan) if share else []
+            batches += shard_batches(micro_batches(share, plan), self.env) if share else []
         val_loss, _ = validation_loss(self.model, batches, self.step_opts, self.env)
         metrics = {
             "validation/val_loss": val_loss,
@@ -229,7 +230,7 @@ def check_before_model(cfg: MasterConfig, env: DistEnv, data: PreparedData) -> N
             "unsharded; launch as many ranks (cluster.gpus_per_node, torchrun) to use them",
             ", ".join(f"{k}={v}" for k, v in layout.items() if v > 1),
         )
-    dp = env.world_size // tp
+    dp = env.world_size // (tp * (d.context_parallel_size if env.world_size > 1 else 1))
     if p.train_global_batch_size % (p.train_micro_batch_size * dp):
         raise ValueError(
             f"policy.train_global_batch_size={p.train_global_batch_size} is not divisible by "
@@ -394,6 +395,8 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     if plan.mode == "packed":
         backend = enable_packed_attention(model)
         logger.info("Sequence packing: documents isolated by %s attention", backend)
+    elif env.cp_size > 1:  # context-parallel shards attend through sftkit_packed
+        enable_packed_attention(model)
     optimizer = build_optimizer(
         model.parameters(),
         cfg.policy.optimizer.name if cfg.policy.optimizer else None,
