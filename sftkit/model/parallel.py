@@ -51,13 +51,6 @@ def parallelize(model: nn.Module, cfg: MasterConfig, env: DistEnv) -> tuple[nn.M
     # A 2-D (replicate, shard) mesh makes fully_shard hybrid (HSDP).
     shard_mesh = env.mesh["dp_replicate", "dp_shard"] if d.dp_replicate_size > 1 else dp_mesh
     if tp_mesh.size() > 1:
-        if d.sequence_parallel and _has_lora(model):
-            # Measured: gradients off by ~1e-4 relative at step 1 (tests/integration/
-            # test_distributed.py setup, TP=2); refuse rather than train subtly wrong.
-            raise ValueError(
-                "policy.dtensor_cfg.sequence_parallel with LoRA is not supported yet; set "
-                "sequence_parallel=false (tensor parallelism with LoRA works)"
-            )
         plan = tensor_parallel_plan(model, d.custom_parallel_plan, d.sequence_parallel)
         apply_tensor_parallel(model, tp_mesh, plan)
     if d.activation_checkpointing:
@@ -337,6 +330,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, plan: dict[str, Any]) 
             f"tensor_parallel_size={tp_mesh.size()} does not divide the model's "
             f"{heads} key/value heads; pick a divisor"
         )
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     for pattern, value in plan.items():
         regex = _pattern_regex(pattern)
         matched = [n for n in names if regex.match(n)]
@@ -346,6 +340,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, plan: dict[str, Any]) 
             for name in matched:
                 style = _style(value_one, pattern) if isinstance(value_one, str) else value_one
                 parallelize_module(model.get_submodule(name), tp_mesh, style)
+    # torch's SequenceParallel re-creates the norms' weights as new Parameters that require
+    # grad, which made frozen norms trainable under LoRA (the gradient norm was off by 1e-4).
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable[name])
 
 
 # ----------------------------------------------------------------------------- meta loading
