@@ -22,6 +22,7 @@ flex attention with a block mask of global positions and documents.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,6 +239,26 @@ class _PrefixCausalAttention(torch.autograd.Function):
         return dq_p + dq_d, dkp, dvp, dkd, dvd, None
 
 
+@functools.cache
+def _cpu_flash_gqa() -> bool:
+    """Whether this torch's CPU flash kernel takes fewer K/V heads than query heads, forward
+    and backward (torch 2.15 does); checked once on a tiny case against repeated heads."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 4, 8, generator=g) for h in (2, 1, 1))
+    k2, v2 = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    try:
+        out, lse = flash(q, k, v, 0.0, False)
+        dq, dk, dv = backward(torch.ones_like(out), q, k, v, out, lse, 0.0, False)
+    except RuntimeError:
+        return False
+    ref, ref_lse = flash(q, k2, v2, 0.0, False)
+    _, rdk, _ = backward(torch.ones_like(ref), q, k2, v2, ref, ref_lse, 0.0, False)
+    return dk.shape == k.shape and torch.allclose(out, ref) and torch.allclose(dk, rdk.view(
+        1, 1, 2, 4, 8).sum(2), atol=1e-5)
+
+
 def _runs_attention(
     query: Tensor, keys: Tensor, values: Tensor, layout: ContextLayout, scale: float | None
 ) -> Tensor:
@@ -245,9 +266,10 @@ def _runs_attention(
     import torch.nn.functional as F
 
     groups = query.shape[1] // keys.shape[1]
-    if groups > 1:  # the CPU flash kernel's backward wants equal head counts
+    if groups > 1 and not _cpu_flash_gqa():  # then repeat the K/V heads (more memory)
         keys = keys.repeat_interleave(groups, dim=1)
         values = values.repeat_interleave(groups, dim=1)
+    gqa = keys.shape[1] != query.shape[1]
     rows_out = []
     for row, runs in enumerate(layout.runs):
         outs = []
@@ -256,7 +278,11 @@ def _runs_attention(
             g_hi = g_lo + q_hi - q_lo
             kd, vd = keys[row : row + 1, :, g_lo:g_hi], values[row : row + 1, :, g_lo:g_hi]
             if k_lo == g_lo:
-                outs.append(F.scaled_dot_product_attention(q, kd, vd, is_causal=True, scale=scale))
+                outs.append(
+                    F.scaled_dot_product_attention(
+                        q, kd, vd, is_causal=True, scale=scale, enable_gqa=gqa
+                    )
+                )
                 continue
             kp, vp = keys[row : row + 1, :, k_lo:g_lo], values[row : row + 1, :, k_lo:g_lo]
             outs.append(_PrefixCausalAttention.apply(q, kp, vp, kd, vd, scale))

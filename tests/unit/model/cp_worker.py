@@ -5,7 +5,7 @@ batch, runs the chunked loss and backward, and all-reduces its gradients over th
 group; rank 0 writes the loss, the gradients, the one-process reference and the bytes
 saved for backward per rank (unique storages, `saved_tensors_hooks`) to a file.
 
-    python cp_worker.py OUT.pt {grads|memory} [WIDTH]
+    torchrun --nproc-per-node 2 cp_worker.py OUT.pt WIDTH
 """
 
 from __future__ import annotations
@@ -58,8 +58,7 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
 
 
 def main() -> None:
-    out_path, mode = sys.argv[1], sys.argv[2]
-    width = int(sys.argv[3]) if len(sys.argv) > 3 else 64
+    out_path, width = sys.argv[1], int(sys.argv[2])
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
@@ -70,13 +69,12 @@ def main() -> None:
     lengths = [width // 4, width // 2, width // 4 - 3]  # three documents and a pad tail
     docs = [(torch.randint(1, 128, (n,), generator=g).tolist(), [1] * n) for n in lengths]
     batch = collate_packed(docs, [[0, 1, 2]], width, pad_id=0)
-    hidden, layers = (32, 2) if mode == "memory" else (64, 2)
-    model = tiny_model(hidden, layers)
+    model = tiny_model(hidden=32, layers=2)
     result: dict[str, Any] = {}
     if rank == 0:  # the one-process reference
         ref, ref_bytes = saved_bytes(lambda: loss_of(model, batch, batch.num_target_tokens))
         ref.backward()
-        result["ref_loss"], result["ref_bytes"] = float(ref), ref_bytes
+        result["ref_loss"], result["ref_bytes"] = float(ref.detach()), ref_bytes
         result["ref_grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
     shard = shard_batch(batch, size, rank, dist.group.WORLD)
