@@ -170,7 +170,6 @@ def megatron_layout(cfg: DictConfig) -> None:
     d.context_parallel_size = meg.context_parallel_size
 
 
-
 def megatron_optimizer(cfg: DictConfig) -> bool:
     """With `policy.megatron_cfg.enabled`, set `policy.optimizer`, `policy.scheduler` and
     `policy.max_grad_norm` from the Megatron sections, as NeMo RL trains with those.

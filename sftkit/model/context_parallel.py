@@ -134,7 +134,10 @@ def shard_batch(
         lows = cut.nonzero().flatten().tolist()
         highs = [*lows[1:], 2 * chunk]
         runs.append(
-            [(lo, hi, int(local_start[r, lo]), int(index[lo])) for lo, hi in zip(lows, highs)]
+            [
+                (lo, hi, int(local_start[r, lo]), int(index[lo]))
+                for lo, hi in zip(lows, highs, strict=True)
+            ]
         )
     local_targets = targets[:, index]
     layout = ContextLayout(group, size, rank, chunk, runs, index, local_docs, docs)
@@ -154,9 +157,7 @@ def shard_batches(batches: list[PackedBatch], env: Any) -> list[PackedBatch]:
     """Each micro-batch's context-parallel share for this rank (unchanged without CP)."""
     if env.cp_size <= 1:
         return batches
-    return [
-        shard_batch(b, env.cp_size, env.cp_rank, env.cp_group, env.tp_size) for b in batches
-    ]
+    return [shard_batch(b, env.cp_size, env.cp_rank, env.cp_group, env.tp_size) for b in batches]
 
 
 # ----------------------------------------------------------------------------- K/V gather
@@ -255,8 +256,11 @@ def _cpu_flash_gqa() -> bool:
         return False
     ref, ref_lse = flash(q, k2, v2, 0.0, False)
     _, rdk, _ = backward(torch.ones_like(ref), q, k2, v2, ref, ref_lse, 0.0, False)
-    return dk.shape == k.shape and torch.allclose(out, ref) and torch.allclose(dk, rdk.view(
-        1, 1, 2, 4, 8).sum(2), atol=1e-5)
+    return (
+        dk.shape == k.shape
+        and torch.allclose(out, ref)
+        and torch.allclose(dk, rdk.view(1, 1, 2, 4, 8).sum(2), atol=1e-5)
+    )
 
 
 def _runs_attention(
@@ -315,9 +319,7 @@ def _flex_attention(
 
         layout.cache[key] = api[0](mask_mod, rows, None, width_q, width_k, device=device)
     gqa = keys.shape[1] != query.shape[1]
-    out = _flex(
-        query, keys, values, block_mask=layout.cache[key], scale=scale, enable_gqa=gqa
-    )
+    out = _flex(query, keys, values, block_mask=layout.cache[key], scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 

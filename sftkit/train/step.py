@@ -55,7 +55,9 @@ def micro_batch_nll(model: nn.Module, batch: PackedBatch, opts: StepOptions) -> 
     if opts.chunked_loss:
         hidden, weight, targets = model_hidden_and_head(model, batch)
         return chunked_nll_sum(hidden, weight, targets, opts.chunk_size, fused_ce=opts.fused_ce)
-    logits, targets = batch.hidden_and_targets(model(**batch.model_kwargs(), use_cache=False).logits)
+    logits, targets = batch.hidden_and_targets(
+        model(**batch.model_kwargs(), use_cache=False).logits
+    )
     logits = logits.float()
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),

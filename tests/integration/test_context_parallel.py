@@ -4,11 +4,14 @@ resumes on another CP size. Tiny runs (the small model, 4 steps) to keep them fa
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import RunResult, SmallRun
+import torch
+from conftest import RunResult, SmallRun, finished
 from test_distributed import COMMON, assert_same_losses, assert_same_weights
 
 pytestmark = pytest.mark.slow
@@ -60,3 +63,50 @@ def test_cp4_packed_and_resume_on_cp2(small_run: SmallRun, tmp_path: Path) -> No
                   *PACKED, *save)  # fmt: skip
     assert "Resumed from" in resumed.stderr
     assert_same_losses(one, resumed, [3, 4])
+
+
+YARN_RECIPE = "examples/configs/recipes/llm/sft-qwen3-0.6B-1n8g-megatron-yarn-128k.yaml"
+
+
+def yarn_recipe(small_run: SmallRun, work: Path, ranks: int) -> RunResult:
+    """NeMo RL's 128k YaRN recipe with the model and data swapped for offline ones and the
+    lengths scaled down (CP 8 -> 2, 131072 -> 64 tokens per row)."""
+    from conftest import REPO
+
+    swaps = (
+        "policy.model_name=sftkit:tiny-llama", "policy.tokenizer.name=sftkit:tiny-llama",
+        "data.train.dataset_name=ResponseDataset", "data.validation.dataset_name=ResponseDataset",
+        "policy.max_total_sequence_length=64", "policy.megatron_cfg.context_parallel_size=2",
+        "logger.wandb_enabled=false", "cluster.num_nodes=1", f"cluster.gpus_per_node={ranks}",
+    )  # fmt: skip
+    command = small_run.command(work, *COMMON, *SHORT, *swaps)
+    command[2:2] = ["--config", str(REPO / YARN_RECIPE)]
+    work.mkdir(parents=True)
+    with (work / "stderr.txt").open("w") as err:
+        proc = subprocess.Popen(command, cwd=work, env=small_run.env(), stdout=err, stderr=err)
+        code = proc.wait(timeout=400)
+    (work / "stdout.txt").write_text("")
+    result = finished(proc, work, set(), code)
+    assert code == 0, result.stderr[-3000:]
+    return result
+
+
+def test_yarn_128k_recipe_runs_with_cp2_like_cp1(small_run: SmallRun, tmp_path: Path) -> None:
+    from sftkit.config import load_config
+    from sftkit.model.load import load_model
+
+    cfg = load_config(Path(YARN_RECIPE), ["policy.model_name=sftkit:tiny-llama"])
+    assert cfg.policy.dtensor_cfg.context_parallel_size == 8  # megatron_cfg's spelling
+    model = load_model(cfg.policy.model_name, param_dtype=torch.float32, trust_remote_code=False,
+                       attn_implementation=None,
+                       config_overrides=dict(cfg.policy.hf_config_overrides or {}))  # fmt: skip
+    rope = model.config.rope_parameters
+    assert (rope["rope_type"], rope["factor"]) == ("yarn", 3.2)
+    assert model.model.rotary_emb.rope_type == "yarn"
+    one = yarn_recipe(small_run, tmp_path / "one", 1)
+    cp = yarn_recipe(small_run, tmp_path / "cp2", 2)
+    assert "context_parallel_size=2: ignored with one process" in one.stderr
+    assert_same_losses(one, cp, list(range(1, STEPS + 1)))
+    saved = json.loads((cp.checkpoint_dir / "final_hf" / "config.json").read_text())
+    saved_rope = saved.get("rope_parameters") or saved.get("rope_scaling")
+    assert (saved_rope["rope_type"], saved_rope["factor"]) == ("yarn", 3.2)
