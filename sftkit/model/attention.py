@@ -495,13 +495,14 @@ def check_document_isolation(model: nn.Module) -> None:
     config: Any = model.config
     vocab = int(config.get_text_config().vocab_size)
     g = torch.Generator().manual_seed(0)
-    first, second = (torch.randint(1, vocab, (n,), generator=g).tolist() for n in (7, 5))
-    batch = collate_packed([(first, [1] * 7), (second, [1] * 5)], [[0, 1]], 12, pad_id=0)
+    # 8 + 8 tokens: sequence-parallel layers split rows over up to 8 tensor-parallel ranks.
+    first, second = (torch.randint(1, vocab, (n,), generator=g).tolist() for n in (8, 8))
+    batch = collate_packed([(first, [1] * 8), (second, [1] * 8)], [[0, 1]], 16, pad_id=0)
     batch = batch.to(param.device)
     was_training = model.training
     model.eval()
     try:
-        packed = model(**batch.model_kwargs(), use_cache=False).logits[0, 7:].float()
+        packed = model(**batch.model_kwargs(), use_cache=False).logits[0, 8:].float()
         alone = torch.tensor([second], device=param.device)
         ref = model(input_ids=alone, use_cache=False).logits[0].float()
     finally:

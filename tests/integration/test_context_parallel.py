@@ -111,3 +111,14 @@ def test_yarn_128k_recipe_runs_with_cp2_like_cp1(small_run: SmallRun, tmp_path: 
     saved = json.loads((cp.checkpoint_dir / "final_hf" / "config.json").read_text())
     saved_rope = saved.get("rope_parameters") or saved.get("rope_scaling")
     assert (saved_rope["rope_type"], saved_rope["factor"]) == ("yarn", 3.2)
+
+
+def test_cp2_with_tp2_and_sequence_parallel_matches_one_rank(
+    small_run: SmallRun, tmp_path: Path
+) -> None:
+    """4 ranks as TP=2 x CP=2 (sequence parallel inside each TP pair), packed rows."""
+    one = run(small_run, tmp_path / "one", 1, *PACKED)
+    layout = ("policy.dtensor_cfg.context_parallel_size=2", "policy.dtensor_cfg.tensor_parallel_size=2",
+              "policy.dtensor_cfg.sequence_parallel=true")  # fmt: skip
+    both = run(small_run, tmp_path / "tp_cp", 4, *layout, *PACKED)
+    assert_same_run(one, both)
