@@ -53,7 +53,13 @@ class PackedBatch:
             for f in fields(self)
             for v in [getattr(self, f.name)]
         }
-        return PackedBatch(**moved)
+        return type(self)(**moved)
+
+    def hidden_and_targets(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """(hidden states or logits that predict a target, their targets): position t
+        predicts `labels[t + 1]`, so the last position has none. Context-parallel shards
+        carry targets shifted before the split (`sftkit.model.context_parallel`)."""
+        return hidden[:, :-1], self.labels[:, 1:]
 
     def model_kwargs(self) -> dict[str, object]:
         """Keyword arguments for an HF decoder forward.

@@ -3,9 +3,11 @@
 Every rank runs the same loop (SPMD). With one process nothing here touches
 torch.distributed, so the single-CPU path has no extra moving parts.
 
-Ranks are laid out on a (data parallel, tensor parallel) grid: tensor-parallel peers hold
-the same batch, so data is split over `dp_rank`/`dp_size` and sums of per-rank numbers run
-over the data-parallel group only.
+Ranks are laid out on a (data parallel, context parallel, tensor parallel) grid:
+tensor-parallel and context-parallel peers hold the same batch, so data is split over
+`dp_rank`/`dp_size`; context-parallel peers then each take their share of every sequence
+(`sftkit.model.context_parallel`), so sums of per-rank numbers run over the data x context
+ranks (each tensor-parallel group counted once).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ class DistEnv:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     tp_size: int = 1  # tensor-parallel degree; ranks r and r+1 .. share a batch when > 1
-    dp_group: Any = None  # process group of this rank's data-parallel peers (None: world)
+    dp_group: Any = None  # group of the data x context ranks, for sums (None: world)
     mesh: Any = None  # the (dp, tp) DeviceMesh of a multi-rank run, from `build_mesh`
+    cp_size: int = 1  # context-parallel degree: ranks that split each sequence
+    cp_group: Any = None  # process group of this rank's context-parallel peers
 
     @property
     def is_main(self) -> bool:
@@ -51,12 +55,17 @@ class DistEnv:
     @property
     def dp_size(self) -> int:
         """Number of data-parallel ranks (distinct batch shares)."""
-        return self.world_size // self.tp_size
+        return self.world_size // (self.tp_size * self.cp_size)
 
     @property
     def dp_rank(self) -> int:
-        """This rank's data-parallel index (the mesh is (dp, tp), tp varying fastest)."""
-        return self.rank // self.tp_size
+        """This rank's data-parallel index (the mesh is (dp, cp, tp), tp varying fastest)."""
+        return self.rank // (self.tp_size * self.cp_size)
+
+    @property
+    def cp_rank(self) -> int:
+        """This rank's index in its context-parallel group (which chunks it keeps)."""
+        return (self.rank // self.tp_size) % self.cp_size
 
     def barrier(self) -> None:
         if self.initialized:
@@ -65,7 +74,8 @@ class DistEnv:
     def sum(self, value: float) -> float:
         """Sum of a per-batch-share number over data-parallel ranks (float64: counts stay exact).
 
-        Tensor-parallel peers hold copies of the same value, so they are counted once.
+        Tensor-parallel peers hold copies of the same value, so they are counted once;
+        context-parallel peers hold different shares of one batch, so each is counted.
         """
         if not self.initialized:
             return value
@@ -177,44 +187,54 @@ def parallel_layout(
     """(tensor-parallel size, replica count) a run of `world_size` ranks uses.
 
     One process trains unsharded whatever the recipe's layout says (the maths is the same;
-    the caller warns); with several ranks the layout must divide the world size, and
-    context parallelism is refused.
+    the caller warns); with several ranks the layout (tensor x context x replica sizes)
+    must divide the world size.
     """
-    tp, rep = max(tp_size, 1), max(dp_replicate, 1)
+    tp, rep, cp = max(tp_size, 1), max(dp_replicate, 1), max(cp_size, 1)
     if world_size == 1:
         return 1, 1
-    if cp_size > 1:
+    if cp > 1 and rep > 1:
         raise ValueError(
-            f"policy.dtensor_cfg.context_parallel_size={cp_size} is not supported: sftkit "
-            "splits sequences over ranks only by packing. Set it to 1 and use "
-            "tensor_parallel_size (with sequence_parallel) or activation_checkpointing for "
-            "long sequences"
+            f"policy.dtensor_cfg.context_parallel_size={cp} with dp_replicate_size={rep} "
+            "(HSDP) is not supported; set dp_replicate_size=1 (FSDP2 then shards over all "
+            "data x context ranks)"
         )
-    if world_size % (tp * rep):
+    if world_size % (tp * rep * cp):
         raise ValueError(
-            f"policy.dtensor_cfg.tensor_parallel_size={tp} x dp_replicate_size={rep} needs a "
-            f"multiple of {tp * rep} ranks but this run has {world_size}: set "
-            "cluster.gpus_per_node x cluster.num_nodes (or the torchrun ranks) to a multiple "
-            "of it, or lower those sizes"
+            f"policy.dtensor_cfg.tensor_parallel_size={tp} x context_parallel_size={cp} x "
+            f"dp_replicate_size={rep} needs a multiple of {tp * cp * rep} ranks but this run "
+            f"has {world_size}: set cluster.gpus_per_node x cluster.num_nodes (or the "
+            "torchrun ranks) to a multiple of it, or lower those sizes"
         )
     return tp, rep
 
 
-def build_mesh(env: DistEnv, tp_size: int, dp_replicate: int = 1) -> DeviceMesh | None:
-    """The device mesh of a multi-rank run (None with one process); sets `env.tp_size` and
-    `env.dp_group` so that sums count each batch share once. Collective: every rank calls.
+def build_mesh(
+    env: DistEnv, tp_size: int, dp_replicate: int = 1, cp_size: int = 1
+) -> DeviceMesh | None:
+    """The device mesh of a multi-rank run (None with one process); sets `env.tp_size`,
+    `env.cp_size`, `env.cp_group` and `env.dp_group` so that sums count each batch share
+    once. Collective: every rank calls.
 
     Dims are ("dp", "tp"), or ("dp_replicate", "dp_shard", "tp") plus a flattened "dp" when
     `dp_replicate` > 1 (HSDP: FSDP2 shards within a replica group and all-reduces across
-    groups). "tp" varies fastest, so a rank's data-parallel index is `rank // tp`.
+    groups). "tp" varies fastest, so a rank's data-parallel index is `rank // tp`. With
+    context parallelism they are ("dp_batch", "cp", "tp") and "dp" is ("dp_batch", "cp")
+    flattened: FSDP2 shards parameters and reduces gradients over every rank that holds a
+    different share of the data, sequence chunks included (torchtitan's "dp_shard_cp").
     """
-    tp, rep = parallel_layout(env.world_size, tp_size, dp_replicate)
+    tp, rep = parallel_layout(env.world_size, tp_size, dp_replicate, cp_size)
     if env.world_size == 1:
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
     dp = env.world_size // tp
-    if rep == 1:
+    if cp_size > 1:
+        dims = (dp // cp_size, cp_size, tp)
+        mesh = init_device_mesh(env.device.type, dims, mesh_dim_names=("dp_batch", "cp", "tp"))
+        mesh["dp_batch", "cp"]._flatten("dp")
+        env.cp_size, env.cp_group = cp_size, mesh["cp"].get_group()
+    elif rep == 1:
         mesh = init_device_mesh(env.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
     else:
         mesh = init_device_mesh(

@@ -35,7 +35,7 @@ MEGATRON_HONOURED: tuple[str, ...] = tuple(
         "optimizer.sgd_momentum", "optimizer.clip_grad", "scheduler.start_weight_decay",
         "scheduler.end_weight_decay", "scheduler.weight_decay_incr_style",
         "scheduler.lr_decay_style", "scheduler.lr_decay_iters", "scheduler.lr_warmup_iters",
-        "scheduler.lr_warmup_init",
+        "scheduler.lr_warmup_init", "context_parallel_size",
     )
 )  # fmt: skip
 _DECAY_STYLES = ("constant", "linear", "cosine")
@@ -152,6 +152,22 @@ def report_flat_data(cfg: DictConfig) -> None:
 
 
 # ---- Megatron optimizer and scheduler ---------------------------------------------------
+
+
+def megatron_layout(cfg: DictConfig) -> None:
+    """With `policy.megatron_cfg.enabled`, its `context_parallel_size` (NeMo RL's Megatron
+    spelling, e.g. the yarn-128k recipe's CP 8) is the run's context-parallel size."""
+    meg, d = cfg.policy.megatron_cfg, cfg.policy.dtensor_cfg
+    if not meg.enabled or meg.context_parallel_size in (None, 1):
+        return
+    if d.context_parallel_size not in (1, meg.context_parallel_size):
+        raise ConfigError(
+            f"policy.megatron_cfg.context_parallel_size={meg.context_parallel_size} and "
+            f"policy.dtensor_cfg.context_parallel_size={d.context_parallel_size} differ; "
+            "set one of them",
+            path="policy.megatron_cfg.context_parallel_size",
+        )
+    d.context_parallel_size = meg.context_parallel_size
 
 
 def megatron_optimizer(cfg: DictConfig) -> bool:

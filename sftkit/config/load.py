@@ -37,6 +37,7 @@ from sftkit.config.compat import (
     alias_key,
     disabled_dtensor,
     legacy_metric_name,
+    megatron_layout,
     megatron_optimizer,
     rename_aliases,
     report_flat_data,
@@ -454,6 +455,7 @@ def _read_other_versions(cfg: DictConfig) -> None:
         legacy_metric_name(cfg)
         disabled_dtensor(cfg)
         megatron_optimizer(cfg)
+        megatron_layout(cfg)
     except OmegaConfBaseException as exc:  # a value that does not fit its field
         raise _omegaconf_error(exc, None, {}) from None
     report_flat_data(cfg)

@@ -100,7 +100,7 @@ class DTensorConfig:
     sequence_parallel: bool = False  # shard activations along the sequence in TP regions
     activation_checkpointing: bool = False  # recompute decoder layers in backward
     tensor_parallel_size: int = 1  # tensor parallel degree
-    context_parallel_size: int = 1  # context parallel degree (only 1 is supported)
+    context_parallel_size: int = 1  # ranks each sequence is split over (context parallel)
     dp_replicate_size: int = 1  # HSDP: FSDP2 shards within world/(R x TP) ranks, replicates R times
     expert_parallel_size: int = 1  # MoE expert parallel degree (experts are FSDP2-sharded)
     custom_parallel_plan: str | None = None  # dotted path to a TP plan

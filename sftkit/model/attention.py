@@ -380,6 +380,9 @@ def sftkit_packed_attention(
     softcap = kwargs.pop("softcap", None)
     window = kwargs.pop("sliding_window", None)
     window = int(window) if window is not None and window > 0 else None
+    layout = kwargs.pop("sftkit_cp", None)
+    if layout is not None:  # a context-parallel shard (sftkit.model.context_parallel)
+        return _context_parallel(query, key, value, layout, dropout, scaling, window, softcap)
     if cu_seqlens is None and softcap is None and window is None:
         # Padded rows: plain causal SDPA. Padding is on the right, so pads only ever follow
         # real tokens and the loss mask drops them.
@@ -408,6 +411,31 @@ def sftkit_packed_attention(
         backend, query, key, value, cu_seqlens, max_seqlen, dropout, scaling, window, softcap
     )
     return out, None
+
+
+def _context_parallel(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    layout: Any,
+    dropout: float,
+    scaling: float | None,
+    window: int | None,
+    softcap: float | None,
+) -> tuple[Tensor, None]:
+    from sftkit.model.context_parallel import context_parallel_attention
+
+    if dropout > 0 or window is not None or softcap is not None:
+        raise ValueError(
+            "policy.dtensor_cfg.context_parallel_size > 1 supports plain causal attention "
+            "only (no attention dropout, sliding window or softcapping); set "
+            "policy.hf_config_overrides.attention_dropout=0 or context_parallel_size=1"
+        )
+    device_type = query.device.type
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)  # as in sftkit_packed_attention
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    return context_parallel_attention(query, key, value, layout, scaling), None
 
 
 def set_attention_implementation(model: nn.Module, name: str) -> None:
@@ -471,17 +499,24 @@ def check_document_isolation(model: nn.Module) -> None:
     config: Any = model.config
     vocab = int(config.get_text_config().vocab_size)
     g = torch.Generator().manual_seed(0)
-    first, second = (torch.randint(1, vocab, (n,), generator=g).tolist() for n in (7, 5))
-    batch = collate_packed([(first, [1] * 7), (second, [1] * 5)], [[0, 1]], 12, pad_id=0)
+    # 8 + 8 tokens: sequence-parallel layers split rows over up to 8 tensor-parallel ranks.
+    first, second = (torch.randint(1, vocab, (n,), generator=g).tolist() for n in (8, 8))
+    batch = collate_packed([(first, [1] * 8), (second, [1] * 8)], [[0, 1]], 16, pad_id=0)
     batch = batch.to(param.device)
     was_training = model.training
     model.eval()
     try:
-        packed = model(**batch.model_kwargs(), use_cache=False).logits[0, 7:].float()
+        packed = model(**batch.model_kwargs(), use_cache=False).logits[0, 8:].float()
         alone = torch.tensor([second], device=param.device)
         ref = model(input_ids=alone, use_cache=False).logits[0].float()
     finally:
         model.train(was_training)
+        # FSDP2 keeps the root's parameters unsharded after its forward (backward would
+        # need them); an optimizer built now would hold those temporary tensors instead of
+        # the sharded parameters (root weights never trained, DCP saves fail: KeyError).
+        reshard = getattr(model, "reshard", None)
+        if callable(reshard):
+            reshard()
     err = float((packed - ref).abs().max())
     tol = 2e-5 if param.dtype == torch.float32 else 3e-2
     if err > tol * max(1.0, float(ref.abs().max())):

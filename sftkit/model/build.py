@@ -6,11 +6,12 @@
                        parameter names, so they come before anything that keys on names
     3. LoRA            before TP and FSDP, so the tensor-parallel plan splits the LoRA
                        branches with their base layers and FSDP shards them as parameters
-    4. mesh + TP       the (dp, tp) mesh, then DTensor tensor parallelism (context parallel
-                       is refused by `parallel_layout`); one process: moved to its device
+    4. mesh + TP       the (dp, tp) or (dp_batch, cp, tp) mesh, then DTensor tensor
+                       parallelism; one process: moved to its device
     5. kernels         fused RMSNorm/SwiGLU/RoPE forwards and packed attention swap module
                        forwards in place: after TP (they see the sharded projections),
-                       before AC and compile (which wrap those forwards) and FSDP
+                       before AC and compile (which wrap those forwards) and FSDP; context
+                       parallel shards attend through the packed attention too
     6. AC              activation checkpointing per decoder layer, outside the kernels
     7. compile         per decoder layer, over everything above
     8. FSDP2           last, as torchtitan does: it shards what the steps above produced;
@@ -56,8 +57,8 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
     """The policy model with every configured transform, in the order of the module doc.
 
     With several ranks this is collective (every rank calls) and sets `env.mesh`,
-    `env.tp_size` and `env.dp_group`; FSDP then averages gradients over `env.dp_size`
-    data-parallel ranks.
+    `env.tp_size`, `env.cp_size` and `env.dp_group`; FSDP then averages gradients over the
+    `env.dp_size * env.cp_size` ranks that hold different data (sequence chunks included).
     """
     p, d = cfg.policy, cfg.policy.dtensor_cfg
     sharded = env.world_size > 1
@@ -78,16 +79,11 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
         names = apply_lora(model, spec)
         logger.info("LoRA on %d modules (rank %d, alpha %s)", len(names), spec.dim, spec.alpha)
     # 4. mesh + tensor parallel (one process: the device)
-    mesh = build_mesh(env, d.tensor_parallel_size, d.dp_replicate_size)  # None: one process
+    mesh = build_mesh(
+        env, d.tensor_parallel_size, d.dp_replicate_size, d.context_parallel_size
+    )  # None: one process
     if mesh is not None:
         if mesh["tp"].size() > 1:
-            if d.sequence_parallel and spec is not None:
-                # Measured: gradients off by ~1e-4 relative at step 1 (tests/integration/
-                # test_distributed.py setup, TP=2); refuse rather than train subtly wrong.
-                raise ValueError(
-                    "policy.dtensor_cfg.sequence_parallel with LoRA is not supported yet; set "
-                    "sequence_parallel=false (tensor parallelism with LoRA works)"
-                )
             plan = tensor_parallel_plan(model, d.custom_parallel_plan, d.sequence_parallel)
             apply_tensor_parallel(model, mesh["tp"], plan)
     else:
@@ -102,6 +98,8 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
     if p.sequence_packing.enabled:
         backend = enable_packed_attention(model, device=env.device)
         logger.info("Sequence packing: documents isolated by %s attention", backend)
+    elif env.cp_size > 1:  # context-parallel shards attend through sftkit_packed
+        enable_packed_attention(model, device=env.device)
     # 6. activation checkpointing
     if d.activation_checkpointing:
         apply_activation_checkpointing(model)

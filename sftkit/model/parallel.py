@@ -286,6 +286,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, plan: dict[str, Any]) 
             f"tensor_parallel_size={tp_mesh.size()} does not divide the model's "
             f"{heads} key/value heads; pick a divisor"
         )
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     for pattern, value in plan.items():
         regex = _pattern_regex(pattern)
         matched = [n for n in names if regex.match(n)]
@@ -295,6 +296,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, plan: dict[str, Any]) 
             for name in matched:
                 style = _style(value_one, pattern) if isinstance(value_one, str) else value_one
                 parallelize_module(model.get_submodule(name), tp_mesh, style)
+    # torch's SequenceParallel re-creates the norms' weights as new Parameters that require
+    # grad, which made frozen norms trainable under LoRA (the gradient norm was off by 1e-4).
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable[name])
 
 
 # ----------------------------------------------------------------------------- meta loading

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sftkit.data.loader import dummy_micro_batch, micro_batches, rank_share
+from sftkit.model.context_parallel import shard_batches
 from sftkit.train.checkpoint import ranking_metric
 from sftkit.train.state import Run
 from sftkit.train.step import train_step
@@ -119,6 +120,7 @@ def train(run: Run, stop: StopFlag | None = None) -> int:
             batches = micro_batches(mine, run.plan)
             count = int(env.max(len(batches)))
             batches += [dummy_micro_batch(run.plan.pad_id)] * (count - len(batches))
+            batches = shard_batches(batches, env)  # context parallel: this rank's chunks
             global_tokens = int(env.sum(sum(b.num_target_tokens for b in batches)))
             global_seqs = len(indices)
             t_data = time.monotonic()
@@ -151,7 +153,7 @@ def train(run: Run, stop: StopFlag | None = None) -> int:
                 / env.world_size,
             }
             metrics.update(run.train_examples.sample_counts(indices))  # train/samples/<name>
-            real = sum(len(e.input_ids) for e in mine)
+            real = sum(len(e.input_ids) for e in mine) // env.cp_size
             processed = sum(b.input_ids.numel() for b in batches)
             metrics.update(run.throughput_metrics(real, processed, step_time))
             run.loggers.log(metrics, step)

@@ -307,6 +307,11 @@ def model_hidden_and_head(model: nn.Module, batch: PackedBatch) -> tuple[Tensor,
     """
     head = _check_plain_head(model)
     impl = getattr(model.config, "_attn_implementation", None)
+    context_parallel = "sftkit_cp" in batch.model_kwargs()
+    if context_parallel and impl != "sftkit_packed":
+        raise ValueError(
+            "context-parallel shards need sftkit.model.attention.enable_packed_attention(model)"
+        )
     if batch.cu_seqlens is not None and impl != "sftkit_packed" and "flash" not in str(impl):
         raise ValueError(
             f"packed rows with attn_implementation={impl!r} would attend across documents; "
@@ -315,8 +320,7 @@ def model_hidden_and_head(model: nn.Module, batch: PackedBatch) -> tuple[Tensor,
     body = decoder_body(model)
     assert body is not None
     out = body(**batch.model_kwargs(), use_cache=False)
-    hidden = out.last_hidden_state[:, :-1]
-    targets = batch.labels[:, 1:]
+    hidden, targets = batch.hidden_and_targets(out.last_hidden_state)
     keep = targets != IGNORE_INDEX
     if isinstance(hidden, DTensor):
         return hidden[keep], head.weight, targets[keep]

@@ -65,7 +65,7 @@ def check_before_model(cfg: MasterConfig, env: DistEnv, data: PreparedData) -> N
             "unsharded; launch as many ranks (cluster.gpus_per_node, torchrun) to use them",
             ", ".join(f"{k}={v}" for k, v in layout.items() if v > 1),
         )
-    dp = env.world_size // tp
+    dp = env.world_size // (tp * (d.context_parallel_size if env.world_size > 1 else 1))
     if p.train_global_batch_size % (p.train_micro_batch_size * dp):
         raise ValueError(
             f"policy.train_global_batch_size={p.train_global_batch_size} is not divisible by "
@@ -172,9 +172,10 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
             max_grad_norm=cfg.policy.max_grad_norm,
             chunked_loss=supports_chunked_loss(model),
             chunk_size=cfg.policy.fused_loss_chunk_size,
-            # FSDP averages gradients over the data-parallel ranks; the loss is normalised
-            # by the global token count already, so this scale makes them true gradients.
-            grad_scale=float(env.dp_size),
+            # FSDP averages gradients over the data-parallel and context-parallel ranks; the
+            # loss is normalised by the global token count already, so this scale makes
+            # them true gradients.
+            grad_scale=float(env.dp_size * env.cp_size),
         ),
         train_examples=data.train,
         val_examples=data.validation,

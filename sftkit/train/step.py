@@ -56,10 +56,13 @@ def micro_batch_nll(model: nn.Module, batch: PackedBatch, opts: StepOptions) -> 
     if opts.chunked_loss:
         hidden, weight, targets = model_hidden_and_head(model, batch)
         return chunked_nll_sum(hidden, weight, targets, opts.chunk_size, fused_ce=opts.fused_ce)
-    logits = model(**batch.model_kwargs(), use_cache=False).logits[:, :-1].float()
+    logits, targets = batch.hidden_and_targets(
+        model(**batch.model_kwargs(), use_cache=False).logits
+    )
+    logits = logits.float()
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
-        batch.labels[:, 1:].reshape(-1),
+        targets.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )

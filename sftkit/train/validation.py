@@ -9,6 +9,7 @@ from sftkit.config.schema import SFTConfig
 from sftkit.data.loader import BatchPlan, iterate_eval_batches, micro_batches
 from sftkit.data.types import ExampleSet
 from sftkit.dist import DistEnv
+from sftkit.model.context_parallel import shard_batches
 from sftkit.train.step import StepOptions, validation_loss
 
 
@@ -36,7 +37,7 @@ def validation_metrics(
         batches: list[PackedBatch] = []
         for chunk in iterate_eval_batches(part, sft.val_global_batch_size, sft.val_batches):
             share = chunk[env.dp_rank :: env.dp_size]
-            batches += micro_batches(share, eval_plan) if share else []
+            batches += shard_batches(micro_batches(share, eval_plan), env) if share else []
         loss, count = validation_loss(model, batches, opts, env)
         metrics[f"validation/{name}/val_loss"] = loss
         if count:

@@ -167,18 +167,13 @@ def test_lora_under_fsdp2_matches_one_rank(small_run: SmallRun, tmp_path: Path) 
     assert_same_weights(one.checkpoint_dir / "final_hf", two.checkpoint_dir / "final_hf")
 
 
-@pytest.mark.slow
-def test_tensor_parallel_two_ranks_match_one_rank(
-    small_run: SmallRun, single: RunResult, tmp_path: Path
-) -> None:
-    """TP=2 under torchrun (both ranks hold the same batch: one data-parallel rank)."""
-    work = tmp_path / "tp"
+def torchrun_two(small_run: SmallRun, work: Path, *more: str) -> RunResult:
+    """Two ranks under `torchrun --standalone --nproc-per-node=2`."""
     work.mkdir()
     before = dir_times(work / "logs")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        *small_run.command(work, *COMMON, "policy.dtensor_cfg.tensor_parallel_size=2",
-                           "checkpointing.save_period=0")[1:],
+        *small_run.command(work, *COMMON, *more)[1:],
     ]  # fmt: skip
     with (work / "stderr.txt").open("w") as err:
         proc = subprocess.Popen(cmd, cwd=work, env=small_run.env(), stdout=err, stderr=err)
@@ -186,7 +181,33 @@ def test_tensor_parallel_two_ranks_match_one_rank(
     (work / "stdout.txt").write_text("")
     result = finished(proc, work, before, code)
     assert code == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_tensor_parallel_two_ranks_match_one_rank(
+    small_run: SmallRun, single: RunResult, tmp_path: Path
+) -> None:
+    """TP=2 under torchrun (both ranks hold the same batch: one data-parallel rank)."""
+    more = ("policy.dtensor_cfg.tensor_parallel_size=2", "checkpointing.save_period=0")
+    result = torchrun_two(small_run, tmp_path / "tp", *more)
     assert_same_losses(single, result, list(range(1, STEPS + 1)))
+
+
+@pytest.mark.slow
+def test_sequence_parallel_lora_matches_one_rank(small_run: SmallRun, tmp_path: Path) -> None:
+    """TP=2 + sequence_parallel + LoRA: the same loss, gradient norm and adapter as one
+    process (torch's SequenceParallel used to make the frozen norms trainable)."""
+    more = (*LORA, "checkpointing.save_period=0", "sft.max_num_steps=3", "sft.val_period=0",
+            "policy.make_sequence_length_divisible_by=2")  # fmt: skip
+    one = one_rank(small_run, tmp_path / "one", *more)
+    sp = torchrun_two(small_run, tmp_path / "sp", *more, "policy.dtensor_cfg.tensor_parallel_size=2",
+                      "policy.dtensor_cfg.sequence_parallel=true")  # fmt: skip
+    assert_same_losses(one, sp, [1, 2, 3])
+    for step, row in one.train_rows().items():
+        norm = sp.train_rows()[step]["train/grad_norm"]
+        assert abs(norm - row["train/grad_norm"]) <= RTOL * row["train/grad_norm"], step
+    assert_same_weights(one.checkpoint_dir / "final_adapter", sp.checkpoint_dir / "final_adapter")
 
 
 @pytest.mark.slow
@@ -207,7 +228,7 @@ def test_hsdp_two_replicas_match_one_rank(
             "dp_replicate_size=4",
             "dp_replicate_size=4 needs a multiple of 4 ranks but this run has 2",
         ),
-        ("context_parallel_size=2", "context_parallel_size=2 is not supported"),
+        ("context_parallel_size=4", "context_parallel_size=4 x dp_replicate_size=1 needs"),
     ],
 )
 def test_layout_the_ranks_cannot_hold_is_a_config_error(
