@@ -263,6 +263,17 @@ def check_config(cfg: MasterConfig, sources: dict[str, str] | None = None) -> No
                 "true; they are mutually exclusive: set one of them to false.",
             )
         )
+    d = policy.dtensor_cfg
+    if d.bf16_params_update != "none" and not (d.bf16_params and policy.precision == "bfloat16"):
+        problems.append(
+            (
+                "policy.dtensor_cfg.bf16_params_update",
+                f"policy.dtensor_cfg.bf16_params_update is {d.bf16_params_update!r}, which "
+                "rounds updates into bf16 parameters, but the parameters are float32: set "
+                "policy.dtensor_cfg.bf16_params=true and policy.precision=bfloat16, or "
+                "bf16_params_update=none.",
+            )
+        )
     for path, allowed in CHOICES.items():
         value = _get(cfg, path)
         if value is not None and value not in allowed:

@@ -106,6 +106,9 @@ class DTensorConfig:
     automodel_kwargs: dict[str, Any] = field(default_factory=dict)  # NeMo Automodel options
     lora_cfg: LoraConfig = field(default_factory=LoraConfig)
     bf16_params: bool = False  # sftkit: keep parameters in bf16 (less memory, no fp32 master)
+    # sftkit: how AdamW writes float32 updates into bf16 parameters: none (torch's optimizer,
+    # round to nearest: small updates are lost) | stochastic_rounding | kahan (+2 B/param)
+    bf16_params_update: str = "none"
     compile: bool = False  # sftkit: torch.compile each decoder layer
     fused_kernels: bool = (
         True  # sftkit: fused RMSNorm/SwiGLU/RoPE kernels on CUDA (Liger if installed)
@@ -409,6 +412,7 @@ TOKEN_BUDGET_KEYS = (
 # Allowed values of choice fields (null is allowed where the field is optional).
 CHOICES: dict[str, tuple[str, ...]] = {
     "policy.precision": ("float32", "bfloat16", "float16"),
+    "policy.dtensor_cfg.bf16_params_update": ("none", "stochastic_rounding", "kahan"),
     "policy.dtensor_cfg.lora_cfg.dropout_position": ("pre", "post"),
     "policy.dtensor_cfg.lora_cfg.lora_A_init": ("xavier", "uniform"),
     "policy.megatron_cfg.peft.dropout_position": ("pre", "post"),

@@ -399,6 +399,8 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
         cfg.policy.optimizer.name if cfg.policy.optimizer else None,
         dict(cfg.policy.optimizer.kwargs) if cfg.policy.optimizer else None,
         prefer_fused=env.device.type == "cuda" and env.tp_size == 1,
+        bf16_update=d.bf16_params_update,
+        seed=cfg.sft.seed,
     )
     scheduler = build_scheduler(optimizer, cfg.policy.scheduler)
     sampler = GlobalBatchSampler(
