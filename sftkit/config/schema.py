@@ -109,6 +109,10 @@ class DTensorConfig:
     # sftkit: how AdamW writes float32 updates into bf16 parameters: none (torch's optimizer,
     # round to nearest: small updates are lost) | stochastic_rounding | kahan (+2 B/param)
     bf16_params_update: str = "none"
+    # sftkit: FP8 linear layers through torchao (NeMo RL's fp8_cfg spelling; see Fp8Config)
+    fp8_cfg: Fp8Config = field(
+        default_factory=lambda: Fp8Config(fp8="hybrid", fp8_recipe="tensorwise")
+    )
     compile: bool = False  # sftkit: torch.compile each decoder layer
     fused_kernels: bool = (
         True  # sftkit: fused RMSNorm/SwiGLU/RoPE kernels on CUDA (Liger if installed)
@@ -210,10 +214,10 @@ class MegatronDDPConfig:
 
 @dataclass
 class Fp8Config:
-    enabled: bool = False
-    fp8: str = "e4m3"
-    fp8_recipe: str = "blockwise"
-    fp8_param: bool = False
+    enabled: bool = False  # FP8 GEMMs in the linear layers (sftkit: torchao float8 training)
+    fp8: str = "e4m3"  # e4m3 everywhere | hybrid: e4m3 forward, e5m2 gradients
+    fp8_recipe: str = "blockwise"  # scaling; sftkit: tensorwise | rowwise | rowwise_with_gw_hp
+    fp8_param: bool = False  # keep parameters in FP8 (not supported by sftkit)
 
 
 @dataclass
@@ -432,6 +436,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cluster.device": ("auto", "cpu", "cuda"),
 }
 
+# What sftkit's FP8 (torchao float8 training, `sftkit.model.fp8`) supports of NeMo RL's
+# fp8_cfg: its recipes (Megatron's blockwise, delayed and mxfp8 have no torchao equivalent)
+# and formats; checked only when fp8_cfg.enabled.
+FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+FP8_FORMATS = ("e4m3", "hybrid")
+
 # Dataset keys the seed's flat data form puts directly under `data` (NeMo RL's
 # ResponseDataset, openai_format and built-in dataset arguments). The loader moves them to
 # `data.extra`; other unknown keys under `data` are errors.
@@ -504,7 +514,6 @@ IGNORED_KEYS: dict[str, str] = {
     "policy.megatron_cfg.optimizer": "Megatron-only (lr, betas, eps, weight decay, clip are used)",
     "policy.megatron_cfg.scheduler": "Megatron-only (the lr warmup and decay are used)",
     "policy.megatron_cfg.distributed_data_parallel_config": "Megatron-only",
-    "policy.megatron_cfg.fp8_cfg": "Megatron-only (no FP8 training)",
     "checkpointing.is_async": "saves are synchronous",
     "checkpointing.pretrained_checkpoint": "Megatron checkpoints are not loaded",
     "logger.swanlab_enabled": "no SwanLab sink",

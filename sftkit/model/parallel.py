@@ -25,6 +25,7 @@ from torch import nn
 
 from sftkit.config import MasterConfig
 from sftkit.dist import DistEnv
+from sftkit.model.fp8 import apply_fp8
 from sftkit.model.load import decoder_layers
 
 logger = logging.getLogger("sftkit")
@@ -39,6 +40,8 @@ def parallelize(model: nn.Module, cfg: MasterConfig, env: DistEnv) -> tuple[nn.M
     the meta device (see `materialize`).
     """
     d = cfg.policy.dtensor_cfg
+    if d.fp8_cfg.enabled:  # after LoRA (applied by the caller), before TP/AC/compile/FSDP2
+        apply_fp8(model, d.fp8_cfg.fp8_recipe, d.fp8_cfg.fp8, env.device)
     if env.mesh is None:  # one process: tensor/context parallel and replica sizes do not apply
         if d.cpu_offload:
             logger.warning("policy.dtensor_cfg.cpu_offload is ignored with one process")
