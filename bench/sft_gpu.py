@@ -62,11 +62,13 @@ from random_model import random_llama  # noqa: E402
 from results import emit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("liger", "sftkit", "hf", "sftkit_torch_ce", "sftkit_liger", "sftkit_compile")
-EXTRAS = ("sftkit_torch_ce", "sftkit_liger", "sftkit_compile")  # after the main cases
+CASES = ("liger", "sftkit", "hf", "sftkit_fp8", "sftkit_sr", "sftkit_torch_ce", "sftkit_liger",
+         "sftkit_compile")  # fmt: skip
+EXTRAS = CASES[3:]  # after the main cases
 MODES = ("bf16", "fp32_master")
 MIN_CASE_S = {"hf": 25.0, "liger": 30.0, "sftkit": 30.0, "sftkit_torch_ce": 30.0,
-              "sftkit_liger": 30.0, "sftkit_compile": 75.0}  # fmt: skip
+              "sftkit_liger": 30.0, "sftkit_compile": 75.0, "sftkit_fp8": 75.0,
+              "sftkit_sr": 30.0}  # fmt: skip
 
 
 @dataclass
@@ -92,6 +94,10 @@ LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                 num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                 head_dim=64, max_position_embeddings=131072, rope_theta=500000.0,
                 tie_word_embeddings=True)  # fmt: skip
+LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
+                tie_word_embeddings=False)  # fmt: skip
 TINY_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=True)  # fmt: skip
@@ -239,12 +245,21 @@ def run_case(
         enable_packed_attention(model)
         compute = torch.bfloat16 if mode == "fp32_master" else next(model.parameters()).dtype
         info["attention"] = resolve_backend("auto", torch.device(setup.device), compute)
-        if case == "sftkit_compile":
+        if case == "sftkit_fp8":  # torchao float8 needs compile to fuse its casts
+            from sftkit.model.fp8 import apply_fp8
+
+            report = apply_fp8(model, "tensorwise", "hybrid", torch.device(setup.device))
+            info |= {"fp8_layers": len(report.converted), "fp8_emulated": report.emulated}
+        if case in ("sftkit_compile", "sftkit_fp8"):
             info["compiled_layers"] = compile_layers(model)
         else:
             backend = "liger" if case == "sftkit_liger" else "triton"
             info["fused"] = apply_fused_kernels(model, backend=backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
+    if case == "sftkit_sr" and mode == "bf16":  # bf16 parameters, stochastic rounding
+        from sftkit.train.bf16_optim import BF16AdamW
+
+        optimizer = BF16AdamW(model.parameters(), lr=1e-5, rounding="stochastic_rounding")
     env = DistEnv(device=torch.device(setup.device))
     opts = StepOptions(
         compute_dtype=torch.bfloat16 if mode == "fp32_master" else torch.float32,
@@ -404,7 +419,7 @@ def run_in_subprocess(
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case, mode,
            "--seed", str(args.seed), "--docs", args.docs]  # fmt: skip
     cmd += ["--tiny"] if args.tiny else []
-    cmd += ["--setting", args.setting]
+    cmd += ["--setting", args.setting, "--model", args.model]
     cmd += ["--micro-rows", str(args.micro_rows)] if args.micro_rows else []
     cmd += ["--steps", str(args.steps)] if args.steps else []
     cmd += ["--chunk-size", str(args.chunk_size)] if args.chunk_size else []
@@ -437,6 +452,11 @@ def summarize(records: list[dict[str, Any]], target: float = 1.25) -> dict[str, 
                 if ours.get("peak_gib") and ref.get("peak_gib"):
                     memory = round(ours["peak_gib"] / ref["peak_gib"], 3)
                     out[f"{mode}_{variant}_memory_over_{base}"] = memory
+        fp8, bf16 = by.get(("sftkit_fp8", mode)), by.get(("sftkit", mode))
+        if fp8 and bf16:  # FP8's target: >= 1.2x sftkit's own bf16
+            out[f"{mode}_sftkit_fp8_over_sftkit"] = round(
+                fp8["tokens_per_s"] / bf16["tokens_per_s"], 3
+            )
         ratio = out.get(f"{mode}_sftkit_over_liger")
         if ratio is not None:
             memory = out.get(f"{mode}_sftkit_memory_over_liger")
@@ -483,6 +503,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         help="small: 2 rows per step; recipe: 32 rows by gradient accumulation",
     )
     parser.add_argument("--micro-rows", type=int, help="rows per micro-batch (recipe: auto)")
+    parser.add_argument("--model", choices=("1b", "8b"), default="1b", help="GPU model shape")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--budget", type=float, default=210.0, help="seconds for all cases")
     parser.add_argument("--out", type=Path, help="JSONL file (default: $OUT/sft_gpu.jsonl)")
@@ -493,6 +514,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     recipe = args.setting == "recipe"
     base = RECIPE["tiny" if args.tiny else "gpu"] if recipe else TINY if args.tiny else GPU
     setup = replace(base, docs=args.docs, micro_rows=args.micro_rows or base.micro_rows)
+    if args.model == "8b" and not args.tiny:
+        setup = replace(setup, model=LLAMA_8B)
     setup = replace(setup, steps=args.steps or setup.steps,
                     chunk_size=args.chunk_size or setup.chunk_size)  # fmt: skip
     if args.child:

@@ -79,11 +79,11 @@ def test_tiny_recipe_setting_accumulates_the_largest_micro_batch(
 ) -> None:
     out = tmp_path / "recipe.jsonl"
     sft_gpu.main(["--tiny", "--inline", "--setting", "recipe", "--modes", "bf16",
-                  "--out", str(out)])  # fmt: skip
+                  "--cases", "hf,sftkit,sftkit_sr", "--out", str(out)])  # fmt: skip
     got = _records(out)
     assert got[("environment", None)]["tokens_per_step"] == 8 * 256
     assert got[("environment", None)]["setting"] == "recipe"
-    for case in ("hf", "sftkit"):
+    for case in ("hf", "sftkit", "sftkit_sr"):
         record = got[(case, "bf16")]
         assert "error" not in record, record
         # 8 rows per step; the tiny setting caps micro-batches at 4 rows: 2 accumulated
