@@ -29,3 +29,22 @@ def test_bf16_update_trains_and_resumes_bit_exact(small_run, tmp_path: Path, rou
     weights = whole.checkpoint_dir / "step_6" / "policy" / "weights" / "model.safetensors"
     with safe_open(str(weights), "pt") as f:
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+
+
+def test_stochastic_rounding_under_fsdp2_resumes_bit_exact(small_run, tmp_path: Path) -> None:
+    """Two ranks (FSDP2 shards, DTensor parameters and moments, a rounding stream per rank):
+    the sharded step_3 checkpoint continues exactly as the uninterrupted run."""
+    import shutil
+
+    from test_distributed import two_ranks
+
+    update = "policy.dtensor_cfg.bf16_params_update=stochastic_rounding"
+    whole = two_ranks(small_run, tmp_path / "whole", *BF16, update)
+    work = tmp_path / "resume"
+    shutil.copytree(whole.work / "ckpt" / "step_3", work / "ckpt" / "step_3")
+    resumed = two_ranks(small_run, work, *BF16, update)
+    ref, got = whole.train_rows(), resumed.train_rows()
+    assert sorted(got) == [4, 5, 6]
+    for step in got:
+        assert {n: got[step][n] for n in EXACT} == {n: ref[step][n] for n in EXACT}, step
+    assert ref[6]["train/loss"] < ref[1]["train/loss"]
