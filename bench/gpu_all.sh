@@ -10,6 +10,8 @@
 # 2. recipe  the same at a recipe's batch: 32 rows/step by accumulation, largest micro-batch
 # 3. fp8     8B shape: sftkit bf16 vs sftkit FP8 (torchao tensorwise + compile)
 # 4. full8b  8B full fine-tune: HF+Liger (bf16) vs sftkit bf16 + stochastic rounding
+# 4b. fp8conv bench/precision.py: an ~85M random-init Llama learning the addition data, 200
+#            steps, float32 masters vs FP8 (target: last-window loss within 2%)
 # 5. tests   the GPU unit tests (varlen attention, fused kernels and loss, LoRA kernel, FP8,
 #            bf16 optimizer, GPU monitor)
 # 6. e2e     the real entry point on CUDA: bf16 + packing, LoRA, FP8, a few dozen steps
@@ -30,7 +32,7 @@ mkdir -p "$DEPS"
 for w in .wheels/*.whl; do python -m zipfile -e "$w" "$DEPS"; done
 tar -xzf .wheels/antlr4-python3-runtime-*.tar.gz -C /tmp && cp -r /tmp/antlr4-python3-runtime-*/src/antlr4 "$DEPS"/
 export PYTHONPATH=.:$DEPS
-STEPS=${STEPS:-sft,recipe,fp8,full8b,tests,e2e,lora,fsdp}
+STEPS=${STEPS:-sft,recipe,fp8,full8b,fp8conv,tests,e2e,lora,fsdp}
 on() { [[ ",$STEPS," == *",$1,"* ]]; }
 {
   nvidia-smi --query-gpu=name,memory.total,power.limit,driver_version --format=csv
@@ -52,15 +54,21 @@ bench() {
 }
 # SFT_ARGS e.g. "--cases liger,sftkit,sftkit_torch_ce --profile /tmp/prof": the profiler
 # tables are concatenated into one file (few files come back from a device run).
-on sft && bench sft_gpu "${SFT_BUDGET:-80}" ${SFT_ARGS:---cases liger,sftkit --modes bf16}
+on sft && bench sft_gpu "${SFT_BUDGET:-70}" ${SFT_ARGS:---cases liger,sftkit --modes bf16}
 on sft && for f in /tmp/prof/*.txt; do [ -f "$f" ] && { echo "=== $f"; cat "$f"; }; done \
   > "$OUT/profiles.txt" 2>/dev/null
-on recipe && bench sft_recipe "${RECIPE_BUDGET:-100}" --setting recipe \
+on recipe && bench sft_recipe "${RECIPE_BUDGET:-90}" --setting recipe \
   ${RECIPE_ARGS:---cases liger,sftkit --modes bf16}
-on fp8 && bench sft_fp8 "${FP8_BUDGET:-150}" --model 8b \
+on fp8 && bench sft_fp8 "${FP8_BUDGET:-140}" --model 8b \
   ${FP8_ARGS:---cases sftkit,sftkit_fp8 --modes bf16}
 on full8b && bench sft_8b "${FULL8B_BUDGET:-80}" --model 8b \
   ${FULL8B_ARGS:---cases liger,sftkit_sr --modes bf16}
+if on fp8conv && [ "$(left)" -gt 60 ]; then
+  B=$(left); [ "$B" -gt 90 ] && B=90
+  timeout "$B" python bench/precision.py --device cuda --size 100m --modes fp32_master,fp8 \
+    --lr 3e-4 --steps 200 --windows 4 --out "$OUT/precision.jsonl" > "$OUT/precision.log" 2>&1
+  echo "exit $?" >> "$OUT/precision.log"
+fi
 
 B=$(left)
 if on tests && [ "$B" -gt 40 ]; then
