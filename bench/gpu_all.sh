@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # Every GPU check of one device session, within 8 minutes, results in $OUT as they finish:
 #   OUT=/tmp/out bash bench/gpu_all.sh          (carry .wheels/, filled beforehand with
-#   pip download --no-deps -d .wheels liger-kernel pytest pluggy iniconfig pygments tomli \
-#       exceptiongroup omegaconf==2.3.0 antlr4-python3-runtime==4.9.3)
+#   pip download --no-deps -d .wheels liger-kernel torchao pytest pluggy iniconfig pygments \
+#       tomli exceptiongroup omegaconf==2.3.0 antlr4-python3-runtime==4.9.3)
 # Only a few files come back from a device run: keep run directories outside $OUT.
-# 1. the GPU tests (tests/gpu: varlen attention, fused loss, device-side step, GPU monitor)
-#    and the kernel unit tests
-# 2. the real entry point on CUDA: bf16, packing, LoRA, a few dozen steps
-# 3. bench/sft_gpu.py   issue 7: sftkit vs HF vs HF+Liger, 1B full FT, both precision modes
-# 4. bench/lora.py      issue 5: 8B LoRA sftkit vs PEFT (+Liger); 1B LoRA vs full
-# 5. bench/gpu_fsdp.py  issue 6: 1B FSDP2 on one GPU, activation checkpointing on/off
+# Steps, most important first (issue 16), each skipped when the time left cannot hold it;
+# every bench case runs in its own process with a timeout and appends one JSON line as it ends:
+# 1. sft     bench/sft_gpu.py: 1B, chat documents, 2 rows/step: sftkit vs HF+Liger (bf16)
+# 2. recipe  the same at a recipe's batch: 32 rows/step by accumulation, largest micro-batch
+# 3. fp8     8B shape: sftkit bf16 vs sftkit FP8 (torchao tensorwise + compile)
+# 4. full8b  8B full fine-tune: HF+Liger (bf16) vs sftkit bf16 + stochastic rounding
+# 4b. fp8conv bench/precision.py: an ~85M random-init Llama learning the addition data, 200
+#            steps, float32 masters vs FP8 (target: last-window loss within 2%)
+# 5. tests   tests/gpu (every CUDA test, `gpu` marker) and the kernel unit files beside it
+#            (varlen attention, fused kernels and loss, LoRA kernel, FP8, bf16 optimizer)
+# 6. e2e     the real entry point on CUDA: bf16 + packing, LoRA, FP8, a few dozen steps
+# 7. lora, fsdp   earlier issues' benches (bench/lora.py, bench/gpu_fsdp.py) if time is left
+# STEPS=sft,fp8 picks steps; SFT_ARGS / RECIPE_ARGS / FP8_ARGS / FULL8B_ARGS replace a step's
+# case list (e.g. SFT_ARGS="--cases liger,sftkit,hf --modes bf16,fp32_master").
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -17,62 +25,88 @@ START=$(date +%s)
 left() { echo $(( ${BUDGET:-470} - ($(date +%s) - START) )); }
 
 # What the GPU image lacks, unpacked from .wheels/ (pure Python; antlr4 ships only as an
-# sdist, which pip cannot build offline, so it is unpacked too).
+# sdist, which pip cannot build offline, so it is unpacked too; torchao's float8 training is
+# Python + Triton, its optional C++ extension is not needed).
 DEPS=/tmp/sftkit_pydeps
 mkdir -p "$DEPS"
 for w in .wheels/*.whl; do python -m zipfile -e "$w" "$DEPS"; done
 tar -xzf .wheels/antlr4-python3-runtime-*.tar.gz -C /tmp && cp -r /tmp/antlr4-python3-runtime-*/src/antlr4 "$DEPS"/
 export PYTHONPATH=.:$DEPS
-STEPS=${STEPS:-tests,e2e,sft,lora,fsdp}
+STEPS=${STEPS:-sft,recipe,fp8,full8b,fp8conv,tests,e2e,lora,fsdp}
 on() { [[ ",$STEPS," == *",$1,"* ]]; }
 {
   nvidia-smi --query-gpu=name,memory.total,power.limit,driver_version --format=csv
   python -c "import torch, transformers, triton; print('torch', torch.__version__, \
 'transformers', transformers.__version__, 'triton', triton.__version__)"
   python -c "import liger_kernel, peft; print('liger ok, peft', peft.__version__)"
+  python -c "import torchao; print('torchao', torchao.__version__)"
 } > "$OUT/env.txt" 2>&1
 
-# tests/gpu holds every CUDA test (`gpu` marker); the unit files beside it run their CPU
-# fallback checks and Triton kernels (interpreted) on the device image's versions.
-on tests && timeout 100 python -m pytest -q -p no:cacheprovider -o addopts="" \
-  tests/gpu tests/unit/model/test_attention.py tests/unit/model/test_fused.py \
-  tests/unit/model/test_lora_triton.py tests/unit/log/test_log_gpu.py \
-  tests/unit/train/test_loss.py tests/unit/train/test_step.py \
-  > "$OUT/gpu_tests.log" 2>&1
-on tests && echo "exit $?" >> "$OUT/gpu_tests.log"
+# bench NAME SECONDS ARGS...: bench/sft_gpu.py with at most SECONDS (less if less is left),
+# skipped below 40 s; its cases append to $OUT/NAME.jsonl as each finishes.
+bench() {
+  local name=$1 want=$2; shift 2
+  local b; b=$(left); [ "$b" -gt "$want" ] && b=$want
+  if [ "$b" -lt 40 ]; then echo "skipped: $b s left" > "$OUT/$name.log"; return; fi
+  timeout $(( b + 10 )) python bench/sft_gpu.py --budget "$(( b - 10 ))" "$@" \
+    --out "$OUT/$name.jsonl" > "$OUT/$name.log" 2>&1
+  echo "exit $? after $(( $(date +%s) - START ))s" >> "$OUT/$name.log"
+}
+# SFT_ARGS e.g. "--cases liger,sftkit,sftkit_torch_ce --profile /tmp/prof": the profiler
+# tables are concatenated into one file (few files come back from a device run).
+on sft && bench sft_gpu "${SFT_BUDGET:-70}" ${SFT_ARGS:---cases liger,sftkit --modes bf16}
+on sft && for f in /tmp/prof/*.txt; do [ -f "$f" ] && { echo "=== $f"; cat "$f"; }; done \
+  > "$OUT/profiles.txt" 2>/dev/null
+on recipe && bench sft_recipe "${RECIPE_BUDGET:-90}" --setting recipe \
+  ${RECIPE_ARGS:---cases liger,sftkit --modes bf16}
+on fp8 && bench sft_fp8 "${FP8_BUDGET:-140}" --model 8b \
+  ${FP8_ARGS:---cases sftkit,sftkit_fp8 --modes bf16}
+on full8b && bench sft_8b "${FULL8B_BUDGET:-80}" --model 8b \
+  ${FULL8B_ARGS:---cases liger,sftkit_sr --modes bf16}
+if on fp8conv && [ "$(left)" -gt 60 ]; then
+  B=$(left); [ "$B" -gt 90 ] && B=90
+  timeout "$B" python bench/precision.py --device cuda --size 100m --modes fp32_master,fp8 \
+    --lr 3e-4 --steps 200 --windows 4 --out "$OUT/precision.jsonl" > "$OUT/precision.log" 2>&1
+  echo "exit $?" >> "$OUT/precision.log"
+fi
+
+B=$(left)
+if on tests && [ "$B" -gt 40 ]; then
+  timeout $(( B < 100 ? B - 10 : 90 )) python -m pytest -q -p no:cacheprovider -o addopts="" \
+    tests/gpu tests/unit/model/test_attention.py tests/unit/model/test_fused.py \
+    tests/unit/model/test_lora_triton.py tests/unit/log/test_log_gpu.py \
+    tests/unit/train/test_loss.py tests/unit/train/test_step.py \
+    tests/unit/model/test_fp8.py tests/unit/train/test_bf16_optim.py \
+    > "$OUT/gpu_tests.log" 2>&1
+  echo "exit $?" >> "$OUT/gpu_tests.log"
+fi
 
 E2E="--config examples/configs/quickstart.yaml sft.max_num_steps=60 sft.val_period=30 checkpointing.save_period=30 \
 policy.precision=bfloat16 policy.train_global_batch_size=256 policy.train_micro_batch_size=64"
-if on e2e; then  # run dirs live in /tmp: only the metrics come back (few files)
+if on e2e && [ "$(left)" -gt 60 ]; then  # run dirs in /tmp: only the metrics come back
   ( timeout 45 python examples/run_sft.py $E2E checkpointing.checkpoint_dir=/tmp/e2e/full \
       logger.log_dir=/tmp/e2e/logs_full policy.sequence_packing.enabled=true \
       policy.sequence_packing.train_mb_tokens=2048 \
+    && timeout 40 python examples/run_sft.py $E2E checkpointing.checkpoint_dir=/tmp/e2e/fp8 \
+      logger.log_dir=/tmp/e2e/logs_fp8 policy.dtensor_cfg.fp8_cfg.enabled=true \
     && timeout 60 python examples/run_sft.py $E2E checkpointing.checkpoint_dir=/tmp/e2e/lora \
       logger.log_dir=/tmp/e2e/logs_lora policy.dtensor_cfg.lora_cfg.enabled=true
   ) > "$OUT/e2e.log" 2>&1
   echo "exit $?" >> "$OUT/e2e.log"
-  cp /tmp/e2e/logs_full/exp_001/metrics.jsonl "$OUT/e2e_full_metrics.jsonl" 2>/dev/null
-  cp /tmp/e2e/logs_lora/exp_001/metrics.jsonl "$OUT/e2e_lora_metrics.jsonl" 2>/dev/null
+  for run in full fp8 lora; do
+    cp "/tmp/e2e/logs_$run/exp_001/metrics.jsonl" "$OUT/e2e_${run}_metrics.jsonl" 2>/dev/null
+  done
 fi
 
-# SFT_ARGS e.g. "--cases liger,sftkit,sftkit_torch_ce --profile /tmp/prof": the profiler
-# tables are concatenated into one file (few files come back from a device run).
-SFT_BUDGET=${SFT_BUDGET:-175}
-on sft && timeout $(( SFT_BUDGET + 15 )) python bench/sft_gpu.py --budget "$SFT_BUDGET" \
-  ${SFT_ARGS:-} --out "$OUT/sft_gpu.jsonl" > "$OUT/sft_gpu.log" 2>&1
-on sft && echo "exit $?" >> "$OUT/sft_gpu.log"
-on sft && for f in /tmp/prof/*.txt; do [ -f "$f" ] && { echo "=== $f"; cat "$f"; }; done \
-  > "$OUT/profiles.txt" 2>/dev/null
-
-if on lora; then
-  B=$(( $(left) - 100 )); [ "$B" -gt 30 ] || B=30
+if on lora && [ "$(left)" -gt 130 ]; then
+  B=$(( $(left) - 100 ))
   timeout $(( B + 10 )) python bench/lora.py --gpu --budget "$B" ${LORA_ARGS:-} \
     --out "$OUT/lora_bench.jsonl" > "$OUT/lora_bench.log" 2>&1
   echo "exit $?" >> "$OUT/lora_bench.log"
 fi
 
-B=$(left); [ "$B" -gt 20 ] || B=20
-if on fsdp; then
+B=$(left)
+if on fsdp && [ "$B" -gt 20 ]; then
   OUT="$OUT" timeout "$B" python bench/gpu_fsdp.py --timeout $(( B / 2 - 5 )) > "$OUT/fsdp.log" 2>&1
   echo "exit $?" >> "$OUT/fsdp.log"
 fi

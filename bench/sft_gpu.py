@@ -62,11 +62,13 @@ from random_model import random_llama  # noqa: E402
 from results import emit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("liger", "sftkit", "hf", "sftkit_torch_ce", "sftkit_liger", "sftkit_compile")
-EXTRAS = ("sftkit_torch_ce", "sftkit_liger", "sftkit_compile")  # after the main cases
+CASES = ("liger", "sftkit", "hf", "sftkit_fp8", "sftkit_sr", "sftkit_torch_ce", "sftkit_liger",
+         "sftkit_compile")  # fmt: skip
+EXTRAS = CASES[3:]  # after the main cases
 MODES = ("bf16", "fp32_master")
 MIN_CASE_S = {"hf": 25.0, "liger": 30.0, "sftkit": 30.0, "sftkit_torch_ce": 30.0,
-              "sftkit_liger": 30.0, "sftkit_compile": 75.0}  # fmt: skip
+              "sftkit_liger": 30.0, "sftkit_compile": 75.0, "sftkit_fp8": 75.0,
+              "sftkit_sr": 30.0}  # fmt: skip
 
 
 @dataclass
@@ -82,12 +84,20 @@ class Setup:
     device: str
     chunk_size: int = 2048  # chunked-loss tokens per chunk (sftkit cases)
     docs: str = "chat"  # chat | full
+    # Rows per micro-batch (gradient accumulation over rows / micro_rows); 0: the largest
+    # divisor of `rows` up to `max_micro_rows` whose step fits in memory (searched per case).
+    micro_rows: int = 2
+    max_micro_rows: int = 16
 
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                 num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                 head_dim=64, max_position_embeddings=131072, rope_theta=500000.0,
                 tie_word_embeddings=True)  # fmt: skip
+LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
+                tie_word_embeddings=False)  # fmt: skip
 TINY_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=True)  # fmt: skip
@@ -95,6 +105,10 @@ GPU = Setup(LLAMA_1B, seq=4096, rows=2, warmup=3, steps=10, median=700, sigma=0.
             min_len=32, device="cuda")  # fmt: skip
 TINY = Setup(TINY_MODEL, seq=256, rows=2, warmup=1, steps=2, median=44, sigma=0.8,
              min_len=8, device="cpu", chunk_size=128)  # fmt: skip
+# `--setting recipe`: a recipe's global batch, 32 rows of 4096 tokens per optimizer step by
+# gradient accumulation, each side at its largest micro-batch that fits.
+RECIPE = {"gpu": replace(GPU, rows=32, warmup=1, steps=3, micro_rows=0),
+          "tiny": replace(TINY, rows=8, steps=1, micro_rows=0, max_micro_rows=4)}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- data
@@ -122,20 +136,48 @@ def make_rows(setup: Setup, count: int, seed: int) -> list[list[tuple[list[int],
     return rows
 
 
-def step_batches(setup: Setup, seed: int) -> list[Any]:
-    """One PackedBatch per optimizer step (`rows` packed rows, no padding)."""
+def step_batches(setup: Setup, seed: int, micro_rows: int | None = None) -> list[Any]:
+    """One PackedBatch per optimizer step (`rows` packed rows, no padding); with
+    `micro_rows`, one list of micro-batches of that many rows per optimizer step."""
     from sftkit.batch import collate_packed
 
     rows = make_rows(setup, setup.rows * (setup.warmup + setup.steps), seed)
+    micro = micro_rows or setup.rows
     batches = []
-    for s in range(0, len(rows), setup.rows):
-        docs = [d for row in rows[s : s + setup.rows] for d in row]
+    for s in range(0, len(rows), micro):
+        docs = [d for row in rows[s : s + micro] for d in row]
         bins, start = [], 0
-        for row in rows[s : s + setup.rows]:
+        for row in rows[s : s + micro]:
             bins.append(list(range(start, start + len(row))))
             start += len(row)
         batches.append(collate_packed(docs, bins, setup.seq, 0))
-    return batches
+    if micro_rows is None:
+        return batches
+    per_step = setup.rows // micro
+    return [batches[i : i + per_step] for i in range(0, len(batches), per_step)]
+
+
+def micro_candidates(setup: Setup) -> list[int]:
+    """Micro-batch sizes to try, largest first: `micro_rows`, or the divisors of `rows` up to
+    `max_micro_rows` (so every optimizer step sees all `rows` rows)."""
+    if setup.micro_rows:
+        return [setup.micro_rows]
+    return [m for m in range(min(setup.rows, setup.max_micro_rows), 0, -1) if setup.rows % m == 0]
+
+
+def largest_fitting(candidates: list[int], try_step: Any, free: Any) -> int:
+    """The first of `candidates` for which `try_step(m)` does not run out of memory (that
+    step counts as a warm-up step); `free()` releases what a failed try left behind."""
+    import torch
+
+    for m in candidates:
+        try:
+            try_step(m)
+            return m
+        except torch.OutOfMemoryError:
+            pass  # free outside the handler: the traceback holds the failed step's tensors
+        free()
+    raise RuntimeError(f"out of memory even at micro-batch {candidates[-1]}")
 
 
 def attention_context(batches: list[Any]) -> float:
@@ -159,19 +201,24 @@ def build_model(setup: Setup, mode: str) -> Any:
     return random_llama(config, dtype, device)
 
 
-def _hf_step(model: Any, optimizer: Any, batch: Any, mode: str) -> float:
+def _hf_step(model: Any, optimizer: Any, batches: list[Any], mode: str) -> float:
+    """HF's loss per micro-batch (a mean over its tokens), averaged over the micro-batches as
+    Trainer's gradient accumulation does."""
     import torch
 
     from sftkit.train.step import autocast
 
     dtype = torch.bfloat16 if mode == "fp32_master" else torch.float32
-    with autocast(batch.input_ids.device, dtype):
-        loss = model(input_ids=batch.input_ids, labels=batch.labels, use_cache=False).loss
-    loss.backward()
+    total = 0.0
+    for batch in batches:
+        with autocast(batch.input_ids.device, dtype):
+            loss = model(input_ids=batch.input_ids, labels=batch.labels, use_cache=False).loss
+        (loss / len(batches)).backward()
+        total += float(loss.detach()) / len(batches)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return total
 
 
 def run_case(
@@ -198,13 +245,21 @@ def run_case(
         enable_packed_attention(model)
         compute = torch.bfloat16 if mode == "fp32_master" else next(model.parameters()).dtype
         info["attention"] = resolve_backend("auto", torch.device(setup.device), compute)
-        if case == "sftkit_compile":
+        if case == "sftkit_fp8":  # torchao float8 needs compile to fuse its casts
+            from sftkit.model.fp8 import apply_fp8
+
+            report = apply_fp8(model, "tensorwise", "hybrid", torch.device(setup.device))
+            info |= {"fp8_layers": len(report.converted), "fp8_emulated": report.emulated}
+        if case in ("sftkit_compile", "sftkit_fp8"):
             info["compiled_layers"] = compile_layers(model)
         else:
             backend = "liger" if case == "sftkit_liger" else "triton"
             info["fused"] = apply_fused_kernels(model, backend=backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
-    batches = [b.to(setup.device) for b in step_batches(setup, seed)]
+    if case == "sftkit_sr" and mode == "bf16":  # bf16 parameters, stochastic rounding
+        from sftkit.train.bf16_optim import BF16AdamW
+
+        optimizer = BF16AdamW(model.parameters(), lr=1e-5, rounding="stochastic_rounding")
     env = DistEnv(device=torch.device(setup.device))
     opts = StepOptions(
         compute_dtype=torch.bfloat16 if mode == "fp32_master" else torch.float32,
@@ -212,15 +267,30 @@ def run_case(
         fused_ce=False if case == "sftkit_torch_ce" else None,
     )  # fmt: skip
 
-    def step(i: int, batch: Any) -> float:
+    def step(i: int, micro: list[Any]) -> float:
         if case.startswith("sftkit"):
-            return train_step(model, optimizer, [batch], batch.num_target_tokens, opts, env, i)[
-                "loss"
-            ]
-        return _hf_step(model, optimizer, batch, mode)
+            tokens = sum(b.num_target_tokens for b in micro)
+            return train_step(model, optimizer, micro, tokens, opts, env, i)["loss"]
+        return _hf_step(model, optimizer, micro, mode)
+
+    def on_device(micro: list[Any]) -> list[Any]:
+        return [b.to(setup.device) for b in micro]
+
+    def free() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.empty_cache()
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    losses = [step(i, b) for i, b in enumerate(batches[: setup.warmup])]
+    losses: list[float] = []
+    micro_rows = largest_fitting(
+        micro_candidates(setup),
+        lambda m: losses.append(step(0, on_device(step_batches(setup, seed, m)[0]))),
+        free,
+    )
+    info |= {"micro_rows": micro_rows, "grad_accum": setup.rows // micro_rows}
+    batches = [on_device(micro) for micro in step_batches(setup, seed, micro_rows)]
+    losses += [step(i, b) for i, b in enumerate(batches[1 : setup.warmup], 1)]
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -228,7 +298,7 @@ def run_case(
     losses += [step(i, b) for i, b in enumerate(batches[setup.warmup :], setup.warmup)]
     sync()
     seconds = time.perf_counter() - start
-    tokens = sum(b.input_ids.numel() for b in batches[setup.warmup :])
+    tokens = sum(b.input_ids.numel() for step_ in batches[setup.warmup :] for b in step_)
     if profile is not None:
         profile_steps(
             lambda i: step(i, batches[i % len(batches)]), cuda, profile / f"{case}_{mode}.txt"
@@ -236,7 +306,7 @@ def run_case(
     tps = tokens / seconds
     config = model.config
     peak = peak_flops(torch.cuda.get_device_name()) if cuda else None
-    context = attention_context(batches)
+    context = attention_context([b for step_ in batches for b in step_])
     result = {
         "tokens_per_s": round(tps, 1),
         "mfu": _round(mfu(tps, flops_per_token(config, setup.seq), peak)),
@@ -349,6 +419,8 @@ def run_in_subprocess(
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case, mode,
            "--seed", str(args.seed), "--docs", args.docs]  # fmt: skip
     cmd += ["--tiny"] if args.tiny else []
+    cmd += ["--setting", args.setting, "--model", args.model]
+    cmd += ["--micro-rows", str(args.micro_rows)] if args.micro_rows else []
     cmd += ["--steps", str(args.steps)] if args.steps else []
     cmd += ["--chunk-size", str(args.chunk_size)] if args.chunk_size else []
     cmd += ["--profile", str(args.profile)] if args.profile else []
@@ -363,9 +435,9 @@ def run_in_subprocess(
     return {"error": _error_line(proc.stderr or proc.stdout), "returncode": proc.returncode}
 
 
-def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(records: list[dict[str, Any]], target: float = 1.25) -> dict[str, Any]:
     """Each sftkit variant over Liger (and HF) per mode: tokens/s and memory ratios; the
-    target (>= 1.25x Liger's tokens/s at <= its memory) is checked for the `sftkit` case."""
+    target (>= `target` x Liger's tokens/s at <= its memory) is checked for `sftkit`."""
     by = {(r["case"], r["mode"]): r for r in records if "tokens_per_s" in r}
     out: dict[str, Any] = {"case": "summary"}
     for mode in MODES:
@@ -380,10 +452,15 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                 if ours.get("peak_gib") and ref.get("peak_gib"):
                     memory = round(ours["peak_gib"] / ref["peak_gib"], 3)
                     out[f"{mode}_{variant}_memory_over_{base}"] = memory
+        fp8, bf16 = by.get(("sftkit_fp8", mode)), by.get(("sftkit", mode))
+        if fp8 and bf16:  # FP8's target: >= 1.2x sftkit's own bf16
+            out[f"{mode}_sftkit_fp8_over_sftkit"] = round(
+                fp8["tokens_per_s"] / bf16["tokens_per_s"], 3
+            )
         ratio = out.get(f"{mode}_sftkit_over_liger")
         if ratio is not None:
             memory = out.get(f"{mode}_sftkit_memory_over_liger")
-            out[f"{mode}_target_met"] = ratio >= 1.25 and (memory is None or memory <= 1.0)
+            out[f"{mode}_target_met"] = ratio >= target and (memory is None or memory <= 1.0)
     return out
 
 
@@ -398,6 +475,7 @@ def _environment(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "setup": {k: v for k, v in asdict(setup).items() if k != "model"},
+        "setting": args.setting,
         "tokens_per_step": setup.seq * setup.rows,
         "trained_fraction": round(
             sum(b.num_target_tokens for b in batches) / sum(b.input_ids.numel() for b in batches),
@@ -418,6 +496,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--steps", type=int, help="measured optimizer steps per case")
     parser.add_argument("--chunk-size", type=int, help="sftkit chunked-loss tokens per chunk")
     parser.add_argument("--docs", choices=("chat", "full"), default="chat")
+    parser.add_argument(
+        "--setting",
+        choices=("small", "recipe"),
+        default="small",
+        help="small: 2 rows per step; recipe: 32 rows by gradient accumulation",
+    )
+    parser.add_argument("--micro-rows", type=int, help="rows per micro-batch (recipe: auto)")
+    parser.add_argument("--model", choices=("1b", "8b"), default="1b", help="GPU model shape")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--budget", type=float, default=210.0, help="seconds for all cases")
     parser.add_argument("--out", type=Path, help="JSONL file (default: $OUT/sft_gpu.jsonl)")
@@ -425,7 +511,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--profile", type=Path, help="folder for per-case profiler tables")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    setup = replace(TINY if args.tiny else GPU, docs=args.docs)
+    recipe = args.setting == "recipe"
+    base = RECIPE["tiny" if args.tiny else "gpu"] if recipe else TINY if args.tiny else GPU
+    setup = replace(base, docs=args.docs, micro_rows=args.micro_rows or base.micro_rows)
+    if args.model == "8b" and not args.tiny:
+        setup = replace(setup, model=LLAMA_8B)
     setup = replace(setup, steps=args.steps or setup.steps,
                     chunk_size=args.chunk_size or setup.chunk_size)  # fmt: skip
     if args.child:
@@ -439,7 +529,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     out = args.out or (Path(os.environ["OUT"]) / "sft_gpu.jsonl" if "OUT" in os.environ else None)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-    default_cases = CASES if setup.device == "cuda" else ("liger", "sftkit", "hf")
+    main_cases = ("liger", "sftkit", "hf")
+    default_cases = CASES if setup.device == "cuda" and not recipe else main_cases
     cases = args.cases.split(",") if args.cases else list(default_cases)
     modes = args.modes.split(",")
     for name in cases + modes:
@@ -459,7 +550,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             record["skipped"] = "liger-kernel needs CUDA"
         elif liger and extra is None and not _importable("liger_kernel"):
             record["skipped"] = "liger-kernel is not installed and .wheels/ has no liger wheel"
-        elif setup.device == "cuda" and left < MIN_CASE_S.get(case, 30.0):
+        elif setup.device == "cuda" and left < MIN_CASE_S.get(case, 30.0) * (1 + recipe):
             record["skipped"] = f"time budget: {left:.0f} s left"
         elif args.inline:
             try:
@@ -472,7 +563,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             record |= run_in_subprocess(case, mode, args, timeout, extra)
         records.append(record)
         emit(record, out)
-    records.append(summarize(records))
+    records.append(summarize(records, target=1.3 if recipe else 1.25))
     records[-1]["seconds"] = round(time.monotonic() - start, 1)
     emit(records[-1], out)
     return records

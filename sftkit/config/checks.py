@@ -17,6 +17,8 @@ from sftkit.config.schema import (
     CHOICES,
     DATASET_KEYS,
     DERIVED_DEFAULTS,
+    FP8_FORMATS,
+    FP8_RECIPES,
     IGNORED_KEYS,
     MasterConfig,
 )
@@ -270,6 +272,25 @@ def check_config(cfg: MasterConfig, sources: dict[str, str] | None = None) -> No
                 "true; they are mutually exclusive: set one of them to false.",
             )
         )
+    d = policy.dtensor_cfg
+    if d.bf16_params_update != "none" and not (d.bf16_params and policy.precision == "bfloat16"):
+        problems.append(
+            (
+                "policy.dtensor_cfg.bf16_params_update",
+                f"policy.dtensor_cfg.bf16_params_update is {d.bf16_params_update!r}, which "
+                "rounds updates into bf16 parameters, but the parameters are float32: set "
+                "policy.dtensor_cfg.bf16_params=true and policy.precision=bfloat16, or "
+                "bf16_params_update=none.",
+            )
+        )
+    fp8 = d.fp8_cfg
+    fp8_error = fp8.enabled and fp8_config_error(fp8.fp8_recipe, fp8.fp8, fp8.fp8_param)
+    if fp8.enabled and d.tensor_parallel_size > 1:  # torchao needs its Float8 TP plan styles
+        fp8_error = "enabled with tensor_parallel_size > 1 is not supported yet: set one to 1"
+    if fp8_error:
+        meg = policy.megatron_cfg
+        where = "megatron_cfg" if meg.enabled and meg.fp8_cfg.enabled else "dtensor_cfg"
+        problems.append((f"policy.{where}.fp8_cfg", f"policy.{where}.fp8_cfg.{fp8_error}."))
     problems += choice_problems(cfg, CHOICES)
     problems += _optimizer_number_problems(policy.optimizer)
     for name in ("train", "validation"):
@@ -316,6 +337,25 @@ def _optimizer_number_problems(optimizer: Any) -> list[tuple[str, str]]:
                 (path, f"{path} is {value!r}, beyond float32's range (3.4e38): use a finite value.")
             )
     return problems
+
+
+def fp8_config_error(recipe: str, fp8: str, fp8_param: bool) -> str | None:
+    """Why this `fp8_cfg` cannot run on torchao (the fix included), or None."""
+    if recipe not in FP8_RECIPES:
+        return (
+            f"fp8_recipe is {recipe!r}, which torchao's float8 training has no equivalent "
+            f"for; choose one of {', '.join(map(repr, FP8_RECIPES))}"
+        )
+    if fp8 not in FP8_FORMATS:
+        return f"fp8 is {fp8!r}; choose one of {', '.join(map(repr, FP8_FORMATS))}"
+    if recipe == "rowwise_with_gw_hp" and fp8 != "e4m3":
+        return "fp8_recipe 'rowwise_with_gw_hp' uses e4m3 gradients: set fp8 to 'e4m3'"
+    if fp8_param:
+        return (
+            "fp8_param (FP8 parameter storage) is not supported: parameters stay in "
+            "bf16/float32 and are cast to FP8 per GEMM; set fp8_param to false"
+        )
+    return None
 
 
 def _dataset_shape_error(path: str, value: Any) -> str | None:

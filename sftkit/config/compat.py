@@ -6,7 +6,8 @@
 - A bare `checkpointing.metric_name` (`val_loss`, NeMo RL's older format) means `val:val_loss`.
 - With `policy.megatron_cfg.enabled`, NeMo RL trains with `megatron_cfg.optimizer` and
   `megatron_cfg.scheduler`, not `policy.optimizer`; they are translated to the equivalent
-  torch AdamW/SGD and LinearLR/CosineAnnealingLR chain so the recipe's learning rates hold.
+  torch AdamW/SGD and LinearLR/CosineAnnealingLR chain so the recipe's learning rates hold;
+  an enabled `megatron_cfg.fp8_cfg` becomes `dtensor_cfg.fp8_cfg` (FP8 through torchao).
 - A disabled `dtensor_cfg`'s parallel sizes are not read (as in NeMo RL).
 - The flat data layout next to `data.train` is reported: `data.train` wins.
 """
@@ -35,7 +36,8 @@ MEGATRON_HONOURED: tuple[str, ...] = tuple(
         "optimizer.sgd_momentum", "optimizer.clip_grad", "scheduler.start_weight_decay",
         "scheduler.end_weight_decay", "scheduler.weight_decay_incr_style",
         "scheduler.lr_decay_style", "scheduler.lr_decay_iters", "scheduler.lr_warmup_iters",
-        "scheduler.lr_warmup_init", "context_parallel_size",
+        "scheduler.lr_warmup_init", "context_parallel_size", "fp8_cfg.enabled", "fp8_cfg.fp8",
+        "fp8_cfg.fp8_recipe", "fp8_cfg.fp8_param",
     )
 )  # fmt: skip
 _DECAY_STYLES = ("constant", "linear", "cosine")
@@ -208,6 +210,8 @@ def megatron_optimizer(cfg: DictConfig) -> bool:
     cfg.policy.scheduler = megatron_schedule(opt.lr, opt.min_lr, sched, cfg.sft.max_num_steps)
     clip = opt.clip_grad
     cfg.policy.max_grad_norm = float(clip) if clip else None
+    if meg.fp8_cfg.enabled:  # FP8 runs through torchao (sftkit.model.fp8)
+        cfg.policy.dtensor_cfg.fp8_cfg = meg.fp8_cfg
     return True
 
 

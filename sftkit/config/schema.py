@@ -107,6 +107,13 @@ class DTensorConfig:
     automodel_kwargs: dict[str, Any] = field(default_factory=dict)  # NeMo Automodel options
     lora_cfg: LoraConfig = field(default_factory=LoraConfig)
     bf16_params: bool = False  # sftkit: keep parameters in bf16 (less memory, no fp32 master)
+    # sftkit: how AdamW writes float32 updates into bf16 parameters: none (torch's optimizer,
+    # round to nearest: small updates are lost) | stochastic_rounding | kahan (+2 B/param)
+    bf16_params_update: str = "none"
+    # sftkit: FP8 linear layers through torchao (NeMo RL's fp8_cfg spelling; see Fp8Config)
+    fp8_cfg: Fp8Config = field(
+        default_factory=lambda: Fp8Config(fp8="hybrid", fp8_recipe="tensorwise")
+    )
     compile: bool = False  # sftkit: torch.compile each decoder layer
     fused_kernels: bool = (
         True  # sftkit: fused RMSNorm/SwiGLU/RoPE kernels on CUDA (Liger if installed)
@@ -208,10 +215,10 @@ class MegatronDDPConfig:
 
 @dataclass
 class Fp8Config:
-    enabled: bool = False
-    fp8: str = "e4m3"
-    fp8_recipe: str = "blockwise"
-    fp8_param: bool = False
+    enabled: bool = False  # FP8 GEMMs in the linear layers (sftkit: torchao float8 training)
+    fp8: str = "e4m3"  # e4m3 everywhere | hybrid: e4m3 forward, e5m2 gradients
+    fp8_recipe: str = "blockwise"  # scaling; sftkit: tensorwise | rowwise | rowwise_with_gw_hp
+    fp8_param: bool = False  # keep parameters in FP8 (not supported by sftkit)
 
 
 @dataclass
@@ -415,6 +422,7 @@ TOKEN_BUDGET_KEYS = (
 # Allowed values of choice fields (null is allowed where the field is optional).
 CHOICES: dict[str, tuple[str, ...]] = {
     "policy.precision": ("float32", "bfloat16", "float16"),
+    "policy.dtensor_cfg.bf16_params_update": ("none", "stochastic_rounding", "kahan"),
     "policy.dtensor_cfg.lora_cfg.dropout_position": ("pre", "post"),
     "policy.dtensor_cfg.lora_cfg.lora_A_init": ("xavier", "uniform"),
     "policy.megatron_cfg.peft.dropout_position": ("pre", "post"),
@@ -433,6 +441,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logger.wandb.mode": ("online", "offline", "disabled"),
     "cluster.device": ("auto", "cpu", "cuda"),
 }
+
+# What sftkit's FP8 (torchao float8 training, `sftkit.model.fp8`) supports of NeMo RL's
+# fp8_cfg: its recipes (Megatron's blockwise, delayed and mxfp8 have no torchao equivalent)
+# and formats; checked only when fp8_cfg.enabled.
+FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+FP8_FORMATS = ("e4m3", "hybrid")
 
 # Dataset keys the seed's flat data form puts directly under `data` (NeMo RL's
 # ResponseDataset, openai_format and built-in dataset arguments). The loader moves them to
@@ -507,7 +521,6 @@ IGNORED_KEYS: dict[str, str] = {
     "policy.megatron_cfg.optimizer": "Megatron-only (lr, betas, eps, weight decay, clip are used)",
     "policy.megatron_cfg.scheduler": "Megatron-only (the lr warmup and decay are used)",
     "policy.megatron_cfg.distributed_data_parallel_config": "Megatron-only",
-    "policy.megatron_cfg.fp8_cfg": "Megatron-only (no FP8 training)",
     "checkpointing.is_async": "saves are synchronous",
     "checkpointing.pretrained_checkpoint": "Megatron checkpoints are not loaded",
     "logger.swanlab_enabled": "no SwanLab sink",

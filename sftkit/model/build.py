@@ -5,7 +5,9 @@
     2. fuse weights    room for fused QKV / gate-up projections (none yet): they change
                        parameter names, so they come before anything that keys on names
     3. LoRA            before TP and FSDP, so the tensor-parallel plan splits the LoRA
-                       branches with their base layers and FSDP shards them as parameters
+                       branches with their base layers and FSDP shards them as parameters;
+                       then FP8 (`fp8_cfg`) swaps the remaining nn.Linear layers for
+                       torchao's Float8Linear, before TP, AC, compile and FSDP2 wrap them
     4. mesh + TP       the (dp, tp) or (dp_batch, cp, tp) mesh, then DTensor tensor
                        parallelism; one process: moved to its device
     5. kernels         fused RMSNorm/SwiGLU/RoPE forwards and packed attention swap module
@@ -34,6 +36,7 @@ from torch import nn
 from sftkit.config import MasterConfig
 from sftkit.dist import DistEnv, build_mesh
 from sftkit.model.attention import check_document_isolation, enable_packed_attention
+from sftkit.model.fp8 import apply_fp8
 from sftkit.model.fused import apply_fused_kernels, compile_layers
 from sftkit.model.load import DTYPES, load_model
 from sftkit.model.lora import apply_lora, lora_spec_from_config
@@ -78,6 +81,8 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
     if spec is not None:
         names = apply_lora(model, spec)
         logger.info("LoRA on %d modules (rank %d, alpha %s)", len(names), spec.dim, spec.alpha)
+    if d.fp8_cfg.enabled:
+        apply_fp8(model, d.fp8_cfg.fp8_recipe, d.fp8_cfg.fp8, env.device)
     # 4. mesh + tensor parallel (one process: the device)
     mesh = build_mesh(
         env, d.tensor_parallel_size, d.dp_replicate_size, d.context_parallel_size

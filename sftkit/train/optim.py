@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from sftkit.config.dotted import import_object
+from sftkit.train.bf16_optim import BF16AdamW
 
 logger = logging.getLogger("sftkit")
 
@@ -21,18 +22,24 @@ def build_optimizer(
     name: str | None,
     kwargs: dict[str, Any] | None,
     prefer_fused: bool = False,
+    bf16_update: str = "none",
+    seed: int = 0,
 ) -> torch.optim.Optimizer:
     """`name` is a dotted class path; `kwargs` go to its constructor (lists become tuples).
 
     `prefer_fused` (the recipe sets it on CUDA without tensor parallelism) turns NeMo RL's
     `foreach: false, fused: false` into torch's fused Adam/AdamW (see `_prefer_fused`).
+    `bf16_update` (`policy.dtensor_cfg.bf16_params_update`) other than "none" replaces
+    Adam/AdamW by `BF16AdamW` with that rounding, seeded by `seed`.
     """
     if name is None:  # Megatron recipes set policy.optimizer: null
         logger.warning("policy.optimizer is null: using %s", DEFAULT_OPTIMIZER)
         name, kwargs = DEFAULT_OPTIMIZER, DEFAULT_OPTIMIZER_KWARGS
     cls = import_object(name, "policy.optimizer.name")
     clean = {k: tuple(v) if isinstance(v, list) else v for k, v in (kwargs or {}).items()}
-    if prefer_fused:
+    if bf16_update != "none":
+        cls, clean = _bf16_update(cls, clean, bf16_update, seed)
+    elif prefer_fused:
         clean = _prefer_fused(cls, clean)
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -63,6 +70,26 @@ def _prefer_fused(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
         cls.__name__,
     )
     return {**kwargs, "fused": True, "foreach": None}
+
+
+def _bf16_update(
+    cls: type, kwargs: dict[str, Any], rounding: str, seed: int
+) -> tuple[type, dict[str, Any]]:
+    """Adam/AdamW's arguments for `BF16AdamW` (the same update, rounded by `rounding`)."""
+    if cls not in (torch.optim.Adam, torch.optim.AdamW):
+        raise ValueError(
+            f"policy.dtensor_cfg.bf16_params_update={rounding!r} needs policy.optimizer.name "
+            f"torch.optim.AdamW or torch.optim.Adam, not {cls.__module__}.{cls.__name__}; "
+            "set bf16_params_update=none to use it"
+        )
+    decoupled = cls is torch.optim.AdamW or bool(kwargs.get("decoupled_weight_decay"))
+    logger.info(
+        "policy.optimizer: bf16 parameters updated by %s with %s rounding (float32 moments)",
+        cls.__name__,
+        rounding,
+    )
+    extra = {"rounding": rounding, "seed": seed, "decoupled_weight_decay": decoupled}
+    return BF16AdamW, {**kwargs, **extra}
 
 
 def build_scheduler(

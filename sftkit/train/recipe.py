@@ -113,6 +113,8 @@ def setup_optimizer(cfg: MasterConfig, env: DistEnv, model: nn.Module) -> torch.
         o.name if o else None,
         dict(o.kwargs) if o else None,
         prefer_fused=env.device.type == "cuda" and env.tp_size == 1,
+        bf16_update=cfg.policy.dtensor_cfg.bf16_params_update,
+        seed=cfg.sft.seed,
     )
 
 

@@ -75,6 +75,47 @@ def test_tiny_inline_run_writes_every_case(tmp_path: Path, sft_gpu: ModuleType) 
     assert summary["bf16_sftkit_over_hf"] > 0 and "bf16_target_met" not in summary
 
 
+@pytest.mark.slow  # runs the bench driver
+def test_tiny_recipe_setting_accumulates_the_largest_micro_batch(
+    tmp_path: Path, sft_gpu: ModuleType
+) -> None:
+    out = tmp_path / "recipe.jsonl"
+    sft_gpu.main(["--tiny", "--inline", "--setting", "recipe", "--modes", "bf16",
+                  "--cases", "hf,sftkit,sftkit_sr", "--out", str(out)])  # fmt: skip
+    got = _records(out)
+    assert got[("environment", None)]["tokens_per_step"] == 8 * 256
+    assert got[("environment", None)]["setting"] == "recipe"
+    for case in ("hf", "sftkit", "sftkit_sr"):
+        record = got[(case, "bf16")]
+        assert "error" not in record, record
+        # 8 rows per step; the tiny setting caps micro-batches at 4 rows: 2 accumulated
+        assert (record["micro_rows"], record["grad_accum"]) == (4, 2)
+        assert record["tokens_per_s"] > 0 and abs(record["first_loss"] - math.log(512)) < 0.2
+    steps = sft_gpu.step_batches(sft_gpu.RECIPE["tiny"], seed=0, micro_rows=4)
+    assert len(steps) == 2 and all(len(s) == 2 for s in steps)  # warm-up + 1 measured step
+    assert all(tuple(b.input_ids.shape) == (4, 256) for s in steps for b in s)
+
+
+def test_largest_fitting_micro_batch_backs_off_on_oom(sft_gpu: ModuleType) -> None:
+    import torch
+
+    tried, freed = [], []
+
+    def try_step(m: int) -> None:
+        tried.append(m)
+        if m > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    setup = sft_gpu.RECIPE["gpu"]
+    candidates = sft_gpu.micro_candidates(setup)
+    assert candidates == [16, 8, 4, 2, 1]  # divisors of 32 up to 16
+    assert sft_gpu.largest_fitting(candidates, try_step, lambda: freed.append(1)) == 2
+    assert tried == [16, 8, 4, 2] and len(freed) == 3
+    assert sft_gpu.micro_candidates(sft_gpu.replace(setup, micro_rows=8)) == [8]
+    with pytest.raises(RuntimeError, match="even at micro-batch 1"):
+        sft_gpu.largest_fitting([1], lambda m: try_step(4), lambda: None)
+
+
 @pytest.mark.slow
 def test_failed_case_is_recorded_and_the_run_goes_on(
     tmp_path: Path, sft_gpu: ModuleType, monkeypatch: pytest.MonkeyPatch
