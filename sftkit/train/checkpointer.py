@@ -38,6 +38,7 @@ from sftkit.config.schema import CheckpointingConfig
 from sftkit.data import PreparedData
 from sftkit.data.loader import GlobalBatchSampler
 from sftkit.dist import DistEnv
+from sftkit.log.redact import scrub
 from sftkit.model.builtin import adapter_base_name
 from sftkit.model.load import save_hf
 from sftkit.model.lora import LoraSpec, lora_modules, merge_lora, save_adapter
@@ -200,8 +201,10 @@ def resume_fingerprint(cfg: MasterConfig, tokenizer: Any, data: PreparedData) ->
     p = cfg.policy
     template = getattr(tokenizer, "chat_template", None) or ""
     return {
-        "model": p.model_name,
-        "tokenizer": p.tokenizer.name,
+        # scrubbed: training_info.json is written as is (a URL password in a model path
+        # must not reach it); both sides of the resume check are scrubbed alike
+        "model": scrub(p.model_name),
+        "tokenizer": scrub(str(p.tokenizer.name)),
         "chat_template_sha": hashlib.sha256(str(template).encode()).hexdigest()[:16],
         "lora": asdict(p.dtensor_cfg.lora_cfg) if p.dtensor_cfg.lora_cfg.enabled else None,
         "megatron_peft": asdict(p.megatron_cfg.peft) if p.megatron_cfg.enabled else None,

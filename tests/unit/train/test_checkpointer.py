@@ -101,3 +101,27 @@ def test_should_save_periods_last_step_and_stopping(tiny_model_dir: Path, tmp_pa
     assert c.should_save(4, last_step=False, stopping=True)
     c.cfg.checkpointing.enabled = False
     assert not c.should_save(3, last_step=True, stopping=True)
+
+
+def test_fingerprint_hides_secrets_in_model_and_tokenizer_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """training_info.json is written as is: a URL password or an environment secret inside a
+    model or tokenizer path must not reach it, and the resume check still compares alike."""
+    from sftkit.data.types import ExampleSet, PreparedData
+    from sftkit.train.checkpointer import resume_fingerprint
+
+    monkeypatch.setenv("MODEL_STORE_TOKEN", "tok-0123456789abcdef")
+    cfg = load_config(
+        Path(__file__).parents[3] / "examples" / "configs" / "quickstart.yaml",
+        [
+            "policy.model_name=https://bob:pw-417x@models.example.com/m",
+            "policy.tokenizer.name=/data/tok-0123456789abcdef/tokenizer",
+        ],
+    )
+    data = PreparedData(ExampleSet.empty(), ExampleSet.empty())
+    fingerprint = resume_fingerprint(cfg, None, data)
+    text = str(fingerprint)
+    assert "pw-417x" not in text and "tok-0123456789abcdef" not in text
+    assert fingerprint["model"] == "https://bob:***@models.example.com/m"
+    assert fingerprint == resume_fingerprint(cfg, None, data)
