@@ -93,6 +93,7 @@ def run_case(data: Path, rows: int, work: Path, workers: int, steps: int) -> dic
     cache = work / "cache"
     command = [
         sys.executable, str(ROOT / "examples" / "run_sft.py"),
+        "--config", str(ROOT / "examples" / "configs" / "quickstart.yaml"),
         f"data.train.data_path={data}", "data.validation=null", f"data.cache_dir={cache}",
         f"data.num_workers={workers}", f"sft.max_num_steps={steps}", "sft.val_period=0",
         "policy.max_total_sequence_length=256",

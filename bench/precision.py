@@ -84,7 +84,13 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path) -> list[float]:
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": path}
     subprocess.run(
-        [sys.executable, str(REPO / "examples" / "run_sft.py"), *overrides],
+        [
+            sys.executable,
+            str(REPO / "examples" / "run_sft.py"),
+            "--config",
+            str(REPO / "examples" / "configs" / "quickstart.yaml"),
+            *overrides,
+        ],  # fmt: skip
         env=env,
         check=True,
         stdout=subprocess.DEVNULL,

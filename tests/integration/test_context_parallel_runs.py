@@ -81,7 +81,7 @@ def yarn_recipe(small_run: SmallRun, work: Path, ranks: int) -> RunResult:
         "policy.precision=float32", "logger.wandb_enabled=false", "cluster.num_nodes=1", f"cluster.gpus_per_node={ranks}",
     )  # fmt: skip
     command = small_run.command(work, *COMMON, *SHORT, *swaps)
-    command[2:2] = ["--config", str(REPO / YARN_RECIPE)]
+    command[command.index("--config") + 1] = str(REPO / YARN_RECIPE)  # not the quick start
     work.mkdir(parents=True)
     with (work / "stderr.txt").open("w") as err:
         proc = subprocess.Popen(command, cwd=work, env=small_run.env(), stdout=err, stderr=err)
