@@ -43,6 +43,17 @@ def write_addition_data(path: Path, rows: int, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny matmuls: one thread is ~20x faster than several on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def one_example_data() -> Any:
     """A real `PreparedData` whose train and validation splits hold one 2-token example:
     enough for the checks made before the model loads, without tokenizing anything."""
