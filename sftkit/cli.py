@@ -6,7 +6,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: `sftkit --help` stays fast
+    from sftkit.config import MasterConfig
 
 logger = logging.getLogger("sftkit")
 
@@ -83,7 +86,7 @@ def _command(body: Callable[[list[str]], int], argv: list[str]) -> int:
     return int(run_reporting_errors(body, argv))
 
 
-def _maybe_self_launch(cfg: Any, argv: list[str]) -> int | None:
+def _maybe_self_launch(cfg: MasterConfig, argv: list[str]) -> int | None:
     """With cluster.gpus_per_node > 1 outside any launcher, start the ranks ourselves."""
     from sftkit.train.launch import maybe_self_launch
 

@@ -16,8 +16,11 @@ import socket
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:  # annotations only: this module imports nothing from sftkit at run time
+    from sftkit.config import MasterConfig
 
 logger = logging.getLogger("sftkit")
 
@@ -83,8 +86,8 @@ def _dataset_names(entries: Any) -> list[str | None]:
     return names
 
 
-def offline_if_unreachable(cfg: Any) -> bool:
-    """Probe the hub once when `cfg` (a MasterConfig) may need it; offline mode if it is
+def offline_if_unreachable(cfg: MasterConfig) -> bool:
+    """Probe the hub once when `cfg` may need it; offline mode if it is
     unreachable. Returns True when it switched to offline mode."""
     if hub_offline():
         return False

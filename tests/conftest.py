@@ -43,6 +43,32 @@ def write_addition_data(path: Path, rows: int, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny matmuls: one thread is ~20x faster than several on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def one_example_data() -> Any:
+    """A real `PreparedData` whose train and validation splits hold one 2-token example:
+    enough for the checks made before the model loads, without tokenizing anything."""
+    import numpy as np
+
+    from sftkit.data.types import ExampleSet, PreparedData, Source
+
+    one = ExampleSet(
+        np.array([1, 2], dtype=np.int32), np.array([0, 1], dtype=np.uint8),
+        np.array([2], dtype=np.int64), np.zeros(1, dtype=np.int32), np.zeros(1, dtype=np.uint8),
+        ["t"], [Source("t", 0, 1)],
+    )  # fmt: skip
+    return PreparedData(train=one, validation=one)
+
+
 def read_metrics(exp_dir: Path, since_resume: bool = False) -> list[dict[str, Any]]:
     """The rows of `exp_dir/metrics.jsonl`; with `since_resume`, only those after the last
     `{"resumed": true}` row (what the latest, resumed run logged into the directory)."""

@@ -21,6 +21,7 @@ from sftkit.config.schema import (
     FP8_RECIPES,
     IGNORED_KEYS,
     MasterConfig,
+    OptimizerConfig,
 )
 
 _MUST_SAVE_BY = re.compile(r"\d+:\d+:\d+:\d+")
@@ -322,10 +323,10 @@ def raise_problems(problems: list[tuple[str, str]], sources: dict[str, str]) -> 
         )
 
 
-def _optimizer_number_problems(optimizer: Any) -> list[tuple[str, str]]:
+def _optimizer_number_problems(optimizer: OptimizerConfig | None) -> list[tuple[str, str]]:
     """lr, weight_decay and eps must be finite in float32: `lr=1e45` otherwise ends in
     torch's "value cannot be converted to type float without overflow" at the first step."""
-    kwargs = getattr(optimizer, "kwargs", None) or {}
+    kwargs = (optimizer.kwargs if optimizer else None) or {}
     problems = []
     for name in ("lr", "weight_decay", "eps"):
         value = kwargs.get(name)

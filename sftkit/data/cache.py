@@ -20,11 +20,14 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sftkit.data.types import ExampleSet, Source
+
+if TYPE_CHECKING:
+    from sftkit.data.processor import ProcessorSettings
 
 FORMAT_VERSION = 3  # 3: memory-mapped arrays, per-source boundaries
 ARRAYS = {"ids": np.int32, "mask": np.uint8, "ends": np.int64, "task": np.int32,
@@ -49,7 +52,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def key_hasher(tokenizer: Any, settings: Any) -> Any:
+def key_hasher(tokenizer: Any, settings: ProcessorSettings) -> Any:
     """A sha256 started with the tokenizer, template and settings; rows are added to it."""
     h = hashlib.sha256(f"sftkit-data-v{FORMAT_VERSION}".encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sftkit.log.gpu import GpuMonitor
 from sftkit.log.sinks import JsonlSink, MetricSink, TensorboardSink
 from sftkit.log.trackers import MlflowSink, WandbSink
+
+if TYPE_CHECKING:  # config imports log (redaction): no runtime import back
+    from sftkit.config.schema import LoggerConfig
 
 VAL_SAMPLES_FILE = "val_samples.jsonl"  # beside metrics.jsonl
 
@@ -83,8 +86,10 @@ class Loggers:
         self.close()
 
 
-def build_loggers(cfg: Any, exp_dir: Path, config_dict: dict[str, Any], rank: int = 0) -> Loggers:
-    """The sinks `cfg` (a `LoggerConfig`) enables, writing in `exp_dir`; a no-op off rank 0.
+def build_loggers(
+    cfg: LoggerConfig, exp_dir: Path, config_dict: dict[str, Any], rank: int = 0
+) -> Loggers:
+    """The sinks `cfg` enables, writing in `exp_dir`; a no-op off rank 0.
 
     Always: `metrics.jsonl`. Then TensorBoard (always in `exp_dir/tensorboard`, as NeMo RL
     does whatever `tensorboard.log_dir` says), wandb and MLflow as enabled (`config_dict`,
@@ -108,8 +113,8 @@ def build_loggers(cfg: Any, exp_dir: Path, config_dict: dict[str, Any], rank: in
                     config_dict,
                     project=wandb_cfg.project,
                     name=wandb_cfg.name,
-                    entity=getattr(wandb_cfg, "entity", None),
-                    mode=getattr(wandb_cfg, "mode", None),
+                    entity=wandb_cfg.entity,
+                    mode=wandb_cfg.mode,
                 )
             )
         if cfg.mlflow_enabled:

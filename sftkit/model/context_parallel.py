@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from sftkit.batch import IGNORE_INDEX, PackedBatch, round_up
+from sftkit.dist import DistEnv
 
 
 @dataclass
@@ -153,7 +154,7 @@ def shard_batch(
     )
 
 
-def shard_batches(batches: list[PackedBatch], env: Any) -> list[PackedBatch]:
+def shard_batches(batches: list[PackedBatch], env: DistEnv) -> list[PackedBatch]:
     """Each micro-batch's context-parallel share for this rank (unchanged without CP)."""
     if env.cp_size <= 1:
         return batches

@@ -13,16 +13,16 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
 
+from sftkit.config import MasterConfig
 from sftkit.dist import in_launcher, parallel_layout
 
 logger = logging.getLogger("sftkit")
 
 
-def requested_ranks(cfg: Any) -> int:
+def requested_ranks(cfg: MasterConfig) -> int:
     """World size the config asks for: `cluster.gpus_per_node * cluster.num_nodes`."""
-    return int(cfg.cluster.gpus_per_node) * int(cfg.cluster.num_nodes)
+    return cfg.cluster.gpus_per_node * cfg.cluster.num_nodes
 
 
 def child_command(argv: list[str]) -> list[str]:
@@ -30,7 +30,7 @@ def child_command(argv: list[str]) -> list[str]:
     return ["-m", "sftkit.cli", "sft", *argv]
 
 
-def maybe_self_launch(cfg: Any, argv: list[str]) -> int | None:
+def maybe_self_launch(cfg: MasterConfig, argv: list[str]) -> int | None:
     """Start `cluster.gpus_per_node` ranks on this node and wait for them; returns the exit
     code (rank 0's when ranks fail, so 75 "saved, start again" survives). None means "run
     in this process": one rank requested, or a launcher already started this one."""
@@ -45,12 +45,12 @@ def maybe_self_launch(cfg: Any, argv: list[str]) -> int | None:
         return None
     if wanted <= 1:
         return None
-    if int(cfg.cluster.num_nodes) > 1:
+    if cfg.cluster.num_nodes > 1:
         raise ValueError(
             f"cluster.num_nodes={cfg.cluster.num_nodes}: several nodes need one launcher per "
             "node; submit examples/slurm/sft.sbatch or run torchrun --nnodes on each node"
         )
-    nproc = int(cfg.cluster.gpus_per_node)
+    nproc = cfg.cluster.gpus_per_node
     d = cfg.policy.dtensor_cfg
     # Before any fork: a layout the ranks cannot hold is a config error, not a rank crash.
     parallel_layout(nproc, d.tensor_parallel_size, d.dp_replicate_size, d.context_parallel_size)

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sftkit.dist import DistEnv
+
 logger = logging.getLogger("sftkit")
 
 LOCK_NAME = ".sftkit.lock"
@@ -96,7 +98,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def take_run_lock(directory: Path, take_over: bool, env: Any) -> RunLock | None:
+def take_run_lock(directory: Path, take_over: bool, env: DistEnv) -> RunLock | None:
     """Rank 0 takes the lock on `directory` (the others get None); every rank raises
     LockHeldError together when it is held, so none goes on to wait in a collective."""
     lock = RunLock(directory, take_over) if env.is_main else None

@@ -16,9 +16,9 @@ from sftkit.config import MasterConfig
 from sftkit.data.loader import BatchPlan, GlobalBatchSampler
 from sftkit.data.types import ExampleSet
 from sftkit.dist import DistEnv
-from sftkit.eval.samples import report_val_samples
 from sftkit.log import ConsoleReporter, Loggers, mfu
 from sftkit.train.checkpoint import ranking_metric
+from sftkit.train.samples import report_val_samples
 from sftkit.train.step import StepOptions
 from sftkit.train.validation import validation_metrics
 

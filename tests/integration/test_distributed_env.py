@@ -9,11 +9,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from sftkit.config import MasterConfig, load_config
 from sftkit.dist import apply_slurm_env, clip_grad_norm, first_slurm_host, in_launcher
 from sftkit.train.launch import maybe_self_launch
 
@@ -47,9 +47,9 @@ def test_single_task_allocation_is_not_a_launcher() -> None:
     assert not in_launcher(env) and not apply_slurm_env(env) and "RANK" not in env
 
 
-def cfg(gpus: int, nodes: int = 1) -> SimpleNamespace:
-    return SimpleNamespace(cluster=SimpleNamespace(gpus_per_node=gpus, num_nodes=nodes,
-                                                   device="cpu"))  # fmt: skip
+def cfg(gpus: int, nodes: int = 1) -> MasterConfig:
+    return load_config(None, [f"cluster.gpus_per_node={gpus}", f"cluster.num_nodes={nodes}",
+                              "cluster.device=cpu"])  # fmt: skip
 
 
 def test_self_launch_decisions(monkeypatch: pytest.MonkeyPatch) -> None:

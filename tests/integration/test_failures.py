@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sftkit.train import checkpoint as ckpt
-from tests.conftest import QUICKSTART
+from tests.conftest import QUICKSTART, one_example_data
 
 
 def tree_hash(directory: Path) -> str:
@@ -83,14 +83,12 @@ def test_impossible_configs_fail_before_the_model_loads(
 
 
 def test_global_batch_must_divide_over_data_parallel_ranks(small_run, tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
     from sftkit.config import load_config
     from sftkit.dist import DistEnv
     from sftkit.train.recipe import check_before_model
 
     cfg = load_config(QUICKSTART, small_run.overrides(tmp_path))
-    data = SimpleNamespace(validation=[object()])
+    data = one_example_data()
     check_before_model(cfg, DistEnv(world_size=2), data)  # 16 = 8 x 2: fine
     with pytest.raises(ValueError, match="data-parallel size = 8 x 4"):
         check_before_model(cfg, DistEnv(world_size=4), data)

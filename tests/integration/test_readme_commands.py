@@ -10,11 +10,10 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import read_metrics
+from tests.conftest import one_example_data, read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = re.findall(
@@ -72,7 +71,7 @@ def test_gpu_rows_resolve_and_fit_their_ranks(row: str) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     cfg = load_config(REPO / config, overrides)
-    check_before_model(cfg, DistEnv(world_size=ranks), SimpleNamespace(validation=[object()]))
+    check_before_model(cfg, DistEnv(world_size=ranks), one_example_data())
 
 
 @pytest.mark.slow  # two training processes each

@@ -24,12 +24,16 @@ BLOCK_RED = 64  # reduction step over the wide dimension while building the [M, 
 
 
 @triton.jit
-def _lora_fwd_kernel(
-    X, A, B, OUT, M, K, N, R, scale,
-    sxm, sxk, sar, sak, sbn, sbr, som, son,
+def _lora_kernel(
+    X, U, V, OUT, TILE, M, K, N, R, scale,
+    sxm, sxk, suk, sur, svr, svn, som, son, stm, st_r,
     RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-    SPLIT, IEEE: tl.constexpr,
+    SPLIT, IEEE: tl.constexpr, STORE_TILE: tl.constexpr,
 ):  # fmt: skip
+    """OUT[M, N] += scale * (X[M, K] U[K, R]) V[R, N]; with STORE_TILE, TILE[M, R] = X U.
+
+    Forward and input gradient are both this product (U, V: A^T, B^T or B, A by strides).
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -39,67 +43,30 @@ def _lora_fwd_kernel(
         rk = k0 + tl.arange(0, BK)
         x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk,
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)  # fmt: skip
-        a = tl.load(A + rr[None, :] * sar + rk[:, None] * sak,
-                    mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)  # fmt: skip
+        u = tl.load(U + rk[:, None] * suk + rr[None, :] * sur,
+                    mask=(rk[:, None] < K) & (rr[None, :] < R), other=0.0)  # fmt: skip
         if IEEE:
-            acc += tl.dot(x, a, input_precision="ieee")
+            acc += tl.dot(x, u, input_precision="ieee")
         else:
-            acc += tl.dot(x, a)
-    xa = acc.to(X.dtype.element_ty)  # rounded like a matmul in the input dtype would be
+            acc += tl.dot(x, u)
+    xu = acc.to(X.dtype.element_ty)  # rounded like a matmul in the input dtype would be
+    if STORE_TILE:
+        if pid_n == 0:
+            tl.store(TILE + rm[:, None] * stm + rr[None, :] * st_r, xu,
+                     mask=(rm[:, None] < M) & (rr[None, :] < R))  # fmt: skip
     n_blocks = tl.cdiv(N, BN)
     for nb in range(pid_n, n_blocks, SPLIT):
         rn = nb * BN + tl.arange(0, BN)
-        b = tl.load(B + rn[None, :] * sbn + rr[:, None] * sbr,
+        v = tl.load(V + rr[:, None] * svr + rn[None, :] * svn,
                     mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)  # fmt: skip
         if IEEE:
-            y = tl.dot(xa, b, input_precision="ieee")
+            y = tl.dot(xu, v, input_precision="ieee")
         else:
-            y = tl.dot(xa, b)
+            y = tl.dot(xu, v)
         ptrs = OUT + rm[:, None] * som + rn[None, :] * son
         omask = (rm[:, None] < M) & (rn[None, :] < N)
         o = tl.load(ptrs, mask=omask, other=0.0).to(tl.float32)
         tl.store(ptrs, (o + y * scale).to(OUT.dtype.element_ty), mask=omask)
-
-
-@triton.jit
-def _lora_bwd_dx_kernel(
-    G, B, A, DX, GB, M, N, K, R, scale,
-    sgm, sgn, sbn, sbr, sar, sak, sdm, sdk, sgbm, sgbr,
-    RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    SPLIT, IEEE: tl.constexpr,
-):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rr = tl.arange(0, RP)
-    acc = tl.zeros((BM, RP), dtype=tl.float32)
-    for n0 in range(0, N, BN):
-        rn = n0 + tl.arange(0, BN)
-        g = tl.load(G + rm[:, None] * sgm + rn[None, :] * sgn,
-                    mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)  # fmt: skip
-        b = tl.load(B + rn[:, None] * sbn + rr[None, :] * sbr,
-                    mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)  # fmt: skip
-        if IEEE:
-            acc += tl.dot(g, b, input_precision="ieee")
-        else:
-            acc += tl.dot(g, b)
-    gb = acc.to(G.dtype.element_ty)
-    if pid_k == 0:
-        tl.store(GB + rm[:, None] * sgbm + rr[None, :] * sgbr, gb,
-                 mask=(rm[:, None] < M) & (rr[None, :] < R))  # fmt: skip
-    k_blocks = tl.cdiv(K, BK)
-    for kb in range(pid_k, k_blocks, SPLIT):
-        rk = kb * BK + tl.arange(0, BK)
-        a = tl.load(A + rr[:, None] * sar + rk[None, :] * sak,
-                    mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)  # fmt: skip
-        if IEEE:
-            y = tl.dot(gb, a, input_precision="ieee")
-        else:
-            y = tl.dot(gb, a)
-        ptrs = DX + rm[:, None] * sdm + rk[None, :] * sdk
-        dmask = (rm[:, None] < M) & (rk[None, :] < K)
-        d = tl.load(ptrs, mask=dmask, other=0.0).to(tl.float32)
-        tl.store(ptrs, (d + y * scale).to(DX.dtype.element_ty), mask=dmask)
 
 
 def _rank_block(r: int) -> int:
@@ -122,37 +89,34 @@ def _check(*tensors: Tensor) -> None:
     assert all(t.dtype == dtype and t.dim() == 2 for t in tensors), "2-D tensors of one dtype"
 
 
+def _product_add_(
+    out: Tensor, x: Tensor, u: Tensor, v: Tensor, scale: float, tile: Tensor | None = None
+) -> None:
+    """out[M, N] += scale * (x[M, K] u[K, R]) v[R, N] in one launch; `tile` gets x u."""
+    M, K = x.shape
+    R, N = v.shape
+    m_blocks, n_blocks = triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_W)
+    split = _split(m_blocks, n_blocks, x.device)
+    t = out if tile is None else tile  # not written without a tile
+    _lora_kernel[(m_blocks, split)](
+        x, u, v, out, t, M, K, N, R, float(scale),
+        x.stride(0), x.stride(1), u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), t.stride(0), t.stride(1),
+        RP=_rank_block(R), BM=BLOCK_M, BK=BLOCK_RED, BN=BLOCK_W, SPLIT=split,
+        IEEE=x.dtype == torch.float32, STORE_TILE=tile is not None,
+    )  # fmt: skip
+
+
 def lora_forward_add_(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
     """out[M, N] += scale * (x[M, K] A[R, K]^T) B[N, R]^T, in place; returns out."""
     _check(out, x, A, B)
-    M, K = x.shape
-    N, R = B.shape
-    m_blocks, n_blocks = triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_W)
-    split = _split(m_blocks, n_blocks, x.device)
-    _lora_fwd_kernel[(m_blocks, split)](
-        x, A, B, out, M, K, N, R, float(scale),
-        x.stride(0), x.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1),
-        out.stride(0), out.stride(1),
-        RP=_rank_block(R), BM=BLOCK_M, BK=BLOCK_RED, BN=BLOCK_W, SPLIT=split,
-        IEEE=x.dtype == torch.float32,
-    )  # fmt: skip
+    _product_add_(out, x, A.t(), B.t(), scale)
     return out
 
 
 def lora_backward_dx_add_(dx: Tensor, g: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
     """dx[M, K] += scale * (g[M, N] B[N, R]) A[R, K], in place; returns g B ([M, R])."""
     _check(dx, g, A, B)
-    M, N = g.shape
-    K = A.shape[1]
-    R = A.shape[0]
-    gb = torch.empty(M, R, dtype=g.dtype, device=g.device)
-    m_blocks, k_blocks = triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_W)
-    split = _split(m_blocks, k_blocks, g.device)
-    _lora_bwd_dx_kernel[(m_blocks, split)](
-        g, B, A, dx, gb, M, N, K, R, float(scale),
-        g.stride(0), g.stride(1), B.stride(0), B.stride(1), A.stride(0), A.stride(1),
-        dx.stride(0), dx.stride(1), gb.stride(0), gb.stride(1),
-        RP=_rank_block(R), BM=BLOCK_M, BN=BLOCK_RED, BK=BLOCK_W, SPLIT=split,
-        IEEE=g.dtype == torch.float32,
-    )  # fmt: skip
+    gb = torch.empty(g.shape[0], A.shape[0], dtype=g.dtype, device=g.device)
+    _product_add_(dx, g, B, A, scale, tile=gb)
     return gb

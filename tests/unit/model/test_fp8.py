@@ -4,7 +4,6 @@ and stays close to bf16, and how NeMo RL's fp8_cfg maps or is refused."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,14 +20,6 @@ from torchao.float8.float8_linear import Float8Linear  # noqa: E402
 from sftkit.model.fp8 import apply_fp8, torchao_config  # noqa: E402
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_llama(layers: int = 2) -> LlamaForCausalLM:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -95,15 +94,6 @@ def _regression(mode: str, steps: int, lr: float = 1e-4, seed: int = 0) -> list[
         opt.zero_grad()
         losses.append(loss.item())
     return losses
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls: one thread is ~20x faster than several on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_bf16_updates_track_float32_master_weights_where_nearest_stalls(one_thread: None) -> None:

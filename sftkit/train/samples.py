@@ -14,7 +14,7 @@ small, and it works for every sharding sftkit applies.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,9 @@ from torch import nn
 from sftkit.data.types import Example
 from sftkit.dist import DistEnv
 from sftkit.train.step import autocast
+
+if TYPE_CHECKING:  # the Run calls this at validation: imported for the annotation only
+    from sftkit.train.state import Run
 
 logger = logging.getLogger("sftkit")
 
@@ -96,8 +99,8 @@ def val_samples(
     return records
 
 
-def report_val_samples(run: Any, step: int) -> None:
-    """Generate, print and log the validation samples of `run` (a `Run`) at `step`."""
+def report_val_samples(run: Run, step: int) -> None:
+    """Generate, print and log the validation samples of `run` at `step`."""
     n = run.cfg.logger.num_val_samples_to_print
     if n <= 0 or not run.val_examples:
         return
