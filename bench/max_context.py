@@ -10,7 +10,8 @@ Sides, each case in its own subprocess (an OOM or a hang cannot spoil the next o
 
 * `sftkit`: sftkit's LoRA (`apply_lora`), fused kernels on CUDA, packed attention, full
   activation checkpointing per decoder layer with activation offload (the checkpointed layer
-  inputs in pinned host memory: `apply_activation_checkpointing(model, "full", True)`), the
+  inputs in pinned host memory: `apply_activation_checkpointing(model, "full", True)`;
+  `--sftkit-ac selective` and `--no-offload` change it, the records say which), the
   chunked head + loss that never materialises the logits, sftkit's own `train_step`;
 * `hf`: `apply_liger_kernel_to_llama()` (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU),
   then PEFT's `get_peft_model` (LoRA case), `gradient_checkpointing_enable` (non-reentrant),
@@ -99,8 +100,11 @@ def back_off(length: int, multiple: int) -> int:
 # ----------------------------------------------------------------------------- one case
 
 
-def build_case(model_name: str, side: str, tiny: bool) -> tuple[Any, Any]:
-    """(model, step(length) -> loss) for one side; the step is one full optimizer step."""
+def build_case(
+    model_name: str, side: str, tiny: bool, ac: str = "full", offload: bool = True
+) -> tuple[Any, Any]:
+    """(model, step(length) -> loss) for one side; the step is one full optimizer step.
+    `ac` and `offload`: sftkit's activation checkpointing mode and activation offload."""
     import torch
     from transformers import LlamaConfig
 
@@ -130,7 +134,7 @@ def build_case(model_name: str, side: str, tiny: bool) -> tuple[Any, Any]:
 
             apply_fused_kernels(model, device=device)
         enable_packed_attention(model)
-        apply_activation_checkpointing(model, "full", offload=True)
+        apply_activation_checkpointing(model, ac, offload)
         env = DistEnv(device=device)
         opts = StepOptions(compute_dtype=torch.float32, max_grad_norm=1.0, chunked_loss=True,
                            chunk_size=128 if tiny else 2048)  # fmt: skip
@@ -200,7 +204,7 @@ def run_case(model_name: str, side: str, args: argparse.Namespace) -> dict[str, 
     import torch
 
     cuda = not args.tiny
-    model, step = build_case(model_name, side, args.tiny)
+    model, step = build_case(model_name, side, args.tiny, args.sftkit_ac, not args.no_offload)
     multiple = 16 if args.tiny else 256
     if cuda:
         budget = torch.cuda.mem_get_info()[1] - args.margin_gib * 2**30
@@ -221,6 +225,7 @@ def run_case(model_name: str, side: str, args: argparse.Namespace) -> dict[str, 
         "predicted_len": uncapped,
         "capped": uncapped > cap,
         "first_loss": round(points[0][1]["loss"], 4),
+        **({"ac": args.sftkit_ac, "offload": not args.no_offload} if side == "sftkit" else {}),
         "tried": {},
     }
     if side == "hf" and not cuda:
@@ -256,6 +261,7 @@ def spawn(model_name: str, side: str, args: argparse.Namespace, timeout: float) 
            "--margin-gib", str(args.margin_gib), "--budget-mib", str(args.budget_mib)]  # fmt: skip
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--max-len", str(args.max_len)] if args.max_len else []
+    cmd += ["--sftkit-ac", args.sftkit_ac] + (["--no-offload"] if args.no_offload else [])
     env = _child_env(liger_dir())
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # both sides alike
     try:
@@ -307,6 +313,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--max-len", type=int, help="longest length verified (GPU 131072)")
     parser.add_argument("--margin-gib", type=float, default=4.0, help="GPU memory kept free")
     parser.add_argument("--budget-mib", type=float, default=2.0, help="--tiny: proxy budget")
+    parser.add_argument("--sftkit-ac", choices=("full", "selective"), default="full")
+    parser.add_argument("--no-offload", action="store_true", help="sftkit without offload")
     parser.add_argument("--budget", type=float, default=450.0, help="seconds for all cases")
     parser.add_argument("--out", type=Path, help="JSONL (default: $OUT/max_context.jsonl)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "SIDE"), help=argparse.SUPPRESS)

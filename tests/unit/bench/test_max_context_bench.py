@@ -77,6 +77,7 @@ def test_tiny_mode_writes_a_record_per_case(tmp_path: Path, max_context: ModuleT
         assert r["peak_mib"] <= r["budget_mib"] and r["tokens_per_s"] > 0
         assert abs(r["first_loss"] - math.log(512)) < 0.2  # same random model and tokens
     assert "liger" in hf  # Liger needs CUDA: HF ran without it and says so
+    assert (ours["ac"], ours["offload"]) == ("full", True) and "ac" not in hf
     # Checkpointing with offload and the chunked loss keep far less per token on the device
     # than HF's checkpointed layers with full logits.
     assert summary["8b_lora_sftkit_over_hf"] >= 2 and summary["8b_lora_target_met"] is True
