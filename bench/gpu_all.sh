@@ -12,6 +12,8 @@
 # 4. full8b  8B full fine-tune: HF+Liger (bf16) vs sftkit bf16 + stochastic rounding
 # 4b. fp8conv bench/precision.py: an ~85M random-init Llama learning the addition data, 200
 #            steps, float32 masters vs FP8 (target: last-window loss within 2%)
+# 4c. maxctx bench/max_context.py: longest trainable sequence, 8B LoRA and 1B full, sftkit
+#            vs HF+PEFT+Liger (fit of peak memory at 3 lengths, one verifying step each)
 # 5. tests   tests/gpu (every CUDA test, `gpu` marker) and the kernel unit files beside it
 #            (varlen attention, fused kernels and loss, LoRA kernel, FP8, bf16 optimizer)
 # 6. e2e     the real entry point on CUDA: bf16 + packing, LoRA, FP8, a few dozen steps
@@ -32,7 +34,7 @@ mkdir -p "$DEPS"
 for w in .wheels/*.whl; do python -m zipfile -e "$w" "$DEPS"; done
 tar -xzf .wheels/antlr4-python3-runtime-*.tar.gz -C /tmp && cp -r /tmp/antlr4-python3-runtime-*/src/antlr4 "$DEPS"/
 export PYTHONPATH=.:$DEPS
-STEPS=${STEPS:-sft,recipe,fp8,full8b,fp8conv,tests,e2e,lora,fsdp}
+STEPS=${STEPS:-sft,recipe,fp8,full8b,fp8conv,maxctx,tests,e2e,lora,fsdp}
 on() { [[ ",$STEPS," == *",$1,"* ]]; }
 {
   nvidia-smi --query-gpu=name,memory.total,power.limit,driver_version --format=csv
@@ -68,6 +70,14 @@ if on fp8conv && [ "$(left)" -gt 60 ]; then
   timeout "$B" python bench/precision.py --device cuda --size 100m --modes fp32_master,fp8 \
     --lr 3e-4 --steps 200 --windows 4 --out "$OUT/precision.jsonl" > "$OUT/precision.log" 2>&1
   echo "exit $?" >> "$OUT/precision.log"
+fi
+
+# MAXCTX_ARGS replaces the cap on the verified length (one step's time grows as length^2).
+if on maxctx && [ "$(left)" -gt 90 ]; then
+  B=$(left); [ "$B" -gt "${MAXCTX_BUDGET:-180}" ] && B=${MAXCTX_BUDGET:-180}
+  timeout $(( B + 10 )) python bench/max_context.py --budget "$(( B - 10 ))" \
+    ${MAXCTX_ARGS:---max-len 65536} --out "$OUT/max_context.jsonl" > "$OUT/max_context.log" 2>&1
+  echo "exit $?" >> "$OUT/max_context.log"
 fi
 
 B=$(left)

@@ -284,6 +284,15 @@ def check_config(cfg: MasterConfig, sources: dict[str, str] | None = None) -> No
                 "bf16_params_update=none.",
             )
         )
+    if d.activation_offload and d.compile:
+        problems.append(
+            (
+                "policy.dtensor_cfg.activation_offload",
+                "policy.dtensor_cfg.activation_offload and compile are both true; torch.compile "
+                "does not trace the saved-tensor hooks that move activations to host memory: "
+                "set one of them to false.",
+            )
+        )
     fp8 = d.fp8_cfg
     fp8_error = fp8.enabled and fp8_config_error(fp8.fp8_recipe, fp8.fp8, fp8.fp8_param)
     if fp8.enabled and d.tensor_parallel_size > 1:  # torchao needs its Float8 TP plan styles

@@ -99,6 +99,12 @@ class DTensorConfig:
     cpu_offload: bool = False  # FSDP2 CPU offload of parameters and gradients
     sequence_parallel: bool = False  # shard activations along the sequence in TP regions
     activation_checkpointing: bool = False  # recompute decoder layers in backward
+    # sftkit: full (keep each layer's input only) | selective (also keep matmul and attention
+    # outputs, recompute the elementwise rest: less recompute, more memory); with the above
+    activation_checkpointing_mode: str = "full"
+    # sftkit: keep saved activations in pinned host memory (torch save_on_cpu), per decoder
+    # layer; with activation_checkpointing only the layer inputs go: the long-context setting
+    activation_offload: bool = False
     tensor_parallel_size: int = 1  # tensor parallel degree
     context_parallel_size: int = 1  # ranks each sequence is split over (context parallel)
     dp_replicate_size: int = 1  # HSDP: FSDP2 shards within world/(R x TP) ranks, replicates R times
@@ -423,6 +429,7 @@ TOKEN_BUDGET_KEYS = (
 CHOICES: dict[str, tuple[str, ...]] = {
     "policy.precision": ("float32", "bfloat16", "float16"),
     "policy.dtensor_cfg.bf16_params_update": ("none", "stochastic_rounding", "kahan"),
+    "policy.dtensor_cfg.activation_checkpointing_mode": ("full", "selective"),
     "policy.dtensor_cfg.lora_cfg.dropout_position": ("pre", "post"),
     "policy.dtensor_cfg.lora_cfg.lora_A_init": ("xavier", "uniform"),
     "policy.megatron_cfg.peft.dropout_position": ("pre", "post"),

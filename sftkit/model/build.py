@@ -14,7 +14,8 @@
                        forwards in place: after TP (they see the sharded projections),
                        before AC and compile (which wrap those forwards) and FSDP; context
                        parallel shards attend through the packed attention too
-    6. AC              activation checkpointing per decoder layer, outside the kernels
+    6. AC              activation checkpointing per decoder layer (full or selective),
+                       outside the kernels, and activation offload to host memory around it
     7. compile         per decoder layer, over everything above
     8. FSDP2           last, as torchtitan does: it shards what the steps above produced;
                        then a sharded model is allocated, loaded block by block and its
@@ -105,9 +106,15 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
         logger.info("Sequence packing: documents isolated by %s attention", backend)
     elif env.cp_size > 1:  # context-parallel shards attend through sftkit_packed
         enable_packed_attention(model, device=env.device)
-    # 6. activation checkpointing
-    if d.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    # 6. activation checkpointing and offload
+    if d.activation_checkpointing or d.activation_offload:
+        mode = d.activation_checkpointing_mode if d.activation_checkpointing else None
+        apply_activation_checkpointing(model, mode, d.activation_offload)
+    if d.activation_checkpointing_mode != "full" and not d.activation_checkpointing:
+        logger.warning(
+            "policy.dtensor_cfg.activation_checkpointing_mode is ignored: "
+            "activation_checkpointing is false"
+        )
     # 7. compile
     if d.compile:
         compile_layers(model)
