@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RunResult, SmallRun, finished
+from conftest import REPO, RunResult, SmallRun, finished
 from test_distributed import COMMON, assert_same_losses, assert_same_weights
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ def assert_same_run(one: RunResult, other: RunResult) -> None:
     assert_same_weights(one.checkpoint_dir / "final_hf", other.checkpoint_dir / "final_hf")
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("layout", [pytest.param("padded", marks=pytest.mark.heavy), "packed"])
 def test_cp2_matches_one_rank(small_run: SmallRun, tmp_path: Path, layout: str) -> None:
     more = PACKED if layout == "packed" else ()
     one = run(small_run, tmp_path / "one", 1, *more)
@@ -47,6 +47,7 @@ def test_cp2_matches_one_rank(small_run: SmallRun, tmp_path: Path, layout: str) 
     assert_same_run(one, cp)
 
 
+@pytest.mark.heavy  # several ranks on 2 cores: minutes; `uv run pytest -m heavy`
 def test_cp4_packed_and_resume_on_cp2(small_run: SmallRun, tmp_path: Path) -> None:
     """CP=4 (4 ranks, packed rows) matches one process; its step-2 checkpoint resumes with
     CP=2 x DP=1 and logs the same steps 3-4 (CP size changes like the DP size does)."""
@@ -72,7 +73,6 @@ def yarn_recipe(small_run: SmallRun, work: Path, ranks: int) -> RunResult:
     """NeMo RL's 128k YaRN recipe with the model and data swapped for offline ones, the
     lengths scaled down (CP 8 -> 2, 131072 -> 64 tokens per row) and float32 compute (bf16
     on CPU rounds differently per kernel, far above the 1e-5 compared here)."""
-    from conftest import REPO
 
     swaps = (
         "policy.model_name=sftkit:tiny-llama", "policy.tokenizer.name=sftkit:tiny-llama",
@@ -92,11 +92,12 @@ def yarn_recipe(small_run: SmallRun, work: Path, ranks: int) -> RunResult:
     return result
 
 
+@pytest.mark.heavy  # several ranks on 2 cores: minutes; `uv run pytest -m heavy`
 def test_yarn_128k_recipe_runs_with_cp2_like_cp1(small_run: SmallRun, tmp_path: Path) -> None:
     from sftkit.config import load_config
     from sftkit.model.load import load_model
 
-    cfg = load_config(Path(YARN_RECIPE), ["policy.model_name=sftkit:tiny-llama"])
+    cfg = load_config(REPO / YARN_RECIPE, ["policy.model_name=sftkit:tiny-llama"])
     assert cfg.policy.dtensor_cfg.context_parallel_size == 8  # megatron_cfg's spelling
     model = load_model(cfg.policy.model_name, param_dtype=torch.float32, trust_remote_code=False,
                        attn_implementation=None,
@@ -113,6 +114,7 @@ def test_yarn_128k_recipe_runs_with_cp2_like_cp1(small_run: SmallRun, tmp_path: 
     assert (saved_rope["rope_type"], saved_rope["factor"]) == ("yarn", 3.2)
 
 
+@pytest.mark.heavy  # several ranks on 2 cores: minutes; `uv run pytest -m heavy`
 def test_cp2_with_tp2_and_sequence_parallel_matches_one_rank(
     small_run: SmallRun, tmp_path: Path
 ) -> None:
