@@ -105,3 +105,18 @@ def test_test_file_names_are_unique() -> None:
     # tests/ has no __init__.py files: two test files of one name cannot be collected together.
     names = [p.name for p in TESTS.rglob("test_*.py")]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_heavy_tests_are_slow_too() -> None:
+    """`heavy` narrows `slow`: `-m "not slow"` must leave every heavy test out as well."""
+    unmarked = []
+    for path in sorted(TESTS.rglob("test_*.py")):
+        source = path.read_text()
+        if "mark.heavy" not in source or re.search(r"^pytestmark = .*mark\.slow", source, re.M):
+            continue
+        for node in ast.walk(ast.parse(source)):
+            decorators = [ast.get_source_segment(source, d) or "" for d in
+                          getattr(node, "decorator_list", [])]  # fmt: skip
+            if any("mark.heavy" in d for d in decorators) and not _decorated_slow(node, source):
+                unmarked.append(f"{path.relative_to(REPO)}::{getattr(node, 'name', '?')}")
+    assert unmarked == []
