@@ -23,14 +23,15 @@ RECIPES = REPO / "tests" / "fixtures" / "nemo_configs" / "recipes"
         # Megatron + packing recipe: its OpenMathInstruct-2 entry names its own output column,
         # which belongs to "the data" being swapped; its `examples/prompts/math.txt` (relative
         # to NeMo RL's checkout) is found in sftkit's, though the run's cwd is elsewhere.
-        (
+        pytest.param(
             "llm/sft-llama3.1-8b-1n8g-megatron-seqpack.yaml",
             ["data.train.output_key=output", "policy.max_total_sequence_length=128"],
+            marks=pytest.mark.heavy,
         ),
         # NeMo RL's newer `automodel_cfg` (LoRA, expert parallelism, Automodel kwargs)
-        ("other_versions/sft-newer-automodel-lora.yaml", []),
+        pytest.param("other_versions/sft-newer-automodel-lora.yaml", [], marks=pytest.mark.heavy),
         # NeMo RL's older standalone layout: flat data, bare metric name
-        ("other_versions/sft-older-flat-standalone.yaml", []),
+        pytest.param("other_versions/sft-older-flat-standalone.yaml", [], marks=pytest.mark.heavy),
     ],
 )
 def test_recipe_runs_with_swapped_model_and_data(
@@ -45,6 +46,7 @@ def test_recipe_runs_with_swapped_model_and_data(
     assert list((tmp_path / "results").rglob("final_hf/config.json"))
 
 
+@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
 def test_multi_gpu_layout_on_one_process_trains_unsharded_with_a_warning(
     tmp_path: Path,
 ) -> None:

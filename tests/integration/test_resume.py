@@ -201,7 +201,7 @@ def test_weighted_mixture_resumes_bit_exact_after_sigkill(small_run, tmp_path: P
     import os
     import signal
 
-    from conftest import read_metrics, wait_for_step
+    from tests.conftest import read_metrics, wait_for_step
 
     more = mixture_overrides(small_run, tmp_path / "data")
     whole = small_run.inprocess(tmp_path / "whole", *more)

@@ -191,6 +191,7 @@ def test_liger_wheel_is_unpacked(tmp_path: Path, sft_gpu: ModuleType) -> None:
     assert target is not None and (target / "liger_kernel" / "ops" / "rms_norm.py").is_file()
 
 
+@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
 @pytest.mark.slow
 def test_tiny_subprocess_case(tmp_path: Path, sft_gpu: ModuleType) -> None:
     # The real driver: the case runs in its own interpreter and its line is appended.
@@ -219,6 +220,7 @@ def test_cpu_vs_trl_tiny(tmp_path: Path) -> None:
     assert summary["sftkit_over_trl"] == round(ratio, 3)
 
 
+@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
 @pytest.mark.slow
 def test_data_scale_tiny_mode_measures_every_case(tmp_path: Path) -> None:
     """bench/data_scale.py --tiny: the real entry point per size, memory sampled over the tree."""
