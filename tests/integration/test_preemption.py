@@ -123,6 +123,7 @@ def test_self_launch_returns_75_when_the_launcher_is_signalled(small_run, tmp_pa
     assert ckpt.latest_checkpoint(tmp_path / "ckpt") is not None
 
 
+@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
 @pytest.mark.slow
 def test_torchrun_leaves_the_marker(small_run, tmp_path: Path) -> None:
     """Under torchrun the ranks' 75 is lost (torchrun returns 1); the marker is not."""

@@ -180,7 +180,7 @@ def test_resume_with_the_fused_optimizer_is_bit_exact(
 def mixture_overrides(small_run, data: Path) -> list[str]:
     """Two training sets mixed 3:1 (40 + 24 examples: 4 steps per epoch) and two named
     validation sets, ranked by one of them."""
-    from conftest import write_addition_data
+    from tests.conftest import write_addition_data
 
     easy = write_addition_data(data / "easy.jsonl", 40, seed=2)
     hard = write_addition_data(data / "hard.jsonl", 24, seed=3)
