@@ -78,7 +78,8 @@ class BatchResult:
     truncated: np.ndarray  # bool per row
     masked: np.ndarray  # bool per row
     paths: dict[str, int]  # rows per path: spans (fast/fallback), offsets (bytes/chars)
-    full_lengths: np.ndarray | None = None  # int64 per row: tokens before the length policy
+    # int64 per row: tokens before the length policy (-1: an oversize row, never tokenized)
+    full_lengths: np.ndarray | None = None
     oversize: list[str] = field(default_factory=list)  # where the first oversize row was
 
     @classmethod
