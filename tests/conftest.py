@@ -31,6 +31,19 @@ QUICKSTART = REPO / "examples" / "configs" / "quickstart.yaml"
 TRAIN_ROWS, VAL_ROWS, GLOBAL_BATCH = 96, 16, 16
 STEPS_PER_EPOCH = TRAIN_ROWS // GLOBAL_BATCH
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Workers share the cores: torch (imported later) and the runs a test starts get their
+    # share of threads, not every core each (oversubscribed OpenMP spins instead of working).
+    _share = (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (pyproject's addopts): a worker per core, up to 8; serial for the CUDA tests."""
+    if "gpu" in (config.option.markexpr or "") and "not gpu" not in config.option.markexpr:
+        return 0  # one device: the CUDA tests take turns on it
+    return min(os.cpu_count() or 1, 8)
+
 
 def write_addition_data(path: Path, rows: int, seed: int = 0) -> Path:
     """`rows` lines of `{"input": "a+b", "output": "sum"}` (ResponseDataset JSONL)."""
