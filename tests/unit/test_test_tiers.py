@@ -120,3 +120,16 @@ def test_heavy_tests_are_slow_too() -> None:
             if any("mark.heavy" in d for d in decorators) and not _decorated_slow(node, source):
                 unmarked.append(f"{path.relative_to(REPO)}::{getattr(node, 'name', '?')}")
     assert unmarked == []
+
+
+def test_workers_share_the_cores_and_the_gpu_tier_runs_serially() -> None:
+    from types import SimpleNamespace
+
+    from tests.conftest import pytest_xdist_auto_num_workers as workers
+
+    def count(markexpr: str) -> int:
+        return workers(SimpleNamespace(option=SimpleNamespace(markexpr=markexpr)))
+
+    assert count("gpu") == 0  # `uv run pytest -m gpu tests/gpu`: one device, in turn
+    assert 1 <= count("not heavy") <= 8 and count("not gpu") == count("")
+    assert "-n auto --dist loadfile" in (REPO / "pyproject.toml").read_text()
