@@ -16,6 +16,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import deque
@@ -313,6 +314,13 @@ class _Ready:
 def _init_worker(tokenizer: Any, settings: ProcessorSettings) -> None:
     global _PROCESSOR
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
+    # A forked worker inherits the run's SIGTERM/SIGUSR1 handler (`StopFlag`), which only
+    # sets a flag: `Pool.terminate` could then not end a worker waiting on the task queue,
+    # and the run hung at the end of tokenizing. Workers die on SIGTERM/SIGUSR1 and leave
+    # Ctrl-C to the run, which ends the pool.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _PROCESSOR = Processor(tokenizer, settings)
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -257,3 +261,33 @@ def test_prompt_file_without_placeholder_names_the_file(tmp_path: Path):
         TaskDataSpec("x", prompt_file=str(tmp_path / "q.txt"))
     (tmp_path / "ok.txt").write_text("Q ({{literal}}): {}")
     assert TaskDataSpec("x", prompt_file=str(tmp_path / "ok.txt")).prompt == "Q ({{literal}}): {}"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers are forked on Linux only")
+def test_forked_workers_leave_the_run_s_signal_handler_so_terminate_ends_them() -> None:
+    """A worker that kept the run's flag-only SIGTERM handler outlived `Pool.terminate`: the
+    run hung after tokenizing (seen in bench/data_scale.py with a 10 MB row)."""
+    from sftkit.data.prepare import _init_worker
+    from sftkit.data.processor import ProcessorSettings
+    from sftkit.train.loop import StopFlag
+
+    stop = StopFlag()  # what run_sft installs before preparing data
+    stop.install()
+    try:
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        pool = mp.get_context("fork").Pool(
+            2,
+            initializer=_init_worker,
+            initargs=(make_tokenizer(), ProcessorSettings(max_length=64)),
+        )
+        dispositions = {
+            pool.apply(signal.getsignal, (s,)) for s in (signal.SIGTERM, signal.SIGUSR1)
+        }
+        assert dispositions == {signal.SIG_DFL}
+        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+        ender = threading.Thread(target=pool.terminate, daemon=True)
+        ender.start()
+        ender.join(timeout=30)
+        assert not ender.is_alive(), "Pool.terminate hung on a worker"
+    finally:
+        stop.restore()
