@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -23,7 +24,9 @@ def assert_rows_match(got: dict, ref: dict) -> None:
             assert row[name] == ref[step][name], (step, name)
 
 
-def test_sigterm_saves_and_exits_for_requeue(preempted_run, reference_run, small_run) -> None:
+def test_sigterm_saves_and_exits_for_requeue(
+    preempted_run, reference_run, small_run, tmp_path: Path
+) -> None:
     assert preempted_run.returncode == EXIT_REQUEUE, preempted_run.stderr[-2000:]
     stopped = max(preempted_run.train_rows())
     assert 2 <= stopped < 14
@@ -34,12 +37,16 @@ def test_sigterm_saves_and_exits_for_requeue(preempted_run, reference_run, small
     # The real process computed exactly what the in-process reference did up to the stop...
     assert_rows_match(preempted_run.train_rows(), reference_run.train_rows())
 
-    # ...and the next start (same command) resumes from the stop and finishes identically.
-    resumed = small_run.inprocess(preempted_run.work)
+    # ...and the next start resumes from the stop and finishes identically. It runs on a
+    # copy: other tests read the preempted run as it stopped, in any order (xdist).
+    work = tmp_path / "work"
+    shutil.copytree(preempted_run.work, work, symlinks=True)
+    resumed = small_run.inprocess(work)
     assert resumed.returncode == 0
     assert sorted(resumed.train_rows()) == list(range(stopped + 1, 15))
     assert_rows_match(resumed.train_rows(), reference_run.train_rows())
-    assert (preempted_run.checkpoint_dir / "final_hf" / "model.safetensors").is_file()
+    assert (resumed.checkpoint_dir / "final_hf" / "model.safetensors").is_file()
+    assert not (preempted_run.checkpoint_dir / "final_hf").exists()
 
 
 def test_sigusr1_in_process(small_run, reference_run, tmp_path: Path) -> None:
