@@ -191,8 +191,7 @@ def test_liger_wheel_is_unpacked(tmp_path: Path, sft_gpu: ModuleType) -> None:
     assert target is not None and (target / "liger_kernel" / "ops" / "rms_norm.py").is_file()
 
 
-@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
-@pytest.mark.slow
+@pytest.mark.slow  # 30 s: the bench driver in a subprocess
 def test_tiny_subprocess_case(tmp_path: Path, sft_gpu: ModuleType) -> None:
     # The real driver: the case runs in its own interpreter and its line is appended.
     out = tmp_path / "sft_gpu.jsonl"

@@ -60,8 +60,7 @@ def test_summary_ratio_and_target(max_context: ModuleType) -> None:
     assert not any(k.startswith("1b_full") for k in s)
 
 
-@pytest.mark.slow  # starts one process per case
-@pytest.mark.heavy  # several ranks on 2 cores: minutes; `uv run pytest -m heavy`
+@pytest.mark.slow  # starts one process per case (60 s)
 def test_tiny_mode_writes_a_record_per_case(tmp_path: Path, max_context: ModuleType) -> None:
     out = tmp_path / "max_context.jsonl"
     records = max_context.main(["--tiny", "--models", "8b_lora", "--out", str(out)])

@@ -25,8 +25,7 @@ def bench() -> ModuleType:
     return module
 
 
-@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
-@pytest.mark.slow
+@pytest.mark.slow  # 30 s: the bench driver
 def test_tiny_driver_writes_results(tmp_path: Path, bench: ModuleType) -> None:
     # The real driver: one case in its own subprocess, appended to the JSONL when done.
     out = tmp_path / "lora.jsonl"
