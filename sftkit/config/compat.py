@@ -211,10 +211,10 @@ def megatron_peft(cfg: DictConfig) -> None:
                 "policy.megatron_cfg.enabled=false; use policy.dtensor_cfg.lora_cfg.enabled=true."
             )
         return
-    logger.warning(
+    # info, not a warning: the keys sftkit ignores are in warn_ignored's one warning
+    logger.info(
         "policy.megatron_cfg.enabled=true: sftkit runs Megatron LoRA on its own engine. "
-        "Honoured: %s. Ignored: peft.a2a_experimental, checkpoint, optimizer, scheduler, "
-        "distributed_data_parallel_config, fp8_cfg.",
+        "Honoured: %s. Ignored: peft.a2a_experimental.",
         ", ".join("peft." + k for k in _PEFT_HONOURED),
     )
     new = _peft_as_lora(peft)

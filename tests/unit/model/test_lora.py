@@ -105,7 +105,7 @@ def test_megatron_names_and_config(caplog) -> None:
     pcfg.megatron_cfg.peft.enabled = True
     pcfg.megatron_cfg.peft.target_modules = ["*.layers.0.*.linear_qkv", "linear_fc1"]
     pcfg.megatron_cfg.peft.lora_dtype = "None"
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         spec = lora_spec_from_config(derived(pcfg))
     assert spec is not None and not spec.match_all_linear and spec.lora_dtype == torch.float32
     assert "Honoured" in caplog.text and "a2a_experimental" in caplog.text
