@@ -67,7 +67,7 @@ def test_bad_lora_rank_and_dropout_fail_at_load(overrides: list[str], key: str) 
 
 
 def test_data_train_names_and_weights_fail_at_load(tmp_path: Path) -> None:
-    entries = '[{data_path: a.jsonl, weight: 3}, {data_path: b.jsonl}]'
+    entries = "[{data_path: a.jsonl, weight: 3}, {data_path: b.jsonl}]"
     with pytest.raises(ConfigError, match=r"data.train\[1\] \(b\) has no weight but other"):
         load_config(QUICKSTART, [f"data.train={entries}"])
     with pytest.raises(ConfigError, match=r"are both named 'x'"):
