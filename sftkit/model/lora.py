@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sftkit.model.load import DTYPES
+
 if TYPE_CHECKING:
     from sftkit.config.schema import PolicyConfig
 
@@ -35,7 +37,6 @@ PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 SFTKIT_LORA_CONFIG = "sftkit_lora_config.json"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -95,7 +96,7 @@ def lora_spec_from_config(policy_cfg: PolicyConfig) -> LoraSpec | None:
         dropout_position=lcfg.dropout_position,  # type: ignore[arg-type]
         lora_A_init=lcfg.lora_A_init,  # type: ignore[arg-type]
         use_triton=bool(lcfg.use_triton),
-        lora_dtype=_DTYPES[lcfg.lora_dtype],
+        lora_dtype=DTYPES[lcfg.lora_dtype],
     )
 
 
