@@ -86,3 +86,14 @@ def test_save_and_validation_periods_are_checked_once_at_load(
     train_metric = ["sft.val_period=10", "checkpointing.save_period=15",
                     "checkpointing.metric_name=train:loss"]  # fmt: skip
     assert unmeasured_saves(load_config(QUICKSTART, train_metric)) is None
+
+
+def test_token_budget_has_one_source() -> None:
+    """The loader has no fallback budget of its own: a packed or dynamic plan carries the
+    derived train_mb_tokens."""
+    from sftkit.data.loader import BatchPlan
+
+    with pytest.raises(ValueError, match="needs mb_tokens"):
+        BatchPlan(micro_batch_size=2, mode="packed")
+    cfg = load_config(QUICKSTART, ["policy.sequence_packing.enabled=true"])
+    assert cfg.policy.sequence_packing.train_mb_tokens == 64 * 32
