@@ -15,7 +15,7 @@ import torch
 
 from sftkit.config import MasterConfig, load_config
 from sftkit.dist import apply_slurm_env, clip_grad_norm, first_slurm_host, in_launcher
-from sftkit.train.launch import maybe_self_launch
+from sftkit.lifecycle.launch import maybe_self_launch
 
 REPO = Path(__file__).resolve().parents[2]
 
