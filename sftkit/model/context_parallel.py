@@ -32,6 +32,7 @@ from torch import Tensor
 
 from sftkit.batch import IGNORE_INDEX, PackedBatch, round_up
 from sftkit.dist import DistEnv
+from sftkit.model.flex import flex, flex_api
 
 
 @dataclass
@@ -305,9 +306,7 @@ def _flex_attention(
     query: Tensor, keys: Tensor, values: Tensor, layout: ContextLayout, scale: float | None
 ) -> Tensor:
     """Flex attention with a block mask of global positions and documents; [rows, 2L, H, D]."""
-    from sftkit.model.attention import _flex, _flex_api
-
-    api = _flex_api()
+    api = flex_api()
     if api is None:
         raise ValueError("context parallelism on CUDA needs torch's flex_attention (torch>=2.5)")
     rows, _, width_q, _ = query.shape
@@ -323,7 +322,7 @@ def _flex_attention(
 
         layout.cache[key] = api[0](mask_mod, rows, None, width_q, width_k, device=device)
     gqa = keys.shape[1] != query.shape[1]
-    out = _flex(query, keys, values, block_mask=layout.cache[key], scale=scale, enable_gqa=gqa)
+    out = flex(query, keys, values, block_mask=layout.cache[key], scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 
