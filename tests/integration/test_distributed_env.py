@@ -128,7 +128,7 @@ def test_self_launch_without_gpus_asks_before_forking_cpu_ranks(monkeypatch) -> 
     import pytest
 
     from sftkit.config import load_config
-    from sftkit.train import launch
+    from sftkit.lifecycle import launch
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(var, raising=False)
