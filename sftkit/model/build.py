@@ -86,7 +86,7 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
     # 4. mesh + tensor parallel (one process: the device)
     mesh = env.mesh  # None: one process
     if mesh is not None:
-        if mesh["tp"].size() > 1:
+        if env.dims.tp > 1:
             plan = tensor_parallel_plan(model, d.custom_parallel_plan, d.sequence_parallel)
             apply_tensor_parallel(model, mesh["tp"], plan)
     else:
