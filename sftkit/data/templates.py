@@ -418,6 +418,14 @@ class ChatRenderer:
         """Whether assistant turns end with template text (else `add_eos` ends them)."""
         return bool(self.probe.eot)
 
+    @property
+    def inserted_before_reply(self) -> str:
+        """Text the template writes before the final reply beyond the generation prompt
+        (Qwen3 with thinking on: an empty `<think>\\n\\n</think>\\n\\n`); never trained."""
+        last, gen = self.probe.last_header, self.probe.gen_prompt
+        extra = last[len(gen) :] if gen and last.startswith(gen) else ""
+        return extra if extra.strip() else ""
+
 
 def _mentions(value: Any, header: str, eot: str) -> bool:
     """Whether any string inside `value` (nested dicts and lists) contains either text."""

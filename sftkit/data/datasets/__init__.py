@@ -16,6 +16,13 @@ from typing import Any
 from sftkit.config.schema import DATASET_KEYS
 from sftkit.data.datasets.base import RawDataset, Row, TaskDataSpec, split_rows
 from sftkit.data.datasets.gsm8k import GSM8KDataset
+from sftkit.data.datasets.math import (
+    DAPOMath17KDataset,
+    DeepScalerDataset,
+    NemotronCascade2SFTMathDataset,
+    NuminaMath15Dataset,
+    OpenR1Math220KDataset,
+)
 from sftkit.data.datasets.oasst import OasstDataset
 from sftkit.data.datasets.openai_format import OpenAIFormatDataset
 from sftkit.data.datasets.openmath import OpenMathInstruct2Dataset
@@ -34,6 +41,11 @@ DATASETS: dict[str, type] = {
     "tulu3_sft_mixture": Tulu3SftMixtureDataset,
     "gsm8k": GSM8KDataset,
     "GSM8K": GSM8KDataset,
+    "NuminaMath-1.5": NuminaMath15Dataset,
+    "OpenR1-Math-220k": OpenR1Math220KDataset,
+    "Nemotron-Cascade-2-SFT-Math": NemotronCascade2SFTMathDataset,
+    "DAPOMath17K": DAPOMath17KDataset,
+    "DeepScaler": DeepScalerDataset,
 }
 # Keys of a dataset entry that select or process it rather than configure the class.
 ENTRY_KEYS = ("dataset_name", "processor", "env_name")
