@@ -478,6 +478,9 @@ DATASET_KEYS: frozenset[str] = frozenset(
 # A path names a key or a whole section (every key below it). Remove an entry when the
 # setting starts to be honoured.
 IGNORED_KEYS: dict[str, str] = {
+    "policy.sequence_packing.microbatch_order": (
+        "packed microbatches run in the packer's order (largest_first is not implemented)"
+    ),
     "policy.offload_optimizer_for_logprob": "RL-only (no logprob pass in SFT)",
     "policy.dequantize_base_checkpoint": "weights load as transformers stores them",
     "policy.megatron_recipe": "Megatron-only",
