@@ -159,7 +159,9 @@ class Processor:
         return {"input_ids": ids, "loss_mask": mask, "text": text,
                 "reasoning_mask": reasoning, "deselected": rendered.deselected}  # fmt: skip
 
-    def _encode(self, row: dict[str, Any], where: str) -> tuple[list[int], list[int], str, _Rendered]:
+    def _encode(
+        self, row: dict[str, Any], where: str
+    ) -> tuple[list[int], list[int], str, _Rendered]:
         rendered = self._render(row, where)
         ((ids, ranges),) = self._tokenize([rendered])
         mask = [0] * len(ids)

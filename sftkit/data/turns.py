@@ -65,8 +65,10 @@ def check_rules(name: str, roles: Any, tool_calls_only: Any) -> dict[str, Any] |
             f"{', '.join(TRAINABLE_ROLES)} (default [assistant])."
         )
     if not isinstance(tool_calls_only, (bool, type(None))):
-        raise ValueError(f"dataset {name}: train_tool_calls_only={tool_calls_only!r}; use true/false.")
-    rules = {"roles": sorted({r.lower() for r in roles or ["assistant"]})}
+        raise ValueError(
+            f"dataset {name}: train_tool_calls_only={tool_calls_only!r}; use true/false."
+        )
+    rules: dict[str, Any] = {"roles": sorted({r.lower() for r in roles or ["assistant"]})}
     if tool_calls_only:
         rules["tool_calls_only"] = True
     return rules

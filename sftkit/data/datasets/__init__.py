@@ -90,7 +90,7 @@ def resolve_class(name: str) -> type:
                 f"dataset_name={name!r} names a {type(found).__name__} ({found!r:.60}), not a "
                 "dataset class: point it at the class (my_pkg.module.MyDataset)."
             )
-        return found  # type: ignore[no-any-return]
+        return found
     close = difflib.get_close_matches(name, DATASETS, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(
@@ -181,8 +181,7 @@ def _adopt_nemo_protocol(dataset: Any, entry: Mapping[str, Any]) -> None:
     name = getattr(spec, "task_name", None) or getattr(dataset, "task_name", None)
     if name and not hasattr(spec, "apply"):  # NeMo RL's own spec: sftkit's applies the prompt
         dataset.task_spec = TaskDataSpec(
-            name,
-            entry.get("prompt_file"), entry.get("system_prompt_file")
+            name, entry.get("prompt_file"), entry.get("system_prompt_file")
         )
     dataset.formatted_ds = {
         "train": dataset.dataset,

@@ -113,7 +113,9 @@ def test_default_mask_matches_generation_markers(family: str) -> None:
         [messages], chat_template=tok.chat_template, return_assistant_tokens_mask=True, **variables
     )
     assert rendered[0] == text
-    expected = [tok.decode(tok(text[s:e], add_special_tokens=False)["input_ids"]) for s, e in spans[0]]
+    expected = [
+        tok.decode(tok(text[s:e], add_special_tokens=False)["input_ids"]) for s, e in spans[0]
+    ]
     assert _trained(tok, ids, mask) == expected
 
 
@@ -158,7 +160,10 @@ def _nemo_reference(tok, messages, add_generation_prompt, add_bos=True, add_eos=
             tokenize=False,
             add_generation_prompt=add_generation_prompt and message["role"] in ("user", "tool"),
         )
-        start = next((k for k, (a, b) in enumerate(zip(prev, text)) if a != b), min(len(prev), len(text)))
+        start = next(
+            (k for k, (a, b) in enumerate(zip(prev, text, strict=False)) if a != b),
+            min(len(prev), len(text)),
+        )
         chunk = text[start:]
         if i == 0 and add_bos and tok.bos_token and not chunk.startswith(tok.bos_token):
             chunk = tok.bos_token + chunk
@@ -185,7 +190,12 @@ def test_nemo_rl_mask_token_for_token(family: str, agp: bool) -> None:
 
 def test_nemo_rl_mask_without_duplicated_history() -> None:
     tok = make_tokenizer("qwen3")
-    messages = [Q1, {**A1, "reasoning_content": THINK}, Q2, {"role": "assistant", "content": ANSWER}]
+    messages = [
+        Q1,
+        {**A1, "reasoning_content": THINK},
+        Q2,
+        {"role": "assistant", "content": ANSWER},
+    ]
     ref_ids, _ = _nemo_reference(tok, messages, True, add_bos=False)
     ids, mask, _ = _proc(tok, add_eos=True, loss_mask="nemo_rl", add_generation_prompt=True).encode(
         {"messages": messages}
@@ -194,3 +204,17 @@ def test_nemo_rl_mask_without_duplicated_history() -> None:
     assert tok.decode(ids) == full  # every chunk a piece of the final rendering
     assert len(ref_ids) > len(ids)  # NeMo RL repeats the first answer (RL#2821)
     assert _trained(tok, ids, mask)[0] == A1["content"] + "<|im_end|>\n"
+
+
+def test_preview_shows_reasoning_in_its_own_colour() -> None:
+    from sftkit.data.preview import REASONING_OFF, REASONING_ON, render_highlighted
+
+    tok = make_tokenizer("qwen3")
+    messages = [Q1, {"role": "assistant", "content": ANSWER, "reasoning_content": THINK}]
+    for mode, mark in (("train", ("{{", "}}")), ("mask", ("((", "))"))):
+        record = _proc(tok, reasoning=mode).explain({"messages": messages})
+        plain = render_highlighted(record, tok, color=False)
+        assert f"{mark[0]}{THINK}{mark[1]}" in plain and f"{ANSWER}<|im_end|>]]" in plain
+        assert (f"[[{ANSWER}" in plain) is (mode == "mask")
+        coloured = render_highlighted(record, tok, color=True)
+        assert (REASONING_ON if mode == "train" else REASONING_OFF) + THINK in coloured
