@@ -218,3 +218,28 @@ def test_preview_shows_reasoning_in_its_own_colour() -> None:
         assert (f"[[{ANSWER}" in plain) is (mode == "mask")
         coloured = render_highlighted(record, tok, color=True)
         assert (REASONING_ON if mode == "train" else REASONING_OFF) + THINK in coloured
+
+
+def test_dataset_rules_and_switches_through_prepare_data(tmp_path) -> None:
+    import json
+
+    from sftkit.config.schema import MasterConfig
+    from sftkit.data import prepare_data
+
+    path = tmp_path / "agent.jsonl"
+    rows = [{"messages": _agent_row()}, {"messages": [Q1, {**A1, "train": False}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = MasterConfig()
+    cfg.data.train = {"dataset_name": "openai_format", "data_path": str(path),
+                      "train_tool_calls_only": True}  # fmt: skip
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg.data.reasoning = "mask"
+    tok = make_tokenizer("qwen3")
+    data = prepare_data(cfg, tok)
+    assert data.report["train/dropped_untrainable"] == 1 and len(data.train) == 1
+    example = data.train[0]
+    trained = _trained(tok, list(example.input_ids), list(example.loss_mask))
+    assert len(trained) == 1 and trained[0].startswith("<tool_call>")  # reasoning masked
+    cfg.data.train = {**cfg.data.train, "roles_to_train": ["robot"]}
+    with pytest.raises(ValueError, match="roles_to_train=\\['robot'\\]"):
+        prepare_data(cfg, tok)
