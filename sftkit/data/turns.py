@@ -171,8 +171,11 @@ def trained_spans(
             continue
         start, end = next(spans_left)
         pos = end
-        reasoning = reasoning_of(message)
-        r_at = text.find(reasoning, start, end) if reasoning else -1
+        reasoning, answer = reasoning_of(message), answer_of(message)
+        # the answer comes last: reasoning is looked for before it, so a reasoning text the
+        # template dropped is never found inside the answer ("42" in "The answer is 42")
+        a_at = text.rfind(answer, start, end) if answer else -1
+        r_at = text.find(reasoning, start, a_at if a_at >= 0 else end) if reasoning else -1
         if r_at >= 0:
             thinking.append((r_at, r_at + len(reasoning)))
         elif not reasoning and inserted and text.startswith(inserted, start):
@@ -180,18 +183,16 @@ def trained_spans(
         if not chosen[i]:
             continue
         if mode == "mask" and r_at >= 0:
-            start = _answer_start(text, r_at + len(reasoning), end, answer_of(message))
+            start = a_at if a_at >= 0 else _after_reasoning(text, r_at + len(reasoning), end)
         if end > start:
             spans.append((start, end))
     return spans, thinking
 
 
-def _answer_start(text: str, after: int, end: int, answer: str) -> int:
-    """Where the answer begins after the reasoning: the template text between is not trained."""
-    found = text.find(answer, after, end) if answer else -1
-    if found >= 0:
-        return found
-    k = after  # no answer text (a tool call follows): skip the closing tag and whitespace
+def _after_reasoning(text: str, after: int, end: int) -> int:
+    """Where a turn without answer text (a tool call follows) resumes after its reasoning:
+    the closing tag and whitespace are not trained."""
+    k = after
     while k < end and text[k].isspace():
         k += 1
     if text.startswith(THINK_CLOSE, k):

@@ -103,6 +103,16 @@ def test_inline_think_in_content(family: str) -> None:
             assert runs == [f"<think>{THINK}</think>{ANSWER}{eot}"]
 
 
+def test_dropped_reasoning_is_never_found_inside_the_answer() -> None:
+    tok = make_family("deepseek_r1")  # drops reasoning; "42" also occurs in the answer
+    messages = [Q1, {"role": "assistant", "content": ANSWER, "reasoning_content": "42"}]
+    record = _proc(tok, reasoning="mask").explain({"messages": messages})
+    assert _trained(tok, record["input_ids"], record["loss_mask"]) == [
+        ANSWER + "<｜end▁of▁sentence｜>"
+    ]
+    assert not any(record["reasoning_mask"])
+
+
 @pytest.mark.parametrize("family", ["qwen3", "harmony", "deepseek_r1", "llama3"])
 def test_default_mask_matches_generation_markers(family: str) -> None:
     tok = make_tokenizer(family) if family in ("qwen3", "llama3") else make_family(family)
@@ -151,7 +161,9 @@ def test_tool_call_turns_only_and_untrained_rows_counted() -> None:
 
 
 # -- NeMo RL's mask -------------------------------------------------------------------------
-def _nemo_reference(tok, messages, add_generation_prompt, add_bos=True, add_eos=True):
+def _nemo_reference(
+    tok, messages, add_generation_prompt, add_bos=True, add_eos=True, only_unmask_final=False
+):
     """NeMo RL's `get_formatted_message_log` + `add_loss_mask_to_message_log` (7ea279ab)."""
     prev, ids, mask = "", [], []
     for i, message in enumerate(messages):
@@ -171,7 +183,9 @@ def _nemo_reference(tok, messages, add_generation_prompt, add_bos=True, add_eos=
             chunk += tok.eos_token
         chunk_ids = tok(chunk, add_special_tokens=False)["input_ids"]
         ids += chunk_ids
-        mask += [int(message["role"] == "assistant")] * len(chunk_ids)
+        last = i == len(messages) - 1
+        trained = last if only_unmask_final else message["role"] == "assistant"
+        mask += [int(trained)] * len(chunk_ids)
         prev = text
     return ids, mask
 
@@ -186,6 +200,20 @@ def test_nemo_rl_mask_token_for_token(family: str, agp: bool) -> None:
     assert (ids, mask) == _nemo_reference(tok, messages, agp)
     header = "<|im_start|>assistant\n" if family == "qwen25" else "assistant<|end_header_id|>"
     assert (header in "".join(_trained(tok, ids, mask))) is not agp
+    batch = proc.process_batch([{"messages": messages}], ["r0"])
+    assert (batch.ids.tolist(), batch.mask.tolist()) == (ids, mask)
+    final = _proc(tok, add_bos=True, add_eos=True, loss_mask="nemo_rl", add_generation_prompt=agp,
+                  only_unmask_final=True)  # fmt: skip
+    got = final.encode({"messages": messages})[:2]
+    assert got == _nemo_reference(tok, messages, agp, only_unmask_final=True)
+
+
+@pytest.mark.parametrize("agp", [False, True])
+def test_nemo_rl_mask_with_tool_turns(agp: bool) -> None:
+    tok = make_tokenizer("qwen25")
+    messages = _agent_row()
+    proc = _proc(tok, add_bos=True, add_eos=True, loss_mask="nemo_rl", add_generation_prompt=agp)
+    assert proc.encode({"messages": messages})[:2] == _nemo_reference(tok, messages, agp)
 
 
 def test_nemo_rl_mask_without_duplicated_history() -> None:
