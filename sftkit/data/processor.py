@@ -259,7 +259,10 @@ class Processor:
             text, spans, rendered = self.renderer.render_spans(messages, tools)
             nemo = self.settings.loss_mask == "nemo_rl"
             roles, tool_calls_only = turns.row_rules(row)
-            final = self._final_index(rendered, nemo)
+            final = turns.final_index(rendered, self.settings.only_unmask_final, nemo)
+            # a template that folds the system message into the first user turn renders
+            # fewer messages: the flags follow the messages they belong to
+            flags = flags[len(flags) - len(rendered) :]
             chosen = turns.selected(rendered, flags, roles, tool_calls_only, final)
             if nemo:
                 return self._nemo_render(rendered, tools, spans, chosen, where)
@@ -281,15 +284,6 @@ class Processor:
             not c for c, m in zip(chosen, rendered, strict=True) if m["role"] == "assistant"
         )
         return _Rendered(text, trained, last_chosen, where, reasoning, deselected)
-
-    def _final_index(self, messages: list[dict[str, Any]], nemo: bool) -> int | None:
-        """The one message `only_unmask_final` trains: NeMo RL's last message, else the
-        last assistant turn (sftkit's meaning since the seed)."""
-        if not self.settings.only_unmask_final:
-            return None
-        if nemo:
-            return len(messages) - 1
-        return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
 
     def _nemo_render(
         self,

@@ -74,6 +74,16 @@ def check_rules(name: str, roles: Any, tool_calls_only: Any) -> dict[str, Any] |
     return rules
 
 
+def final_index(messages: Messages, only_unmask_final: bool, nemo: bool) -> int | None:
+    """The one message `only_unmask_final` trains: NeMo RL's last message (whatever its
+    role) in `loss_mask: nemo_rl`, else the last assistant turn (sftkit's meaning)."""
+    if not only_unmask_final:
+        return None
+    if nemo:
+        return len(messages) - 1
+    return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+
+
 def selected(
     messages: Messages,
     flags: Sequence[bool | None],

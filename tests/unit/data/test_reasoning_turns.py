@@ -271,3 +271,20 @@ def test_dataset_rules_and_switches_through_prepare_data(tmp_path) -> None:
     cfg.data.train = {**cfg.data.train, "roles_to_train": ["robot"]}
     with pytest.raises(ValueError, match="roles_to_train=\\['robot'\\]"):
         prepare_data(cfg, tok)
+
+
+def test_flags_follow_their_messages_when_the_system_is_folded() -> None:
+    tok = make_tokenizer("gemma_strict")  # rejects a system role: it is folded into the user
+    system = {"role": "system", "content": "Be brief."}
+    row = {
+        "messages": [
+            system,
+            Q1,
+            {**A1, "train": False},
+            Q2,
+            {"role": "assistant", "content": ANSWER},
+        ]
+    }
+    ids, mask, text = _proc(tok).encode(row)
+    assert "Be brief." in text
+    assert _trained(tok, ids, mask) == [ANSWER + "<end_of_turn>"]
