@@ -293,6 +293,7 @@ class Processor:
         chosen: list[bool],
         where: str,
     ) -> _Rendered:
+        _, _, tools = self.renderer.render_full(messages, tools)  # tools as adapted
         chunks = nemo_mask.nemo_chunks(
             self.renderer, messages, tools, self.settings.add_generation_prompt, spans
         )

@@ -288,3 +288,17 @@ def test_flags_follow_their_messages_when_the_system_is_folded() -> None:
     ids, mask, text = _proc(tok).encode(row)
     assert "Be brief." in text
     assert _trained(tok, ids, mask) == [ANSWER + "<end_of_turn>"]
+
+
+def test_nemo_rl_mask_renders_prefixes_with_the_adapted_tools() -> None:
+    from test_template_families import SEED_TOOLS
+
+    tok = make_family("hermes")  # reads tool.function: the flat tools are adapted
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "P"}}}
+    row = {"messages": [Q1, {"role": "assistant", "content": "", "tool_calls": [call]},
+                        {"role": "tool", "content": "22"}, {"role": "assistant", "content": ANSWER}],
+           "tools": SEED_TOOLS}  # fmt: skip
+    sftkit_text = _proc(tok).encode(row)[2]
+    ids, mask, text = _proc(tok, loss_mask="nemo_rl").encode(row)
+    assert text == sftkit_text and "get_weather" in text
+    assert any(mask)
