@@ -59,23 +59,26 @@ def _agent_row() -> list[dict]:
     ]  # fmt: skip
 
 
-def test_qwen3_reasoning_train_mask_drop() -> None:
+@pytest.mark.parametrize("thinking", [True, False])
+def test_qwen3_reasoning_train_mask_drop(thinking: bool) -> None:
     tok = make_tokenizer("qwen3")
+    kw = {"template_kwargs": {"enable_thinking": thinking}}
     messages = _agent_row()
-    ids, mask = _same_ids(tok, _proc(tok), messages)
+    ids, mask = _same_ids(tok, _proc(tok, **kw), messages, enable_thinking=thinking)
     runs = _trained(tok, ids, mask)
     assert "I need a tool" in runs[0] and THINK in runs[1] and ANSWER in runs[1]
-    record = _proc(tok, reasoning="mask").explain({"messages": messages})
+    record = _proc(tok, reasoning="mask", **kw).explain({"messages": messages})
     runs = _trained(tok, record["input_ids"], record["loss_mask"])
     assert runs[0].startswith("<tool_call>") and runs[1] == ANSWER + "<|im_end|>"
     reasoning = tok.decode([i for i, r in zip(ids, record["reasoning_mask"], strict=True) if r])
     assert "I need a tool" in reasoning and THINK in reasoning and ANSWER not in reasoning
-    dropped = _proc(tok, reasoning="drop_history")
+    dropped = _proc(tok, reasoning="drop_history", **kw)
     ids, mask, text = dropped.encode({"messages": messages})
     assert "I need a tool" not in text and THINK in text
     assert text == tok.apply_chat_template(
         [{**m, "reasoning_content": None} if k == 1 else m for k, m in enumerate(messages)],
         tokenize=False,
+        enable_thinking=thinking,
     )
 
 
