@@ -74,11 +74,10 @@ def with_bos_eos(chunks: list[Chunk], bos: str | None, eos: str | None) -> list[
 
 
 def tokenize_chunks(
-    tokenizer: Any, chunks: list[Chunk], trained: list[bool]
+    tokenizer: Any, texts: list[str], trained: list[bool]
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of the chunks tokenized one by one, and the trained token ranges."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    texts = [text for text, _ in chunks]
     if backend is not None:
         id_lists = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
     else:

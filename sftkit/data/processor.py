@@ -338,8 +338,8 @@ class Processor:
     def _tokenize_chunks(self, rendered: _Rendered) -> tuple[list[int], Ranges]:
         """NeMo RL's tokenization: each message's chunk on its own (BOS/EOS are in the text)."""
         assert rendered.chunks is not None
-        chunks = [(text, "") for text, _ in rendered.chunks]
-        return nemo_mask.tokenize_chunks(self.tokenizer, chunks, [t for _, t in rendered.chunks])
+        texts, trained = zip(*rendered.chunks, strict=True)
+        return nemo_mask.tokenize_chunks(self.tokenizer, list(texts), list(trained))
 
     def _tokenize_by_bytes(
         self, rendered: Sequence[_Rendered]
