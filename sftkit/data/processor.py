@@ -277,8 +277,9 @@ class Processor:
             ) from err
         inserted = self.renderer.inserted_before_reply
         trained, reasoning = turns.trained_spans(
-            text, rendered, spans, chosen, self.settings.reasoning, inserted, where
-        )
+            text, rendered, spans, chosen, self.settings.reasoning, inserted, where,
+            turns.THINK_CLOSE in self.renderer.probe.gen_prompt,
+        )  # fmt: skip
         last_chosen = bool(chosen) and chosen[-1] and rendered[-1]["role"] == "assistant"
         deselected = any(
             not c for c, m in zip(chosen, rendered, strict=True) if m["role"] == "assistant"

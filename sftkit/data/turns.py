@@ -150,12 +150,14 @@ def trained_spans(
     mode: str,
     inserted: str,
     where: str,
+    empty_think_prompt: bool = False,
 ) -> tuple[list[Span], list[Span]]:
     """`(trained spans, reasoning spans)` in `text`, in order.
 
     `assistant_spans` holds one span per assistant message (the span finder's); `inserted`
     is the text the template puts before a final reply that has no reasoning (Qwen3's empty
-    think block), never trained. A chosen non-assistant message trains its content.
+    think block), never trained; `empty_think_prompt`: the generation prompt holds one
+    (Qwen3 with thinking off). A chosen non-assistant message trains its content.
     """
     spans: list[Span] = []
     thinking: list[Span] = []
@@ -192,6 +194,12 @@ def trained_spans(
             start += len(inserted)  # the template's own empty think block
         if not chosen[i]:
             continue
+        if empty_think_prompt and r_at >= start > (opener := text.rfind(THINK_OPEN, 0, r_at)):
+            # the generation prompt holds an empty think block (Qwen3, thinking off) that this
+            # turn's reasoning replaces: its opener belongs to the reasoning. (GLM-4.5's prompt
+            # ends with the opener itself: the model continues after it, untrained.)
+            if opener >= 0 and not text[opener + len(THINK_OPEN) : r_at].strip():
+                start = opener
         if mode == "mask" and r_at >= 0:
             start = a_at if a_at >= 0 else _after_reasoning(text, r_at + len(reasoning), end)
         if end > start:

@@ -67,6 +67,7 @@ def test_qwen3_reasoning_train_mask_drop(thinking: bool) -> None:
     ids, mask = _same_ids(tok, _proc(tok, **kw), messages, enable_thinking=thinking)
     runs = _trained(tok, ids, mask)
     assert "I need a tool" in runs[0] and THINK in runs[1] and ANSWER in runs[1]
+    assert all(run.startswith("<think>\n") for run in runs)  # the opener is trained too
     record = _proc(tok, reasoning="mask", **kw).explain({"messages": messages})
     runs = _trained(tok, record["input_ids"], record["loss_mask"])
     assert runs[0].startswith("<tool_call>") and runs[1] == ANSWER + "<|im_end|>"
