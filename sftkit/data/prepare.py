@@ -90,8 +90,10 @@ def prepare_data(cfg: MasterConfig, tokenizer: Any) -> PreparedData:
 def settings_from_config(
     data: DataConfig, policy: PolicyConfig, only_unmask_final: bool = False
 ) -> ProcessorSettings:
-    # Derived at load (sftkit.config.derive); a config built in code goes through derive_config.
-    assert data.max_input_seq_length is not None and data.max_row_chars is not None
+    assert data.max_input_seq_length is not None and data.max_row_chars is not None, (
+        "data.max_input_seq_length / max_row_chars are derived at load: pass a config built "
+        "in code through sftkit.config.derive.derive_config"
+    )
     max_len = data.max_input_seq_length
     kwargs = _plain(policy.tokenizer.chat_template_kwargs) or {}
     if data.overlong_policy not in ("truncate", "drop", "mask"):
