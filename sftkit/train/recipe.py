@@ -16,8 +16,8 @@ from sftkit.config import MasterConfig, config_to_dict
 from sftkit.data import PreparedData, load_tokenizer, prepare_data
 from sftkit.data.loader import BatchPlan, build_sampler
 from sftkit.dist import DistEnv, init_distributed, shutdown_distributed
-from sftkit.errors import EXIT_REQUEUE
-from sftkit.lifecycle.lock import take_run_lock
+from sftkit.errors import EXIT_FAILED, EXIT_REQUEUE
+from sftkit.lifecycle.lock import ensure_held, take_run_lock
 from sftkit.lifecycle.signals import Preempted, StopFlag, preempted_marker, write_preempted_marker
 from sftkit.log import (
     ConsoleReporter,
@@ -202,6 +202,7 @@ def run_sft(cfg: MasterConfig) -> int:
     stop.install()
     lock = None
     step = 0
+    code = EXIT_FAILED  # until the run returns or a signal stops it
     try:
         # Write problems surface before the work, and one run owns checkpoint_dir.
         ckpt.check_writable(Path(c.checkpoint_dir), "checkpointing.checkpoint_dir")
@@ -211,10 +212,12 @@ def run_sft(cfg: MasterConfig) -> int:
         if env.is_main:
             preempted_marker(Path(c.checkpoint_dir)).unlink(missing_ok=True)
         run = setup(cfg, env)
+        run.lock = lock
         try:
             code = train(run, stop)
             step = run.state.step
             if code == 0:
+                ensure_held(lock, env)
                 run.checkpointer.save_final(step, run.loggers.exp_dir)
         finally:
             run.console.close()
@@ -227,12 +230,17 @@ def run_sft(cfg: MasterConfig) -> int:
         )  # fmt: skip
         code = EXIT_REQUEUE
     finally:
-        stop.restore()
-        if lock is not None:
-            lock.release()
-        # Leaving a gloo/NCCL group alive at interpreter exit can abort the process
-        # ("terminate called without an active exception", exit -6) after a good run.
-        shutdown_distributed()
-    if code == EXIT_REQUEUE and env.is_main:  # torchrun returns 1 anyway: job scripts read this
-        write_preempted_marker(preempted_marker(Path(c.checkpoint_dir)), step, "requeue")
+        stop.interrupt = False  # a signal from here on must not replace the outcome
+        try:
+            if lock is not None:
+                lock.release()
+            # Leaving a gloo/NCCL group alive at interpreter exit can abort the process
+            # ("terminate called without an active exception", exit -6) after a good run.
+            shutdown_distributed()
+        finally:
+            # Our handlers stay until the marker is written: a repeated SIGTERM meeting the
+            # default handler here ended the process with 143 after it logged 75.
+            if code == EXIT_REQUEUE and env.is_main:  # torchrun returns 1: job scripts read it
+                write_preempted_marker(preempted_marker(Path(c.checkpoint_dir)), step, "requeue")
+            stop.restore()
     return code

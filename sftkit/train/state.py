@@ -20,6 +20,7 @@ from sftkit.train.step import StepOptions
 from sftkit.train.validation import Validator
 
 if TYPE_CHECKING:  # the Checkpointer saves TrainState: imported for the annotation only
+    from sftkit.lifecycle.lock import RunLock
     from sftkit.train.checkpointer import Checkpointer
 
 
@@ -32,6 +33,7 @@ class TrainState:
     consumed_samples: int = 0  # examples trained on so far, over all ranks
     total_valid_tokens: int = 0  # trained target tokens so far, over all ranks
     metrics: dict[str, float] = field(default_factory=dict)  # "val:val_loss", "train:loss", ...
+    validation_due: bool = False  # a stop skipped the validation due at `step`: resume runs it
 
     def to_json(self) -> dict[str, Any]:
         info = asdict(self)
@@ -48,6 +50,7 @@ class TrainState:
             consumed_samples=int(info.get("consumed_samples", 0)),
             total_valid_tokens=int(info.get("total_valid_tokens", 0)),
             metrics=metrics,
+            validation_due=bool(info.get("validation_due", False)),
         )
 
 
@@ -74,6 +77,7 @@ class Run:
     deadline: float | None  # seconds from the start by which the last save must be done
     flops_per_token: float | None
     peak_flops: float | None
+    lock: RunLock | None = None  # rank 0's lock on checkpoint_dir (`run_sft` sets it)
 
 
 def seed_everything(seed: int) -> None:
