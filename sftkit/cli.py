@@ -115,6 +115,10 @@ def export_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `sftkit` console script: this process is the run's
+        from sftkit.lifecycle.signals import own_process
+
+        own_process()
     argv = sys.argv[1:] if argv is None else argv
     commands = {"sft": sft_main, "eval": eval_main, "preview": preview_main, "export": export_main}
     if not argv or argv[0] not in commands:

@@ -48,6 +48,16 @@ def write_preempted_marker(path: Path, step: int, reason: str) -> None:
         logger.warning("Could not write the preemption marker %s: %s", path, err)
 
 
+_OWN_PROCESS = [False]  # set by the command-line entry points (`own_process`)
+
+
+def own_process() -> None:
+    """Called by the command-line entry points: this process ends when the run does, so after
+    a stop for requeue the stop signals stay ignored until it exits (a repeated SIGTERM
+    meeting the default handler while exiting turned the logged 75 into 143)."""
+    _OWN_PROCESS[0] = True
+
+
 REPEAT_WINDOW_S = 2.0  # a second Ctrl-C within this is the same one delivered twice
 
 
@@ -94,9 +104,11 @@ class StopFlag:
             self.raised = True
             raise Preempted(signum)
 
-    def restore(self) -> None:
+    def restore(self, stopped: bool = False) -> None:
+        """Put the previous handlers back; `stopped` (exiting 75) in a process the run owns:
+        ignore further stop signals instead, until the process exits."""
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if stopped and _OWN_PROCESS[0] else handler)
         self.previous.clear()
 
     @property

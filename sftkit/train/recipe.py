@@ -242,5 +242,5 @@ def run_sft(cfg: MasterConfig) -> int:
             # default handler here ended the process with 143 after it logged 75.
             if code == EXIT_REQUEUE and env.is_main:  # torchrun returns 1: job scripts read it
                 write_preempted_marker(preempted_marker(Path(c.checkpoint_dir)), step, "requeue")
-            stop.restore()
+            stop.restore(stopped=code == EXIT_REQUEUE)
     return code
