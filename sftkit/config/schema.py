@@ -61,7 +61,7 @@ class CheckpointingConfig:
     ft_save_period: int | None = None  # extra "fault tolerance" save period in steps
     ft_keep_latest_k: int | None = None  # always keep the latest k checkpoints
     resume: bool = True  # sftkit: resume from the latest complete checkpoint in checkpoint_dir
-    resume_mismatch: str = "error"  # sftkit: error | fresh, when settings differ from the saved
+    resume_mismatch: str = "error"  # sftkit: error | fresh | stage (new data, same run)
     take_over_lock: bool = False  # sftkit: take another run's lock on checkpoint_dir (it is dead)
     pretrained_checkpoint: PretrainedCheckpointConfig = field(
         default_factory=PretrainedCheckpointConfig
@@ -452,7 +452,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.reasoning": ("train", "mask", "drop_history"),
     "data.loss_mask": ("sftkit", "nemo_rl"),
     "checkpointing.model_save_format": ("safetensors", "torch_save"),
-    "checkpointing.resume_mismatch": ("error", "fresh"),
+    "checkpointing.resume_mismatch": ("error", "fresh", "stage"),
     "checkpointing.pretrained_checkpoint.format": ("megatron_bridge", "megatron_lm"),
     "logger.wandb.mode": ("online", "offline", "disabled"),
     "cluster.device": ("auto", "cpu", "cuda"),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,6 +66,7 @@ class Checkpointer:
     lora: LoraSpec | None
     fingerprint: dict[str, Any]  # `resume_fingerprint`, stored in and checked against info
     resume_dir: Path | None = None  # `pick_resume_dir`'s choice, read by `load`
+    new_stage: bool = False  # resume_mismatch=stage on new data: the sampler starts afresh
 
     @property
     def directory(self) -> Path:
@@ -152,12 +154,14 @@ class Checkpointer:
             logger.warning(
                 "%s has no optimizer state (save_optimizer=false): fresh optimizer", directory
             )
-        sampler_state = load_state_file(directory / "train_dataloader.pt")
-        self.sampler.load_state_dict(sampler_state)
+        if not self.new_stage:  # a new stage's data starts at its first batch, epoch 0
+            self.sampler.load_state_dict(load_state_file(directory / "train_dataloader.pt"))
         rng_file = directory / "rng" / f"rank_{self.env.rank}.pt"
         if rng_file.exists():
             set_rng_state(load_state_file(rng_file))
         state = TrainState.from_json(ckpt.read_info(directory))
+        if self.new_stage:
+            state.epoch, state.validation_due = 0, False
         logger.info("Resumed from %s at step %d", directory, state.step)
         return state
 
@@ -227,9 +231,20 @@ def resume_fingerprint(cfg: MasterConfig, tokenizer: Any, data: PreparedData) ->
     raw_lora = {k: v for k, v in lora.items() if k != "lora_dtype"}
     raw_lora["use_triton"] = d.lora_cfg.use_triton or d.tensor_parallel_size > 1
     legacy_lora = raw_lora if lora["enabled"] and not p.megatron_cfg.enabled else None
+    o = p.optimizer
     return {
         **common,
         "fingerprint_version": 2,
+        # the checkpoint's optimizer and scheduler state win on resume: a changed lr was
+        # ignored, a changed class ended in KeyError; both are refused instead
+        "optimizer": None
+        if o is None
+        else {
+            "name": o.name,
+            "kwargs": {k: v for k, v in dict(o.kwargs).items() if k not in ("foreach", "fused")},
+        },
+        "scheduler": json.loads(json.dumps(p.scheduler, default=str)),
+        "base_weights": base_weights(p.model_name) if lora["enabled"] else None,
         "lora": lora if lora["enabled"] else None,
         "max_input_seq_length": cfg.data.max_input_seq_length,  # the limit applied
         ckpt.LEGACY_FINGERPRINT: {
@@ -241,20 +256,35 @@ def resume_fingerprint(cfg: MasterConfig, tokenizer: Any, data: PreparedData) ->
     }
 
 
+def base_weights(model_name: str) -> str | None:
+    """`ckpt.base_weights_digest` of the base model when it is on disk (None: not yet)."""
+    from sftkit.model.builtin import resolve_model_path
+
+    path = Path(resolve_model_path(model_name))
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(model_name, local_files_only=True))
+        except Exception:  # not in the cache yet: unknown, not a mismatch
+            return None
+    return ckpt.base_weights_digest(path)
+
+
 def pick_resume_dir(
     c: CheckpointingConfig, fingerprint: dict[str, Any], env: DistEnv
-) -> Path | None:
-    """The checkpoint to resume from, or None (after moving old ones aside if starting fresh).
+) -> tuple[Path | None, bool]:
+    """The checkpoint to resume from, or None (after moving old ones aside if starting
+    fresh), and whether it starts a new stage (`resume_mismatch=stage` on new data).
 
     Runs before the (slow) model load, so a mismatch is reported at once."""
     if not c.enabled:
-        return None
+        return None, False
     directory = Path(c.checkpoint_dir)
     latest = ckpt.latest_checkpoint(directory)
     if latest is not None and c.resume:
         try:
-            ckpt.check_resumable(latest, fingerprint)
-            return latest
+            return latest, ckpt.check_resumable(latest, fingerprint, c.resume_mismatch == "stage")
         except ckpt.ResumeMismatchError:
             if c.resume_mismatch != "fresh":
                 raise
@@ -262,7 +292,7 @@ def pick_resume_dir(
     if env.is_main and ckpt.step_dirs(directory):
         ckpt.archive_old_checkpoints(directory)
     env.barrier()
-    return None
+    return None, False
 
 
 # ----------------------------------------------------------------------------- model weights

@@ -133,7 +133,7 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     logger.info("Data: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.report.items())))
     check_before_model(cfg, env, data)
     fingerprint = resume_fingerprint(cfg, tokenizer, data)
-    resume_dir = pick_resume_dir(cfg.checkpointing, fingerprint, env)
+    resume_dir, new_stage = pick_resume_dir(cfg.checkpointing, fingerprint, env)
     model = build_model(cfg, env)
     optimizer = setup_optimizer(cfg, env, model)
     scheduler = build_scheduler(optimizer, cfg.policy.scheduler)
@@ -152,6 +152,7 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
         lora=lora,
         fingerprint=fingerprint,
         resume_dir=resume_dir,
+        new_stage=new_stage,
     )
     loggers = setup_loggers(cfg, env, resume_dir)  # before load: restoring the RNG is the last step
     state = checkpointer.load()

@@ -75,7 +75,7 @@ def test_save_then_load_restores_every_piece_of_state(
     assert fresh.load() == TrainState()  # nothing picked: a fresh start
     pairs = list(zip(saved.model.parameters(), fresh.model.parameters(), strict=True))
     assert not all(torch.equal(a, b) for a, b in pairs)  # so the load below has work to do
-    fresh.resume_dir = pick_resume_dir(fresh.cfg.checkpointing, FINGERPRINT, ENV)
+    fresh.resume_dir, _ = pick_resume_dir(fresh.cfg.checkpointing, FINGERPRINT, ENV)
     assert fresh.resume_dir == path
     restored = fresh.load()
 
