@@ -87,7 +87,7 @@ def run_reporting_errors(fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return fn(*args)
     except KeyboardInterrupt:  # the second Ctrl-C (`StopFlag`): one line, not a traceback
-        print("Aborted: Ctrl-C twice, nothing saved", file=sys.stderr)
+        print("Aborted (Ctrl-C): nothing saved", file=sys.stderr)
         return EXIT_ABORTED
     except Exception as err:
         code = report_error(err)

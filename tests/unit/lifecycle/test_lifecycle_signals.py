@@ -104,4 +104,4 @@ def test_abort_is_one_line_exit_130(capsys: pytest.CaptureFixture[str]) -> None:
         raise KeyboardInterrupt
 
     assert run_reporting_errors(body) == EXIT_ABORTED == 130
-    assert capsys.readouterr().err == "Aborted: Ctrl-C twice, nothing saved\n"
+    assert capsys.readouterr().err == "Aborted (Ctrl-C): nothing saved\n"

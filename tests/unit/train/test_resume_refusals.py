@@ -67,6 +67,12 @@ def test_a_lora_base_changed_under_the_same_name_is_refused(tmp_path: Path) -> N
     with pytest.raises(ckpt.ResumeMismatchError, match="base_weights: checkpoint has"):
         ckpt.check_resumable(step, fingerprint(*lora))
     assert fingerprint(f"policy.model_name={base}")["base_weights"] is None  # full FT: unused
+    from sftkit.train.export import _check_base
+
+    with pytest.raises(ValueError, match="LoRA trained on other base weights"):
+        _check_base(step, str(base))  # `sftkit export` merges onto the base: refused too
+    save_file(weights, base / "model.safetensors")
+    _check_base(step, str(base))  # the base it was trained on
 
 
 def test_stage_continues_on_new_data_only(tmp_path: Path) -> None:
