@@ -23,6 +23,9 @@ def test_two_stage_run(small_run, tmp_path: Path) -> None:
     assert sorted(rows) == [1, 2, 3, 4, 5]  # max_num_steps=5 counts stage one's 3 steps
     info = json.loads((tmp_path / "ckpt" / "step_5" / "training_info.json").read_text())
     assert info["step"] == 5 and info["epoch"] == 0
-    assert info["fingerprint"]["train_data"] != json.loads(
-        (tmp_path / "ckpt" / "step_3" / "training_info.json").read_text()
-    )["fingerprint"]["train_data"]
+    assert (
+        info["fingerprint"]["train_data"]
+        != json.loads((tmp_path / "ckpt" / "step_3" / "training_info.json").read_text())[
+            "fingerprint"
+        ]["train_data"]
+    )

@@ -30,7 +30,9 @@ def fingerprint(*overrides: str) -> dict[str, Any]:
      ("policy.scheduler=null", "scheduler: checkpoint has")],
     ids=["lr", "optimizer-class", "scheduler"],
 )  # fmt: skip
-def test_changed_optimizer_or_scheduler_is_refused(tmp_path: Path, override: str, named: str) -> None:
+def test_changed_optimizer_or_scheduler_is_refused(
+    tmp_path: Path, override: str, named: str
+) -> None:
     """The checkpoint's optimizer and scheduler state win on resume: a new lr was ignored
     while config.yaml recorded it, another class ended in a KeyError traceback."""
     step = write_checkpoint(tmp_path, fingerprint())
