@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sftkit.checkpoint.layout import ranking_metric
 from sftkit.data.loader import dummy_micro_batch, micro_batches, rank_share
 from sftkit.model.context_parallel import shard_batches
-from sftkit.train.checkpoint import ranking_metric
 from sftkit.train.state import Run
 from sftkit.train.step import train_step
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sftkit.train import checkpoint as ckpt
+from sftkit.checkpoint import layout as ckpt
 from sftkit.train.loop import EXIT_REQUEUE, MARKER_NAME
 from tests.conftest import REPO, wait_for_step
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sftkit.train import checkpoint as ckpt
+from sftkit.checkpoint import layout as ckpt
 from sftkit.train.loop import EXIT_REQUEUE
 
 pytestmark = pytest.mark.slow  # real processes sent signals

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from sftkit.checkpoint import layout as ckpt
+from sftkit.checkpoint.checkpointer import Checkpointer, pick_resume_dir
+from sftkit.checkpoint.state import TrainState
 from sftkit.config import load_config
 from sftkit.data.loader import GlobalBatchSampler
 from sftkit.dist import DistEnv
 from sftkit.model.build import build_model
 from sftkit.model.lora import lora_spec_from_config
-from sftkit.train import checkpoint as ckpt
-from sftkit.train.checkpointer import Checkpointer, pick_resume_dir
 from sftkit.train.optim import build_optimizer, build_scheduler
-from sftkit.train.state import TrainState
 
 ENV = DistEnv()
 FINGERPRINT = {"model": "tiny", "seed": 1}
@@ -108,8 +108,8 @@ def test_fingerprint_hides_secrets_in_model_and_tokenizer_names(
 ) -> None:
     """training_info.json is written as is: a URL password or an environment secret inside a
     model or tokenizer path must not reach it, and the resume check still compares alike."""
+    from sftkit.checkpoint.checkpointer import resume_fingerprint
     from sftkit.data.types import ExampleSet, PreparedData
-    from sftkit.train.checkpointer import resume_fingerprint
 
     monkeypatch.setenv("MODEL_STORE_TOKEN", "tok-0123456789abcdef")
     cfg = load_config(
