@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from sftkit.checkpoint import layout as ckpt
-from sftkit.train.loop import EXIT_REQUEUE, MARKER_NAME
+from sftkit.errors import EXIT_REQUEUE
+from sftkit.lifecycle.signals import MARKER_NAME
 from tests.conftest import REPO, wait_for_step
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sftkit.checkpoint import layout as ckpt
-from sftkit.train.loop import EXIT_REQUEUE
+from sftkit.errors import EXIT_REQUEUE
 
 pytestmark = pytest.mark.slow  # real processes sent signals
 
