@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sftkit.checkpoint import layout as ckpt
 from sftkit.checkpoint.layout import StepDir
+from sftkit.checkpoint.outputs import atomic_output_dir
 
 logger = logging.getLogger("sftkit")
 
@@ -64,7 +65,7 @@ def export_checkpoint(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(step.tokenizer)
-    with ckpt.atomic_output_dir(out) as tmp:  # a kill never leaves a half model at `out`
+    with atomic_output_dir(out) as tmp:  # a kill never leaves a half model at `out`
         if adapter:
             base = adapter_base_name(cfg.policy.model_name)  # loadable without sftkit
             save_adapter(model, tmp, base, spec)  # type: ignore[arg-type]

@@ -45,8 +45,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,9 @@ logger = logging.getLogger("sftkit")
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INFO = "training_info.json"
+# The resume fingerprint's entry holding the pre-derive (raw-value) form, never stored:
+# checkpoints written before fingerprints keyed on derived values are compared with it.
+LEGACY_FINGERPRINT = "legacy"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_DIR = re.compile(r"^tmp_step_(\d+)$")
 FAULT_ENV = "SFTKIT_TEST_SAVE_FAULT"
@@ -193,7 +195,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -346,14 +348,21 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
 
 
 def check_resumable(directory: Path, fingerprint: dict[str, Any]) -> None:
-    """Raise ResumeMismatchError naming every difference between checkpoint and run."""
+    """Raise ResumeMismatchError naming every difference between checkpoint and run.
+
+    A checkpoint whose fingerprint has no `fingerprint_version` (written before the
+    fingerprint keyed on derived values) is compared with `fingerprint[LEGACY_FINGERPRINT]`."""
     info = read_info(directory)
     version = info.get("format_version")
     if version != FORMAT_VERSION:
         raise ResumeMismatchError(
             f"{directory} has checkpoint format {version}, this sftkit writes {FORMAT_VERSION}"
         )
-    diffs = fingerprint_differences(info.get("fingerprint", {}), fingerprint)
+    saved = info.get("fingerprint", {})
+    current = {k: v for k, v in fingerprint.items() if k != LEGACY_FINGERPRINT}
+    if "fingerprint_version" not in saved and LEGACY_FINGERPRINT in fingerprint:
+        current = fingerprint[LEGACY_FINGERPRINT]
+    diffs = fingerprint_differences(saved, current)
     if diffs:
         raise ResumeMismatchError(
             f"Cannot resume from {directory}: the run's settings differ from the checkpoint's:\n  "
@@ -456,43 +465,9 @@ def _save_checkpoint(
             shutil.rmtree(final)
         os.rename(tmp, final)
         fault_point("renamed", step)
-        _fsync_dir(checkpoint_dir)
+        fsync_dir(checkpoint_dir)
     barrier()
     return final
-
-
-@contextmanager
-def atomic_output_dir(final: Path, write: bool = True) -> Iterator[Path]:
-    """Yield a temporary sibling of `final` to write into; once the block ends it replaces
-    `final` by a rename, so a kill never leaves a half-written model (final_hf, exports).
-    `write=False` (ranks that take part in a gather but write nothing) only yields the path.
-    """
-    tmp = final.parent / f".tmp_{final.name}"
-    if not write:
-        yield tmp
-        return
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    old = final.parent / f".old_{final.name}"
-    if final.exists() or final.is_symlink():
-        _remove(old)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _remove(old)
-    _fsync_dir(final.parent)
-
-
-def _remove(path: Path) -> None:
-    """Delete a file, a link (never what it points to) or a directory tree."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
 
 
 def check_writable(directory: Path, key: str) -> None:
@@ -551,8 +526,12 @@ def apply_retention(
     keep_top_k: int | None,
     higher_is_better: bool,
     keep_latest_k: int | None = None,
+    warn_missing: bool = True,
 ) -> list[Path]:
-    """Delete checkpoints outside the retention policy; returns what was deleted."""
+    """Delete checkpoints outside the retention policy; returns what was deleted.
+
+    `warn_missing` False: the config already said at load that some saves lack the metric
+    (`config.checks.unmeasured_saves`), so a save without it is expected, not news."""
     if keep_top_k is None:
         return []
     entries = []
@@ -563,11 +542,11 @@ def apply_retention(
         value = read_info(path).get(metric_name) if metric_name else None
         entries.append((step, None if value is None else float(value)))
         paths[step] = path
-    if metric_name and entries and entries[0][1] is None:  # warn once per save, newest only
+    if warn_missing and metric_name and entries and entries[0][1] is None:  # the newest only
         logger.warning(
             "checkpointing.metric_name=%s was not measured at step %d; that checkpoint ranks "
-            "last and is kept only while it is the latest (align checkpointing.save_period "
-            "with sft.val_period, or use a train: metric)",
+            "last and is kept only while it is the latest (check the metric's name, or use a "
+            "train: metric)",
             metric_name,
             entries[0][0],
         )
