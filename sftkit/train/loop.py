@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import time
 
+from sftkit.checkpoint.layout import ranking_metric
 from sftkit.data.loader import dummy_micro_batch, micro_batches, rank_share
 from sftkit.errors import EXIT_OK, EXIT_REQUEUE
 from sftkit.lifecycle.signals import Deadline, StopFlag
 from sftkit.log import throughput_metrics
 from sftkit.model.context_parallel import shard_batches
-from sftkit.train.checkpoint import ranking_metric
 from sftkit.train.state import Run
 from sftkit.train.step import train_step
 

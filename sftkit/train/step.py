@@ -22,14 +22,10 @@ from torch.distributed.tensor import DTensor
 
 from sftkit.batch import IGNORE_INDEX, PackedBatch
 from sftkit.dist import DistEnv, clip_grad_norm
-from sftkit.errors import RunFailure
+from sftkit.errors import NonFiniteError
 from sftkit.train.loss import chunked_loss_blocker, chunked_nll_sum, model_hidden_and_head
 
 logger = logging.getLogger("sftkit")
-
-
-class NonFiniteError(RunFailure):
-    """A NaN or Inf loss or gradient; raised before the optimizer could apply it."""
 
 
 @dataclass
