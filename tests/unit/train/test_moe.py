@@ -7,7 +7,10 @@ coef x aux) and `aux_loss`. Gradients are captured by an optimizer whose `step` 
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +205,20 @@ def test_a_family_without_a_reproducible_router_loss_is_refused() -> None:
         router_loss_for(model, ENV)
     model.config.router_aux_loss_coef = 0.0  # off: nothing to reproduce
     assert router_loss_for(model, ENV) is None
+
+
+@pytest.mark.slow
+def test_two_ranks_weight_each_micro_batch_by_its_share_of_the_global_targets(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "result.pt"
+    worker = Path(__file__).with_name("moe_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(worker), str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out, weights_only=False)
+    assert got["result"]["loss"] == pytest.approx(got["nll"], rel=1e-6)
+    assert got["result"]["train/aux_loss"] == pytest.approx(got["aux"], rel=1e-6)
+    assert rel(got["grads"], got["ref_grads"]) <= 1e-6
