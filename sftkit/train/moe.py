@@ -87,8 +87,9 @@ class RouterLoss:
 
 
 def _config_flags(model: nn.Module) -> tuple[bool, float]:
-    config = model.config  # type: ignore[union-attr]
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config: Any = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text() if callable(get_text) else config
     on = bool(getattr(text, "output_router_logits", False))
     return on, float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0)
 
@@ -98,7 +99,7 @@ def _family_balance(model: nn.Module) -> BalanceFn | None:
     for cls in type(model).__mro__:
         fn = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
         if callable(fn):
-            return fn  # type: ignore[no-any-return]
+            return fn
     return None
 
 

@@ -36,9 +36,9 @@ from sftkit.parallel_dims import ParallelDims
 from sftkit.train import checkpoint as ckpt
 from sftkit.train.checkpointer import Checkpointer, pick_resume_dir, resume_fingerprint
 from sftkit.train.loop import train
+from sftkit.train.moe import router_loss_for
 from sftkit.train.optim import build_optimizer, build_scheduler
 from sftkit.train.state import Run, seed_everything
-from sftkit.train.moe import router_loss_for
 from sftkit.train.step import StepOptions, supports_chunked_loss
 from sftkit.train.validation import Validator
 

@@ -101,7 +101,9 @@ def train_step(
     load = torch.zeros(router.load_shape if router else (0, 0), device=env.device)
     for batch in batches:
         batch = batch.to(env.device)
-        recording = router.record() if router is not None else contextlib.nullcontext([])
+        recording: contextlib.AbstractContextManager[list[torch.Tensor]] = (
+            router.record() if router is not None else contextlib.nullcontext([])
+        )
         with recording as routed, autocast(env.device, opts.compute_dtype):
             nll = micro_batch_nll(model, batch, opts)
         objective = nll * (opts.grad_scale / denominator)

@@ -39,8 +39,10 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2_moe": ("Qwen2MoeConfig", dict(SHAPE, shared_expert_intermediate_size=24, **MOE)),
     "mixtral": ("MixtralConfig", dict(SHAPE, num_local_experts=4, num_experts_per_tok=2)),
     "olmoe": ("OlmoeConfig", dict(SHAPE, **MOE)),
-    "gpt_oss": ("GptOssConfig", dict(SHAPE, head_dim=8, num_local_experts=4,
-                                     num_experts_per_tok=2)),  # fmt: skip
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(SHAPE, head_dim=8, num_local_experts=4, num_experts_per_tok=2),
+    ),  # fmt: skip
 }
 
 
@@ -132,8 +134,10 @@ def test_one_micro_batch_equals_hf_forward_with_the_aux_term(family: str) -> Non
     # Control: the term matters (HF's gradients without it are far from these).
     _, _, without = hf_reference(tiny_moe(family, on=False), batches, on=False)
     assert rel(without, want) > 1e-3
-    assert 0 <= result["train/moe/load_cv_max"] == max(
-        result[f"train/moe/load_cv/layer_{i}"] for i in range(2)
+    assert (
+        0
+        <= result["train/moe/load_cv_max"]
+        == max(result[f"train/moe/load_cv/layer_{i}"] for i in range(2))
     )
 
 
