@@ -45,6 +45,7 @@ from sftkit.config.compat import (
 )
 from sftkit.config.errors import ConfigError
 from sftkit.config.overrides import apply_overrides, lookup
+from sftkit.config.ranges import check_ranges
 from sftkit.config.schema import (
     DATASET_KEYS,
     DERIVED_DEFAULTS,
@@ -197,6 +198,7 @@ def _build(config_path: str | Path | None, overrides: list[str]) -> tuple[DictCo
         raise _omegaconf_error(exc, tree, sources) from None
     assert isinstance(obj, MasterConfig)
     check_config(obj, sources)
+    check_ranges(obj, sources)
     return cfg, obj
 
 
