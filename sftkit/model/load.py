@@ -13,6 +13,7 @@ from torch import nn
 
 from sftkit.model.attention import set_attention_implementation
 from sftkit.model.builtin import resolve_model_path
+from sftkit.model.size_check import check_model_size
 
 logger = logging.getLogger("sftkit")
 
@@ -104,6 +105,7 @@ def model_config(
                 "spelling"
             )
         setattr(config, key, value)
+    check_model_size(config, model_name)  # before anything is allocated, even on meta
     return path, config
 
 
