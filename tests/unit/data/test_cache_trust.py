@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -134,9 +132,8 @@ def test_abandoned_temp_entries_go_and_live_builds_stay(tmp_path: Path) -> None:
     root = tmp_path / "cache"
     root.mkdir()
     host = socket.gethostname()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
-    killed = root / f".k1.{dead.stdout.strip()}.{host}.ab_c.tmp"  # this host, pid gone
+    dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # never a live pid
+    killed = root / f".k1.{dead}.{host}.ab_c.tmp"  # this host, pid gone
     live = root / f".k2.{os.getpid()}.{host}.x1.tmp"  # a concurrent build of this host
     elsewhere = root / ".k3.123.other-node.example.q.tmp"  # another host's, recent
     old = root / ".k4.123.other-node.example.z.tmp"  # another host's, idle for days
