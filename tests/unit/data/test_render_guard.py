@@ -91,3 +91,21 @@ def test_a_jinja_below_the_floor_refuses_to_render(
 @pytest.mark.parametrize("installed", ["3.1.6", "3.2.0", "4.0.0rc1"])
 def test_a_jinja_at_or_above_the_floor_renders(installed: str) -> None:
     render_guard.check_jinja_version(installed)
+
+
+def test_an_outer_alarm_keeps_its_time_and_the_budget_still_holds(tmp_path: Path) -> None:
+    """A caller's longer alarm (a test harness, pytest-timeout) neither disables the budget
+    nor is lost: it is re-armed with its remaining time."""
+    fired: list[int] = []
+    previous = signal.signal(signal.SIGALRM, lambda s, f: fired.append(s))
+    signal.setitimer(signal.ITIMER_REAL, 30)
+    try:
+        tokenizer = make_tokenizer("qwen25")
+        tokenizer.chat_template = ROW_LOOPS
+        with pytest.raises(DataError, match=r"d\.jsonl:1: .*took more than 0\.5 s"):
+            prepare_data(_cfg(tmp_path, ["slow"]), tokenizer)
+        assert 20 < signal.getitimer(signal.ITIMER_REAL)[0] <= 30
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert fired == []
