@@ -126,6 +126,9 @@ def settings_from_config(
         drop_untrainable=data.drop_untrainable,
         template_kwargs=dict(kwargs),
         max_row_chars=int(max_chars),
+        reasoning=data.reasoning,
+        loss_mask=data.loss_mask,
+        add_generation_prompt=data.add_generation_prompt,
     )
 
 

@@ -269,7 +269,7 @@ def test_forked_workers_leave_the_run_s_signal_handler_so_terminate_ends_them() 
     run hung after tokenizing (seen in bench/data_scale.py with a 10 MB row)."""
     from sftkit.data.prepare import _init_worker
     from sftkit.data.processor import ProcessorSettings
-    from sftkit.train.loop import StopFlag
+    from sftkit.lifecycle.signals import StopFlag
 
     stop = StopFlag()  # what run_sft installs before preparing data
     stop.install()
