@@ -154,15 +154,20 @@ class ChatRenderer:
         tools: list[Any] | None = None,
         add_generation_prompt: bool = False,
     ) -> str:
-        """Render messages to text; any template error becomes `TemplateRejected`."""
+        """Render messages to text; any template error (or running over the time budget,
+        when no row's budget encloses this render) becomes `TemplateRejected`."""
+        budget = render_guard.RENDER_BUDGET_S
         try:
-            return self._template.render(
-                messages=messages,
-                tools=tools,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **self._variables,
-            )
+            with render_guard.time_budget(budget, lambda: _row_timeout(budget)):
+                return self._template.render(
+                    messages=messages,
+                    tools=tools,
+                    documents=None,
+                    add_generation_prompt=add_generation_prompt,
+                    **self._variables,
+                )
+        except TemplateRejected:
+            raise
         except jinja2.exceptions.TemplateError as err:
             raise TemplateRejected(str(err)) from err
         except Exception as err:  # noqa: BLE001 - e.g. TypeError from `'text' + {...}`

@@ -109,3 +109,14 @@ def test_an_outer_alarm_keeps_its_time_and_the_budget_still_holds(tmp_path: Path
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert fired == []
+
+
+def test_a_single_render_outside_a_row_is_bounded_too() -> None:
+    """NeMo RL's mask mode, previews and eval render without `render_spans`."""
+    from sftkit.data.templates import TemplateRejected
+
+    renderer = ChatRenderer(ROW_LOOPS)
+    start = time.monotonic()
+    with pytest.raises(TemplateRejected, match="took more than 0.5 s"):
+        renderer.render([{"role": "user", "content": "slow"}])
+    assert time.monotonic() - start < 10
