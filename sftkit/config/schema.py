@@ -85,10 +85,13 @@ class LoraConfig:
     match_all_linear: bool = True  # adapt every linear layer (overrides target_modules)
     dim: int = 8  # rank r
     alpha: float = 32  # scale = alpha / dim
-    dropout: float = 0.0  # dropout probability on the LoRA branch
+    dropout: float = 0.0  # dropout probability on the LoRA branch, in [0, 1)
     dropout_position: str = "post"  # pre: on the LoRA input | post: on the LoRA output
     lora_A_init: str = "xavier"  # xavier (normal) | uniform (kaiming)
     use_triton: bool = True  # fused Triton kernels on GPU when tensor parallelism is off
+    # sftkit: adapter weight dtype; float32 as NeMo RL forces (FSDP needs one dtype per
+    # group); Megatron's peft.lora_dtype is translated into it
+    lora_dtype: str = "float32"
 
 
 @dataclass
@@ -328,7 +331,7 @@ class DataConfig:
     cache_dir: str | None = None  # sftkit: tokenized-data cache; null uses ~/.cache/sftkit/data
     # sftkit: rows with more characters are dropped (and counted) before tokenizing;
     # null: max(1,000,000, 8 x max_input_seq_length)
-    max_row_chars: int | None = None
+    max_row_chars: int | None = None  # derived (sftkit.config.derive)
     # The seed's flat form: `dataset_name` and dataset keys (DATASET_KEYS) directly under
     # `data`. The loader moves those keys into `extra`.
     dataset_name: str | None = None
@@ -435,6 +438,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "policy.dtensor_cfg.activation_checkpointing_mode": ("full", "selective"),
     "policy.dtensor_cfg.lora_cfg.dropout_position": ("pre", "post"),
     "policy.dtensor_cfg.lora_cfg.lora_A_init": ("xavier", "uniform"),
+    "policy.dtensor_cfg.lora_cfg.lora_dtype": ("float32", "bfloat16", "float16"),
     "policy.megatron_cfg.peft.dropout_position": ("pre", "post"),
     "policy.megatron_cfg.peft.lora_A_init_method": ("xavier", "uniform"),
     "policy.sequence_packing.algorithm": (
