@@ -25,6 +25,7 @@ _DERIVED_FROM = {
     **DERIVED_DEFAULTS,
     **dict.fromkeys(TOKEN_BUDGET_KEYS, "policy.max_total_sequence_length"),
     "policy.make_sequence_length_divisible_by": "policy.dtensor_cfg.tensor_parallel_size",
+    "data.max_row_chars": "data.max_input_seq_length",  # null: 8 characters a token
 }
 _INT_MAX = 2**31 - 1  # counts become tensor sizes and indexes: int32 at most
 
