@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import make_tokenizer
 
+from sftkit.config.derive import derive_config
 from sftkit.config.schema import MasterConfig
 from sftkit.data import cache, prepare_data
 from sftkit.data import prepare as prepare_module
@@ -31,7 +32,7 @@ def _cfg(tmp_path: Path, n: int = 12) -> MasterConfig:
     cfg = MasterConfig()
     cfg.data.train = {"dataset_name": "openai_format", "data_path": str(path)}
     cfg.data.cache_dir = str(tmp_path / "cache")
-    return cfg
+    return derive_config(cfg)  # derived as load_config does
 
 
 def _entry(tmp_path: Path) -> Path:
@@ -121,7 +122,7 @@ def test_cache_dir_that_is_a_file_fails_before_hashing_naming_the_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = _cfg(tmp_path)
-    cfg.data.cache_dir = str(tmp_path / "a_file")
+    cfg.data.cache_dir = str(tmp_path / "a_file")  # a derived config: set after deriving
     (tmp_path / "a_file").write_text("x")
     monkeypatch.setattr(prepare_module, "_key", lambda *a: pytest.fail("hashed first"))
     with pytest.raises(ValueError, match=r"data.cache_dir=.*a_file.* is a file, not a directory"):

@@ -12,6 +12,7 @@ import jinja2
 import pytest
 from conftest import make_tokenizer
 
+from sftkit.config.derive import derive_config
 from sftkit.config.schema import MasterConfig
 from sftkit.data import DataError, prepare_data, render_guard
 from sftkit.data.templates import ChatRenderer, compile_template
@@ -41,7 +42,7 @@ def _cfg(tmp_path: Path, contents: list[str]) -> MasterConfig:
     cfg = MasterConfig()
     cfg.data.train = {"dataset_name": "openai_format", "data_path": str(path)}
     cfg.data.cache_dir = str(tmp_path / "cache")
-    return cfg
+    return derive_config(cfg)  # derived as load_config does
 
 
 def test_a_row_that_renders_too_long_is_a_data_error_naming_the_row(tmp_path: Path) -> None:

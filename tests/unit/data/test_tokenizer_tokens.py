@@ -22,7 +22,8 @@ def _saved(tmp_path: Path, **special: str) -> Path:
 
 
 def _policy(path: Path) -> PolicyConfig:
-    return PolicyConfig(model_name=str(path), tokenizer=TokenizerConfig(chat_template=None))
+    tokenizer = TokenizerConfig(name=str(path), chat_template=None)
+    return PolicyConfig(model_name=str(path), tokenizer=tokenizer)
 
 
 def test_a_tokenizer_without_eos_and_pad_is_refused_at_setup(tmp_path: Path) -> None:
