@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sftkit.checkpoint import layout as ckpt
+from sftkit.checkpoint.checkpointer import resume_fingerprint
 from sftkit.config import load_config
-from sftkit.train import checkpoint as ckpt
-from sftkit.train.checkpointer import resume_fingerprint
-from tests.unit.train.test_resume_fingerprint import DATA, QUICKSTART, write_checkpoint
+from tests.unit.checkpoint.test_resume_fingerprint import DATA, QUICKSTART, write_checkpoint
 
 
 def fingerprint(*overrides: str) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def test_a_lora_base_changed_under_the_same_name_is_refused(tmp_path: Path) -> N
     with pytest.raises(ckpt.ResumeMismatchError, match="base_weights: checkpoint has"):
         ckpt.check_resumable(step, fingerprint(*lora))
     assert fingerprint(f"policy.model_name={base}")["base_weights"] is None  # full FT: unused
-    from sftkit.train.export import _check_base
+    from sftkit.checkpoint.export import _check_base
 
     with pytest.raises(ValueError, match="LoRA trained on other base weights"):
         _check_base(step, str(base))  # `sftkit export` merges onto the base: refused too
