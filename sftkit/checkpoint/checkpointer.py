@@ -297,7 +297,8 @@ def resume_fingerprint(cfg: MasterConfig, tokenizer: Any, data: PreparedData) ->
     raw_lora = {k: v for k, v in lora.items() if k != "lora_dtype"}
     raw_lora["use_triton"] = d.lora_cfg.use_triton or d.tensor_parallel_size > 1
     legacy_lora = raw_lora if lora["enabled"] and not p.megatron_cfg.enabled else None
-    o = p.optimizer
+    # without optimizer state in the checkpoint a fresh optimizer takes the new settings
+    o = p.optimizer if cfg.checkpointing.save_optimizer else None
     return {
         **common,
         "fingerprint_version": 2,
@@ -309,7 +310,7 @@ def resume_fingerprint(cfg: MasterConfig, tokenizer: Any, data: PreparedData) ->
             "name": o.name,
             "kwargs": {k: v for k, v in dict(o.kwargs).items() if k not in ("foreach", "fused")},
         },
-        "scheduler": json.loads(json.dumps(p.scheduler, default=str)),
+        "scheduler": None if o is None else json.loads(json.dumps(p.scheduler, default=str)),
         "base_weights": base_weights(p.model_name) if lora["enabled"] else None,
         "lora": lora if lora["enabled"] else None,
         "max_input_seq_length": cfg.data.max_input_seq_length,  # the limit applied

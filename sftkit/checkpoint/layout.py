@@ -377,10 +377,16 @@ def check_resumable(directory: Path, fingerprint: dict[str, Any], stage: bool = 
             directory, ", ".join(unchecked),
         )  # fmt: skip
         current = {k: v for k, v in current.items() if k not in unchecked}
+    unknown = set()
     if saved.get("base_weights") is None or current.get("base_weights") is None:
         # not LoRA, or the base was not on disk yet (a hub model downloaded after the check)
-        saved = {k: v for k, v in saved.items() if k != "base_weights"}
-        current = {k: v for k, v in current.items() if k != "base_weights"}
+        unknown.add("base_weights")
+    if saved.get("optimizer") is None or current.get("optimizer") is None:
+        # no optimizer state on one side (save_optimizer=false): a fresh optimizer takes
+        # the run's settings, so they may change
+        unknown |= {"optimizer", "scheduler"}
+    saved = {k: v for k, v in saved.items() if k not in unknown}
+    current = {k: v for k, v in current.items() if k not in unknown}
     keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if stage and keys and set(keys) <= STAGE_KEYS:
         logger.warning(
