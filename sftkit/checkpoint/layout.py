@@ -347,19 +347,16 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
     ]
 
 
-# Keys a new stage (`checkpointing.resume_mismatch=stage`) may change: the data. Weights,
-# optimizer, LR schedule position, step counter and exp_NNN continue; sampler and epoch reset.
+# What a new stage (`resume_mismatch=stage`) may change: the data (README: Staged SFT).
 STAGE_KEYS = frozenset({"train_data", "max_input_seq_length", "shuffle"})
 # Keys added after fingerprint_version 2: a checkpoint without them resumes, with one warning.
 ADDED_KEYS = ("optimizer", "scheduler", "base_weights")
 
 
 def check_resumable(directory: Path, fingerprint: dict[str, Any], stage: bool = False) -> bool:
-    """Raise ResumeMismatchError naming every difference between checkpoint and run; returns
-    True when `stage` allows the differences (new data): the run starts a new stage.
-
-    A checkpoint whose fingerprint has no `fingerprint_version` (written before the
-    fingerprint keyed on derived values) is compared with `fingerprint[LEGACY_FINGERPRINT]`."""
+    """Raise ResumeMismatchError naming every difference between checkpoint and run; True
+    when `stage` allows them (new data: a new stage). A checkpoint without
+    `fingerprint_version` (pre-derive) is compared with `fingerprint[LEGACY_FINGERPRINT]`."""
     info = read_info(directory)
     version = info.get("format_version")
     if version != FORMAT_VERSION:
@@ -372,19 +369,17 @@ def check_resumable(directory: Path, fingerprint: dict[str, Any], stage: bool = 
         current = fingerprint[LEGACY_FINGERPRINT]
     unchecked = [k for k in ADDED_KEYS if k in current and k not in saved]
     if unchecked:
-        logger.warning(
-            "%s was written before sftkit recorded %s: those are not checked on this resume",
-            directory, ", ".join(unchecked),
-        )  # fmt: skip
-        current = {k: v for k, v in current.items() if k not in unchecked}
-    unknown = set()
-    if saved.get("base_weights") is None or current.get("base_weights") is None:
-        # not LoRA, or the base was not on disk yet (a hub model downloaded after the check)
-        unknown.add("base_weights")
-    if saved.get("optimizer") is None or current.get("optimizer") is None:
-        # no optimizer state on one side (save_optimizer=false): a fresh optimizer takes
-        # the run's settings, so they may change
-        unknown |= {"optimizer", "scheduler"}
+        logger.warning("%s was written before sftkit recorded %s: not checked on this resume",
+                       directory, ", ".join(unchecked))  # fmt: skip
+    # Unknown on one side is no change: not LoRA, or the base not yet downloaded; no optimizer
+    # state (save_optimizer=false), so a fresh optimizer takes the run's settings.
+    unknown = set(unchecked)
+    for key, drop in (
+        ("base_weights", {"base_weights"}),
+        ("optimizer", {"optimizer", "scheduler"}),
+    ):
+        if saved.get(key) is None or current.get(key) is None:
+            unknown |= drop
     saved = {k: v for k, v in saved.items() if k not in unknown}
     current = {k: v for k, v in current.items() if k not in unknown}
     keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
@@ -397,40 +392,15 @@ def check_resumable(directory: Path, fingerprint: dict[str, Any], stage: bool = 
         return True
     diffs = fingerprint_differences(saved, current)
     if diffs:
-        data_only = set(keys) <= STAGE_KEYS
         raise ResumeMismatchError(
             f"Cannot resume from {directory}: the run's settings differ from the checkpoint's:\n  "
             + "\n  ".join(diffs)
             + "\nRestore those settings to resume, or start fresh with "
             "checkpointing.resume=false (old checkpoints are moved aside, not deleted)"
             + (", or continue on the new data with checkpointing.resume_mismatch=stage."
-               if data_only else ".")
+               if set(keys) <= STAGE_KEYS else ".")
         )  # fmt: skip
     return False
-
-
-def base_weights_digest(model_dir: Path) -> str | None:
-    """A cheap content digest of a base model's safetensors files (None: none found).
-
-    Each file's header (names, dtypes, shapes) plus 16 evenly spaced 4 KiB samples of its
-    data: a base whose weights changed under the same name and shapes (a LoRA resumed on it
-    trained on: grad norm 12 -> 1.4e-5) differs, and a 16 GB model costs < 1 MiB of reads."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for path in files:
-        size = path.stat().st_size
-        h.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as f:
-            head = f.read(8)
-            header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
-            h.update(f.read(min(header_len, 100_000_000)))
-            start = 8 + header_len
-            for i in range(16):
-                f.seek(start + (size - start) * i // 16)
-                h.update(f.read(4096))
-    return h.hexdigest()[:16]
 
 
 def archive_old_checkpoints(checkpoint_dir: Path) -> Path | None:

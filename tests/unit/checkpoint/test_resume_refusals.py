@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from sftkit.checkpoint import layout as ckpt
-from sftkit.checkpoint.checkpointer import resume_fingerprint
+from sftkit.checkpoint.checkpointer import base_weights_digest, resume_fingerprint
 from sftkit.config import load_config
 from tests.unit.checkpoint.test_resume_fingerprint import DATA, QUICKSTART, write_checkpoint
 
@@ -57,10 +57,10 @@ def test_a_lora_base_changed_under_the_same_name_is_refused(tmp_path: Path) -> N
     base.mkdir()
     weights = {"w": torch.zeros(4096), "v": torch.ones(8)}
     save_file(weights, base / "model.safetensors")
-    before = ckpt.base_weights_digest(base)
-    assert before is not None and ckpt.base_weights_digest(base) == before
+    before = base_weights_digest(base)
+    assert before is not None and base_weights_digest(base) == before
     save_file({**weights, "w": torch.full((4096,), 1e-3)}, base / "model.safetensors")
-    after = ckpt.base_weights_digest(base)
+    after = base_weights_digest(base)
     assert after != before  # same names, dtypes and shapes: the data differs
     lora = ["policy.dtensor_cfg.lora_cfg.enabled=true", f"policy.model_name={base}"]
     saved = {**fingerprint(*lora), "base_weights": before}
