@@ -14,8 +14,11 @@ machine wall time grows with the load, CPU time much less), and the eval's times
 `summary`: median wall and CPU seconds, the lowest exact match, and whether the promise
 (>= 95% exact match on every run, median training wall time <= 180 s) held.
 
-    python bench/quickstart.py --seeds 42,1,2 --threads 1,2 --out /tmp/qs.jsonl   # ~10-20 min
-    python bench/quickstart.py --tiny        # 2 steps, 16 prompts: checks the bench itself
+    uv run python bench/quickstart.py --seeds 42,1,2 --threads 1,2 --out /tmp/qs.jsonl
+    uv run python bench/quickstart.py --tiny     # 2 steps, 16 prompts: checks the bench itself
+
+Six full runs take 15-20 minutes on a quiet 2-core machine. Extra arguments are training
+overrides (`sft.max_num_steps=500`), for trying a change before making it the default.
 """
 
 from __future__ import annotations
@@ -59,8 +62,9 @@ def timed(argv: list[str], env: dict[str, str], log: Path) -> dict[str, Any]:
     return {"rc": proc.returncode, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
 
 
-def evaluate(model: str, work: Path, env: dict[str, str], args: argparse.Namespace,
-             tag: str) -> dict[str, Any]:
+def evaluate(
+    model: str, work: Path, env: dict[str, str], args: argparse.Namespace, tag: str
+) -> dict[str, Any]:
     """`run_eval.py` on `model`: its exact match on the held-out prompts, and times."""
     saved = work / f"eval_{tag}.json"
     argv = [sys.executable, "examples/run_eval.py", f"generation.model_name={model}",
@@ -101,7 +105,11 @@ def run_one(seed: int, threads: int, args: argparse.Namespace, work: Path) -> di
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over the runs, the worst exact match, and whether the promise held."""
     done = [r for r in runs if "exact_match" in r]
-    summary: dict[str, Any] = {"case": "summary", "runs": len(runs), "failed": len(runs) - len(done)}
+    summary: dict[str, Any] = {
+        "case": "summary",
+        "runs": len(runs),
+        "failed": len(runs) - len(done),
+    }
     if done:
         walls = [r["train_wall_s"] for r in done]
         summary.update(

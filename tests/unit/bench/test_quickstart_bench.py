@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[3]
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_quickstart", ROOT / "bench" / "quickstart.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_quickstart", ROOT / "bench" / "quickstart.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -24,7 +26,12 @@ def bench() -> ModuleType:
 
 
 def _run(exact_match: float, wall: float) -> dict:
-    return {"case": "run", "exact_match": exact_match, "train_wall_s": wall, "train_cpu_s": wall / 2}
+    return {
+        "case": "run",
+        "exact_match": exact_match,
+        "train_wall_s": wall,
+        "train_cpu_s": wall / 2,
+    }
 
 
 def test_promise_needs_every_run_accurate_and_the_median_fast(bench: ModuleType) -> None:
