@@ -183,3 +183,10 @@ def test_no_shipped_nemo_recipe_inherits_the_quick_start() -> None:
         cfg = load_config(path)
         assert cfg.sft.max_num_epochs == 1, path.name
         assert not cfg.policy.model_name.startswith("sftkit:"), path.name
+
+
+def test_readme_recipe_table_lists_every_shipped_recipe() -> None:
+    readme = (REPO / "README.md").read_text()
+    rows = {line.split("`")[1] for line in readme.splitlines() if line.startswith("| `sft-")}
+    shipped = {p.stem for p in (CONFIGS / "recipes" / "llm").glob("*.yaml")}
+    assert rows >= shipped, f"README's recipe table misses {sorted(shipped - rows)}"
