@@ -166,7 +166,10 @@ def _check_megatron_translation(cfg: Any, values: dict[str, Any]) -> None:
     clip = values[MEG + "optimizer.clip_grad"]
     assert cfg.policy.max_grad_norm == (clip or None)
     assert cfg.policy.dtensor_cfg.context_parallel_size == values[MEG + "context_parallel_size"]
-    warmup, init = values[MEG + "scheduler.lr_warmup_iters"], values[MEG + "scheduler.lr_warmup_init"]
+    warmup, init = (
+        values[MEG + "scheduler.lr_warmup_iters"],
+        values[MEG + "scheduler.lr_warmup_init"],
+    )
     assert values[MEG + "optimizer.min_lr"] == pytest.approx(lr, rel=1e-5) or (
         values[MEG + "scheduler.lr_decay_style"] == "constant"
     )

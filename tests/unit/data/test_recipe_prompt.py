@@ -35,8 +35,11 @@ def test_math_recipe_renders_its_prompt(recipe: str, sftkit_home: Path, tmp_path
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     cfg = load_config(
         RECIPES / recipe,
-        ["policy.model_name=sftkit:tiny-llama", "policy.tokenizer.name=sftkit:tiny-llama",
-         f"data.train.data_path={data}"],  # fmt: skip
+        [
+            "policy.model_name=sftkit:tiny-llama",
+            "policy.tokenizer.name=sftkit:tiny-llama",
+            f"data.train.data_path={data}",
+        ],
     )
     assert cfg.data.default and cfg.data.default["prompt_file"] == "examples/prompts/math.txt"
     tokenizer = load_tokenizer(cfg.policy)
