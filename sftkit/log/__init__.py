@@ -20,7 +20,14 @@ from sftkit.log.console import (
     format_validation_line,
     setup_logging,
 )
-from sftkit.log.flops import device_peak_flops, flops_per_token, matmul_params, mfu, peak_flops
+from sftkit.log.flops import (
+    device_peak_flops,
+    flops_per_token,
+    matmul_params,
+    mfu,
+    peak_flops,
+    throughput_metrics,
+)
 from sftkit.log.gpu import GpuMonitor
 from sftkit.log.loggers import Loggers, build_loggers
 from sftkit.log.redact import (
@@ -65,6 +72,7 @@ __all__ = [
     "is_secret_name",
     "matmul_params",
     "mfu",
+    "throughput_metrics",
     "next_exp_dir",
     "peak_flops",
     "read_jsonl",

@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import functools
 import inspect
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sftkit.model.flex import flex as _flex
+from sftkit.model.flex import flex_api as _flex_api
 
 ATTN_NAME = "sftkit_packed"
 Backend = Literal["auto", "varlen", "flex", "sdpa", "segments"]
@@ -52,16 +54,6 @@ def _varlen() -> Callable[..., Any] | None:
     except ImportError:  # pragma: no cover - depends on the torch build
         return None
     return varlen_attn
-
-
-@functools.cache
-def _flex_api() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
-    """(create_block_mask, flex_attention), imported lazily for the same reason."""
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError:  # pragma: no cover - depends on the torch build
-        return None
-    return create_block_mask, flex_attention
 
 
 @functools.cache
@@ -229,23 +221,6 @@ def _math_attention(
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
     return torch.matmul(probs, value)
-
-
-_compiled_flex: Callable[..., Tensor] | None = None
-
-
-def _flex(query: Tensor, key: Tensor, value: Tensor, **kwargs: Any) -> Tensor:
-    global _compiled_flex
-    flex_attention = _flex_api()[1]  # type: ignore[index]
-    if query.device.type != "cuda":
-        with warnings.catch_warnings():  # the unfused CPU path warns on every call
-            warnings.simplefilter("ignore", UserWarning)
-            return flex_attention(query, key, value, **kwargs)
-    if _compiled_flex is None:
-        # Default dynamic=None: after the first new row length, shapes become symbolic instead
-        # of one recompile per length (varying per-bin row lengths would hit the limit of 8).
-        _compiled_flex = torch.compile(flex_attention)
-    return _compiled_flex(query, key, value, **kwargs)
 
 
 def _softcap_mod(softcap: float | None) -> Callable[..., Tensor] | None:
