@@ -127,6 +127,8 @@ def _translated(values: dict[str, Any]) -> set[str]:
         # NeMo RL trains with megatron_cfg's optimizer, clip and CP; sftkit moves them into
         # policy.optimizer/scheduler, max_grad_norm and dtensor_cfg.context_parallel_size.
         keys |= {"policy.max_grad_norm", "policy.dtensor_cfg.context_parallel_size"}
+        # megatron_cfg.peft is sftkit's LoRA: lora_cfg is filled from it at load.
+        keys.add("policy.dtensor_cfg.lora_cfg.enabled")
     return keys
 
 
@@ -154,7 +156,8 @@ def test_shipped_config_resolves_to_nemo_rl_values(name: str) -> None:
 def _check_megatron_translation(cfg: Any, values: dict[str, Any]) -> None:
     """NeMo RL trains with megatron_cfg.optimizer (policy.optimizer unused): sftkit must train
     the same AdamW with Megatron's warmup from `lr_warmup_init`, then `lr` (min_lr == lr, or
-    a constant decay style, in every recipe), clip `clip_grad` (0: none) and its CP size."""
+    a constant decay style, in every recipe), clip `clip_grad` (0: none), its CP size and
+    its `peft` as LoRA."""
     lr = values[MEG + "optimizer.lr"]
     assert cfg.policy.optimizer.name == "torch.optim.AdamW"
     kwargs = cfg.policy.optimizer.kwargs
@@ -166,6 +169,10 @@ def _check_megatron_translation(cfg: Any, values: dict[str, Any]) -> None:
     clip = values[MEG + "optimizer.clip_grad"]
     assert cfg.policy.max_grad_norm == (clip or None)
     assert cfg.policy.dtensor_cfg.context_parallel_size == values[MEG + "context_parallel_size"]
+    lora = cfg.policy.dtensor_cfg.lora_cfg
+    assert lora.enabled == values.get(MEG + "peft.enabled", False)
+    if lora.enabled:
+        assert (lora.dim, lora.alpha) == (values[MEG + "peft.dim"], values[MEG + "peft.alpha"])
     warmup, init = (
         values[MEG + "scheduler.lr_warmup_iters"],
         values[MEG + "scheduler.lr_warmup_init"],
