@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from nemo_fixture_paths import NEMO_BASE
 
+from sftkit.checkpoint import layout as ckpt
+from sftkit.checkpoint.export import export_checkpoint
 from sftkit.config import ConfigError, load_config
 from sftkit.errors import classify
-from sftkit.train import checkpoint as ckpt
-from sftkit.train.export import export_checkpoint
 
 # 395 bytes that expand to 10^9 strings (the classic "billion laughs").
 BOMB = "sft:\n  a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
@@ -55,10 +55,10 @@ def test_untrusted_checkpoint_config_alias_bomb_is_refused_by_export(tmp_path: P
     (step / ckpt.INFO).write_text('{"step": 3}')
     (step / "config.yaml").write_text(BOMB)
     ckpt.write_manifest(step)
+    import sftkit.checkpoint.checkpointer  # noqa: F401
     import sftkit.model.builtin  # noqa: F401 (export imports these; only the read is timed)
     import sftkit.model.load  # noqa: F401
     import sftkit.model.lora  # noqa: F401
-    import sftkit.train.checkpointer  # noqa: F401
 
     start = time.monotonic()
     with pytest.raises(ConfigError, match=r"config\.yaml uses YAML aliases"):
