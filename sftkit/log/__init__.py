@@ -20,7 +20,14 @@ from sftkit.log.console import (
     format_validation_line,
     setup_logging,
 )
-from sftkit.log.flops import device_peak_flops, flops_per_token, matmul_params, mfu, peak_flops
+from sftkit.log.flops import (
+    active_matmul_params,
+    device_peak_flops,
+    flops_per_token,
+    matmul_params,
+    mfu,
+    peak_flops,
+)
 from sftkit.log.gpu import GpuMonitor
 from sftkit.log.loggers import Loggers, build_loggers
 from sftkit.log.redact import (
@@ -57,6 +64,7 @@ __all__ = [
     "check_reachable",
     "device_peak_flops",
     "flatten",
+    "active_matmul_params",
     "flops_per_token",
     "format_eta",
     "format_step_line",

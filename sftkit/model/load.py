@@ -134,3 +134,19 @@ def save_hf(model: nn.Module, tokenizer: Any, directory: Path) -> None:
     model.save_pretrained(directory, safe_serialization=True)  # type: ignore[operator]  # HF model
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+def moe_routers(model: nn.Module) -> set[str]:
+    """Names of MoE router layers: an `nn.Linear` subclass named `*Router` (Llama 4), or a
+    linear gate beside an `experts` module (Mixtral-style `gate`, Qwen3-Next's
+    `shared_expert_gate`). LoRA never adapts them: a low-rank update to the router moves
+    every token's expert choice, which the MoE recipes this follows keep frozen."""
+    routers = {n for n, m in model.named_modules() if type(m).__name__.endswith("Router")}
+    for name, module in model.named_modules():
+        if hasattr(module, "experts"):
+            for child, sub in module.named_children():
+                if isinstance(sub, nn.Linear) and ("gate" in child or "router" in child) and (
+                    not child.endswith("_proj")
+                ):
+                    routers.add(f"{name}.{child}" if name else child)
+    return routers

@@ -21,6 +21,7 @@ from sftkit.log import (
     Loggers,
     build_loggers,
     device_peak_flops,
+    active_matmul_params,
     flops_per_token,
     install_redaction,
     setup_logging,
@@ -187,7 +188,9 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
         console=ConsoleReporter(total_steps, state.step, env.rank, cfg.logger.progress_bar),
         total_steps=total_steps,
         deadline=ckpt.parse_deadline(cfg.checkpointing.checkpoint_must_save_by),
-        flops_per_token=flops_per_token(model.config, int(mean_len), lora=lora is not None),
+        flops_per_token=flops_per_token(
+            model.config, int(mean_len), lora=lora is not None, n_params=active_matmul_params(model)
+        ),
         peak_flops=device_peak_flops(env.device) if env.device.type == "cuda" else None,
     )
 
