@@ -415,7 +415,7 @@ def test_setup_probe_compares_with_hf_eager(
     real = attention.read_features
     monkeypatch.setattr(attention, "read_features", lambda m, kw: LayerFeatures(
         window=real(m, kw).window))  # fmt: skip
-    with pytest.raises(ValueError, match=f"model_type '{family}'.*HF's eager attention"):
+    with pytest.raises(ValueError, match=f"model_type '{family}(_text)?'.*HF's eager attention"):
         attention.enable_packed_attention(model, "segments")
     monkeypatch.setattr(attention, "read_features", real)
     attention.enable_packed_attention(model, "segments")
