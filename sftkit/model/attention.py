@@ -123,8 +123,13 @@ def resolve_backend(requested: Backend, device: torch.device, dtype: torch.dtype
 
 
 def _backend_for_layer(
-    backend: str, requested: Backend, window: int | None, softcap: float | None, dropout: float,
-    sinks: bool = False, value_dim_differs: bool = False,
+    backend: str,
+    requested: Backend,
+    window: int | None,
+    softcap: float | None,
+    dropout: float,
+    sinks: bool = False,
+    value_dim_differs: bool = False,
 ) -> str:
     """`backend` adjusted to what one layer needs: varlen has no softcap, sinks or MLA value
     heads (and older torch no window), varlen and flex have no dropout. `auto` moves on; an
@@ -377,9 +382,7 @@ def _packed_forward(
             out = apply_sinks(out, aux.lse, sinks)
         return out.transpose(1, 2)
     if backend == "segments":
-        return _per_segment(
-            query, key, value, cu_seqlens, dropout, scaling, window, softcap, sinks
-        )
+        return _per_segment(query, key, value, cu_seqlens, dropout, scaling, window, softcap, sinks)
     mask = _cached(
         f"sdpa:{window}", cu_seqlens, (rows, width),
         lambda: _sdpa_block_mask(cu_seqlens, rows, width, query.device, window),
@@ -532,12 +535,11 @@ def check_document_isolation(model: nn.Module) -> None:
     """Raise unless each document of a packed row gets the logits HF's eager attention (the
     model's own definition) gives it alone. Skipped on the meta device.
 
-    Two failures, told apart. sftkit's attention on one document differs from eager: the
-    model uses an attention feature sftkit does not implement and no keyword showed it
-    (e.g. a mask-only option). A document moves when another precedes it: a layer outside
-    transformers' attention interface (Mamba/SSM, short convolutions, linear attention in
-    hybrids such as Falcon-H1, Nemotron-H, Qwen3-Next) carries state across the boundary;
-    on a tiny Falcon-H1 it moves by 1.2e-4 (float32 rounding is ~1e-6: tight tolerance).
+    Two failures, told apart. One document differs from eager: the model uses an attention
+    feature sftkit lacks that no keyword showed (e.g. a mask-only option). A document moves
+    when another precedes it: a layer outside the attention interface (Mamba, convolutions,
+    linear attention: Falcon-H1, Nemotron-H, Qwen3-Next) carries state across the boundary;
+    a tiny Falcon-H1 moves by 1.2e-4 (float32 rounding is ~1e-6: tight tolerance).
     """
     from sftkit.batch import collate_packed
 

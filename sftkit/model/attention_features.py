@@ -44,8 +44,11 @@ class LayerFeatures:
 
     @property
     def plain(self) -> bool:
-        return self.window is None and self.softcap is None and self.sinks is None and (
-            self.chunk is None
+        return (
+            self.window is None
+            and self.softcap is None
+            and self.sinks is None
+            and (self.chunk is None)
         )
 
 

@@ -145,8 +145,10 @@ def moe_routers(model: nn.Module) -> set[str]:
     for name, module in model.named_modules():
         if hasattr(module, "experts"):
             for child, sub in module.named_children():
-                if isinstance(sub, nn.Linear) and ("gate" in child or "router" in child) and (
-                    not child.endswith("_proj")
+                if (
+                    isinstance(sub, nn.Linear)
+                    and ("gate" in child or "router" in child)
+                    and (not child.endswith("_proj"))
                 ):
                     routers.add(f"{name}.{child}" if name else child)
     return routers

@@ -19,9 +19,9 @@ from sftkit.dist import DistEnv, init_distributed, parallel_layout, shutdown_dis
 from sftkit.log import (
     ConsoleReporter,
     Loggers,
+    active_matmul_params,
     build_loggers,
     device_peak_flops,
-    active_matmul_params,
     flops_per_token,
     install_redaction,
     setup_logging,

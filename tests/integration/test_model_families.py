@@ -13,7 +13,11 @@ each mode. What is checked, per family:
 - LoRA: the expected modules are adapted (fused qkv/gate_up for Phi3; GPT-2's Conv1D is a
   clear error), only adapted weights change, and `final_adapter` loaded with PEFT gives the
   logits of the merged `final_hf`.
-- resume (Gemma2): a run resumed from step 2 logs the uninterrupted run's step 3.
+- resume (Gemma2, Qwen3-MoE): a run resumed from step 2 logs the uninterrupted run's step 3.
+- attention features (windows per layer, softcaps, sinks, chunks): dropping one changes the
+  loss here, so the packed equalities can fail; the start-up probe catches a dropped one.
+- hybrids (Qwen3-Next, Nemotron-H): padded runs are exact, packing is one clear error.
+- MFU: active parameters equal half a token's forward matmul FLOPs (torch's counter).
 - fused kernels (Triton interpreter): patched families give equal logits and gradients,
   other families are left untouched.
 """
@@ -100,47 +104,113 @@ def tiny_configs(vocab: int, pad: int, eos: int) -> dict[str, Any]:
                 **common,
             ),
         ),
-            # Mixture-of-experts: 4 experts, 2 per token (Llama 4: 1), fused expert weights.
+        # Mixture-of-experts: 4 experts, 2 per token (Llama 4: 1), fused expert weights.
         "qwen3_moe": ("Qwen3MoeConfig", dict(shape, head_dim=16, **moe)),
         "mixtral": ("MixtralConfig", dict(shape, num_local_experts=4, num_experts_per_tok=2)),
         "olmoe": ("OlmoeConfig", dict(shape, **moe)),
         # Sinks (one logit per head) and alternating sliding / full layers.
-        "gpt_oss": ("GptOssConfig", dict(
-            shape, head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
-            sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
-        )),  # fmt: skip
+        "gpt_oss": (
+            "GptOssConfig",
+            dict(
+                shape,
+                head_dim=16,
+                intermediate_size=32,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                sliding_window=WINDOW,
+                layer_types=["sliding_attention", "full_attention"],
+            ),
+        ),  # fmt: skip
         # MLA: value heads (12) narrower than query/key heads (8 + 8); one dense layer first.
-        "deepseek_v3": ("DeepseekV3Config", dict(
-            shape, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1,
-            first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
-            qk_rope_head_dim=8, v_head_dim=12, n_group=1, topk_group=1, **moe,
-        )),  # fmt: skip
-        "glm4_moe": ("Glm4MoeConfig", dict(
-            shape, head_dim=12, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
-            n_group=1, topk_group=1, **moe,
-        )),  # fmt: skip
+        "deepseek_v3": (
+            "DeepseekV3Config",
+            dict(
+                shape,
+                num_key_value_heads=4,
+                n_routed_experts=4,
+                n_shared_experts=1,
+                first_k_dense_replace=1,
+                kv_lora_rank=16,
+                q_lora_rank=24,
+                qk_nope_head_dim=8,
+                qk_rope_head_dim=8,
+                v_head_dim=12,
+                n_group=1,
+                topk_group=1,
+                **moe,
+            ),
+        ),  # fmt: skip
+        "glm4_moe": (
+            "Glm4MoeConfig",
+            dict(
+                shape,
+                head_dim=12,
+                n_routed_experts=4,
+                n_shared_experts=1,
+                first_k_dense_replace=1,
+                n_group=1,
+                topk_group=1,
+                **moe,
+            ),
+        ),  # fmt: skip
         # Chunked layers (keys only from the query's chunk of WINDOW tokens) and a NoPE layer.
-        "llama4": ("Llama4TextConfig", dict(
-            shape, head_dim=12, intermediate_size=32, intermediate_size_mlp=96,
-            num_local_experts=4, num_experts_per_tok=1, attention_chunk_size=WINDOW,
-            layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0],
-            tie_word_embeddings=False,
-        )),  # fmt: skip
-        "gemma3": ("Gemma3TextConfig", dict(
-            shape, head_dim=12, sliding_window=WINDOW, query_pre_attn_scalar=12,
-            layer_types=["sliding_attention", "full_attention"], initializer_range=0.1,
-        )),  # fmt: skip
+        "llama4": (
+            "Llama4TextConfig",
+            dict(
+                shape,
+                head_dim=12,
+                intermediate_size=32,
+                intermediate_size_mlp=96,
+                num_local_experts=4,
+                num_experts_per_tok=1,
+                attention_chunk_size=WINDOW,
+                layer_types=["chunked_attention", "full_attention"],
+                no_rope_layers=[1, 0],
+                tie_word_embeddings=False,
+            ),
+        ),  # fmt: skip
+        "gemma3": (
+            "Gemma3TextConfig",
+            dict(
+                shape,
+                head_dim=12,
+                sliding_window=WINDOW,
+                query_pre_attn_scalar=12,
+                layer_types=["sliding_attention", "full_attention"],
+                initializer_range=0.1,
+            ),
+        ),  # fmt: skip
         # Hybrids: gated delta-net / Mamba2 layers carry state across documents.
-        "qwen3_next": ("Qwen3NextConfig", dict(
-            shape, head_dim=16, shared_expert_intermediate_size=32,
-            layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
-            linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, **moe,
-        )),  # fmt: skip
-        "nemotron_h": ("NemotronHConfig", dict(
-            shape, head_dim=12, layers_block_type=["mamba", "attention", "moe"],
-            mamba_num_heads=4, mamba_head_dim=12, ssm_state_size=8, n_groups=1, chunk_size=16,
-            n_routed_experts=4, moe_shared_expert_intermediate_size=32, **moe,
-        )),  # fmt: skip
+        "qwen3_next": (
+            "Qwen3NextConfig",
+            dict(
+                shape,
+                head_dim=16,
+                shared_expert_intermediate_size=32,
+                layer_types=["linear_attention", "full_attention"],
+                linear_num_key_heads=2,
+                linear_num_value_heads=4,
+                linear_key_head_dim=8,
+                linear_value_head_dim=8,
+                **moe,
+            ),
+        ),  # fmt: skip
+        "nemotron_h": (
+            "NemotronHConfig",
+            dict(
+                shape,
+                head_dim=12,
+                layers_block_type=["mamba", "attention", "moe"],
+                mamba_num_heads=4,
+                mamba_head_dim=12,
+                ssm_state_size=8,
+                n_groups=1,
+                chunk_size=16,
+                n_routed_experts=4,
+                moe_shared_expert_intermediate_size=32,
+                **moe,
+            ),
+        ),  # fmt: skip
     }
     return {
         name: getattr(transformers, cls)(**kwargs)
