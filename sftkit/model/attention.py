@@ -565,8 +565,8 @@ def check_document_isolation(model: nn.Module) -> None:
         set_attention_implementation(model, impl)  # type: ignore[arg-type]
         try:
             packed = model(**batch.model_kwargs(), use_cache=False).logits[0, 8:].float()
-        except (ValueError, RuntimeError, NotImplementedError) as err:  # e.g. HF's own refusal
-            raise ValueError(_leak_message(model, f"it fails on packed rows: {err}")) from err
+        except (ValueError, RuntimeError, NotImplementedError) as exc:  # e.g. HF refuses
+            raise ValueError(_leak_message(model, f"it fails on packed rows: {exc}")) from exc
     finally:
         set_attention_implementation(model, impl)  # type: ignore[arg-type]
         model.train(was_training)

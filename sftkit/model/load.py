@@ -176,7 +176,7 @@ def lora_unsafe_leaves(model: nn.Module) -> set[str]:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     except ImportError:  # no PEFT (or another layout of it): nothing to avoid
         return unsafe
-    base = _MODEL_TO_CONVERSION_PATTERN.get(model_type)
+    base = _MODEL_TO_CONVERSION_PATTERN.get(str(model_type))
     if base is None or get_checkpoint_conversion_mapping(model_type) is None:
         return unsafe
     return unsafe | set(_MOE_TARGET_MODULE_MAPPING.get(base, {}))
