@@ -29,8 +29,9 @@ HARMLESS_KWARGS = frozenset({
     "output_router_logits", "return_dict", "sftkit_cp",
 })  # fmt: skip
 IMPLEMENTED_KWARGS = frozenset({"sliding_window", "softcap", "s_aux"})
-# `config.layer_types` entries of layers that reach an attention function.
-_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+# `config.layer_types` entries of layers that reach an attention function (Falcon-H1's
+# "hybrid" layers run full causal attention beside a Mamba mixer).
+_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "hybrid"})
 
 
 @dataclass(frozen=True)
