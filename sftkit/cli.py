@@ -88,7 +88,7 @@ def _command(body: Callable[[list[str]], int], argv: list[str]) -> int:
 
 def _maybe_self_launch(cfg: MasterConfig, argv: list[str]) -> int | None:
     """With cluster.gpus_per_node > 1 outside any launcher, start the ranks ourselves."""
-    from sftkit.train.launch import maybe_self_launch
+    from sftkit.lifecycle.launch import maybe_self_launch
 
     return maybe_self_launch(cfg, argv)
 

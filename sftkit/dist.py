@@ -1,13 +1,9 @@
 """The process group: joining one started by torchrun/srun/self-launch, and small collectives.
 
 Every rank runs the same loop (SPMD). With one process nothing here touches
-torch.distributed, so the single-CPU path has no extra moving parts.
-
-Ranks are laid out on a (data parallel, context parallel, tensor parallel) grid:
-tensor-parallel and context-parallel peers hold the same batch, so data is split over
-`dp_rank`/`dp_size`; context-parallel peers then each take their share of every sequence
-(`sftkit.model.context_parallel`), so sums of per-rank numbers run over the data x context
-ranks (each tensor-parallel group counted once).
+torch.distributed, so the single-CPU path has no extra moving parts. Where a rank sits in
+the parallel layout (degrees, coordinates, meshes) is `sftkit.parallel_dims.ParallelDims`,
+built once in `init_distributed` and held, unchanged, as `DistEnv.dims`.
 """
 
 from __future__ import annotations
@@ -16,14 +12,18 @@ import logging
 import os
 import re
 from collections.abc import MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from sftkit.parallel_dims import ParallelDims
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
+
+    from sftkit.config.schema import DTensorConfig
 
 logger = logging.getLogger("sftkit")
 
@@ -32,17 +32,13 @@ DEFAULT_MASTER_PORT = 29500
 
 @dataclass
 class DistEnv:
-    """Where this process sits in the job."""
+    """Where this process sits in the job: its rank, device and the run's layout."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    tp_size: int = 1  # tensor-parallel degree; ranks r and r+1 .. share a batch when > 1
-    dp_group: Any = None  # group of the data x context ranks, for sums (None: world)
-    mesh: Any = None  # the (dp, tp) DeviceMesh of a multi-rank run, from `build_mesh`
-    cp_size: int = 1  # context-parallel degree: ranks that split each sequence
-    cp_group: Any = None  # process group of this rank's context-parallel peers
+    dims: ParallelDims = field(default_factory=ParallelDims)  # the layout, built once
 
     @property
     def is_main(self) -> bool:
@@ -53,19 +49,18 @@ class DistEnv:
         return self.world_size > 1 and dist.is_initialized()
 
     @property
-    def dp_size(self) -> int:
-        """Number of data-parallel ranks (distinct batch shares)."""
-        return self.world_size // (self.tp_size * self.cp_size)
-
-    @property
     def dp_rank(self) -> int:
-        """This rank's data-parallel index (the mesh is (dp, cp, tp), tp varying fastest)."""
-        return self.rank // (self.tp_size * self.cp_size)
+        """Which share of each global batch this rank trains on."""
+        return self.dims.dp_rank(self.rank)
 
     @property
-    def cp_rank(self) -> int:
-        """This rank's index in its context-parallel group (which chunks it keeps)."""
-        return (self.rank // self.tp_size) % self.cp_size
+    def mesh(self) -> DeviceMesh | None:
+        """The run's device mesh (None with one process); built on first use, collectively."""
+        return self.dims.mesh(self.device.type) if self.initialized else None
+
+    def group(self, name: str) -> Any:
+        """The process group of mesh dim `name` (None with one process)."""
+        return self.dims.group(self.device.type, name) if self.initialized else None
 
     def barrier(self) -> None:
         if self.initialized:
@@ -79,8 +74,11 @@ class DistEnv:
         """
         if not self.initialized:
             return value
+        # None (the world) without tensor parallelism: building no mesh keeps the collective
+        # as simple as before the model is built.
+        group = self.group("dp_cp") if self.dims.tp > 1 else None
         tensor = torch.tensor([value], dtype=torch.float64, device=self._collective_device())
-        dist.all_reduce(tensor, group=self.dp_group)
+        dist.all_reduce(tensor, group=group)
         return float(tensor.item())
 
     def max(self, value: float) -> float:
@@ -164,87 +162,25 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device_preference: str = "auto") -> DistEnv:
+def init_distributed(
+    device_preference: str = "auto", layout: DTensorConfig | None = None
+) -> DistEnv:
     """Join the process group described by the launcher's environment (RANK, WORLD_SIZE, ...).
 
-    Under `srun` without torchrun, the SLURM_* variables are translated first.
+    Under `srun` without torchrun, the SLURM_* variables are translated first. The layout
+    (`policy.dtensor_cfg`) is checked against the world size before the group is joined.
     """
     if apply_slurm_env(os.environ):
         logger.debug("Joined srun's task grid as rank %s", os.environ["RANK"])
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dims = ParallelDims() if layout is None else ParallelDims.from_config(layout, world_size)
     device = pick_device(device_preference, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
-
-
-def parallel_layout(
-    world_size: int, tp_size: int, dp_replicate: int, cp_size: int = 1
-) -> tuple[int, int]:
-    """(tensor-parallel size, replica count) a run of `world_size` ranks uses.
-
-    One process trains unsharded whatever the recipe's layout says (the maths is the same;
-    the caller warns); with several ranks the layout (tensor x context x replica sizes)
-    must divide the world size.
-    """
-    tp, rep, cp = max(tp_size, 1), max(dp_replicate, 1), max(cp_size, 1)
-    if world_size == 1:
-        return 1, 1
-    if cp > 1 and rep > 1:
-        raise ValueError(
-            f"policy.dtensor_cfg.context_parallel_size={cp} with dp_replicate_size={rep} "
-            "(HSDP) is not supported; set dp_replicate_size=1 (FSDP2 then shards over all "
-            "data x context ranks)"
-        )
-    if world_size % (tp * rep * cp):
-        raise ValueError(
-            f"policy.dtensor_cfg.tensor_parallel_size={tp} x context_parallel_size={cp} x "
-            f"dp_replicate_size={rep} needs a multiple of {tp * cp * rep} ranks but this run "
-            f"has {world_size}: set cluster.gpus_per_node x cluster.num_nodes (or the "
-            "torchrun ranks) to a multiple of it, or lower those sizes"
-        )
-    return tp, rep
-
-
-def build_mesh(
-    env: DistEnv, tp_size: int, dp_replicate: int = 1, cp_size: int = 1
-) -> DeviceMesh | None:
-    """The device mesh of a multi-rank run (None with one process); sets `env.tp_size`,
-    `env.cp_size`, `env.cp_group` and `env.dp_group` so that sums count each batch share
-    once. Collective: every rank calls.
-
-    Dims are ("dp", "tp"), or ("dp_replicate", "dp_shard", "tp") plus a flattened "dp" when
-    `dp_replicate` > 1 (HSDP: FSDP2 shards within a replica group and all-reduces across
-    groups). "tp" varies fastest, so a rank's data-parallel index is `rank // tp`. With
-    context parallelism they are ("dp_batch", "cp", "tp") and "dp" is ("dp_batch", "cp")
-    flattened: FSDP2 shards parameters and reduces gradients over every rank that holds a
-    different share of the data, sequence chunks included (torchtitan's "dp_shard_cp").
-    """
-    tp, rep = parallel_layout(env.world_size, tp_size, dp_replicate, cp_size)
-    if env.world_size == 1:
-        return None
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dp = env.world_size // tp
-    if cp_size > 1:
-        dims = (dp // cp_size, cp_size, tp)
-        mesh = init_device_mesh(env.device.type, dims, mesh_dim_names=("dp_batch", "cp", "tp"))
-        mesh["dp_batch", "cp"]._flatten("dp")
-        env.cp_size, env.cp_group = cp_size, mesh["cp"].get_group()
-    elif rep == 1:
-        mesh = init_device_mesh(env.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
-    else:
-        mesh = init_device_mesh(
-            env.device.type, (rep, dp // rep, tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp")
-        )
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")  # one group for data-parallel sums
-    env.tp_size = tp
-    env.dp_group = mesh["dp"].get_group() if tp > 1 else None
-    env.mesh = mesh
-    return mesh
+    return DistEnv(rank, world_size, local_rank, device, dims)
 
 
 def shutdown_distributed() -> None:

@@ -8,7 +8,8 @@ A known error becomes one message on stderr, scrubbed of secrets, and an exit co
 * 1: the run failed on valid input: non-finite loss (`RunFailure`), an unreachable tracker
   (`ConnectionError`), a disk or I/O error while writing (other `OSError`s).
 
-(75 "saved early, start again" is a return value of the run, not an error.) Anything else
+(0 is a finished run; 75 "saved early, start again" is a return value of the run, not an
+error: `sftkit.lifecycle.signals`.) These four `EXIT_*` codes are the only ones. Anything else
 is a bug: it propagates with its traceback, also scrubbed (`install_excepthook`).
 `SFTKIT_TRACEBACK=1` prints the traceback of known errors too.
 
@@ -25,8 +26,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn, TextIO
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+EXIT_OK = 0  # finished: every step done, final_hf written
+EXIT_FAILED = 1  # the run failed on valid input (non-finite loss, a crash, I/O)
+EXIT_USAGE = 2  # a config or usage error, reported before training starts
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: saved and stopped early (signal or deadline); start again
 
 # OSErrors whose fix is a different path or permission: a usage error, like a bad key.
 _PATH_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}

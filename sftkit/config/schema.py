@@ -85,10 +85,13 @@ class LoraConfig:
     match_all_linear: bool = True  # adapt every linear layer (overrides target_modules)
     dim: int = 8  # rank r
     alpha: float = 32  # scale = alpha / dim
-    dropout: float = 0.0  # dropout probability on the LoRA branch
+    dropout: float = 0.0  # dropout probability on the LoRA branch, in [0, 1)
     dropout_position: str = "post"  # pre: on the LoRA input | post: on the LoRA output
     lora_A_init: str = "xavier"  # xavier (normal) | uniform (kaiming)
     use_triton: bool = True  # fused Triton kernels on GPU when tensor parallelism is off
+    # sftkit: adapter weight dtype; float32 as NeMo RL forces (FSDP needs one dtype per
+    # group); Megatron's peft.lora_dtype is translated into it
+    lora_dtype: str = "float32"
 
 
 @dataclass
@@ -313,7 +316,8 @@ class DataConfig:
     max_input_seq_length: int | None = None  # NeMo RL's cap; derived: max_total_sequence_length
     add_bos: bool = True  # prepend BOS where the template lacks it
     add_eos: bool = True  # append EOS where the template lacks an end-of-turn token
-    add_generation_prompt: bool = False  # accepted for compatibility; headers are never trained
+    # headers are never trained; read only by loss_mask: nemo_rl (NeMo RL's meaning)
+    add_generation_prompt: bool = False
     shuffle: bool = True  # shuffle training data each epoch
     num_workers: int = 1  # worker processes for tokenization
     train: Any = None  # one dataset config (a mapping) or a list; entries may set name, weight
@@ -322,10 +326,12 @@ class DataConfig:
     default: dict[str, Any] = field(default_factory=_default_dataset_defaults)
     overlong_policy: str = "truncate"  # sftkit: truncate | drop | mask examples over the limit
     drop_untrainable: bool = False  # sftkit: drop (and count) examples with no trained tokens
+    reasoning: str = "train"  # sftkit: train | mask | drop_history (assistant reasoning)
+    loss_mask: str = "sftkit"  # sftkit | nemo_rl (NeMo RL's per-message chunks, to compare)
     cache_dir: str | None = None  # sftkit: tokenized-data cache; null uses ~/.cache/sftkit/data
     # sftkit: rows with more characters are dropped (and counted) before tokenizing;
     # null: max(1,000,000, 8 x max_input_seq_length)
-    max_row_chars: int | None = None
+    max_row_chars: int | None = None  # derived (sftkit.config.derive)
     # The seed's flat form: `dataset_name` and dataset keys (DATASET_KEYS) directly under
     # `data`. The loader moves those keys into `extra`.
     dataset_name: str | None = None
@@ -432,6 +438,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "policy.dtensor_cfg.activation_checkpointing_mode": ("full", "selective"),
     "policy.dtensor_cfg.lora_cfg.dropout_position": ("pre", "post"),
     "policy.dtensor_cfg.lora_cfg.lora_A_init": ("xavier", "uniform"),
+    "policy.dtensor_cfg.lora_cfg.lora_dtype": ("float32", "bfloat16", "float16"),
     "policy.megatron_cfg.peft.dropout_position": ("pre", "post"),
     "policy.megatron_cfg.peft.lora_A_init_method": ("xavier", "uniform"),
     "policy.sequence_packing.algorithm": (
@@ -442,6 +449,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     ),
     "policy.sequence_packing.microbatch_order": ("packer", "largest_first"),
     "data.overlong_policy": ("truncate", "drop", "mask"),
+    "data.reasoning": ("train", "mask", "drop_history"),
+    "data.loss_mask": ("sftkit", "nemo_rl"),
     "checkpointing.model_save_format": ("safetensors", "torch_save"),
     "checkpointing.resume_mismatch": ("error", "fresh"),
     "checkpointing.pretrained_checkpoint.format": ("megatron_bridge", "megatron_lm"),
@@ -465,6 +474,7 @@ DATASET_KEYS: frozenset[str] = frozenset(
         "split", "split_validation_size", "seed", "prompt_file", "system_prompt_file",
         "processor", "subset", "max_samples", "download_dir", "repeat", "extract_answer",
         "train_split", "val_split", "train_media_data_dir", "val_media_data_dir",
+        "roles_to_train", "train_tool_calls_only",
     }
 )  # fmt: skip
 
@@ -472,6 +482,9 @@ DATASET_KEYS: frozenset[str] = frozenset(
 # A path names a key or a whole section (every key below it). Remove an entry when the
 # setting starts to be honoured.
 IGNORED_KEYS: dict[str, str] = {
+    "policy.sequence_packing.microbatch_order": (
+        "packed microbatches run in the packer's order (largest_first is not implemented)"
+    ),
     "policy.offload_optimizer_for_logprob": "RL-only (no logprob pass in SFT)",
     "policy.dequantize_base_checkpoint": "weights load as transformers stores them",
     "policy.megatron_recipe": "Megatron-only",

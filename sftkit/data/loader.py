@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +19,8 @@ import torch
 from sftkit.batch import PackedBatch, collate_packed, collate_padded, round_up
 from sftkit.data.packing import dynamic_microbatches, pack_sequences
 from sftkit.data.types import Example, ExampleSet, Source
+
+T = TypeVar("T")
 
 
 class GlobalBatchSampler:
@@ -164,16 +166,21 @@ class BatchPlan:
     algorithm: str = "modified_first_fit_decreasing"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # The budget is derived once at load (train_mb_tokens = max_total_sequence_length x
+        # train_micro_batch_size, sftkit.config.derive); there is no second default here.
+        if self.mode != "padded" and self.mb_tokens is None:
+            raise ValueError(f"a {self.mode} BatchPlan needs mb_tokens (train_mb_tokens)")
 
-def rank_share(indices: list[int], rank: int, world_size: int) -> list[int]:
-    """Contiguous block of a global batch for one data-parallel rank (NeMo RL's sharding)."""
-    if len(indices) % world_size:
-        raise ValueError(
-            f"a batch of {len(indices)} examples does not split over {world_size} data-parallel "
-            "ranks; make the global batch size a multiple of the data-parallel size"
-        )
-    per_rank = len(indices) // world_size
-    return indices[rank * per_rank : (rank + 1) * per_rank]
+
+def rank_share(items: Sequence[T], rank: int, ranks: int) -> list[T]:
+    """Contiguous block of a batch for data-parallel rank `rank` of `ranks` (NeMo RL's
+    sharding), for training and validation alike. Training batches split evenly (the global
+    batch size is checked against the data-parallel size before the model loads); a short
+    last validation batch gives the first `len % ranks` ranks one item more."""
+    per_rank, extra = divmod(len(items), ranks)
+    start = rank * per_rank + min(rank, extra)
+    return list(items[start : start + per_rank + (rank < extra)])
 
 
 def micro_batches(examples: list[Example], plan: BatchPlan) -> list[PackedBatch]:
@@ -186,7 +193,8 @@ def micro_batches(examples: list[Example], plan: BatchPlan) -> list[PackedBatch]
             for i in range(0, len(pairs), size)
         ]
     lengths = [len(ids) for ids, _ in pairs]
-    budget = plan.mb_tokens or max(lengths)
+    budget = plan.mb_tokens
+    assert budget is not None  # BatchPlan.__post_init__
     if plan.mode == "dynamic":
         groups = dynamic_microbatches(lengths, budget, max(plan.length_round, plan.multiple_of))
         return [

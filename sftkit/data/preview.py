@@ -5,7 +5,11 @@
 
 `--json` prints one JSON object per example on stdout and nothing else (logs go to
 stderr): `input_ids`, `tokens` (`tokenizer.decode([id])` per id), `loss_mask`
-(1 = trained target), `length`, `truncated`, `dropped` (null or the reason), `task_name`.
+(1 = trained target), `reasoning_mask` (1 = reasoning text, trained or not), `length`,
+`truncated`, `dropped` (null or the reason), `task_name`.
+
+In the text view trained tokens are green ([[...]] without colour), trained reasoning
+blue ({{...}}) and untrained reasoning cyan text ((...)).
 """
 
 from __future__ import annotations
@@ -24,6 +28,15 @@ from sftkit.log.redact import install_redaction
 
 logger = logging.getLogger("sftkit")
 TRAINED_ON, TRAINED_OFF = "\x1b[1;30;42m", "\x1b[0m"  # black on green
+REASONING_ON = "\x1b[1;30;44m"  # trained reasoning: black on blue
+REASONING_OFF = "\x1b[36m"  # untrained reasoning: cyan text
+# (start, end) marks per token kind: 0 untrained, 1 trained, 2 untrained / 3 trained reasoning
+COLOURS = {
+    1: (TRAINED_ON, TRAINED_OFF),
+    2: (REASONING_OFF, TRAINED_OFF),
+    3: (REASONING_ON, TRAINED_OFF),
+}
+BRACKETS = {1: ("[[", "]]"), 2: ("((", "))"), 3: ("{{", "}}")}
 
 
 def preview_records(
@@ -36,8 +49,9 @@ def preview_records(
     records = []
     for k, (row, task) in enumerate(items):
         where = str(row.get(ORIGIN_KEY, f"{split} row {k}"))
-        ids, mask, _ = processor.encode(row, where)
-        outcome = processor.apply_policy(ids, mask, task, where)
+        detail = processor.explain(row, where)
+        ids, mask = detail["input_ids"], detail["loss_mask"]
+        outcome = processor.apply_policy(ids, mask, task, where, detail["deselected"])
         if outcome.example is not None:
             ids, mask = outcome.example.input_ids, outcome.example.loss_mask
         records.append(
@@ -45,6 +59,7 @@ def preview_records(
                 "input_ids": ids,
                 "tokens": [tokenizer.decode([i]) for i in ids],
                 "loss_mask": mask,
+                "reasoning_mask": detail["reasoning_mask"][: len(ids)],
                 "length": len(ids),
                 "truncated": bool(outcome.example and outcome.example.truncated),
                 "dropped": outcome.dropped,
@@ -56,23 +71,27 @@ def preview_records(
 
 
 def render_highlighted(record: dict[str, Any], tokenizer: Any, color: bool) -> str:
-    """Decoded text with trained runs highlighted (ANSI) or bracketed as [[...]]."""
-    on, off = (TRAINED_ON, TRAINED_OFF) if color else ("[[", "]]")
-    out, run, trained = [], [], None
-    for token, m in zip(record["input_ids"], record["loss_mask"], strict=True):
-        if trained is not None and bool(m) != trained:
-            out.append(_piece(tokenizer, run, trained, on, off))
+    """Decoded text with trained runs and reasoning marked (ANSI colours, or brackets)."""
+    marks = COLOURS if color else BRACKETS
+    reasoning = record.get("reasoning_mask") or [0] * len(record["input_ids"])
+    out: list[str] = []
+    run: list[int] = []
+    kind = None
+    for token, m, r in zip(record["input_ids"], record["loss_mask"], reasoning, strict=True):
+        k = bool(m) + 2 * bool(r)
+        if kind is not None and k != kind:
+            out.append(_piece(tokenizer, run, marks.get(kind)))
             run = []
         run.append(token)
-        trained = bool(m)
+        kind = k
     if run:
-        out.append(_piece(tokenizer, run, bool(trained), on, off))
+        out.append(_piece(tokenizer, run, marks.get(kind or 0)))
     return "".join(out)
 
 
-def _piece(tokenizer: Any, ids: list[int], trained: bool, on: str, off: str) -> str:
+def _piece(tokenizer: Any, ids: list[int], mark: tuple[str, str] | None) -> str:
     text = tokenizer.decode(ids)
-    return f"{on}{text}{off}" if trained else text
+    return f"{mark[0]}{text}{mark[1]}" if mark else text
 
 
 def print_records(
@@ -97,9 +116,12 @@ def print_records(
         color = stream.isatty() and "NO_COLOR" not in os.environ
         stream.write(render_highlighted(record, tokenizer, color) + "\n")
     if not as_json:
-        stream.write(
-            "trained tokens are highlighted" + ("" if stream.isatty() else " as [[...]]") + "\n"
+        legend = (
+            " (green); reasoning blue when trained, cyan when not"
+            if stream.isatty()
+            else " as [[...]]; reasoning {{trained}}, ((not trained))"
         )
+        stream.write("trained tokens are highlighted" + legend + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

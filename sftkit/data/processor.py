@@ -27,6 +27,8 @@ from typing import Any, Literal
 import numpy as np
 from tokenizers import decoders, normalizers
 
+from sftkit.config.derive import MIN_MAX_ROW_CHARS
+from sftkit.data import nemo_mask, turns
 from sftkit.data.errors import DataError
 from sftkit.data.messages import normalize_conversation
 from sftkit.data.templates import ChatRenderer, TemplateRejected
@@ -35,7 +37,7 @@ from sftkit.data.types import Example
 OverlongPolicy = Literal["truncate", "drop", "mask"]
 ORIGIN_KEY = "_origin"  # where a row came from ("train.jsonl:12"), set by the readers
 DROP_CODES = {None: 0, "overlong": 1, "untrainable": 2, "oversize": 3}
-DEFAULT_MAX_ROW_CHARS = 1_000_000  # data.max_row_chars: null -> max(this, 8 x token limit)
+DEFAULT_MAX_ROW_CHARS = MIN_MAX_ROW_CHARS  # data.max_row_chars: null -> max(this, 8 x limit)
 TOKENIZE_BATCH = 256  # rows per Rust call: amortizes call overhead, bounds Encoding memory
 Ranges = list[tuple[int, int]]  # trained token ranges [first, stop)
 VERIFY_FIRST = 8  # rows per processor whose byte-table ranges are checked against offsets
@@ -56,6 +58,9 @@ class ProcessorSettings:
     drop_untrainable: bool = False
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     max_row_chars: int = DEFAULT_MAX_ROW_CHARS  # longer rows are dropped before rendering
+    reasoning: str = "train"  # train | mask | drop_history (sftkit.data.turns)
+    loss_mask: str = "sftkit"  # sftkit | nemo_rl (sftkit.data.nemo_mask)
+    add_generation_prompt: bool = False  # read by loss_mask: nemo_rl only
 
 
 @dataclass
@@ -103,6 +108,9 @@ class _Rendered:
     spans: list[tuple[int, int]]
     final_is_assistant: bool
     where: str
+    reasoning: list[tuple[int, int]] = field(default_factory=list)  # reasoning text spans
+    deselected: bool = False  # per-turn flags left some assistant turn untrained
+    chunks: list[tuple[str, bool]] | None = None  # loss_mask nemo_rl: (text, trained) each
 
 
 class Processor:
@@ -136,25 +144,46 @@ class Processor:
     # -- one row (preview, tests) ----------------------------------------------------------
     def encode(self, row: dict[str, Any], where: str = "row") -> tuple[list[int], list[int], str]:
         """Return `(input_ids, loss_mask, text)` for a row, before the length policy."""
+        ids, mask, text, _ = self._encode(row, where)
+        return ids, mask, text
+
+    def explain(self, row: dict[str, Any], where: str = "row") -> dict[str, Any]:
+        """`encode` plus `reasoning_mask` (1 on reasoning tokens, trained or not) and
+        `deselected` (per-turn flags left an assistant turn untrained), for previews."""
+        ids, mask, text, rendered = self._encode(row, where)
+        reasoning = [0] * len(ids)
+        if rendered.reasoning:
+            probe = _Rendered(text, rendered.reasoning, False, rendered.where)
+            ((_, ranges),) = self._tokenize([probe])
+            for first, stop in ranges:
+                reasoning[first:stop] = [1] * (stop - first)
+        return {"input_ids": ids, "loss_mask": mask, "text": text,
+                "reasoning_mask": reasoning, "deselected": rendered.deselected}  # fmt: skip
+
+    def _encode(
+        self, row: dict[str, Any], where: str
+    ) -> tuple[list[int], list[int], str, _Rendered]:
         rendered = self._render(row, where)
         ((ids, ranges),) = self._tokenize([rendered])
         mask = [0] * len(ids)
         for first, stop in ranges:
             mask[first:stop] = [1] * (stop - first)
-        return ids, mask, rendered.text
+        return ids, mask, rendered.text, rendered
 
     def process(self, row: dict[str, Any], task_name: str, where: str = "row") -> Outcome:
         """Encode a row and apply the length policy and the untrainable check."""
         where = str(row.get(ORIGIN_KEY, where))
         if row_chars(row, self.settings.max_row_chars) > self.settings.max_row_chars:
             return Outcome(None, dropped="oversize")
-        ids, mask, _ = self.encode(row, where)
-        return self.apply_policy(ids, mask, task_name, where)
+        ids, mask, _, rendered = self._encode(row, where)
+        return self.apply_policy(ids, mask, task_name, where, rendered.deselected)
 
-    def apply_policy(self, ids: list[int], mask: list[int], task_name: str, where: str) -> Outcome:
+    def apply_policy(
+        self, ids: list[int], mask: list[int], task_name: str, where: str, deselected: bool = False
+    ) -> Outcome:
         """The length policy (truncate / drop / mask) and the zero-trained-tokens check."""
         ranges = _ranges_of(mask)
-        drop, kept, truncated, masked = self._policy(len(ids), ranges, where)
+        drop, kept, truncated, masked = self._policy(len(ids), ranges, where, deselected)
         if drop:
             return Outcome(None, dropped=drop)
         mask = [0] * kept if masked else mask[:kept]
@@ -185,7 +214,9 @@ class Processor:
             rendered = [self._render(rows[k], wheres[k]) for k in todo]
             for k, r, (ids, ranges) in zip(todo, rendered, self._tokenize(rendered), strict=True):
                 full[k] = len(ids)
-                drop, kept, truncated[k], masked[k] = self._policy(len(ids), ranges, r.where)
+                drop, kept, truncated[k], masked[k] = self._policy(
+                    len(ids), ranges, r.where, r.deselected
+                )
                 if drop:
                     drops[k] = DROP_CODES[drop]
                     continue
@@ -221,23 +252,65 @@ class Processor:
     def _render(self, row: dict[str, Any], where: str) -> _Rendered:
         where = str(row.get(ORIGIN_KEY, where))
         messages, tools = normalize_conversation(row, where)
+        flags = turns.message_flags(row, where)
+        messages = turns.without_train_keys(messages)
+        if self.settings.reasoning == "drop_history":
+            messages = turns.drop_history(messages)
         try:
-            text, spans, messages = self.renderer.render_spans(messages, tools)
+            text, spans, rendered = self.renderer.render_spans(messages, tools)
+            nemo = self.settings.loss_mask == "nemo_rl"
+            roles, tool_calls_only = turns.row_rules(row)
+            final = turns.final_index(rendered, self.settings.only_unmask_final, nemo)
+            # a template that folds the system message into the first user turn renders
+            # fewer messages: the flags follow the messages they belong to
+            flags = flags[len(flags) - len(rendered) :]
+            chosen = turns.selected(rendered, flags, roles, tool_calls_only, final)
+            if nemo:
+                return self._nemo_render(rendered, tools, spans, chosen, where)
         except TemplateRejected as err:
-            roles = ", ".join(m["role"] for m in messages)
+            roles_seen = ", ".join(m["role"] for m in messages)
             raise DataError(
                 where,
-                f"the chat template rejected this conversation (roles: {roles}): {err}.",
+                f"the chat template rejected this conversation (roles: {roles_seen}): {err}.",
                 "make the conversation fit what this template accepts (e.g. alternating "
                 "user/assistant turns, no tool messages, tool-call ids of the length it asks "
                 "for), drop the row, or choose another policy.tokenizer.chat_template.",
             ) from err
-        if self.settings.only_unmask_final:
-            spans = spans[-1:]
-        return _Rendered(text, spans, messages[-1]["role"] == "assistant", where)
+        inserted = self.renderer.inserted_before_reply
+        trained, reasoning = turns.trained_spans(
+            text, rendered, spans, chosen, self.settings.reasoning, inserted, where,
+            turns.THINK_CLOSE in self.renderer.probe.gen_prompt,
+        )  # fmt: skip
+        last_chosen = bool(chosen) and chosen[-1] and rendered[-1]["role"] == "assistant"
+        deselected = any(
+            not c for c, m in zip(chosen, rendered, strict=True) if m["role"] == "assistant"
+        )
+        return _Rendered(text, trained, last_chosen, where, reasoning, deselected)
+
+    def _nemo_render(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[Any] | None,
+        spans: list[tuple[int, int]],
+        chosen: list[bool],
+        where: str,
+    ) -> _Rendered:
+        _, _, tools = self.renderer.render_full(messages, tools)  # tools as adapted
+        chunks = nemo_mask.nemo_chunks(
+            self.renderer, messages, tools, self.settings.add_generation_prompt, spans
+        )
+        chunks = nemo_mask.with_bos_eos(chunks, self._bos, self._eos)
+        pairs = [(text, c) for (text, _), c in zip(chunks, chosen, strict=True)]
+        text = "".join(t for t, _ in pairs)
+        deselected = any(
+            not c for c, m in zip(chosen, messages, strict=True) if m["role"] == "assistant"
+        )
+        return _Rendered(text, [], False, where, deselected=deselected, chunks=pairs)
 
     def _tokenize(self, rendered: Sequence[_Rendered]) -> list[tuple[list[int], Ranges]]:
         """Token ids and trained token ranges per rendering, BOS/EOS added as configured."""
+        if any(r.chunks is not None for r in rendered):  # loss_mask nemo_rl: every row
+            return [self._tokenize_chunks(r) for r in rendered]
         texts = [r.text for r in rendered]
         if self._backend is None:
             outs = [
@@ -263,6 +336,12 @@ class Processor:
             self._add_bos_eos(ids, self._with_stop_tokens(ids, ranges), r)
             for (ids, ranges), r in zip(_all(pairs), rendered, strict=True)
         ]
+
+    def _tokenize_chunks(self, rendered: _Rendered) -> tuple[list[int], Ranges]:
+        """NeMo RL's tokenization: each message's chunk on its own (BOS/EOS are in the text)."""
+        assert rendered.chunks is not None
+        texts, trained = zip(*rendered.chunks, strict=True)
+        return nemo_mask.tokenize_chunks(self.tokenizer, list(texts), list(trained))
 
     def _tokenize_by_bytes(
         self, rendered: Sequence[_Rendered]
@@ -356,8 +435,13 @@ class Processor:
                 ranges.append((len(ids) - 1, len(ids)))
         return ids, ranges
 
-    def _policy(self, n: int, ranges: Ranges, where: str) -> tuple[str | None, int, bool, bool]:
-        """`(drop reason, tokens kept, truncated, masked)` for an example of `n` tokens."""
+    def _policy(
+        self, n: int, ranges: Ranges, where: str, deselected: bool = False
+    ) -> tuple[str | None, int, bool, bool]:
+        """`(drop reason, tokens kept, truncated, masked)` for an example of `n` tokens.
+
+        A row whose `train` flags / `roles_to_train` leave nothing trained (`deselected`) is
+        dropped and counted as untrainable: the data asked for it."""
         limit = self.settings.max_length
         truncated = masked = False
         kept = n
@@ -368,7 +452,7 @@ class Processor:
             kept, truncated = limit, True
             masked = policy == "mask"  # NeMo RL: kept, but contributes nothing to the loss
         if not masked and not any(first < kept for first, stop in ranges if stop > first):
-            if self.settings.drop_untrainable:
+            if self.settings.drop_untrainable or (deselected and not truncated):
                 return "untrainable", 0, False, False
             if truncated:
                 problem = (

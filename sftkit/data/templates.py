@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -370,6 +371,8 @@ class ChatRenderer:
 
     @staticmethod
     def _find_after(full: str, pos: int, headers: tuple[str, ...]) -> int:
+        if not any(headers):  # no assistant header at all (the passthrough template): the
+            return pos  # turn starts where the text before it ends, e.g. a leading reply
         for header in headers:
             if header and (found := full.find(header, pos)) >= 0:
                 return found + len(header)
@@ -417,6 +420,15 @@ class ChatRenderer:
     def has_eot(self) -> bool:
         """Whether assistant turns end with template text (else `add_eos` ends them)."""
         return bool(self.probe.eot)
+
+    @property
+    def inserted_before_reply(self) -> str:
+        """An empty think block the template writes before the final reply beyond the
+        generation prompt (Qwen3 with thinking on: `<think>\\n\\n</think>\\n\\n`), never
+        trained; "" for any other text (gpt-oss's `<|channel|>final<|message|>` is trained)."""
+        last, gen = self.probe.last_header, self.probe.gen_prompt
+        extra = last[len(gen) :] if gen and last.startswith(gen) else ""
+        return extra if re.fullmatch(r"\s*<think>\s*</think>\s*", extra) else ""
 
 
 def _mentions(value: Any, header: str, eot: str) -> bool:

@@ -27,6 +27,7 @@ from sftkit.log.flops import (
     matmul_params,
     mfu,
     peak_flops,
+    throughput_metrics,
 )
 from sftkit.log.gpu import GpuMonitor
 from sftkit.log.loggers import Loggers, build_loggers
@@ -73,6 +74,7 @@ __all__ = [
     "is_secret_name",
     "matmul_params",
     "mfu",
+    "throughput_metrics",
     "next_exp_dir",
     "peak_flops",
     "read_jsonl",

@@ -161,3 +161,27 @@ def mfu(tokens_per_sec_per_gpu: float, flops_per_token: float, peak: float | Non
     if peak is None or peak <= 0:
         return None
     return tokens_per_sec_per_gpu * flops_per_token / peak
+
+
+def throughput_metrics(
+    real: float,
+    processed: float,
+    step_time: float,
+    world_size: int,
+    flops_per_token: float | None,
+    peak: float | None,
+) -> dict[str, float]:
+    """Real (non-pad) tokens/s per GPU, padding fraction and, on GPUs with a known peak, MFU.
+
+    `real` and `processed` are one step's example tokens and row tokens (pads included),
+    summed over the data x context ranks.
+    """
+    per_gpu = real / step_time / world_size
+    out = {
+        "timing/train/real_tokens_per_sec_per_gpu": per_gpu,
+        "train/padding_fraction": 1 - real / max(processed, 1),
+    }
+    value = mfu(per_gpu, flops_per_token or 0, peak)
+    if value is not None:
+        out["train/mfu"] = value
+    return out

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -45,6 +44,8 @@ from sftkit.model.attention_features import (
     model_type,
     read_features,
 )
+from sftkit.model.flex import flex as _flex
+from sftkit.model.flex import flex_api as _flex_api
 
 ATTN_NAME = "sftkit_packed"
 Backend = Literal["auto", "varlen", "flex", "sdpa", "segments"]
@@ -60,16 +61,6 @@ def _varlen() -> Callable[..., Any] | None:
     except ImportError:  # pragma: no cover - depends on the torch build
         return None
     return varlen_attn
-
-
-@functools.cache
-def _flex_api() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
-    """(create_block_mask, flex_attention), imported lazily for the same reason."""
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError:  # pragma: no cover - depends on the torch build
-        return None
-    return create_block_mask, flex_attention
 
 
 @functools.cache
@@ -257,23 +248,6 @@ def _math_attention(
     return torch.matmul(probs, value)
 
 
-_compiled_flex: Callable[..., Any] | None = None
-
-
-def _flex(query: Tensor, key: Tensor, value: Tensor, **kwargs: Any) -> Any:
-    global _compiled_flex
-    flex_attention = _flex_api()[1]  # type: ignore[index]
-    if query.device.type != "cuda":
-        with warnings.catch_warnings():  # the unfused CPU path warns on every call
-            warnings.simplefilter("ignore", UserWarning)
-            return flex_attention(query, key, value, **kwargs)
-    if _compiled_flex is None:
-        # Default dynamic=None: after the first new row length, shapes become symbolic instead
-        # of one recompile per length (varying per-bin row lengths would hit the limit of 8).
-        _compiled_flex = torch.compile(flex_attention)
-    return _compiled_flex(query, key, value, **kwargs)
-
-
 def _softcap_mod(softcap: float | None) -> Callable[..., Tensor] | None:
     if softcap is None:
         return None
@@ -376,9 +350,10 @@ def _packed_forward(
         else:  # the sink logit joins the softmax through flex's log-sum-exp
             from torch.nn.attention.flex_attention import AuxRequest
 
-            out, aux = _flex(query, key, value, block_mask=block_mask, scale=scaling,
-                             enable_gqa=gqa, score_mod=_softcap_mod(softcap),
-                             return_aux=AuxRequest(lse=True))  # fmt: skip
+            both: Any = _flex(query, key, value, block_mask=block_mask, scale=scaling,
+                              enable_gqa=gqa, score_mod=_softcap_mod(softcap),
+                              return_aux=AuxRequest(lse=True))  # fmt: skip
+            out, aux = both
             out = apply_sinks(out, aux.lse, sinks)
         return out.transpose(1, 2)
     if backend == "segments":

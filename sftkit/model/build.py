@@ -8,7 +8,7 @@
                        branches with their base layers and FSDP shards them as parameters;
                        then FP8 (`fp8_cfg`) swaps the remaining nn.Linear layers for
                        torchao's Float8Linear, before TP, AC, compile and FSDP2 wrap them
-    4. mesh + TP       the (dp, tp) or (dp_batch, cp, tp) mesh, then DTensor tensor
+    4. mesh + TP       the layout's mesh (`env.dims`), then DTensor tensor
                        parallelism; one process: moved to its device
     5. kernels         fused RMSNorm/SwiGLU/RoPE forwards and packed attention swap module
                        forwards in place: after TP (they see the sharded projections),
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from sftkit.config import MasterConfig
-from sftkit.dist import DistEnv, build_mesh
+from sftkit.dist import DistEnv
 from sftkit.model.attention import check_document_isolation, enable_packed_attention
 from sftkit.model.fp8 import apply_fp8
 from sftkit.model.fused import apply_fused_kernels, compile_layers
@@ -60,9 +60,8 @@ logger = logging.getLogger("sftkit")
 def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
     """The policy model with every configured transform, in the order of the module doc.
 
-    With several ranks this is collective (every rank calls) and sets `env.mesh`,
-    `env.tp_size`, `env.cp_size` and `env.dp_group`; FSDP then averages gradients over the
-    `env.dp_size * env.cp_size` ranks that hold different data (sequence chunks included).
+    With several ranks this is collective (every rank calls); FSDP then averages gradients
+    over `env.dims.gradient_divide_factor` ranks (those holding different tokens).
     """
     p, d = cfg.policy, cfg.policy.dtensor_cfg
     sharded = env.world_size > 1
@@ -85,11 +84,9 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
     if d.fp8_cfg.enabled:
         apply_fp8(model, d.fp8_cfg.fp8_recipe, d.fp8_cfg.fp8, env.device)
     # 4. mesh + tensor parallel (one process: the device)
-    mesh = build_mesh(
-        env, d.tensor_parallel_size, d.dp_replicate_size, d.context_parallel_size
-    )  # None: one process
+    mesh = env.mesh  # None: one process
     if mesh is not None:
-        if mesh["tp"].size() > 1:
+        if env.dims.tp > 1:
             plan = tensor_parallel_plan(model, d.custom_parallel_plan, d.sequence_parallel)
             apply_tensor_parallel(model, mesh["tp"], plan)
     else:
@@ -104,7 +101,7 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
     if p.sequence_packing.enabled:
         backend = enable_packed_attention(model, device=env.device)
         logger.info("Sequence packing: documents isolated by %s attention", backend)
-    elif env.cp_size > 1:  # context-parallel shards attend through sftkit_packed
+    elif env.dims.cp > 1:  # context-parallel shards attend through sftkit_packed
         enable_packed_attention(model, device=env.device)
     # 6. activation checkpointing and offload
     if d.activation_checkpointing or d.activation_offload:
@@ -122,8 +119,12 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
         return model
     # 8. FSDP2, then allocate this rank's shards and read them from the weight files
     compute = DTYPES[p.precision]
-    shard_mesh = mesh["dp_replicate", "dp_shard"] if d.dp_replicate_size > 1 else mesh["dp"]
-    apply_fsdp(model, shard_mesh, None if compute == torch.float32 else compute, d.cpu_offload)
+    apply_fsdp(
+        model,
+        env.dims.fsdp_mesh(env.device.type),
+        None if compute == torch.float32 else compute,
+        d.cpu_offload,
+    )
     materialize(model, torch.device("cpu") if d.cpu_offload else env.device)
     load_sharded_weights(model, weight_files(p.model_name, env), lambda n: not is_lora_param(n))
     if spec is not None:

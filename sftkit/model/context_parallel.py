@@ -11,7 +11,7 @@ the causal, document-isolating mask of their global positions.
 Labels are shifted on the whole row before the split (`ContextShard.targets`): the target of
 a chunk's last token is the next chunk's first token, which lives on another rank. The
 loss of a shard is its share of the row's loss; summed over the CP group (FSDP's gradient
-reduction runs over data x context ranks, `sftkit.dist.build_mesh`) it is the row's loss.
+reduction runs over data x context ranks, `ParallelDims.fsdp_mesh`) it is the row's loss.
 
 Attention backends: on CPU each run of local queries of one document (at most two per
 document and rank) attends to its document's keys in two blocks, the keys before the run
@@ -32,6 +32,7 @@ from torch import Tensor
 
 from sftkit.batch import IGNORE_INDEX, PackedBatch, round_up
 from sftkit.dist import DistEnv
+from sftkit.model.flex import flex, flex_api
 
 
 @dataclass
@@ -114,11 +115,12 @@ def local_index(width: int, size: int, rank: int) -> Tensor:
 
 
 def shard_batch(
-    batch: PackedBatch, size: int, rank: int, group: Any = None, multiple: int = 1
+    batch: PackedBatch, size: int, rank: int, group: Any = None, divisor: int | None = None
 ) -> ContextShard:
-    """This rank's two chunks of every row of `batch`, padded to 2 x `size` x `multiple`."""
+    """This rank's two chunks of every row of `batch`, rows padded to a multiple of
+    `divisor` (`ParallelDims.seq_len_divisor`; default 2 x `size`)."""
     rows, width = batch.input_ids.shape
-    width = round_up(width, 2 * size * multiple)
+    width = round_up(width, divisor or 2 * size)
     ids, targets, positions, docs = _pad_to(batch, width)
     index = local_index(width, size, rank)
     start = torch.arange(width).expand(rows, width)
@@ -156,9 +158,11 @@ def shard_batch(
 
 def shard_batches(batches: list[PackedBatch], env: DistEnv) -> list[PackedBatch]:
     """Each micro-batch's context-parallel share for this rank (unchanged without CP)."""
-    if env.cp_size <= 1:
+    dims = env.dims
+    if dims.cp <= 1:
         return batches
-    return [shard_batch(b, env.cp_size, env.cp_rank, env.cp_group, env.tp_size) for b in batches]
+    cp_rank, group = dims.coordinates(env.rank).cp, env.group("cp")
+    return [shard_batch(b, dims.cp, cp_rank, group, dims.seq_len_divisor) for b in batches]
 
 
 # ----------------------------------------------------------------------------- K/V gather
@@ -302,9 +306,7 @@ def _flex_attention(
     query: Tensor, keys: Tensor, values: Tensor, layout: ContextLayout, scale: float | None
 ) -> Tensor:
     """Flex attention with a block mask of global positions and documents; [rows, 2L, H, D]."""
-    from sftkit.model.attention import _flex, _flex_api
-
-    api = _flex_api()
+    api = flex_api()
     if api is None:
         raise ValueError("context parallelism on CUDA needs torch's flex_attention (torch>=2.5)")
     rows, _, width_q, _ = query.shape
@@ -320,7 +322,7 @@ def _flex_attention(
 
         layout.cache[key] = api[0](mask_mod, rows, None, width_q, width_k, device=device)
     gqa = keys.shape[1] != query.shape[1]
-    out = _flex(query, keys, values, block_mask=layout.cache[key], scale=scale, enable_gqa=gqa)
+    out = flex(query, keys, values, block_mask=layout.cache[key], scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 

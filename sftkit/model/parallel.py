@@ -1,10 +1,11 @@
 """The scale-out transforms `sftkit.model.build.build_model` applies, and loading weights
 shard by shard into a sharded model.
 
-`build_mesh` gives a (dp, tp) mesh; DTensor tensor parallelism runs over "tp" and FSDP2
-`fully_shard` (per decoder layer, then the root) over "dp", with float32 master weights and
-float32 gradient reduction, computing in `policy.precision`. With `dp_replicate_size` > 1
-"dp" is split into (dp_replicate, dp_shard) and `fully_shard` on that 2-D mesh is HSDP.
+`ParallelDims.mesh` gives the ("dp_replicate", "dp_shard", "cp", "tp") mesh; DTensor tensor
+parallelism runs over "tp" and FSDP2 `fully_shard` (per decoder layer, then the root) over
+"dp_shard_cp", with float32 master weights and float32 gradient reduction, computing in
+`policy.precision`. With `dp_replicate_size` > 1 `fully_shard` on the 2-D
+("dp_replicate", "dp_shard_cp") mesh is HSDP.
 A sharded model is built on the meta device, transformed, then allocated (`materialize`)
 and filled block by block (`load_sharded_weights`, `init_lora_sharded`).
 """

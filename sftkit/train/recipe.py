@@ -15,7 +15,10 @@ from torch import nn
 from sftkit.config import MasterConfig, config_to_dict
 from sftkit.data import PreparedData, load_tokenizer, prepare_data
 from sftkit.data.loader import BatchPlan, build_sampler
-from sftkit.dist import DistEnv, init_distributed, parallel_layout, shutdown_distributed
+from sftkit.dist import DistEnv, init_distributed, shutdown_distributed
+from sftkit.errors import EXIT_REQUEUE
+from sftkit.lifecycle.lock import take_run_lock
+from sftkit.lifecycle.signals import Preempted, StopFlag, preempted_marker, write_preempted_marker
 from sftkit.log import (
     ConsoleReporter,
     Loggers,
@@ -30,20 +33,14 @@ from sftkit.log.rundir import run_exp_dir
 from sftkit.model.build import build_model
 from sftkit.model.load import DTYPES
 from sftkit.model.lora import lora_spec_from_config
+from sftkit.parallel_dims import ParallelDims
 from sftkit.train import checkpoint as ckpt
 from sftkit.train.checkpointer import Checkpointer, pick_resume_dir, resume_fingerprint
-from sftkit.train.loop import (
-    EXIT_REQUEUE,
-    Preempted,
-    StopFlag,
-    preempted_marker,
-    train,
-    write_preempted_marker,
-)
+from sftkit.train.loop import train
 from sftkit.train.optim import build_optimizer, build_scheduler
-from sftkit.train.run_lock import take_run_lock
 from sftkit.train.state import Run, seed_everything
 from sftkit.train.step import StepOptions, supports_chunked_loss
+from sftkit.train.validation import Validator
 
 logger = logging.getLogger("sftkit")
 
@@ -55,9 +52,9 @@ def check_before_model(cfg: MasterConfig, env: DistEnv, data: PreparedData) -> N
     """Settings that cannot work, caught before the (slow) model load."""
     p = cfg.policy
     d = p.dtensor_cfg
-    tp, _ = parallel_layout(
-        env.world_size, d.tensor_parallel_size, d.dp_replicate_size, d.context_parallel_size
-    )
+    # The same pure function of (config, world size) `init_distributed` built `env.dims` from:
+    # callers that make a DistEnv by hand (tests, benches) get the config's layout checked too.
+    dims = ParallelDims.from_config(d, env.world_size)
     sizes = ("tensor_parallel_size", "context_parallel_size", "dp_replicate_size")
     layout = {k: getattr(d, k) for k in sizes}
     if env.world_size == 1 and any(size > 1 for size in layout.values()):
@@ -66,7 +63,7 @@ def check_before_model(cfg: MasterConfig, env: DistEnv, data: PreparedData) -> N
             "unsharded; launch as many ranks (cluster.gpus_per_node, torchrun) to use them",
             ", ".join(f"{k}={v}" for k, v in layout.items() if v > 1),
         )
-    dp = env.world_size // (tp * (d.context_parallel_size if env.world_size > 1 else 1))
+    dp = dims.dp
     if p.train_global_batch_size % (p.train_micro_batch_size * dp):
         raise ValueError(
             f"policy.train_global_batch_size={p.train_global_batch_size} is not divisible by "
@@ -113,7 +110,7 @@ def setup_optimizer(cfg: MasterConfig, env: DistEnv, model: nn.Module) -> torch.
         model.parameters(),
         o.name if o else None,
         dict(o.kwargs) if o else None,
-        prefer_fused=env.device.type == "cuda" and env.tp_size == 1,
+        prefer_fused=env.device.type == "cuda" and env.dims.tp == 1,
         bf16_update=cfg.policy.dtensor_cfg.bf16_params_update,
         seed=cfg.sft.seed,
     )
@@ -161,6 +158,18 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     state = checkpointer.load()
     total_steps = min(cfg.sft.max_num_steps, cfg.sft.max_num_epochs * sampler.batches_per_epoch)
     mean_len = data.train.mean_length()
+    plan = batch_plan(cfg, tokenizer.pad_token_id)
+    step_opts = StepOptions(
+        compute_dtype=DTYPES[cfg.policy.precision],
+        max_grad_norm=cfg.policy.max_grad_norm,
+        chunked_loss=supports_chunked_loss(model),
+        chunk_size=cfg.policy.fused_loss_chunk_size,
+        grad_scale=float(env.dims.gradient_divide_factor),
+    )
+    console = ConsoleReporter(total_steps, state.step, env.rank, cfg.logger.progress_bar)
+    validator = Validator(
+        cfg, env, model, tokenizer, data.validation, plan, step_opts, loggers, console
+    )
     return Run(
         cfg=cfg,
         env=env,
@@ -169,23 +178,14 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
         optimizer=optimizer,
         scheduler=scheduler,
         sampler=sampler,
-        plan=batch_plan(cfg, tokenizer.pad_token_id),
-        step_opts=StepOptions(
-            compute_dtype=DTYPES[cfg.policy.precision],
-            max_grad_norm=cfg.policy.max_grad_norm,
-            chunked_loss=supports_chunked_loss(model),
-            chunk_size=cfg.policy.fused_loss_chunk_size,
-            # FSDP averages gradients over the data-parallel and context-parallel ranks; the
-            # loss is normalised by the global token count already, so this scale makes
-            # them true gradients.
-            grad_scale=float(env.dp_size * env.cp_size),
-        ),
+        plan=plan,
+        step_opts=step_opts,
         train_examples=data.train,
-        val_examples=data.validation,
+        validator=validator,
         state=state,
         checkpointer=checkpointer,
         loggers=loggers,
-        console=ConsoleReporter(total_steps, state.step, env.rank, cfg.logger.progress_bar),
+        console=console,
         total_steps=total_steps,
         deadline=ckpt.parse_deadline(cfg.checkpointing.checkpoint_must_save_by),
         flops_per_token=flops_per_token(
@@ -196,8 +196,8 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
 
 
 def run_sft(cfg: MasterConfig) -> int:
-    """The whole run; returns the process exit code (see `sftkit.train.loop`)."""
-    env = init_distributed(cfg.cluster.device)
+    """The whole run; returns the process exit code (`sftkit.errors`' `EXIT_*`)."""
+    env = init_distributed(cfg.cluster.device, cfg.policy.dtensor_cfg)
     setup_logging(env.rank)
     install_redaction()
     c = cfg.checkpointing

@@ -14,7 +14,7 @@ small, and it works for every sharding sftkit applies.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,9 +23,6 @@ from torch import nn
 from sftkit.data.types import Example
 from sftkit.dist import DistEnv
 from sftkit.train.step import autocast
-
-if TYPE_CHECKING:  # the Run calls this at validation: imported for the annotation only
-    from sftkit.train.state import Run
 
 logger = logging.getLogger("sftkit")
 
@@ -99,25 +96,10 @@ def val_samples(
     return records
 
 
-def report_val_samples(run: Run, step: int) -> None:
-    """Generate, print and log the validation samples of `run` at `step`."""
-    n = run.cfg.logger.num_val_samples_to_print
-    if n <= 0 or not run.val_examples:
-        return
-    records = val_samples(
-        run.model,
-        run.tokenizer,
-        run.val_examples[:n],
-        step,
-        run.env,
-        run.step_opts.compute_dtype,
-        run.cfg.logger.val_sample_max_new_tokens,
-    )
-    if not run.env.is_main:
-        return
+def print_samples(records: list[dict[str, Any]], step: int) -> None:
+    """One log entry per sample: prompt, reference and generation."""
     for k, record in enumerate(records):
         logger.info(
             "val sample %d/%d at step %d\n  prompt:    %r\n  reference: %r\n  generated: %r",
             k + 1, len(records), step, record["prompt"], record["reference"], record["generated"],
         )  # fmt: skip
-    run.loggers.log_samples(records, step)

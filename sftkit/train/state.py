@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,11 +15,9 @@ from sftkit.config import MasterConfig
 from sftkit.data.loader import BatchPlan, GlobalBatchSampler
 from sftkit.data.types import ExampleSet
 from sftkit.dist import DistEnv
-from sftkit.log import ConsoleReporter, Loggers, mfu
-from sftkit.train.checkpoint import ranking_metric
-from sftkit.train.samples import report_val_samples
+from sftkit.log import ConsoleReporter, Loggers
 from sftkit.train.step import StepOptions
-from sftkit.train.validation import validation_metrics
+from sftkit.train.validation import Validator
 
 if TYPE_CHECKING:  # the Checkpointer saves TrainState: imported for the annotation only
     from sftkit.train.checkpointer import Checkpointer
@@ -68,7 +65,7 @@ class Run:
     plan: BatchPlan
     step_opts: StepOptions
     train_examples: ExampleSet
-    val_examples: ExampleSet
+    validator: Validator
     state: TrainState
     checkpointer: Checkpointer
     loggers: Loggers
@@ -77,46 +74,6 @@ class Run:
     deadline: float | None  # seconds from the start by which the last save must be done
     flops_per_token: float | None
     peak_flops: float | None
-
-    @property
-    def has_validation(self) -> bool:
-        return bool(self.val_examples)
-
-    def should_validate(self, step: int, last_step: bool) -> bool:
-        """Every `sft.val_period` steps, and at the last step with `sft.val_at_end`."""
-        period = self.cfg.sft.val_period
-        periodic = period > 0 and step % period == 0
-        return self.has_validation and (periodic or (self.cfg.sft.val_at_end and last_step))
-
-    def validate(self, step: int) -> float:
-        """Validation loss per set over `sft.val_batches` batches each; logged at `step`."""
-        t0 = time.monotonic()
-        metrics = validation_metrics(
-            self.model, self.val_examples, self.cfg.sft, self.plan, self.step_opts, self.env
-        )
-        val_loss = metrics["validation/val_loss"]
-        metrics["timing/validation/total_validation_time"] = time.monotonic() - t0
-        self.state.metrics.update(ranking_metric(self.cfg.checkpointing.metric_name, metrics))
-        self.loggers.log(metrics, step)
-        self.console.validation(step, metrics)
-        report_val_samples(self, step)  # logger.num_val_samples_to_print; all ranks take part
-        return val_loss
-
-    def throughput_metrics(self, real: int, processed: int, step_time: float) -> dict[str, float]:
-        """Real (non-pad) tokens/s, padding fraction and, on GPUs with a known peak, MFU.
-
-        `real` and `processed` are this rank's example tokens and row tokens (pads included).
-        """
-        real_total, processed_total = self.env.sum(real), self.env.sum(processed)
-        per_gpu = real_total / step_time / self.env.world_size
-        out = {
-            "timing/train/real_tokens_per_sec_per_gpu": per_gpu,
-            "train/padding_fraction": 1 - real_total / max(processed_total, 1),
-        }
-        value = mfu(per_gpu, self.flops_per_token or 0, self.peak_flops)
-        if value is not None:
-            out["train/mfu"] = value
-        return out
 
 
 def seed_everything(seed: int) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from sftkit.config import MasterConfig, load_config
 from sftkit.dist import apply_slurm_env, clip_grad_norm, first_slurm_host, in_launcher
-from sftkit.train.launch import maybe_self_launch
+from sftkit.lifecycle.launch import maybe_self_launch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -128,7 +128,7 @@ def test_self_launch_without_gpus_asks_before_forking_cpu_ranks(monkeypatch) -> 
     import pytest
 
     from sftkit.config import load_config
-    from sftkit.train import launch
+    from sftkit.lifecycle import launch
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(var, raising=False)

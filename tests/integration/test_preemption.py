@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from sftkit.errors import EXIT_REQUEUE
+from sftkit.lifecycle.signals import MARKER_NAME
 from sftkit.train import checkpoint as ckpt
-from sftkit.train.loop import EXIT_REQUEUE, MARKER_NAME
 from tests.conftest import REPO, wait_for_step
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sftkit.train import run_lock
-from sftkit.train.run_lock import LOCK_NAME, Holder, LockHeldError, RunLock
+from sftkit.lifecycle import lock as run_lock
+from sftkit.lifecycle.lock import LOCK_NAME, Holder, LockHeldError, RunLock
 from tests.conftest import wait_for_step
 
 

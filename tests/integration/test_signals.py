@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from sftkit.errors import EXIT_REQUEUE
 from sftkit.train import checkpoint as ckpt
-from sftkit.train.loop import EXIT_REQUEUE
 
 pytestmark = pytest.mark.slow  # real processes sent signals
 

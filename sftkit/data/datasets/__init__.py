@@ -1,7 +1,9 @@
 """The dataset table: built-in names, plus any class by dotted import path as a drop-in.
 
 A drop-in is any class whose instances have `formatted_ds` ({"train", "validation"}) and
-`task_spec` (with a `task_name`), as NeMo RL's SFT guide describes.
+`task_spec` (with a `task_name`), as NeMo RL's SFT guide describes, or NeMo RL's current
+protocol: rows in `.dataset` (and `.val_dataset`), a `task_name`, and `set_task_spec(cfg)`,
+built with the whole entry (`dataset_name` and `processor` included) as keyword arguments.
 """
 
 from __future__ import annotations
@@ -16,12 +18,20 @@ from typing import Any
 from sftkit.config.schema import DATASET_KEYS
 from sftkit.data.datasets.base import RawDataset, Row, TaskDataSpec, split_rows
 from sftkit.data.datasets.gsm8k import GSM8KDataset
+from sftkit.data.datasets.math import (
+    DAPOMath17KDataset,
+    DeepScalerDataset,
+    NemotronCascade2SFTMathDataset,
+    NuminaMath15Dataset,
+    OpenR1Math220KDataset,
+)
 from sftkit.data.datasets.oasst import OasstDataset
 from sftkit.data.datasets.openai_format import OpenAIFormatDataset
 from sftkit.data.datasets.openmath import OpenMathInstruct2Dataset
 from sftkit.data.datasets.response import ResponseDataset
 from sftkit.data.datasets.squad import SquadDataset
 from sftkit.data.datasets.tulu3 import Tulu3SftMixtureDataset
+from sftkit.data.turns import TRAIN_KEY, check_rules
 
 logger = logging.getLogger("sftkit")
 
@@ -34,9 +44,20 @@ DATASETS: dict[str, type] = {
     "tulu3_sft_mixture": Tulu3SftMixtureDataset,
     "gsm8k": GSM8KDataset,
     "GSM8K": GSM8KDataset,
+    "NuminaMath-1.5": NuminaMath15Dataset,
+    "OpenR1-Math-220k": OpenR1Math220KDataset,
+    "Nemotron-Cascade-2-SFT-Math": NemotronCascade2SFTMathDataset,
+    "DAPOMath17K": DAPOMath17KDataset,
+    "DeepScaler": DeepScalerDataset,
 }
 # Keys of a dataset entry that select or process it rather than configure the class.
 ENTRY_KEYS = ("dataset_name", "processor", "env_name")
+TRAIN_RULE_KEYS = ("roles_to_train", "train_tool_calls_only")  # sftkit's, never passed on
+# Keys that change which data a run sees: a `**kwargs` class that does not declare one
+# would swallow it silently (NeMo RL's `_BEHAVIORAL_DATASET_CONFIG_KEYS`).
+BEHAVIOURAL_KEYS = ("chosen_key", "data_path", "download_dir", "input_key", "output_key",
+                    "prompt_key", "rejected_key", "seed", "split", "split_validation_size",
+                    "subset")  # fmt: skip
 PROCESSORS = ("sft_processor", "default")  # NeMo RL's names for the SFT processor
 # Keys some NeMo RL dataset takes: unused ones are warned about, never called typos.
 KNOWN_KEYS = DATASET_KEYS | {"env_name"}
@@ -61,9 +82,15 @@ def resolve_class(name: str) -> type:
     if "." in name:
         module_name, _, attr = name.rpartition(".")
         try:
-            return getattr(importlib.import_module(module_name), attr)
+            found = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
             raise ValueError(f"dataset_name={name!r}: cannot import it ({err}).") from err
+        if not callable(found):
+            raise ValueError(
+                f"dataset_name={name!r} names a {type(found).__name__} ({found!r:.60}), not a "
+                "dataset class: point it at the class (my_pkg.module.MyDataset)."
+            )
+        return found
     close = difflib.get_close_matches(name, DATASETS, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(
@@ -87,15 +114,24 @@ def load_dataset(entry: Mapping[str, Any]) -> Any:
             "(ResponseDataset)."
         )
     cls = resolve_class(str(name))
+    rules = check_rules(str(name), entry.get("roles_to_train"), entry.get("train_tool_calls_only"))
+    # null means the class's default (NeMo RL's configs carry `subset: null`, `split: null`)
+    entry = {k: v for k, v in entry.items() if v is not None and k not in TRAIN_RULE_KEYS}
     kwargs = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
     _check_processor(entry.get("processor"), str(name))
-    params = inspect.signature(cls).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    params = _parameters(cls)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        _report_swallowed(cls, str(name), entry)
+        kwargs = {**kwargs, **{k: entry[k] for k in ENTRY_KEYS if k in entry}}  # as NeMo RL
+    else:
         _report_unused(str(name), kwargs, params)
         kwargs = {k: v for k, v in kwargs.items() if k in params}
     _check_required(str(name), entry, kwargs, params)
     dataset = cls(**kwargs)
+    _adopt_nemo_protocol(dataset, entry)
     _check(dataset, str(name))
+    if rules is not None:
+        dataset.sftkit_train_rules = rules
     spec = dataset.task_spec
     for key in ("prompt_file", "system_prompt_file"):
         if entry.get(key) and key not in params:
@@ -103,6 +139,54 @@ def load_dataset(entry: Mapping[str, Any]) -> Any:
             spec.prompt = spec.system_prompt = None
             spec.__post_init__()
     return dataset
+
+
+def _parameters(cls: Any) -> Mapping[str, inspect.Parameter]:
+    try:
+        return inspect.signature(cls).parameters
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"dataset class {cls!r}: cannot read its arguments ({err}).") from err
+
+
+def _report_swallowed(cls: Any, name: str, entry: Mapping[str, Any]) -> None:
+    """Warn about each data-changing key a `**kwargs` class declares nowhere in its
+    `__init__` chain (it would be swallowed), naming `key=value` as NeMo RL does."""
+    accepted: set[str] = set()
+    for klass in getattr(cls, "__mro__", ()):
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            accepted.update(inspect.signature(init).parameters)
+    unused = [
+        f"{key}={entry[key]!r}"
+        for key in BEHAVIOURAL_KEYS
+        if key in entry and key not in accepted
+        and not (key == "split_validation_size" and not entry[key])
+    ]  # fmt: skip
+    if unused:
+        logger.warning(
+            "dataset %s does not take %s (its **kwargs swallow them); ignored. Remove them, "
+            "or use a dataset class that supports them.",
+            name,
+            ", ".join(unused),
+        )
+
+
+def _adopt_nemo_protocol(dataset: Any, entry: Mapping[str, Any]) -> None:
+    """NeMo RL's current protocol: `.dataset`/`.val_dataset` rows and `set_task_spec(cfg)`."""
+    if getattr(dataset, "formatted_ds", None) is not None or not hasattr(dataset, "dataset"):
+        return
+    if hasattr(dataset, "set_task_spec") and getattr(dataset, "task_spec", None) is None:
+        dataset.set_task_spec(dict(entry))
+    spec = getattr(dataset, "task_spec", None)
+    name = getattr(spec, "task_name", None) or getattr(dataset, "task_name", None)
+    if name and not hasattr(spec, "apply"):  # NeMo RL's own spec: sftkit's applies the prompt
+        dataset.task_spec = TaskDataSpec(
+            name, entry.get("prompt_file"), entry.get("system_prompt_file")
+        )
+    dataset.formatted_ds = {
+        "train": dataset.dataset,
+        "validation": getattr(dataset, "val_dataset", None),
+    }
 
 
 def _check_required(
@@ -190,7 +274,10 @@ def iter_rows(dataset: Any, split: str) -> Iterator[Row]:
     if part is None:
         return
     label = f"{dataset.task_spec.task_name}[{split}]"
+    rules = getattr(dataset, "sftkit_train_rules", None)
     for k, row in enumerate(part):
         row = dict(row)
         row.setdefault("_origin", f"{label} row {k}")
+        if rules is not None:
+            row[TRAIN_KEY] = rules
         yield row

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES, make_tokenizer
 
+from sftkit.config.derive import derive_config
 from sftkit.config.schema import MasterConfig
 from sftkit.data import DataError, prepare_data
 from sftkit.data.tokenizer import PASSTHROUGH_TEMPLATE
@@ -43,7 +44,7 @@ def _cfg(tmp_path: Path, train, **data) -> MasterConfig:
     cfg.data.cache_dir = str(tmp_path / "cache")
     for key, value in data.items():
         setattr(cfg.data, key, value)
-    return cfg
+    return derive_config(cfg)  # derived and checked as load_config does
 
 
 def test_validation_is_split_off_plus_validation_datasets_with_defaults(tmp_path: Path):
@@ -269,7 +270,7 @@ def test_forked_workers_leave_the_run_s_signal_handler_so_terminate_ends_them() 
     run hung after tokenizing (seen in bench/data_scale.py with a 10 MB row)."""
     from sftkit.data.prepare import _init_worker
     from sftkit.data.processor import ProcessorSettings
-    from sftkit.train.loop import StopFlag
+    from sftkit.lifecycle.signals import StopFlag
 
     stop = StopFlag()  # what run_sft installs before preparing data
     stop.install()

@@ -15,7 +15,10 @@ import uuid
 from pathlib import Path
 
 from sftkit.config import MasterConfig
-from sftkit.dist import in_launcher, parallel_layout
+from sftkit.dist import in_launcher
+from sftkit.errors import EXIT_REQUEUE
+from sftkit.lifecycle.signals import preempted_marker
+from sftkit.parallel_dims import ParallelDims
 
 logger = logging.getLogger("sftkit")
 
@@ -51,12 +54,9 @@ def maybe_self_launch(cfg: MasterConfig, argv: list[str]) -> int | None:
             "node; submit examples/slurm/sft.sbatch or run torchrun --nnodes on each node"
         )
     nproc = cfg.cluster.gpus_per_node
-    d = cfg.policy.dtensor_cfg
     # Before any fork: a layout the ranks cannot hold is a config error, not a rank crash.
-    parallel_layout(nproc, d.tensor_parallel_size, d.dp_replicate_size, d.context_parallel_size)
+    ParallelDims.from_config(cfg.policy.dtensor_cfg, nproc)
     _check_devices(cfg.cluster.device, nproc)
-    from sftkit.train.loop import preempted_marker
-
     return _elastic_run(nproc, argv, preempted_marker(Path(cfg.checkpointing.checkpoint_dir)))
 
 
@@ -87,8 +87,6 @@ def _elastic_run(nproc: int, argv: list[str], marker: Path) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from sftkit.train.loop import EXIT_REQUEUE
 
     marker.unlink(missing_ok=True)
 
