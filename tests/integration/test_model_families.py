@@ -326,11 +326,16 @@ class Runs:
         def spy(model: nn.Module, batch: Any, opts: Any) -> torch.Tensor:
             nll = original(model, batch, opts)
             if model.training and len(hf) < GLOBAL // MICRO and batch.cu_seqlens is None:
+                # sftkit's MoE router recorder must not see this reference forward
+                recorded = _router_records(model)
+                sizes = [len(r) for r in recorded]
                 with torch.no_grad():
                     mask = (batch.input_ids != model.config.pad_token_id).long()
                     out = model(input_ids=batch.input_ids, attention_mask=mask,
                                 labels=batch.labels, use_cache=False)  # fmt: skip
                 hf.append((float(out.loss) * batch.num_target_tokens, batch.num_target_tokens))
+                for r, n in zip(recorded, sizes, strict=True):
+                    del r[n:]
             return nll
 
         before = set(exp_dirs(work / "logs"))
@@ -350,6 +355,18 @@ class Runs:
         if len(hf) == GLOBAL // MICRO:
             result.hf_step1 = sum(s for s, _ in hf) / sum(n for _, n in hf)
         return result
+
+
+def _router_records(model: nn.Module) -> list[list[Any]]:
+    """The lists sftkit's router hooks (`sftkit.train.moe`) append to during a step."""
+    found: list[list[Any]] = []
+    for module in model.modules():
+        for hook in module._forward_hooks.values():
+            for cell in getattr(hook, "__closure__", None) or ():
+                rec = getattr(cell.cell_contents, "_recorded", None)
+                if isinstance(rec, list) and all(rec is not f for f in found):
+                    found.append(rec)
+    return found
 
 
 @pytest.fixture(scope="module")
