@@ -31,6 +31,8 @@ SQUAD_CHAT_TEMPLATE = (
 
 @dataclass
 class SFTConfig:
+    """Steps, epochs, validation period, seed."""
+
     max_num_epochs: int = doc(1, "stop after this many passes over the training data")
     max_num_steps: int = doc(60, "stop after this many optimizer steps")
     val_period: int = doc(10, "validate every N steps; <= 0 disables periodic validation")
@@ -51,6 +53,8 @@ class PretrainedCheckpointConfig:
 
 @dataclass
 class CheckpointingConfig:
+    """checkpoint_dir, save period, kept checkpoints, resume."""
+
     enabled: bool = doc(True, "write checkpoints and resume from them")
     checkpoint_dir: str = doc("results/sft", "where step_N/ and final_hf/ are written")
     metric_name: str | None = doc("val:val_loss", "ranks checkpoints: val:<name> or train:<name>")
@@ -182,6 +186,8 @@ class OptimizerConfig:
 
 @dataclass
 class PolicyConfig:
+    """Model, tokenizer, batch sizes, precision, parallelism, LoRA, optimizer, packing."""
+
     model_name: str = doc("meta-llama/Llama-3.2-1B", "HF id or local directory")
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train_global_batch_size: int = doc(32, "examples per optimizer step, over all ranks")
@@ -217,6 +223,8 @@ def _default_dataset_defaults() -> dict[str, Any]:
 
 @dataclass
 class DataConfig:
+    """Datasets (train, validation), template handling, length policy, cache."""
+
     max_input_seq_length: int | None = doc(
         None, "NeMo RL's cap; derived: max_total_sequence_length"
     )
@@ -299,6 +307,8 @@ class GpuMonitoringConfig:
 
 @dataclass
 class LoggerConfig:
+    """Log directory (exp_NNN/), TensorBoard, W&B, MLflow, validation samples."""
+
     log_dir: str = doc("logs", "runs go to log_dir/exp_NNN/")
     wandb_enabled: bool = doc(False, "NeMo RL's sft.yaml: true (sftkit is offline by default)")
     tensorboard_enabled: bool = doc(True, "write TensorBoard event files")
@@ -317,6 +327,8 @@ class LoggerConfig:
 
 @dataclass
 class ClusterConfig:
+    """Ranks per node, nodes, device."""
+
     gpus_per_node: int = doc(1, "ranks per node (self-launched when > 1 outside a launcher)")
     num_nodes: int = doc(1, "nodes in the job")
     segment_size: int | None = doc(None, "Ray NVLink-domain alignment")
