@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sftkit.config.compat import MEGATRON_HONOURED
+
 if TYPE_CHECKING:
     from sftkit.config.schema import PolicyConfig
 
@@ -128,23 +130,23 @@ def _log_once(key: str, message: str) -> None:
 def _megatron_spec(policy_cfg: PolicyConfig) -> LoraSpec | None:
     mcfg = policy_cfg.megatron_cfg
     peft = mcfg.peft
-    ignored = ["peft.a2a_experimental"] + [
-        name
-        for name in (
-            "checkpoint",
-            "optimizer",
-            "scheduler",
-            "distributed_data_parallel_config",
-            "fp8_cfg",
-            "extra",
-        )  # fmt: skip
-        if getattr(mcfg, name, None)
-    ]
+    # What really happens (sftkit.config.compat.megatron_optimizer): the optimizer, schedule,
+    # clip, CP degree and fp8_cfg are translated, not ignored; the rest is reported by the
+    # one ignored-settings warning when set.
+    translated: dict[str, list[str]] = {}
+    for path in MEGATRON_HONOURED:
+        section, _, key = path.removeprefix("policy.megatron_cfg.").rpartition(".")
+        translated.setdefault(section or key, []).append(key if section else "")
+    used = "; ".join(
+        f"{name} ({', '.join(k for k in keys if k)})" if any(keys) else name
+        for name, keys in translated.items()
+    )
     _log_once(
         "megatron",
         "policy.megatron_cfg.enabled=true: sftkit runs Megatron LoRA on its own engine. "
         f"Honoured: {', '.join('peft.' + k for k in _MEGATRON_HONOURED)}. "
-        f"Ignored: {', '.join(ignored)}.",
+        f"Translated to sftkit's settings: {used}. Other megatron_cfg keys are not acted on "
+        "(the ignored-settings warning names those you set).",
     )
     if not peft.enabled:
         return None

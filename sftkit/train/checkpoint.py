@@ -464,8 +464,11 @@ def apply_retention(
     keep_top_k: int | None,
     higher_is_better: bool,
     keep_latest_k: int | None = None,
+    warn_unmeasured: bool = True,
 ) -> list[Path]:
-    """Delete checkpoints outside the retention policy; returns what was deleted."""
+    """Delete checkpoints outside the retention policy; returns what was deleted.
+
+    `warn_unmeasured`: warn when the newest checkpoint lacks `metric_name` (it ranks last)."""
     if keep_top_k is None:
         return []
     entries = []
@@ -476,11 +479,11 @@ def apply_retention(
         value = read_info(path).get(metric_name) if metric_name else None
         entries.append((step, None if value is None else float(value)))
         paths[step] = path
-    if metric_name and entries and entries[0][1] is None:  # warn once per save, newest only
+    if warn_unmeasured and metric_name and entries and entries[0][1] is None:
         logger.warning(
-            "checkpointing.metric_name=%s was not measured at step %d; that checkpoint ranks "
-            "last and is kept only while it is the latest (align checkpointing.save_period "
-            "with sft.val_period, or use a train: metric)",
+            "checkpointing.metric_name=%s was not measured at step %d; checkpoints saved "
+            "without it rank last and are kept only while they are the latest (align "
+            "checkpointing.save_period with sft.val_period, or use a train: metric; said once)",
             metric_name,
             entries[0][0],
         )

@@ -64,6 +64,7 @@ class Checkpointer:
     lora: LoraSpec | None
     fingerprint: dict[str, Any]  # `resume_fingerprint`, stored in and checked against info
     resume_dir: Path | None = None  # `pick_resume_dir`'s choice, read by `load`
+    unmeasured_warned: bool = False  # the "metric not measured" warning is said once a run
 
     @property
     def directory(self) -> Path:
@@ -79,9 +80,14 @@ class Checkpointer:
         ft = bool(c.ft_save_period) and step % c.ft_save_period == 0  # type: ignore[operator]
         return last_step or periodic or ft or stopping
 
-    def save(self, state: TrainState) -> Path:
-        """An atomic checkpoint of everything the next step depends on, then retention."""
+    def save(self, state: TrainState, last: bool = False) -> Path:
+        """An atomic checkpoint of everything the next step depends on, then retention.
+
+        `last`: the run's final or stopping save; it stays the latest checkpoint, so an
+        unmeasured ranking metric costs nothing there and is not warned about."""
         c = self.cfg.checkpointing
+        warn = not (last or self.unmeasured_warned) and c.metric_name not in state.metrics
+        self.unmeasured_warned |= warn
         ckpt.check_finite_weights(self.model.parameters(), state.step, self.env.max)
         state.epoch = self.sampler.epoch
         info = {**state.to_json(), "format_version": ckpt.FORMAT_VERSION}
@@ -94,7 +100,7 @@ class Checkpointer:
         if self.env.is_main:
             ckpt.apply_retention(
                 self.directory, c.metric_name, c.keep_top_k, c.higher_is_better,
-                c.ft_keep_latest_k,
+                c.ft_keep_latest_k, warn_unmeasured=warn,
             )  # fmt: skip
             logger.info("Saved checkpoint %s", path)
         return path

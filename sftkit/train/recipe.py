@@ -130,7 +130,6 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     seed_everything(cfg.sft.seed)
     tokenizer = load_tokenizer(cfg.policy)
     data = prepare_data(cfg, tokenizer)
-    logger.info("Data: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.report.items())))
     check_before_model(cfg, env, data)
     fingerprint = resume_fingerprint(cfg, tokenizer, data)
     resume_dir = pick_resume_dir(cfg.checkpointing, fingerprint, env)
