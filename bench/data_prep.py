@@ -96,6 +96,7 @@ def run_sftkit(
     path: Path, tok_dir: Path, workers: int, max_len: int, cache: Path
 ) -> tuple[float, float, Any]:
     """(wall seconds, CPU seconds, prepared data) for the timed preparation."""
+    from sftkit.config.derive import derive_config
     from sftkit.config.schema import MasterConfig
     from sftkit.data import load_tokenizer, prepare_data
 
@@ -105,6 +106,7 @@ def run_sftkit(
     cfg.data.train = {"dataset_name": "openai_format", "data_path": str(path)}
     cfg.data.num_workers = workers
     cfg.data.cache_dir = str(cache)
+    cfg = derive_config(cfg)
     start, cpu = time.perf_counter(), _cpu_seconds()
     tokenizer = load_tokenizer(cfg.policy)
     data = prepare_data(cfg, tokenizer)

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
 from functools import cache
+from pathlib import Path
 from typing import Any, Union
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sftkit.config.compat import MEGATRON_HONOURED
 from sftkit.config.errors import ConfigError
@@ -303,11 +307,117 @@ def check_config(cfg: MasterConfig, sources: dict[str, str] | None = None) -> No
         problems.append((f"policy.{where}.fp8_cfg", f"policy.{where}.fp8_cfg.{fp8_error}."))
     problems += choice_problems(cfg, CHOICES)
     problems += _optimizer_number_problems(policy.optimizer)
+    problems += _lora_problems(cfg)
+    shape_ok = True
     for name in ("train", "validation"):
         message = _dataset_shape_error(f"data.{name}", getattr(cfg.data, name))
         if message:
             problems.append((f"data.{name}", message))
+            shape_ok = False
+    if shape_ok:
+        problems += _dataset_entry_problems(cfg.data.train, cfg.data.default, "data.train")
+        problems += _dataset_entry_problems(cfg.data.validation, None, "data.validation")
     raise_problems(problems, sources)
+
+
+def _lora_problems(cfg: MasterConfig) -> list[tuple[str, str]]:
+    """The rank and dropout of the LoRA that trains (Megatron's peft is translated into
+    lora_cfg at load), named by the key the user set; checked before any data is read."""
+    lora = cfg.policy.dtensor_cfg.lora_cfg
+    if not lora.enabled:
+        return []
+    meg = cfg.policy.megatron_cfg.enabled
+    section = "policy.megatron_cfg.peft" if meg else "policy.dtensor_cfg.lora_cfg"
+    problems = []
+    if isinstance(lora.dim, bool) or lora.dim < 1:
+        problems.append(
+            (
+                f"{section}.dim",
+                f"{section}.dim is {lora.dim!r}; the LoRA rank must be >= 1, e.g. 8.",
+            )
+        )
+    if not 0.0 <= lora.dropout < 1.0:  # NaN fails this too
+        problems.append(
+            (f"{section}.dropout", f"{section}.dropout is {lora.dropout!r}; use a value in [0, 1).")
+        )
+    return problems
+
+
+def default_name(config: dict[str, Any]) -> str:
+    """A dataset entry's name when it sets none: the file (or hub dataset) stem of
+    `data_path`, else the dataset name."""
+    path = config.get("data_path")
+    if path:
+        return Path(str(path).rstrip("/")).stem or str(path)
+    return str(config.get("dataset_name") or "dataset").rpartition(".")[2]
+
+
+def _dataset_entry_problems(value: Any, default: Any, key: str) -> list[tuple[str, str]]:
+    """Names (strings, distinct) and weights (on every data.train entry or none, > 0) of the
+    entries of `data.train` / `data.validation`, each message naming its entry."""
+    raw = _plain(value)
+    entries = [
+        {**(_plain(default) or {}), **e} for e in ([raw] if isinstance(raw, dict) else raw or [])
+    ]
+    weighted = key == "data.train"
+    weights = [e.get("weight") for e in entries]
+    seen: dict[str, int] = {}
+    problems: list[tuple[str, str]] = []
+    for k, entry in enumerate(entries):
+        name = entry.get("name") or default_name(entry)
+        weight = entry.get("weight")
+        where = f"{key}[{k}] ({name})"
+        if not isinstance(name, str):
+            problems.append((key, f"{where}: name must be a string."))
+            continue
+        if weight is not None and not weighted:
+            problems.append(
+                (key, f"{where}: weight applies to data.train entries only; remove it.")
+            )
+        elif weighted and weight is None and any(w is not None for w in weights):
+            problems.append((key, (
+                f"{where} has no weight but other data.train entries have one: give every "
+                "data.train entry a weight (relative, > 0), or none for plain concatenation."
+            )))  # fmt: skip
+        elif weight is not None and (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+            or weight <= 0
+        ):
+            problems.append((key, f"{where}: weight={weight!r}; use a number > 0."))
+        if name in seen:
+            problems.append((key, (
+                f"{key}[{seen[name]}] and {key}[{k}] are both named {name!r}; give one of them "
+                "a distinct `name`."
+            )))  # fmt: skip
+        seen[name] = k
+    return problems
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def unmeasured_saves(cfg: MasterConfig) -> str | None:
+    """Why some periodic checkpoints will lack their `val:` ranking metric (they then rank
+    last and are kept only while they are the latest), or None; said once at load."""
+    c, period = cfg.checkpointing, cfg.sft.val_period
+    metric = c.metric_name
+    if not (c.enabled and c.keep_top_k is not None and metric and metric.startswith("val:")):
+        return None
+    saves = [(k, v) for k, v in (("save_period", c.save_period), ("ft_save_period", c.ft_save_period)) if v and v > 0]  # fmt: skip
+    misaligned = [(k, v) for k, v in saves if period <= 0 or v % period]
+    if not misaligned:
+        return None
+    key, value = misaligned[0]
+    every = f"every {period} steps" if period > 0 else "never periodically (sft.val_period <= 0)"
+    return (
+        f"checkpointing.metric_name={metric} is measured {every}, but checkpointing.{key}="
+        f"{value} saves at other steps: those checkpoints rank last and are kept only while "
+        f"they are the latest. Make checkpointing.{key} a multiple of sft.val_period, or rank "
+        "by a train: metric."
+    )
 
 
 def choice_problems(cfg: Any, choices: dict[str, tuple[str, ...]]) -> list[tuple[str, str]]:

@@ -8,6 +8,9 @@
   `megatron_cfg.scheduler`, not `policy.optimizer`; they are translated to the equivalent
   torch AdamW/SGD and LinearLR/CosineAnnealingLR chain so the recipe's learning rates hold;
   an enabled `megatron_cfg.fp8_cfg` becomes `dtensor_cfg.fp8_cfg` (FP8 through torchao).
+- With `policy.megatron_cfg.enabled`, NeMo RL trains LoRA from `megatron_cfg.peft`: it is
+  translated into `policy.dtensor_cfg.lora_cfg` (Megatron module names to Hugging Face
+  names, `lora_dtype` spellings), the one LoRA section the rest of sftkit reads.
 - A disabled `dtensor_cfg`'s parallel sizes are not read (as in NeMo RL).
 - The flat data layout next to `data.train` is reported: `data.train` wins.
 """
@@ -21,7 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sftkit.config.errors import ConfigError
-from sftkit.config.schema import OptimizerConfig
+from sftkit.config.schema import LoraConfig, OptimizerConfig
 
 logger = logging.getLogger("sftkit")
 
@@ -47,6 +50,35 @@ _PARALLEL_DEFAULTS: dict[str, Any] = {
     "sequence_parallel": False,
 }
 _MIN_START_FACTOR = 1e-12  # torch's LinearLR needs a start factor > 0
+
+# Megatron-Core module names -> the Hugging Face (Llama-style) modules they stand for.
+MEGATRON_TO_HF: dict[str, tuple[str, ...]] = {
+    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
+    "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_proj", "up_proj"),
+    "linear_fc2": ("down_proj",),
+}
+# Megatron path components with a different Hugging Face spelling.
+_MEGATRON_PATH_PARTS = {"decoder": "model", "self_attention": "self_attn"}
+_PEFT_HONOURED = (
+    "enabled", "target_modules", "exclude_modules", "dim", "alpha", "dropout",
+    "dropout_position", "lora_A_init_method", "lora_B_init_method", "lora_dtype",
+)  # fmt: skip
+# Megatron's lora_dtype spellings -> the schema's dtype names.
+_DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32",
+                "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float16": "float16", "fp16": "float16", "half": "float16"}  # fmt: skip
+
+
+def translate(cfg: DictConfig) -> None:
+    """Spellings and values of other NeMo RL versions and of Megatron, read as this schema
+    means them (in place, after the derived defaults are filled)."""
+    legacy_metric_name(cfg)
+    disabled_dtensor(cfg)
+    megatron_optimizer(cfg)
+    megatron_layout(cfg)
+    megatron_peft(cfg)
+    report_flat_data(cfg)
 
 
 # ---- automodel_cfg ----------------------------------------------------------------------
@@ -151,6 +183,85 @@ def report_flat_data(cfg: DictConfig) -> None:
             "training data. Move these keys into data.train (or data.default) to apply them.",
             listed,
         )
+
+
+# ---- Megatron LoRA (peft) -------------------------------------------------------------
+
+
+def megatron_to_hf_patterns(patterns: list[str]) -> list[str]:
+    """Map Megatron names (`linear_qkv`, ...; wildcards kept) onto Llama-style HF names."""
+    out: list[str] = []
+    for pattern in patterns:
+        parts = [_MEGATRON_PATH_PARTS.get(p, p) for p in pattern.split(".")]
+        leaf = parts[-1]
+        for hf_leaf in MEGATRON_TO_HF.get(leaf, (leaf,)):
+            out.append(".".join([*parts[:-1], hf_leaf]))
+    return out
+
+
+def megatron_peft(cfg: DictConfig) -> None:
+    """With `policy.megatron_cfg.enabled`, NeMo RL trains LoRA from `megatron_cfg.peft`
+    (and ignores `dtensor_cfg.lora_cfg`): write it into `lora_cfg`, which sftkit reads."""
+    meg, lora = cfg.policy.megatron_cfg, cfg.policy.dtensor_cfg.lora_cfg
+    peft = meg.peft
+    if not meg.enabled:
+        if peft.enabled:
+            logger.warning(
+                "policy.megatron_cfg.peft.enabled=true is ignored because "
+                "policy.megatron_cfg.enabled=false; use policy.dtensor_cfg.lora_cfg.enabled=true."
+            )
+        return
+    # info, not a warning: the keys sftkit ignores are in warn_ignored's one warning
+    logger.info(
+        "policy.megatron_cfg.enabled=true: sftkit runs Megatron LoRA on its own engine. "
+        "Honoured: %s. Ignored: peft.a2a_experimental.",
+        ", ".join("peft." + k for k in _PEFT_HONOURED),
+    )
+    new = _peft_as_lora(peft)
+    old = OmegaConf.to_container(lora) if isinstance(lora, DictConfig) else dataclasses.asdict(lora)
+    if lora.enabled and old != dataclasses.asdict(new):  # set by the user, not translated
+        logger.warning(
+            "policy.dtensor_cfg.lora_cfg is ignored because policy.megatron_cfg.enabled=true; "
+            "LoRA comes from megatron_cfg.peft."
+        )
+    cfg.policy.dtensor_cfg.lora_cfg = new
+
+
+def _peft_as_lora(peft: Any) -> LoraConfig:
+    if peft.target_modules and peft.exclude_modules:
+        raise ConfigError(
+            "policy.megatron_cfg.peft: target_modules and exclude_modules are mutually "
+            "exclusive (Megatron's rule); empty one of them.",
+            path="policy.megatron_cfg.peft.target_modules",
+        )
+    if str(peft.lora_B_init_method).lower() != "zero":
+        raise ConfigError(
+            f"policy.megatron_cfg.peft.lora_B_init_method={peft.lora_B_init_method!r}: only "
+            "'zero' is supported (it makes the first forward equal the base model).",
+            path="policy.megatron_cfg.peft.lora_B_init_method",
+        )
+    a_init = str(peft.lora_A_init_method).lower()
+    dtype = "float32" if peft.lora_dtype is None else str(peft.lora_dtype).strip()
+    dtype = dtype.removeprefix("torch.").lower()
+    if dtype not in _DTYPE_NAMES:
+        raise ConfigError(
+            f"policy.megatron_cfg.peft.lora_dtype={peft.lora_dtype!r} is not a dtype; "
+            f"use one of {sorted(_DTYPE_NAMES)} or None.",
+            path="policy.megatron_cfg.peft.lora_dtype",
+        )
+    return LoraConfig(
+        enabled=bool(peft.enabled),
+        target_modules=megatron_to_hf_patterns(list(peft.target_modules)),
+        exclude_modules=megatron_to_hf_patterns(list(peft.exclude_modules)),
+        match_all_linear=not peft.target_modules,  # Megatron: empty list = all linear layers
+        dim=int(peft.dim),
+        alpha=float(peft.alpha),
+        dropout=float(peft.dropout),
+        dropout_position=peft.dropout_position,
+        lora_A_init="uniform" if a_init in ("kaiming", "kaiming_uniform") else a_init,
+        use_triton=True,
+        lora_dtype=_DTYPE_NAMES[dtype],
+    )
 
 
 # ---- Megatron optimizer and scheduler ---------------------------------------------------

@@ -4,7 +4,8 @@ Order: read the file and its `defaults:` chain (parents first, child wins, `_ove
 true` replaces a parent's section), apply command-line overrides, move the seed's flat
 dataset keys into `data.extra`, reject unknown keys, merge into the schema (types),
 resolve `${...}` interpolations (`mul`, `add`, `sub`, `div`, `max` resolvers), fill
-derived defaults, run cross-field checks. Every error is a `ConfigError` naming the key,
+every derived value and translate other NeMo RL/Megatron spellings (`config/derive.py`,
+`config/compat.py`), run cross-field checks (`config/checks.py`). Every error is a `ConfigError` naming the key,
 the value, the expectation and the file or override it came from.
 """
 
@@ -32,26 +33,13 @@ from sftkit.config.checks import (
     source_of,
     type_name,
     unknown_key_message,
+    unmeasured_saves,
 )
-from sftkit.config.compat import (
-    alias_key,
-    disabled_dtensor,
-    legacy_metric_name,
-    megatron_layout,
-    megatron_optimizer,
-    rename_aliases,
-    report_flat_data,
-    rewrite_references,
-)
+from sftkit.config.compat import alias_key, rename_aliases, rewrite_references
+from sftkit.config.derive import derive
 from sftkit.config.errors import ConfigError
 from sftkit.config.overrides import apply_overrides, lookup
-from sftkit.config.schema import (
-    DATASET_KEYS,
-    DERIVED_DEFAULTS,
-    TOKEN_BUDGET_KEYS,
-    DataConfig,
-    MasterConfig,
-)
+from sftkit.config.schema import DATASET_KEYS, DataConfig, MasterConfig
 
 logger = logging.getLogger("sftkit")
 
@@ -111,6 +99,9 @@ def load_config(
     """
     _, cfg = _build(config_path, overrides or [])
     warn_ignored(cfg)
+    unmeasured = unmeasured_saves(cfg)
+    if unmeasured:
+        logger.warning(unmeasured)
     return cfg
 
 
@@ -189,8 +180,10 @@ def _build(config_path: str | Path | None, overrides: list[str]) -> tuple[DictCo
     check_keys(tree, sources)
     cfg = _merge_into_schema(tree, sources)
     _resolve(cfg, tree, sources)
-    _fill_derived(cfg)
-    _read_other_versions(cfg)
+    try:
+        derive(cfg)
+    except OmegaConfBaseException as exc:  # a value that does not fit its field
+        raise _omegaconf_error(exc, None, {}) from None
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:  # a structural problem the steps above missed
@@ -424,41 +417,7 @@ def _omegaconf_error(
     )
 
 
-# ---- derived defaults -------------------------------------------------------------------
-
-
-def _fill_derived(cfg: DictConfig) -> None:
-    """Fill the `None` defaults that NeMo RL writes as interpolations, apply the
-    `custom_template` alias and read Megatron's `lora_dtype: None` string as null."""
-    for path, source_path in DERIVED_DEFAULTS.items():
-        if OmegaConf.select(cfg, path) is None:
-            OmegaConf.update(cfg, path, OmegaConf.select(cfg, source_path))
-    budget = cfg.policy.max_total_sequence_length * cfg.policy.train_micro_batch_size
-    for path in TOKEN_BUDGET_KEYS:
-        if OmegaConf.select(cfg, path) is None:
-            OmegaConf.update(cfg, path, budget)
-    if cfg.policy.megatron_cfg.peft.lora_dtype in ("None", "none"):
-        cfg.policy.megatron_cfg.peft.lora_dtype = None
-    tokenizer = cfg.policy.tokenizer
-    if tokenizer.custom_template is not None:
-        if tokenizer.chat_template not in ("default", None, tokenizer.custom_template):
-            logger.warning(
-                "policy.tokenizer.custom_template and policy.tokenizer.chat_template are both "
-                "set and differ; using custom_template. Set only one of them."
-            )
-        tokenizer.chat_template = tokenizer.custom_template
-
-
-def _read_other_versions(cfg: DictConfig) -> None:
-    """Spellings and values of other NeMo RL versions, read as this schema means them."""
-    try:
-        legacy_metric_name(cfg)
-        disabled_dtensor(cfg)
-        megatron_optimizer(cfg)
-        megatron_layout(cfg)
-    except OmegaConfBaseException as exc:  # a value that does not fit its field
-        raise _omegaconf_error(exc, None, {}) from None
-    report_flat_data(cfg)
+# ---- warnings ---------------------------------------------------------------------------
 
 
 def warn_ignored(

@@ -103,10 +103,16 @@ class LoraConfig:
     match_all_linear: bool = doc(True, "adapt every linear layer (overrides target_modules)")
     dim: int = doc(8, "rank r")
     alpha: float = doc(32, "scale = alpha / dim")
-    dropout: float = doc(0.0, "dropout probability on the LoRA branch")
+    dropout: float = doc(0.0, "dropout probability on the LoRA branch, in [0, 1)")
     dropout_position: str = doc("post", "pre: on the LoRA input | post: on the LoRA output")
     lora_A_init: str = doc("xavier", "xavier (normal) | uniform (kaiming)")
     use_triton: bool = doc(True, "fused Triton kernels on GPU when tensor parallelism is off")
+    lora_dtype: str = doc(
+        "float32",
+        "adapter weight dtype; float32 as NeMo RL forces (FSDP needs one dtype per group); "
+        "Megatron's peft.lora_dtype is translated into it",
+        nemo=False,
+    )
 
 
 @dataclass
@@ -256,7 +262,8 @@ class DataConfig:
     )
     max_row_chars: int | None = doc(
         None,
-        "rows with more characters are dropped (and counted) before tokenizing; null: max(1,000,000, 8 x max_input_seq_length)",
+        "rows with more characters are dropped (and counted) before tokenizing; derived: "
+        "max(1,000,000, 8 x max_input_seq_length)",
         nemo=False,
     )
     dataset_name: str | None = doc(
@@ -371,6 +378,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "policy.dtensor_cfg.activation_checkpointing_mode": ("full", "selective"),
     "policy.dtensor_cfg.lora_cfg.dropout_position": ("pre", "post"),
     "policy.dtensor_cfg.lora_cfg.lora_A_init": ("xavier", "uniform"),
+    "policy.dtensor_cfg.lora_cfg.lora_dtype": ("float32", "bfloat16", "float16"),
     "policy.megatron_cfg.peft.dropout_position": ("pre", "post"),
     "policy.megatron_cfg.peft.lora_A_init_method": ("xavier", "uniform"),
     "policy.sequence_packing.algorithm": (

@@ -166,6 +166,12 @@ class BatchPlan:
     algorithm: str = "modified_first_fit_decreasing"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # The budget is derived once at load (train_mb_tokens = max_total_sequence_length x
+        # train_micro_batch_size, sftkit.config.derive); there is no second default here.
+        if self.mode != "padded" and self.mb_tokens is None:
+            raise ValueError(f"a {self.mode} BatchPlan needs mb_tokens (train_mb_tokens)")
+
 
 def rank_share(items: Sequence[T], rank: int, ranks: int) -> list[T]:
     """Contiguous block of a batch for data-parallel rank `rank` of `ranks` (NeMo RL's
@@ -187,7 +193,8 @@ def micro_batches(examples: list[Example], plan: BatchPlan) -> list[PackedBatch]
             for i in range(0, len(pairs), size)
         ]
     lengths = [len(ids) for ids, _ in pairs]
-    budget = plan.mb_tokens or max(lengths)
+    budget = plan.mb_tokens
+    assert budget is not None  # BatchPlan.__post_init__
     if plan.mode == "dynamic":
         groups = dynamic_microbatches(lengths, budget, max(plan.length_round, plan.multiple_of))
         return [

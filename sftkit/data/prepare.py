@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
-import math
 import multiprocessing as mp
 import os
 import shutil
@@ -26,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from sftkit.config.checks import default_name
 from sftkit.config.schema import DataConfig, MasterConfig, PolicyConfig
 from sftkit.data import cache
 from sftkit.data.datasets import has_split, iter_rows, load_dataset
 from sftkit.data.processor import (
-    DEFAULT_MAX_ROW_CHARS,
     BatchResult,
     OverlongPolicy,
     Processor,
@@ -75,7 +74,8 @@ def prepare_data(cfg: MasterConfig, tokenizer: Any) -> PreparedData:
 
     Validation = the held-out parts of the training datasets (`split_validation_size`,
     named after their train entry) plus the `data.validation` datasets, one named set
-    each. Max length = `data.max_input_seq_length` or `policy.max_total_sequence_length`.
+    each. Max length = `data.max_input_seq_length` (derived at load from
+    `policy.max_total_sequence_length` when unset).
     """
     data = cfg.data
     settings = settings_from_config(data, cfg.policy, cfg.sft.only_unmask_final)
@@ -90,15 +90,17 @@ def prepare_data(cfg: MasterConfig, tokenizer: Any) -> PreparedData:
 def settings_from_config(
     data: DataConfig, policy: PolicyConfig, only_unmask_final: bool = False
 ) -> ProcessorSettings:
-    max_len = data.max_input_seq_length or policy.max_total_sequence_length
+    assert data.max_input_seq_length is not None and data.max_row_chars is not None, (
+        "data.max_input_seq_length / max_row_chars are derived at load: pass a config built "
+        "in code through sftkit.config.derive.derive_config"
+    )
+    max_len = data.max_input_seq_length
     kwargs = _plain(policy.tokenizer.chat_template_kwargs) or {}
     if data.overlong_policy not in ("truncate", "drop", "mask"):
         raise ValueError(
             f"data.overlong_policy={data.overlong_policy!r}: use truncate, drop or mask."
         )
     max_chars = data.max_row_chars
-    if max_chars is None:
-        max_chars = max(DEFAULT_MAX_ROW_CHARS, 8 * int(max_len))
     if max_chars < 1:
         raise ValueError(f"data.max_row_chars={max_chars}: use a positive number, or null.")
     return ProcessorSettings(
@@ -124,53 +126,20 @@ def dataset_entries(data: DataConfig) -> tuple[list[Entry], list[Entry]]:
         train = [{"dataset_name": data.dataset_name, **(_plain(data.extra) or {})}]
     validation = _as_list(_plain(data.validation))
     return (
-        _named([{**default, **e} for e in train], "data.train", weighted=True),
-        _named([{**default, **e} for e in validation], "data.validation", weighted=False),
+        _named([{**default, **e} for e in train]),
+        _named([{**default, **e} for e in validation]),
     )
 
 
-def _named(entries: list[dict[str, Any]], key: str, weighted: bool) -> list[Entry]:
-    """Entries with `name` and `weight` taken out and checked."""
+def _named(entries: list[dict[str, Any]]) -> list[Entry]:
+    """Entries with `name` and `weight` taken out (checked at load: `config/checks.py`)."""
     out: list[Entry] = []
-    seen: dict[str, int] = {}
-    weights = [e.get("weight") for e in entries]
-    for k, raw in enumerate(entries):
+    for raw in entries:
         config = dict(raw)
         name = config.pop("name", None) or default_name(config)
         weight = config.pop("weight", None)
-        where = f"{key}[{k}] ({name})"
-        if not isinstance(name, str):
-            raise ValueError(f"{where}: name must be a string.")
-        if weight is not None and not weighted:
-            raise ValueError(f"{where}: weight applies to data.train entries only; remove it.")
-        if weighted and weight is None and any(w is not None for w in weights):
-            raise ValueError(
-                f"{where} has no weight but other data.train entries have one: give every "
-                "data.train entry a weight (relative, > 0), or none for plain concatenation."
-            )
-        if weight is not None and (
-            isinstance(weight, bool)
-            or not isinstance(weight, (int, float))
-            or not math.isfinite(weight)
-            or weight <= 0
-        ):
-            raise ValueError(f"{where}: weight={weight!r}; use a number > 0.")
-        if name in seen:
-            raise ValueError(
-                f"{key}[{seen[name]}] and {key}[{k}] are both named {name!r}; give one of them "
-                "a distinct `name`."
-            )
-        seen[name] = k
         out.append(Entry(name, None if weight is None else float(weight), config))
     return out
-
-
-def default_name(config: dict[str, Any]) -> str:
-    """The file (or hub dataset) stem of `data_path`, else the dataset name."""
-    path = config.get("data_path")
-    if path:
-        return Path(str(path).rstrip("/")).stem or str(path)
-    return str(config.get("dataset_name") or "dataset").rpartition(".")[2]
 
 
 def collect_parts(train: list[Entry], validation: list[Entry]) -> dict[str, list[Part]]:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 from tokenizers import decoders, normalizers
 
+from sftkit.config.derive import MIN_MAX_ROW_CHARS
 from sftkit.data import nemo_mask, turns
 from sftkit.data.errors import DataError
 from sftkit.data.messages import normalize_conversation
@@ -36,7 +37,7 @@ from sftkit.data.types import Example
 OverlongPolicy = Literal["truncate", "drop", "mask"]
 ORIGIN_KEY = "_origin"  # where a row came from ("train.jsonl:12"), set by the readers
 DROP_CODES = {None: 0, "overlong": 1, "untrainable": 2, "oversize": 3}
-DEFAULT_MAX_ROW_CHARS = 1_000_000  # data.max_row_chars: null -> max(this, 8 x token limit)
+DEFAULT_MAX_ROW_CHARS = MIN_MAX_ROW_CHARS  # data.max_row_chars: null -> max(this, 8 x limit)
 TOKENIZE_BATCH = 256  # rows per Rust call: amortizes call overhead, bounds Encoding memory
 Ranges = list[tuple[int, int]]  # trained token ranges [first, stop)
 VERIFY_FIRST = 8  # rows per processor whose byte-table ranges are checked against offsets

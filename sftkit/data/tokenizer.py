@@ -24,7 +24,8 @@ def load_tokenizer(policy: PolicyConfig) -> PreTrainedTokenizerBase:
     the template the model was trained with. A tokenizer without a pad token pads with EOS.
     """
     tok_cfg = policy.tokenizer
-    name = str(tok_cfg.name or policy.model_name)
+    assert tok_cfg.name is not None  # derived at load from policy.model_name (config.derive)
+    name = str(tok_cfg.name)
     if name.startswith(BUILTIN_PREFIX):
         from sftkit.model.builtin import resolve_model_path  # the model package owns these
 
@@ -56,12 +57,11 @@ def resolve_chat_template(
 ) -> str:
     """Return the Jinja source the run renders with.
 
-    `chat_template` (or the seed's `custom_template`, which wins when set):
+    `chat_template` (the seed's `custom_template` is copied into it at load):
     absent or "default" -> the tokenizer's own; None -> passthrough (contents concatenated);
     "*.jinja" -> that file; anything else -> an inline Jinja string.
     """
-    custom = tok_cfg.custom_template
-    choice: str | None = custom if custom is not None else tok_cfg.chat_template
+    choice: str | None = tok_cfg.chat_template
     if choice == "default":
         own = tokenizer.chat_template
         if isinstance(own, dict):  # several named templates: NeMo RL uses the default one

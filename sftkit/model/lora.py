@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sftkit.config.compat import MEGATRON_HONOURED
+from sftkit.model.load import DTYPES
 
 if TYPE_CHECKING:
     from sftkit.config.schema import PolicyConfig
@@ -38,25 +38,12 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 SFTKIT_LORA_CONFIG = "sftkit_lora_config.json"
 
-# Megatron-Core module names -> the Hugging Face (Llama-style) modules they stand for.
-MEGATRON_TO_HF: dict[str, tuple[str, ...]] = {
-    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
-    "linear_proj": ("o_proj",),
-    "linear_fc1": ("gate_proj", "up_proj"),
-    "linear_fc2": ("down_proj",),
-}
-# Megatron path components with a different Hugging Face spelling.
-_MEGATRON_PATH_PARTS = {"decoder": "model", "self_attention": "self_attn"}
-_MEGATRON_HONOURED = (
-    "enabled", "target_modules", "exclude_modules", "dim", "alpha", "dropout",
-    "dropout_position", "lora_A_init_method", "lora_B_init_method", "lora_dtype",
-)  # fmt: skip
-_logged_once: set[str] = set()
-
 
 @dataclass
 class LoraSpec:
-    """What to adapt and how; built from the config by `lora_spec_from_config`."""
+    """What to adapt and how; built from the config by `lora_spec_from_config`. The config's
+    values are checked at load (`sftkit.config.checks`); these checks guard specs built in
+    code."""
 
     target_modules: list[str] = field(default_factory=list)  # names or wildcards to adapt
     exclude_modules: list[str] = field(default_factory=list)  # names or wildcards to skip
@@ -92,110 +79,13 @@ class LoraSpec:
 # --------------------------------------------------------------------------- config
 
 
-def _parse_dtype(value: Any) -> torch.dtype | None:
-    """Megatron's `lora_dtype`; None, "None" and "null" (the seed's spellings) mean unset."""
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    text = str(value).strip().removeprefix("torch.").lower()
-    if text in ("none", "null", ""):
-        return None
-    table = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}  # fmt: skip
-    if text not in table:
-        raise ValueError(
-            f"policy.megatron_cfg.peft.lora_dtype={value!r} is not a dtype; "
-            f"use one of {sorted(table)} or None."
-        )
-    return table[text]
-
-
-def megatron_to_hf_patterns(patterns: list[str]) -> list[str]:
-    """Map Megatron names (`linear_qkv`, ...; wildcards kept) onto Llama-style HF names."""
-    out: list[str] = []
-    for pattern in patterns:
-        parts = [_MEGATRON_PATH_PARTS.get(p, p) for p in pattern.split(".")]
-        leaf = parts[-1]
-        for hf_leaf in MEGATRON_TO_HF.get(leaf, (leaf,)):
-            out.append(".".join([*parts[:-1], hf_leaf]))
-    return out
-
-
-def _log_once(key: str, message: str) -> None:
-    if key not in _logged_once:
-        _logged_once.add(key)
-        logger.warning(message)
-
-
-def _megatron_spec(policy_cfg: PolicyConfig) -> LoraSpec | None:
-    mcfg = policy_cfg.megatron_cfg
-    peft = mcfg.peft
-    # What really happens (sftkit.config.compat.megatron_optimizer): the optimizer, schedule,
-    # clip, CP degree and fp8_cfg are translated, not ignored; the rest is reported by the
-    # one ignored-settings warning when set.
-    translated: dict[str, list[str]] = {}
-    for path in MEGATRON_HONOURED:
-        section, _, key = path.removeprefix("policy.megatron_cfg.").rpartition(".")
-        translated.setdefault(section or key, []).append(key if section else "")
-    used = "; ".join(
-        f"{name} ({', '.join(k for k in keys if k)})" if any(keys) else name
-        for name, keys in translated.items()
-    )
-    _log_once(
-        "megatron",
-        "policy.megatron_cfg.enabled=true: sftkit runs Megatron LoRA on its own engine. "
-        f"Honoured: {', '.join('peft.' + k for k in _MEGATRON_HONOURED)}. "
-        f"Translated to sftkit's settings: {used}. Other megatron_cfg keys are not acted on "
-        "(the ignored-settings warning names those you set).",
-    )
-    if not peft.enabled:
-        return None
-    if peft.target_modules and peft.exclude_modules:
-        raise ValueError(
-            "policy.megatron_cfg.peft: target_modules and exclude_modules are mutually "
-            "exclusive (Megatron's rule); empty one of them."
-        )
-    if str(peft.lora_B_init_method).lower() != "zero":
-        raise ValueError(
-            f"policy.megatron_cfg.peft.lora_B_init_method={peft.lora_B_init_method!r}: only "
-            "'zero' is supported (it makes the first forward equal the base model)."
-        )
-    a_init = str(peft.lora_A_init_method).lower()
-    a_init = "uniform" if a_init in ("kaiming", "kaiming_uniform") else a_init
-    return LoraSpec(
-        target_modules=megatron_to_hf_patterns(list(peft.target_modules)),
-        exclude_modules=megatron_to_hf_patterns(list(peft.exclude_modules)),
-        match_all_linear=not peft.target_modules,  # Megatron: empty list = all linear layers
-        dim=int(peft.dim),
-        alpha=float(peft.alpha),
-        dropout=float(peft.dropout),
-        dropout_position=peft.dropout_position,  # type: ignore[arg-type]
-        lora_A_init=a_init,  # type: ignore[arg-type]
-        use_triton=True,
-        lora_dtype=_parse_dtype(peft.lora_dtype) or torch.float32,
-    )
-
-
 def lora_spec_from_config(policy_cfg: PolicyConfig) -> LoraSpec | None:
-    """The LoRA spec of `policy.dtensor_cfg.lora_cfg` or `policy.megatron_cfg.peft`; None if off."""
-    dcfg = policy_cfg.dtensor_cfg
-    if policy_cfg.megatron_cfg.enabled:
-        if dcfg.lora_cfg.enabled:
-            _log_once("both", "policy.dtensor_cfg.lora_cfg is ignored because "
-                      "policy.megatron_cfg.enabled=true; LoRA comes from megatron_cfg.peft.")  # fmt: skip
-        return _megatron_spec(policy_cfg)
-    if policy_cfg.megatron_cfg.peft.enabled:
-        _log_once("peft-off", "policy.megatron_cfg.peft.enabled=true is ignored because "
-                  "policy.megatron_cfg.enabled=false; use policy.dtensor_cfg.lora_cfg.enabled=true.")  # fmt: skip
-    lcfg = dcfg.lora_cfg
+    """The LoRA spec of `policy.dtensor_cfg.lora_cfg`, None if off. That section is the
+    effective LoRA, derived once at load: Megatron's `peft` is translated into it
+    (`sftkit.config.compat`), `use_triton` is off under tensor parallelism."""
+    lcfg = policy_cfg.dtensor_cfg.lora_cfg
     if not lcfg.enabled:
         return None
-    use_triton = bool(lcfg.use_triton)
-    if use_triton and dcfg.tensor_parallel_size > 1:
-        # NeMo RL asserts here; the fused kernels assume whole (unsharded) A and B.
-        _log_once("tp", "lora_cfg.use_triton is ignored because tensor_parallel_size > 1; "
-                  "the PyTorch LoRA path is used.")  # fmt: skip
-        use_triton = False
     return LoraSpec(
         target_modules=list(lcfg.target_modules),
         exclude_modules=list(lcfg.exclude_modules),
@@ -205,8 +95,8 @@ def lora_spec_from_config(policy_cfg: PolicyConfig) -> LoraSpec | None:
         dropout=float(lcfg.dropout),
         dropout_position=lcfg.dropout_position,  # type: ignore[arg-type]
         lora_A_init=lcfg.lora_A_init,  # type: ignore[arg-type]
-        use_triton=use_triton,
-        lora_dtype=torch.float32,  # NeMo RL forces float32: FSDP needs one dtype per group
+        use_triton=bool(lcfg.use_triton),
+        lora_dtype=DTYPES[lcfg.lora_dtype],
     )
 
 
@@ -240,8 +130,8 @@ def select_lora_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
     out_emb = get_out() if callable(get_out) else None
     output_names = {n for n, m in model.named_modules() if out_emb is not None and m is out_emb}
     if spec.match_all_linear and spec.target_modules:
-        _log_once("override", "lora: match_all_linear=true overrides target_modules "
-                  f"{spec.target_modules}; set match_all_linear=false to use the list.")  # fmt: skip
+        logger.warning("lora: match_all_linear=true overrides target_modules %s; set "
+                       "match_all_linear=false to use the list.", spec.target_modules)  # fmt: skip
     use_targets = bool(spec.target_modules) and not spec.match_all_linear
     if not spec.match_all_linear and not spec.target_modules and not spec.exclude_modules:
         use_targets, targets = True, ["*_proj"]  # Automodel's default when all three are empty

@@ -45,6 +45,9 @@ logger = logging.getLogger("sftkit")
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INFO = "training_info.json"
+# The resume fingerprint's entry holding the pre-derive (raw-value) form, never stored:
+# checkpoints written before fingerprints keyed on derived values are compared with it.
+LEGACY_FINGERPRINT = "legacy"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_DIR = re.compile(r"^tmp_step_(\d+)$")
 FAULT_ENV = "SFTKIT_TEST_SAVE_FAULT"
@@ -235,14 +238,21 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
 
 
 def check_resumable(directory: Path, fingerprint: dict[str, Any]) -> None:
-    """Raise ResumeMismatchError naming every difference between checkpoint and run."""
+    """Raise ResumeMismatchError naming every difference between checkpoint and run.
+
+    A checkpoint whose fingerprint has no `fingerprint_version` (written before the
+    fingerprint keyed on derived values) is compared with `fingerprint[LEGACY_FINGERPRINT]`."""
     info = read_info(directory)
     version = info.get("format_version")
     if version != FORMAT_VERSION:
         raise ResumeMismatchError(
             f"{directory} has checkpoint format {version}, this sftkit writes {FORMAT_VERSION}"
         )
-    diffs = fingerprint_differences(info.get("fingerprint", {}), fingerprint)
+    saved = info.get("fingerprint", {})
+    current = {k: v for k, v in fingerprint.items() if k != LEGACY_FINGERPRINT}
+    if "fingerprint_version" not in saved and LEGACY_FINGERPRINT in fingerprint:
+        current = fingerprint[LEGACY_FINGERPRINT]
+    diffs = fingerprint_differences(saved, current)
     if diffs:
         raise ResumeMismatchError(
             f"Cannot resume from {directory}: the run's settings differ from the checkpoint's:\n  "
@@ -464,11 +474,12 @@ def apply_retention(
     keep_top_k: int | None,
     higher_is_better: bool,
     keep_latest_k: int | None = None,
-    warn_unmeasured: bool = True,
+    warn_missing: bool = True,
 ) -> list[Path]:
     """Delete checkpoints outside the retention policy; returns what was deleted.
 
-    `warn_unmeasured`: warn when the newest checkpoint lacks `metric_name` (it ranks last)."""
+    `warn_missing` False: the config already said at load that some saves lack the metric
+    (`config.checks.unmeasured_saves`), so a save without it is expected, not news."""
     if keep_top_k is None:
         return []
     entries = []
@@ -479,11 +490,11 @@ def apply_retention(
         value = read_info(path).get(metric_name) if metric_name else None
         entries.append((step, None if value is None else float(value)))
         paths[step] = path
-    if warn_unmeasured and metric_name and entries and entries[0][1] is None:
+    if warn_missing and metric_name and entries and entries[0][1] is None:  # the newest only
         logger.warning(
-            "checkpointing.metric_name=%s was not measured at step %d; checkpoints saved "
-            "without it rank last and are kept only while they are the latest (align "
-            "checkpointing.save_period with sft.val_period, or use a train: metric; said once)",
+            "checkpointing.metric_name=%s was not measured at step %d; that checkpoint ranks "
+            "last and is kept only while it is the latest (check the metric's name, or use a "
+            "train: metric)",
             metric_name,
             entries[0][0],
         )

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from sftkit.config import MasterConfig, config_to_yaml
+from sftkit.config.checks import unmeasured_saves
 from sftkit.config.schema import CheckpointingConfig
 from sftkit.data import PreparedData
 from sftkit.data.loader import GlobalBatchSampler
@@ -86,12 +87,15 @@ class Checkpointer:
         `last`: the run's final or stopping save; it stays the latest checkpoint, so an
         unmeasured ranking metric costs nothing there and is not warned about."""
         c = self.cfg.checkpointing
-        warn = not (last or self.unmeasured_warned) and c.metric_name not in state.metrics
-        self.unmeasured_warned |= warn
+        # A misaligned save_period was reported once at load (unmeasured_saves).
+        warn = not (last or self.unmeasured_warned) and unmeasured_saves(self.cfg) is None
+        self.unmeasured_warned |= warn and c.metric_name not in state.metrics
         ckpt.check_finite_weights(self.model.parameters(), state.step, self.env.max)
         state.epoch = self.sampler.epoch
         info = {**state.to_json(), "format_version": ckpt.FORMAT_VERSION}
-        info["fingerprint"] = self.fingerprint
+        info["fingerprint"] = {
+            k: v for k, v in self.fingerprint.items() if k != ckpt.LEGACY_FINGERPRINT
+        }
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         path = ckpt.save_checkpoint(
             self.directory, state.step, info, self._write_files, self.env.rank, self.env.barrier,
@@ -100,7 +104,7 @@ class Checkpointer:
         if self.env.is_main:
             ckpt.apply_retention(
                 self.directory, c.metric_name, c.keep_top_k, c.higher_is_better,
-                c.ft_keep_latest_k, warn_unmeasured=warn,
+                c.ft_keep_latest_k, warn_missing=warn,
             )  # fmt: skip
             logger.info("Saved checkpoint %s", path)
         return path
@@ -202,23 +206,45 @@ class Checkpointer:
 
 
 def resume_fingerprint(cfg: MasterConfig, tokenizer: Any, data: PreparedData) -> dict[str, Any]:
-    """What makes resuming meaningful (micro-batch size is left out: it cannot change the
-    loss or the gradient, so changing it to fit memory is allowed)."""
+    """What makes resuming meaningful, keyed on the effective (derived) values: a LoRA set
+    through Megatron's peft or lora_cfg alike, the length limit actually applied. Micro-batch
+    size, token budget and `use_triton` are left out: they cannot change the loss or the
+    gradient, so changing them to fit memory or a layout is allowed.
+
+    `ckpt.LEGACY_FINGERPRINT` holds the raw-value form that checkpoints written before
+    derived values stored; `ckpt.check_resumable` compares such a checkpoint against it."""
     p = cfg.policy
     template = getattr(tokenizer, "chat_template", None) or ""
-    return {
+    lora = asdict(p.dtensor_cfg.lora_cfg)  # Megatron's peft is translated into it at load
+    lora.pop("use_triton")
+    common = {
         # scrubbed: training_info.json is written as is (a URL password in a model path
         # must not reach it); both sides of the resume check are scrubbed alike
         "model": scrub(p.model_name),
         "tokenizer": scrub(str(p.tokenizer.name)),
         "chat_template_sha": hashlib.sha256(str(template).encode()).hexdigest()[:16],
-        "lora": asdict(p.dtensor_cfg.lora_cfg) if p.dtensor_cfg.lora_cfg.enabled else None,
-        "megatron_peft": asdict(p.megatron_cfg.peft) if p.megatron_cfg.enabled else None,
         "train_data": data.train.digest(),  # tokens, masks, dataset names and weights
         "train_global_batch_size": p.train_global_batch_size,
-        "max_total_sequence_length": p.max_total_sequence_length,
         "seed": cfg.sft.seed,
         "shuffle": cfg.data.shuffle,
+    }
+    # The old form keyed on the raw lora_cfg; after load it differs from the effective one
+    # only in lora_dtype (new) and use_triton (turned off under TP; True is its default).
+    d = p.dtensor_cfg
+    raw_lora = {k: v for k, v in lora.items() if k != "lora_dtype"}
+    raw_lora["use_triton"] = d.lora_cfg.use_triton or d.tensor_parallel_size > 1
+    legacy_lora = raw_lora if lora["enabled"] and not p.megatron_cfg.enabled else None
+    return {
+        **common,
+        "fingerprint_version": 2,
+        "lora": lora if lora["enabled"] else None,
+        "max_input_seq_length": cfg.data.max_input_seq_length,  # the limit applied
+        ckpt.LEGACY_FINGERPRINT: {
+            **common,
+            "lora": legacy_lora,
+            "megatron_peft": asdict(p.megatron_cfg.peft) if p.megatron_cfg.enabled else None,
+            "max_total_sequence_length": p.max_total_sequence_length,
+        },
     }
 
 

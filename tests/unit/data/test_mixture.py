@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import make_tokenizer
 
+from sftkit.config.derive import derive_config
 from sftkit.config.schema import MasterConfig
 from sftkit.data import DataError, prepare_data
 from sftkit.data.loader import GlobalBatchSampler, MixtureSampler, build_sampler
@@ -32,7 +33,7 @@ def _cfg(tmp_path: Path, train, **data) -> MasterConfig:
     cfg.data.default = {"dataset_name": "openai_format"}
     for key, value in data.items():
         setattr(cfg.data, key, value)
-    return cfg
+    return derive_config(cfg)  # derived and checked as load_config does
 
 
 def _draw(sampler: GlobalBatchSampler, steps: int) -> list[list[int]]:

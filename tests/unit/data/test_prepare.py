@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES, make_tokenizer
 
+from sftkit.config.derive import derive_config
 from sftkit.config.schema import MasterConfig
 from sftkit.data import DataError, prepare_data
 from sftkit.data.tokenizer import PASSTHROUGH_TEMPLATE
@@ -43,7 +44,7 @@ def _cfg(tmp_path: Path, train, **data) -> MasterConfig:
     cfg.data.cache_dir = str(tmp_path / "cache")
     for key, value in data.items():
         setattr(cfg.data, key, value)
-    return cfg
+    return derive_config(cfg)  # derived and checked as load_config does
 
 
 def test_validation_is_split_off_plus_validation_datasets_with_defaults(tmp_path: Path):

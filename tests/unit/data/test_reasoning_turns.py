@@ -255,6 +255,7 @@ def test_preview_shows_reasoning_in_its_own_colour() -> None:
 def test_dataset_rules_and_switches_through_prepare_data(tmp_path) -> None:
     import json
 
+    from sftkit.config.derive import derive_config
     from sftkit.config.schema import MasterConfig
     from sftkit.data import prepare_data
 
@@ -266,6 +267,7 @@ def test_dataset_rules_and_switches_through_prepare_data(tmp_path) -> None:
                       "train_tool_calls_only": True}  # fmt: skip
     cfg.data.cache_dir = str(tmp_path / "cache")
     cfg.data.reasoning = "mask"
+    cfg = derive_config(cfg)  # derived and checked as load_config does
     tok = make_tokenizer("qwen3")
     data = prepare_data(cfg, tok)
     assert data.report["train/dropped_untrainable"] == 1 and len(data.train) == 1

@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 from conftest import TEMPLATES
 
-from sftkit.config.schema import PolicyConfig, TokenizerConfig
+from sftkit.config.derive import derive_config
+from sftkit.config.schema import MasterConfig, PolicyConfig, TokenizerConfig
 from sftkit.data.tokenizer import PASSTHROUGH_TEMPLATE, load_tokenizer
 
 
 def _policy(name: str, **tok) -> PolicyConfig:
-    return PolicyConfig(model_name=name, tokenizer=TokenizerConfig(**tok))
+    policy = PolicyConfig(model_name=name, tokenizer=TokenizerConfig(**tok))
+    return derive_config(MasterConfig(policy=policy)).policy  # as load_config derives it
 
 
 def test_local_directory_default_template_and_pad(tokenizer_dir: Path):

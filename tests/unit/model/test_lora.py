@@ -10,7 +10,9 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sftkit.config.schema import PolicyConfig
+from sftkit.config.compat import megatron_to_hf_patterns
+from sftkit.config.derive import derive_config
+from sftkit.config.schema import MasterConfig, PolicyConfig
 from sftkit.model import lora as L
 from sftkit.model.lora import (
     LoraLinear,
@@ -19,7 +21,6 @@ from sftkit.model.lora import (
     load_lora_state_dict,
     lora_spec_from_config,
     lora_state_dict,
-    megatron_to_hf_patterns,
     merge_lora,
     save_adapter,
 )
@@ -27,11 +28,9 @@ from sftkit.model.lora import (
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_log_once():
-    L._logged_once.clear()
-    yield
-    L._logged_once.clear()
+def derived(pcfg: PolicyConfig) -> PolicyConfig:
+    """`pcfg` as loading derives it (Megatron's peft translated into lora_cfg, use_triton)."""
+    return derive_config(MasterConfig(policy=pcfg)).policy
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -106,13 +105,10 @@ def test_megatron_names_and_config(caplog) -> None:
     pcfg.megatron_cfg.peft.enabled = True
     pcfg.megatron_cfg.peft.target_modules = ["*.layers.0.*.linear_qkv", "linear_fc1"]
     pcfg.megatron_cfg.peft.lora_dtype = "None"
-    with caplog.at_level(logging.WARNING):
-        spec = lora_spec_from_config(pcfg)
+    with caplog.at_level(logging.INFO):
+        spec = lora_spec_from_config(derived(pcfg))
     assert spec is not None and not spec.match_all_linear and spec.lora_dtype == torch.float32
-    assert "Honoured: peft.enabled" in caplog.text
-    # true to behaviour: compat.megatron_optimizer applies the optimizer and schedule
-    assert "Translated to sftkit's settings: optimizer (optimizer, lr," in caplog.text
-    assert "scheduler (" in caplog.text and "Ignored: " not in caplog.text
+    assert "Honoured" in caplog.text and "a2a_experimental" in caplog.text
     names = L.select_lora_modules(tiny_llama(), spec)
     assert sorted(n for n in names if ".layers.0.self_attn" in n) == [
         f"model.layers.0.self_attn.{p}" for p in ("k_proj", "q_proj", "v_proj")]  # fmt: skip
@@ -120,10 +116,10 @@ def test_megatron_names_and_config(caplog) -> None:
         "model.layers.1.mlp.gate_proj" in names and "model.layers.1.self_attn.q_proj" not in names
     )
     pcfg.megatron_cfg.peft.lora_dtype = "bf16"
-    assert lora_spec_from_config(pcfg).lora_dtype == torch.bfloat16  # type: ignore[union-attr]
+    assert lora_spec_from_config(derived(pcfg)).lora_dtype == torch.bfloat16  # type: ignore[union-attr]
     pcfg.megatron_cfg.peft.exclude_modules = ["linear_fc2"]
     with pytest.raises(ValueError, match="mutually exclusive"):
-        lora_spec_from_config(pcfg)
+        lora_spec_from_config(derived(pcfg))
 
 
 def test_dtensor_config() -> None:
@@ -132,6 +128,7 @@ def test_dtensor_config() -> None:
     pcfg.dtensor_cfg.lora_cfg.enabled = True
     pcfg.dtensor_cfg.lora_cfg.dim, pcfg.dtensor_cfg.lora_cfg.alpha = 4, 16
     pcfg.dtensor_cfg.tensor_parallel_size = 2
+    pcfg = derived(pcfg)
     spec = lora_spec_from_config(pcfg)
     assert spec is not None and spec.scale == 4.0 and not spec.use_triton
     pcfg.dtensor_cfg.lora_cfg.dropout_position = "middle"
