@@ -171,9 +171,27 @@ def _keys(argv: list[str]) -> int:
 
 def plot_main(argv: list[str]) -> int:
     """`sftkit plot <exp_dir>`: redraw the run's curves.png from its metrics.jsonl."""
-    from sftkit.log.plots import main as plot
+    return _command(_plot, argv)
 
-    return _command(plot, argv)
+
+def _plot(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from sftkit.errors import ArgumentParser
+    from sftkit.log.plots import NO_MATPLOTLIB, save_curves
+
+    parser = ArgumentParser(prog="sftkit plot", description="Redraw exp_NNN/curves.png.")
+    parser.add_argument("exp_dir", type=Path, help="a run directory, e.g. logs/exp_001")
+    exp_dir = parser.parse_args(argv).exp_dir
+    if not (exp_dir / "metrics.jsonl").is_file():
+        raise ValueError(
+            f"{exp_dir}/metrics.jsonl does not exist: give a run directory (logger.log_dir/exp_NNN)"
+        )
+    try:
+        print(save_curves(exp_dir))
+    except ImportError:
+        raise ImportError(NO_MATPLOTLIB) from None
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,7 @@ from sftkit.config.schema import CheckpointingConfig
 from sftkit.data import PreparedData
 from sftkit.data.loader import GlobalBatchSampler
 from sftkit.dist import DistEnv
+from sftkit.log.model_card import write_model_card
 from sftkit.log.redact import scrub
 from sftkit.model.builtin import adapter_base_name
 from sftkit.model.load import save_hf
@@ -196,6 +197,10 @@ class Checkpointer:
         if self.env.is_main or self.env.world_size > 1:  # sharded: every rank gathers
             with ckpt.atomic_output_dir(out / "final_hf", write=self.env.is_main) as tmp:
                 self.export_hf(tmp, merge=True)
+                if self.env.is_main:
+                    write_model_card(
+                        tmp, self.cfg, step, exp_dir, adapter_base_name(self.cfg.policy.model_name)
+                    )
         if self.env.is_main:
             logger.info("Final model: %s", out / "final_hf")
         self.env.barrier()

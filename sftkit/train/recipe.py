@@ -28,6 +28,7 @@ from sftkit.log import (
     install_redaction,
     setup_logging,
 )
+from sftkit.log.plots import curves_at_end
 from sftkit.log.rundir import run_exp_dir
 from sftkit.model.build import build_model
 from sftkit.model.load import DTYPES
@@ -215,6 +216,7 @@ def run_sft(cfg: MasterConfig) -> int:
             step = run.state.step
             if code == 0:
                 run.checkpointer.save_final(step, run.loggers.exp_dir)
+                curves_at_end(run.loggers.exp_dir)  # exp_NNN/curves.png (matplotlib: optional)
         finally:
             run.console.close()
             run.loggers.close()
