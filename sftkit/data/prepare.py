@@ -233,7 +233,7 @@ COUNTER_NAMES = {
     "dropped_untrainable": "dropped with no trained token",
     "dropped_oversize": "dropped over data.max_row_chars",
     "span_fallbacks": "answers located by prefix renders (slower)",
-    "offset_fallbacks": "tokens matched by character offsets",
+    "offset_fallbacks": "tokenized on the slower offset path",
 }
 
 
