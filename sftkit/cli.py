@@ -152,7 +152,7 @@ def keys_main(argv: list[str]) -> int:
 
 def _keys(argv: list[str]) -> int:
     from sftkit.config.errors import ConfigError
-    from sftkit.config.keydoc import format_keys, key_docs
+    from sftkit.config.keys import format_keys, key_docs
     from sftkit.errors import ArgumentParser
 
     parser = ArgumentParser(prog="sftkit keys", description="Print the documented config keys.")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from sftkit.cli import main as cli_main
-from sftkit.config.keydoc import key_docs
+from sftkit.config.keys import key_docs
 from sftkit.config.schema import MasterConfig
 
 REPO = Path(__file__).resolve().parents[3]
