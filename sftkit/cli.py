@@ -140,7 +140,7 @@ def preview_main(argv: list[str]) -> int:
 
 def export_main(argv: list[str]) -> int:
     """`sftkit export`: 0 done, 2 not a complete checkpoint or a bad option."""
-    from sftkit.train.export import main
+    from sftkit.checkpoint.export import main
 
     return _command(main, argv)
 

@@ -39,6 +39,10 @@ class RunFailure(RuntimeError):
     """A run that stopped on valid input (non-finite loss, ...): exit code 1, one line."""
 
 
+class NonFiniteError(RunFailure):
+    """A NaN or Inf loss, gradient or weight; raised before the optimizer or a save used it."""
+
+
 def classify(err: BaseException) -> tuple[int, str] | None:
     """(exit code, label) of a known error, or None for a bug (to re-raise)."""
     from sftkit.config.errors import ConfigError

@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from sftkit.checkpoint.layout import INFO  # noqa: E402
 from sftkit.cli import export_main  # noqa: E402
 from sftkit.errors import ArgumentParser, report_error  # noqa: E402
-from sftkit.train.checkpoint import INFO  # noqa: E402
 
 
 def step_dir(path: Path) -> Path | None:

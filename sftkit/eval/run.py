@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from sftkit.checkpoint.layout import CheckpointLayout, StepDir
 from sftkit.config.schema import TokenizerConfig
 from sftkit.eval.config import EvalConfig, EvalDataSection, GenerationSection, load_eval_config
 
@@ -54,12 +55,12 @@ def hf_model_dir(model_name: str) -> Iterator[tuple[str, str | None]]:
         if not base:
             raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path.")
         yield str(resolve_model_path(base)), str(path)
-    elif (path / "training_info.json").is_file() or any(path.glob("step_*/training_info.json")):
-        consolidated = path / "policy" / "consolidated"
+    elif CheckpointLayout(path).holds_checkpoints():
+        consolidated = StepDir(path).consolidated
         if (consolidated / "config.json").is_file():
             yield str(consolidated), None
             return
-        from sftkit.train.export import export_checkpoint
+        from sftkit.checkpoint.export import export_checkpoint
 
         with tempfile.TemporaryDirectory(prefix="sftkit-eval-") as tmp:
             logger.info("converting checkpoint %s to an HF directory in %s", path, tmp)
@@ -123,7 +124,7 @@ def load_eval_tokenizer(cfg: EvalConfig, model_dir: str, adapter: str | None) ->
 def _tokenizer_dir(model_dir: str, adapter: str | None) -> str:
     """An adapter dir's own tokenizer, else its run's final_hf (training template), else base."""
     if adapter:
-        for candidate in (Path(adapter), Path(adapter).parent / "final_hf"):
+        for candidate in (Path(adapter), CheckpointLayout(Path(adapter).parent).final_hf):
             if (candidate / "tokenizer_config.json").is_file():
                 return str(candidate)
     return model_dir

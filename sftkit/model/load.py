@@ -1,6 +1,6 @@
 """Loading the HF model (dtype, attention, config overrides) and writing HF directories.
 
-Checkpoint weights are `sftkit.train.checkpointer`'s."""
+Checkpoint weights are `sftkit.checkpoint`'s."""
 
 from __future__ import annotations
 

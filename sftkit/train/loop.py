@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import time
 
+from sftkit.checkpoint.layout import ranking_metric
 from sftkit.data.loader import dummy_micro_batch, micro_batches, rank_share
 from sftkit.errors import EXIT_OK, EXIT_REQUEUE
 from sftkit.lifecycle.signals import Deadline, StopFlag
 from sftkit.log import throughput_metrics
 from sftkit.model.context_parallel import shard_batches
-from sftkit.train.checkpoint import ranking_metric
 from sftkit.train.state import Run
 from sftkit.train.step import train_step
 
@@ -86,6 +86,8 @@ def train(run: Run, stop: StopFlag | None = None) -> int:
                 / env.world_size,
             }
             metrics.update(run.train_examples.sample_counts(indices))  # train/samples/<name>
+            # MoE: train/aux_loss and train/moe/load_cv* (`sftkit.train.moe`).
+            metrics.update({k: v for k, v in result.items() if k.startswith("train/")})
             real = env.sum(sum(len(e.input_ids) for e in mine) // dims.cp)
             processed = env.sum(sum(b.input_ids.numel() for b in batches))
             metrics.update(

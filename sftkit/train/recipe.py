@@ -12,6 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sftkit.checkpoint import layout as ckpt
+from sftkit.checkpoint.checkpointer import Checkpointer, pick_resume_dir, resume_fingerprint
+from sftkit.checkpoint.state import seed_everything
 from sftkit.config import MasterConfig, config_to_dict
 from sftkit.data import PreparedData, load_tokenizer, prepare_data
 from sftkit.data.loader import BatchPlan, build_sampler
@@ -34,11 +37,10 @@ from sftkit.model.build import build_model
 from sftkit.model.load import DTYPES
 from sftkit.model.lora import lora_spec_from_config
 from sftkit.parallel_dims import ParallelDims
-from sftkit.train import checkpoint as ckpt
-from sftkit.train.checkpointer import Checkpointer, pick_resume_dir, resume_fingerprint
 from sftkit.train.loop import train
+from sftkit.train.moe import router_loss_for
 from sftkit.train.optim import build_optimizer, build_scheduler
-from sftkit.train.state import Run, seed_everything
+from sftkit.train.state import Run
 from sftkit.train.step import StepOptions, supports_chunked_loss
 from sftkit.train.validation import Validator
 
@@ -164,6 +166,7 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
         chunked_loss=supports_chunked_loss(model),
         chunk_size=cfg.policy.fused_loss_chunk_size,
         grad_scale=float(env.dims.gradient_divide_factor),
+        router=router_loss_for(model, env),
     )
     console = ConsoleReporter(total_steps, state.step, env.rank, cfg.logger.progress_bar)
     validator = Validator(

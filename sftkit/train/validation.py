@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from sftkit.batch import PackedBatch
+from sftkit.checkpoint.layout import ranking_metric
 from sftkit.config import MasterConfig
 from sftkit.config.schema import SFTConfig
 from sftkit.data.loader import BatchPlan, iterate_eval_batches, micro_batches, rank_share
@@ -17,7 +18,6 @@ from sftkit.data.types import ExampleSet
 from sftkit.dist import DistEnv
 from sftkit.log import ConsoleReporter, Loggers
 from sftkit.model.context_parallel import shard_batches
-from sftkit.train.checkpoint import ranking_metric
 from sftkit.train.samples import print_samples, val_samples
 from sftkit.train.step import StepOptions, validation_loss
 

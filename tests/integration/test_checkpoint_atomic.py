@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sftkit.train import checkpoint as ckpt
+from sftkit.checkpoint import layout as ckpt
 
 STEPS = 5
 EXACT = ("train/loss", "train/grad_norm", "train/lr")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from sftkit.train import checkpoint as ckpt
+from sftkit.checkpoint import layout as ckpt
 
 
 def saved_steps(work: Path) -> list[int]:

@@ -124,7 +124,7 @@ def test_fsdp2_two_ranks_match_one_rank(single: RunResult, fsdp: RunResult) -> N
 
 @pytest.mark.slow
 def test_export_consolidates_a_sharded_checkpoint(fsdp: RunResult, tmp_path: Path) -> None:
-    from sftkit.train.export import export_checkpoint
+    from sftkit.checkpoint.export import export_checkpoint
 
     out = export_checkpoint(fsdp.checkpoint_dir / "step_6", tmp_path / "hf")
     assert_same_weights(out, fsdp.checkpoint_dir / "final_hf")

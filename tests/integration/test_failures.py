@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sftkit.train import checkpoint as ckpt
+from sftkit.checkpoint import layout as ckpt
 from tests.conftest import QUICKSTART, one_example_data
 
 

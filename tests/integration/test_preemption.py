@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from sftkit.checkpoint import layout as ckpt
 from sftkit.errors import EXIT_REQUEUE
 from sftkit.lifecycle.signals import MARKER_NAME
-from sftkit.train import checkpoint as ckpt
 from tests.conftest import REPO, wait_for_step
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftkit.train import checkpoint as ckpt
+from sftkit.checkpoint import layout as ckpt
 
 EXACT = ("train/loss", "train/grad_norm", "train/lr", "train/global_valid_toks",
          "train/global_valid_seqs", "train/num_unmasked_tokens", "train/num_valid_samples")  # fmt: skip

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from sftkit.checkpoint import layout as ckpt
 from sftkit.errors import EXIT_REQUEUE
-from sftkit.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow  # real processes sent signals
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftkit.train import checkpoint as ckpt
-from sftkit.train.safe_load import UnsafeCheckpointError, dcp_load, load_metadata
+from sftkit.checkpoint import layout as ckpt
+from sftkit.checkpoint.safe_load import UnsafeCheckpointError, dcp_load, load_metadata
 
 
 class Exploit:

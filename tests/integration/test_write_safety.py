@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftkit.train import checkpoint as ckpt
+from sftkit.checkpoint import layout as ckpt
+from sftkit.checkpoint.state import check_finite_weights
 
 
 def steps(checkpoint_dir: Path) -> list[str]:
@@ -48,14 +49,14 @@ def test_nonfinite_weights_never_reach_a_checkpoint(small_run, tmp_path: Path, c
 
 def test_finite_weights_pass_and_every_rank_agrees() -> None:
     params = [torch.ones(3), torch.zeros(0), torch.full((2, 2), 1e30)]
-    ckpt.check_finite_weights(params, 1)
+    check_finite_weights(params, 1)
     with pytest.raises(Exception, match=r"after step 5 \(1 parameter tensors"):
-        ckpt.check_finite_weights([*params, torch.tensor([1.0, float("nan")])], 5)
+        check_finite_weights([*params, torch.tensor([1.0, float("nan")])], 5)
     for bad in (float("inf"), float("-inf"), float("nan")):
         with pytest.raises(Exception, match="non-finite weights"):
-            ckpt.check_finite_weights([torch.tensor([0.0, bad], dtype=torch.bfloat16)], 1)
+            check_finite_weights([torch.tensor([0.0, bad], dtype=torch.bfloat16)], 1)
     with pytest.raises(Exception, match="2 parameter tensors"):  # another rank found two
-        ckpt.check_finite_weights(params, 1, lambda local: local + 2)
+        check_finite_weights(params, 1, lambda local: local + 2)
 
 
 @pytest.mark.parametrize(
@@ -139,7 +140,7 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous(
 
 
 def test_a_failed_final_export_leaves_no_half_model(small_run, tmp_path: Path, monkeypatch) -> None:
-    import sftkit.train.checkpointer as checkpointer
+    import sftkit.checkpoint.checkpointer as checkpointer
 
     def dies_halfway(model: object, tokenizer: object, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -155,7 +156,7 @@ def test_a_failed_final_export_leaves_no_half_model(small_run, tmp_path: Path, m
 
 def test_export_replaces_its_output_whole(reference_run, tmp_path: Path, monkeypatch) -> None:
     import sftkit.model.load as load
-    from sftkit.train.export import export_checkpoint
+    from sftkit.checkpoint.export import export_checkpoint
 
     step = reference_run.checkpoint_dir / "step_3"
     out = export_checkpoint(step, tmp_path / "hf")

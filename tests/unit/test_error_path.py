@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from sftkit.checkpoint.layout import ResumeMismatchError
 from sftkit.cli import main as cli_main
 from sftkit.config import ConfigError
 from sftkit.data.errors import DataError
-from sftkit.errors import ArgumentParser, classify, install_excepthook, report_error
-from sftkit.train.checkpoint import ResumeMismatchError
-from sftkit.train.step import NonFiniteError
+from sftkit.errors import ArgumentParser, NonFiniteError, classify, install_excepthook, report_error
 
 SECRET = "hf_abcdefSECRET0123456789"
 

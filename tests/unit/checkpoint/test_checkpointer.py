@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from sftkit.checkpoint import layout as ckpt
+from sftkit.checkpoint.checkpointer import Checkpointer, pick_resume_dir
+from sftkit.checkpoint.state import TrainState
 from sftkit.config import load_config
 from sftkit.data.loader import GlobalBatchSampler
 from sftkit.dist import DistEnv
 from sftkit.model.build import build_model
 from sftkit.model.lora import lora_spec_from_config
-from sftkit.train import checkpoint as ckpt
-from sftkit.train.checkpointer import Checkpointer, pick_resume_dir
 from sftkit.train.optim import build_optimizer, build_scheduler
-from sftkit.train.state import TrainState
 
 ENV = DistEnv()
 FINGERPRINT = {"model": "tiny", "seed": 1}
@@ -108,8 +110,8 @@ def test_fingerprint_hides_secrets_in_model_and_tokenizer_names(
 ) -> None:
     """training_info.json is written as is: a URL password or an environment secret inside a
     model or tokenizer path must not reach it, and the resume check still compares alike."""
+    from sftkit.checkpoint.checkpointer import resume_fingerprint
     from sftkit.data.types import ExampleSet, PreparedData
-    from sftkit.train.checkpointer import resume_fingerprint
 
     monkeypatch.setenv("MODEL_STORE_TOKEN", "tok-0123456789abcdef")
     cfg = load_config(
@@ -125,6 +127,87 @@ def test_fingerprint_hides_secrets_in_model_and_tokenizer_names(
     assert "pw-417x" not in text and "tok-0123456789abcdef" not in text
     assert fingerprint["model"] == "https://bob:***@models.example.com/m"
     assert fingerprint == resume_fingerprint(cfg, None, data)
+
+
+FORMAT1 = Path(__file__).resolve().parents[2] / "fixtures" / "checkpoints" / "format1_lora"
+# The LoRA settings the fixture was trained with (rank 1 on q_proj keeps it at 60 KB).
+FORMAT1_LORA = [
+    *LORA,
+    "policy.dtensor_cfg.lora_cfg.dim=1",
+    "policy.dtensor_cfg.lora_cfg.match_all_linear=false",
+    "policy.dtensor_cfg.lora_cfg.target_modules=[q_proj]",
+]
+
+
+def test_a_format_1_checkpoint_from_before_the_registry_still_resumes(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """tests/fixtures/checkpoints/format1_lora was written by `sftkit.train.checkpointer` at
+    ea88fda, before the checkpoint became a registry of parts (two LoRA steps, then a save at
+    step 2, then `torch.rand(4)` recorded in expected.json). Every part loads from it."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(FORMAT1 / "step_2", tmp_path / "step_2")
+    expected = json.loads((FORMAT1 / "expected.json").read_text())
+    step = tmp_path / "step_2"
+    assert ckpt.verify(step) is None
+    assert "parts" not in json.loads((step / ckpt.MANIFEST).read_text())  # written before them
+
+    fresh = checkpointer(tiny_model_dir, tmp_path, 1, *FORMAT1_LORA)
+    fresh.resume_dir = pick_resume_dir(fresh.cfg.checkpointing, FINGERPRINT, ENV)
+    assert fresh.resume_dir == step
+    state = fresh.load()
+
+    assert state == TrainState(2, 0, 4, 12, {"train:loss": 2.5})
+    assert torch.equal(torch.rand(4), torch.tensor(expected["rand_after_load"]))
+    saved = load_file(str(step / "policy" / "weights" / "trainable.safetensors"))
+    params = dict(fresh.model.named_parameters())
+    assert saved and all(torch.equal(params[name], value) for name, value in saved.items())
+    optimizer = torch.load(step / "policy" / "optimizer" / "optimizer.pt", weights_only=True)
+    restored = fresh.optimizer.state_dict()["state"]
+    assert set(restored) == set(optimizer["state"]) and optimizer["state"]
+    for index, moments in optimizer["state"].items():
+        assert all(torch.equal(restored[index][k], moments[k]) for k in ("exp_avg", "exp_avg_sq"))
+    scheduler = torch.load(step / "policy" / "optimizer" / "scheduler.pt", weights_only=True)
+    assert fresh.scheduler.state_dict() == scheduler
+    assert fresh.sampler.state_dict() == expected["sampler"]
+
+
+class Counter:
+    def __init__(self, count: int = 0) -> None:
+        self.count = count
+
+    def state_dict(self) -> dict[str, int]:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.count = state["count"]
+
+
+def test_a_registered_part_is_saved_listed_and_loaded(tiny_model_dir: Path, tmp_path: Path) -> None:
+    saved = checkpointer(tiny_model_dir, tmp_path, 0)
+    saved.register("counter", Counter(7))
+    saved.register("per_rank", Counter(9), per_rank=True)
+    with pytest.raises(ValueError, match="'counter' is already registered"):
+        saved.register("counter", Counter())
+    path = saved.save(TrainState(step=1))
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    parts = ["counter", "model", "optimizer", "per_rank", "rng", "sampler", "scheduler"]
+    assert manifest["parts"] == sorted([*parts, "train_state"])
+    assert {"state/counter.pt", "state/per_rank/rank_0.pt"} <= set(manifest["files"])
+
+    fresh = checkpointer(tiny_model_dir, tmp_path, 1)
+    counter, per_rank = Counter(), Counter()
+    fresh.register("counter", counter)
+    fresh.register("per_rank", per_rank, per_rank=True)
+    fresh.register("absent_ok", Counter(5), optional=True)
+    fresh.resume_dir = path
+    fresh.load()
+    assert (counter.count, per_rank.count) == (7, 9)
+
+    fresh.register("absent", Counter())
+    with pytest.raises(ckpt.ResumeMismatchError, match=r"no state/absent.pt: .* 'absent' state"):
+        fresh.load()
 
 
 def test_unmeasured_metric_warned_once_and_not_at_the_last_save(

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sftkit.train import checkpoint as ckpt
+from sftkit.checkpoint import layout as ckpt
+from sftkit.checkpoint.layout import StepDir
+from sftkit.checkpoint.outputs import atomic_output_dir
 
 logger = logging.getLogger("sftkit")
 
@@ -22,11 +24,11 @@ def export_checkpoint(
 
     The checkpoint is untrusted input: its config.yaml asking for `trust_remote_code` (the
     model's own Python code) is refused unless the caller passes `trust_remote_code`."""
+    from sftkit.checkpoint.weights import ModelPart
     from sftkit.config import load_config
     from sftkit.model.builtin import adapter_base_name
     from sftkit.model.load import load_model, save_hf
     from sftkit.model.lora import apply_lora, lora_spec_from_config, merge_lora, save_adapter
-    from sftkit.train.checkpointer import load_policy
 
     if out.exists() and not _replaceable(out):
         raise ValueError(
@@ -36,7 +38,8 @@ def export_checkpoint(
     problem = ckpt.verify(checkpoint)
     if problem:
         raise ValueError(f"{checkpoint} is not a complete checkpoint: {problem}")
-    cfg = load_config(checkpoint / "config.yaml", [])
+    step = StepDir(checkpoint)
+    cfg = load_config(step.config, [])
     if cfg.policy.trust_remote_code and not trust_remote_code:
         raise ValueError(
             f"{checkpoint}/config.yaml sets policy.trust_remote_code=true: loading its model "
@@ -54,11 +57,11 @@ def export_checkpoint(
     elif adapter:
         raise ValueError(f"{checkpoint} is a full fine-tune; --adapter needs a LoRA run")
     # A multi-rank checkpoint (policy/dcp) is consolidated here, in one process.
-    load_policy(model, None, checkpoint, trainable_only=spec is not None, world_size=1)
+    ModelPart(model, trainable_only=spec is not None, world_size=1).load(step, rank=0)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "policy" / "tokenizer")
-    with ckpt.atomic_output_dir(out) as tmp:  # a kill never leaves a half model at `out`
+    tokenizer = AutoTokenizer.from_pretrained(step.tokenizer)
+    with atomic_output_dir(out) as tmp:  # a kill never leaves a half model at `out`
         if adapter:
             base = adapter_base_name(cfg.policy.model_name)  # loadable without sftkit
             save_adapter(model, tmp, base, spec)  # type: ignore[arg-type]
@@ -78,7 +81,7 @@ def resolve_checkpoint(path: Path) -> Path:
         steps = [p.name for _, p in ckpt.step_dirs(path.parent)] if path.parent.is_dir() else []
         there = f"; {path.parent} holds {', '.join(steps)}" if steps else ""
         raise ValueError(f"{path} does not exist{there}")
-    if (path / ckpt.INFO).exists():
+    if StepDir(path).info.exists():
         return path
     latest = ckpt.latest_checkpoint(path)
     if latest is None:

@@ -1,18 +1,30 @@
-"""Atomic, verified checkpoints in NeMo RL's layout, retention, and resume discovery.
+"""Where a checkpoint's files lie, and the atomic save, manifest, retention and resume
+discovery around them, in NeMo RL's layout. Every path of a checkpoint is asked of
+`CheckpointLayout` (the run's directory) or `StepDir` (one `step_N` in it):
 
     checkpoint_dir/step_N/
       training_info.json      counters, ranking metric, format version, fingerprint
       config.yaml             the resolved config, secrets redacted
       train_dataloader.pt     sampler position (two ints)
       rng/rank_R.pt           every RNG of rank R
-      policy/weights/         model.safetensors (full) or adapter_model.safetensors (LoRA)
+      policy/weights/         model.safetensors (full) or trainable.safetensors (LoRA)
       policy/optimizer/       optimizer.pt, scheduler.pt (when save_optimizer)
+      policy/dcp/             model and optimizer shards of a multi-rank run (DCP)
       policy/tokenizer/       the tokenizer with the training chat template
-      manifest.json           size and sha256 of every file above: written last
+      state/NAME.pt           a part registered by name (`Checkpointer.register`)
+      manifest.json           size and sha256 of every file above, the part names: last
+    checkpoint_dir/final_hf/, final_adapter/   the run's outputs
 
 A save is written to `tmp_step_N/` and renamed to `step_N/` by rank 0 after a barrier, once
 the manifest is on disk. A directory without a manifest, or whose files do not match it,
 is not a checkpoint: resume skips it with a warning and uses the one before.
+
+FORMAT_VERSION rule: it names what a reader must understand to resume. Adding a file that
+older checkpoints lack (a new registered part loaded as optional, a new manifest key) keeps
+the version. Moving, renaming or re-encoding an existing file, or making a new file
+required, raises it; `check_resumable` then either reads the old version through a reader
+written for it, or refuses it in one line naming both versions. Version 1 is the layout
+above (sftkit's first; the part names in the manifest are optional, so version 1 still).
 
 Fault injection for tests (inert unless the variable is set): `SFTKIT_TEST_SAVE_FAULT=<point>`
 or `<point>@<step>` kills the process with SIGKILL at that point of a save, and
@@ -33,8 +45,8 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +68,102 @@ FAULT_POINTS = (
     "start", "files_written", "info_written", "manifest_tmp", "manifest_written", "renamed",
     "retention",
 )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StepDir:
+    """The files of one checkpoint (`step_N`, or `tmp_step_N` while it is written)."""
+
+    path: Path
+
+    @property
+    def info(self) -> Path:
+        return self.path / INFO
+
+    @property
+    def manifest(self) -> Path:
+        return self.path / MANIFEST
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def sampler(self) -> Path:
+        return self.path / "train_dataloader.pt"
+
+    @property
+    def weights(self) -> Path:
+        return self.path / "policy" / "weights"
+
+    @property
+    def optimizer_dir(self) -> Path:
+        return self.path / "policy" / "optimizer"
+
+    @property
+    def optimizer(self) -> Path:
+        return self.optimizer_dir / "optimizer.pt"
+
+    @property
+    def scheduler(self) -> Path:
+        return self.optimizer_dir / "scheduler.pt"
+
+    @property
+    def dcp(self) -> Path:
+        return self.path / "policy" / "dcp"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / "policy" / "tokenizer"
+
+    @property
+    def consolidated(self) -> Path:
+        return self.path / "policy" / "consolidated"
+
+    def rng(self, rank: int) -> Path:
+        return self.path / "rng" / f"rank_{rank}.pt"
+
+    def part(self, name: str, rank: int | None = None) -> Path:
+        """A registered part's file: `state/NAME.pt`, or `state/NAME/rank_R.pt` per rank."""
+        if rank is None:
+            return self.path / "state" / f"{name}.pt"
+        return self.path / "state" / name / f"rank_{rank}.pt"
+
+    @property
+    def has_optimizer(self) -> bool:
+        """Saved with `save_optimizer` (the scheduler is written with the optimizer state)."""
+        return self.scheduler.exists()
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """The paths of a run's checkpoint directory (`checkpointing.checkpoint_dir`)."""
+
+    root: Path
+
+    def step(self, step: int) -> StepDir:
+        return StepDir(self.root / f"step_{step}")
+
+    def tmp(self, step: int) -> StepDir:
+        return StepDir(self.root / f"tmp_step_{step}")
+
+    @property
+    def final_hf(self) -> Path:
+        return self.root / "final_hf"
+
+    @property
+    def final_adapter(self) -> Path:
+        return self.root / "final_adapter"
+
+    def holds_checkpoints(self) -> bool:
+        """`root` is a step_N directory or a checkpoint directory with one (eval, export)."""
+        return StepDir(self.root).info.is_file() or any(self.root.glob(f"step_*/{INFO}"))
+
+    def steps(self) -> list[tuple[int, Path]]:
+        return step_dirs(self.root)
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.root)
 
 
 class ResumeMismatchError(ValueError):
@@ -87,7 +195,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -95,8 +203,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(directory: Path, step: int | None = None) -> None:
-    """Record size and hash of every file, then fsync: the commit point of a save."""
+def write_manifest(directory: Path, step: int | None = None, parts: Iterable[str] = ()) -> None:
+    """Record size and hash of every file and the registered `parts`' names, then fsync:
+    the commit point of a save."""
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
         with open(path, "rb") as f:
@@ -107,7 +216,8 @@ def write_manifest(directory: Path, step: int | None = None) -> None:
         }
     tmp = directory / (MANIFEST + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"format_version": FORMAT_VERSION, "files": files}, f, indent=1)
+        manifest = {"format_version": FORMAT_VERSION, "parts": sorted(parts), "files": files}
+        json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     fault_point("manifest_tmp", step)
@@ -275,35 +385,6 @@ def archive_old_checkpoints(checkpoint_dir: Path) -> Path | None:
     return archive
 
 
-def check_finite_weights(
-    params: Iterable[Any], step: int, agree: Callable[[float], float] = lambda x: x
-) -> None:
-    """Raise NonFiniteError when any parameter holds inf/NaN (before a save, never per step).
-
-    One fused max-abs reduction over this rank's shards and one host read; `agree` (the
-    run's max over ranks) makes every rank stop together. `lr=1e30 weight_decay=1e12` turns
-    the weights non-finite in the update after a finite loss: without this check `step_1`
-    held them and resuming repeated the failure.
-    """
-    import torch
-
-    from sftkit.train.step import NonFiniteError
-
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
-    tensors = [t.detach() for t in local if t.numel() > 0]
-    bad = 0.0
-    if tensors:
-        peaks = torch._foreach_norm(tensors, float("inf"))
-        bad = float((~torch.isfinite(torch.stack([p.float() for p in peaks]))).sum())
-    bad = agree(bad)
-    if bad:
-        raise NonFiniteError(
-            f"non-finite weights after step {step} ({int(bad)} parameter tensors hold inf/NaN); "
-            "not saved, so the previous checkpoint stays the resume point. Lower "
-            "policy.optimizer.kwargs.lr or weight_decay, or use policy.precision=float32."
-        )
-
-
 def save_checkpoint(
     checkpoint_dir: Path,
     step: int,
@@ -312,17 +393,21 @@ def save_checkpoint(
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
     size_hint: int = 0,
+    parts: Iterable[str] = (),
 ) -> Path:
     """Write one checkpoint atomically and return its final path.
 
     `write_files(tmp_dir)` runs on every rank (each writes its own parts); rank 0 then
     writes training_info.json and the manifest and renames after a barrier. A full disk
     removes the partial `tmp_step_N` and raises CheckpointWriteError saying how much space
-    the save needs (the previous checkpoint's size, else `size_hint` bytes).
+    the save needs (the previous checkpoint's size, else `size_hint` bytes). `parts`: the
+    names the manifest lists.
     """
-    tmp = checkpoint_dir / f"tmp_step_{step}"
+    tmp = CheckpointLayout(checkpoint_dir).tmp(step).path
     try:
-        return _save_checkpoint(checkpoint_dir, tmp, step, info, write_files, rank, barrier)
+        return _save_checkpoint(
+            checkpoint_dir, tmp, step, info, write_files, rank, barrier, list(parts)
+        )
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -357,8 +442,9 @@ def _save_checkpoint(
     write_files: Callable[[Path], None],
     rank: int,
     barrier: Callable[[], None],
+    parts: list[str],
 ) -> Path:
-    final = checkpoint_dir / f"step_{step}"
+    final = CheckpointLayout(checkpoint_dir).step(step).path
     if rank == 0:
         fault_point("start", step)
         remove_stale_tmp_dirs(checkpoint_dir)
@@ -368,10 +454,10 @@ def _save_checkpoint(
     barrier()
     if rank == 0:
         fault_point("files_written", step)
-        with open(tmp / INFO, "w") as f:
+        with open(StepDir(tmp).info, "w") as f:
             json.dump(info, f, indent=1)
         fault_point("info_written", step)
-        write_manifest(tmp, step)
+        write_manifest(tmp, step, parts)
         fault_point("manifest_written", step)
         if final.is_symlink():  # never follow a link out of checkpoint_dir
             final.unlink()
@@ -379,55 +465,9 @@ def _save_checkpoint(
             shutil.rmtree(final)
         os.rename(tmp, final)
         fault_point("renamed", step)
-        _fsync_dir(checkpoint_dir)
+        fsync_dir(checkpoint_dir)
     barrier()
     return final
-
-
-@contextmanager
-def atomic_output_dir(final: Path, write: bool = True) -> Iterator[Path]:
-    """Yield a temporary sibling of `final` to write into; once the block ends it replaces
-    `final` by a rename, so a kill never leaves a half-written model (final_hf, exports).
-    `write=False` (ranks that take part in a gather but write nothing) only yields the path.
-    """
-    tmp = final.parent / f".tmp_{final.name}"
-    if not write:
-        yield tmp
-        return
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    _follow_umask(tmp)
-    old = final.parent / f".old_{final.name}"
-    if final.exists() or final.is_symlink():
-        _remove(old)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _remove(old)
-    _fsync_dir(final.parent)
-
-
-def _follow_umask(directory: Path) -> None:
-    """Give what was written under `directory` the modes the user's umask asks for:
-    transformers writes weights through a temporary file, which leaves them 0600 (unreadable
-    to a group that shares the models) whatever the umask."""
-    mask = os.umask(0)
-    os.umask(mask)  # reading the umask means setting it; put it straight back
-    for path in [directory, *directory.rglob("*")]:
-        if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-
-
-def _remove(path: Path) -> None:
-    """Delete a file, a link (never what it points to) or a directory tree."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
 
 
 def check_writable(directory: Path, key: str) -> None:

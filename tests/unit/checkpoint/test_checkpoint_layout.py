@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sftkit.train import checkpoint as ckpt
+from sftkit.checkpoint import layout as ckpt
 
 
 def fake_checkpoint(root: Path, step: int, info: dict) -> Path:

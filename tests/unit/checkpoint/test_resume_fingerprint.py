@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from sftkit.checkpoint import layout as ckpt
+from sftkit.checkpoint.checkpointer import resume_fingerprint
 from sftkit.config import MasterConfig, load_config
 from sftkit.data.types import ExampleSet, PreparedData
 from sftkit.log.redact import scrub
-from sftkit.train import checkpoint as ckpt
-from sftkit.train.checkpointer import resume_fingerprint
 
 REPO = Path(__file__).resolve().parents[3]
 QUICKSTART = REPO / "examples" / "configs" / "quickstart.yaml"

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from sftkit.train.state import TrainState, rng_state, set_rng_state
+from sftkit.checkpoint.state import TrainState, rng_state, set_rng_state
 
 
 def draws() -> tuple[float, float, float, float]:

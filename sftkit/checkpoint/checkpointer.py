@@ -1,0 +1,342 @@
+"""The Checkpointer: a registry of the run's stateful parts, saved and loaded together.
+
+Modelled on torchtitan's `CheckpointManager` (a `states` dict of `Stateful`): setup builds
+one `Checkpointer`, which registers the run's parts; the loop asks `should_save(step, ...)`
+and calls `save(state)`, setup calls `load()`, and `save_final()` writes the run's outputs.
+Where files lie and the atomic save (tmp dir, manifest, rename, retention) are
+`sftkit.checkpoint.layout`'s; a part decides what goes in its files.
+
+    part          object                      file (step_N/...)
+    model         weights.ModelPart           policy/weights/ (one process), policy/dcp
+    optimizer     weights.OptimizerPart       policy/optimizer/optimizer.pt, policy/dcp
+    scheduler     the LR scheduler            policy/optimizer/scheduler.pt (save_optimizer)
+    sampler       the batch sampler           train_dataloader.pt (rank 0)
+    rng           state.RngState              rng/rank_R.pt (each rank)
+    (header)      state.TrainState            training_info.json, with the fingerprint
+    (outputs)     config, tokenizer, HF copy  config.yaml, policy/tokenizer/, consolidated/
+
+One process vs several ranks differs only inside the model and optimizer parts. A new piece
+of state (EMA weights, another sampler's position) is one class with `state_dict` and
+`load_state_dict` and one `register` call (below, or on the built Checkpointer): it is
+saved on every save as `state/NAME.pt`, listed in the manifest, and resumed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from sftkit.checkpoint import layout as ckpt
+from sftkit.checkpoint.layout import CheckpointLayout, StepDir
+from sftkit.checkpoint.outputs import atomic_output_dir
+from sftkit.checkpoint.safe_load import load_state_file
+from sftkit.checkpoint.state import RngState, TrainState, check_finite_weights
+from sftkit.checkpoint.weights import ModelPart, OptimizerPart, gather_hf, save_shards
+from sftkit.config import MasterConfig, config_to_yaml
+from sftkit.config.checks import unmeasured_saves
+from sftkit.config.schema import CheckpointingConfig
+from sftkit.data import PreparedData
+from sftkit.data.loader import GlobalBatchSampler
+from sftkit.dist import DistEnv
+from sftkit.log.model_card import write_model_card
+from sftkit.log.redact import scrub
+from sftkit.model.builtin import adapter_base_name
+from sftkit.model.load import save_hf
+from sftkit.model.lora import LoraSpec, merge_lora, save_adapter
+
+logger = logging.getLogger("sftkit")
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything whose state a checkpoint can hold (torch's `Stateful` protocol)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class Part(Protocol):
+    """A registered part: writes its files of a step, and loads them back."""
+
+    def save(self, step: StepDir, rank: int, shards: dict[str, Any]) -> None:
+        """This rank's files in `step`; state for the step's one DCP save goes in `shards`."""
+
+    def load(self, step: StepDir, rank: int) -> None: ...
+
+
+@dataclass
+class FilePart:
+    """A `Stateful` kept as one torch file (loaded weights-only): rank 0's, or one per rank."""
+
+    name: str
+    state: Stateful
+    path: Callable[[StepDir, int], Path]  # where in a step, for a rank
+    per_rank: bool = False  # every rank saves and loads its own file (RNG)
+    optional: bool = False  # a checkpoint without the file resumes, this state left as it is
+    enabled: bool = True  # saved at all (the scheduler follows checkpointing.save_optimizer)
+
+    def save(self, step: StepDir, rank: int, shards: dict[str, Any]) -> None:
+        if not self.enabled or (rank != 0 and not self.per_rank):
+            return
+        path = self.path(step, rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state.state_dict(), path)
+
+    def load(self, step: StepDir, rank: int) -> None:
+        path = self.path(step, rank if self.per_rank else 0)
+        if path.exists():
+            self.state.load_state_dict(load_state_file(path))
+        elif not self.optional:
+            raise ckpt.ResumeMismatchError(
+                f"{step.path} has no {path.relative_to(step.path)}: it was saved without this "
+                f"run's {self.name!r} state. Resume from a checkpoint that has it, or start "
+                "fresh with checkpointing.resume=false"
+            )
+
+
+@dataclass
+class Checkpointer:
+    """Saves and loads every registered part of the run, and the run's counters."""
+
+    cfg: MasterConfig
+    env: DistEnv
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # torch LRScheduler (state_dict / load_state_dict)
+    sampler: GlobalBatchSampler
+    tokenizer: Any
+    lora: LoraSpec | None
+    fingerprint: dict[str, Any]  # `resume_fingerprint`, stored in and checked against info
+    resume_dir: Path | None = None  # `pick_resume_dir`'s choice, read by `load`
+    unmeasured_warned: bool = False  # the "metric not measured" warning is said once a run
+    states: dict[str, Part] = field(init=False, default_factory=dict)  # the registry
+
+    def __post_init__(self) -> None:
+        c, world, lora = self.cfg.checkpointing, self.env.world_size, self.lora is not None
+        # Saved in this order; loaded in it too, except the RNG, which is restored last.
+        self.states = {
+            "rng": FilePart("rng", RngState(), StepDir.rng, per_rank=True, optional=True),
+            "model": ModelPart(self.model, lora, world),
+            "optimizer": OptimizerPart(self.model, self.optimizer, lora, world, c.save_optimizer),
+            "scheduler": FilePart(
+                "scheduler",
+                self.scheduler,
+                lambda step, _: step.scheduler,
+                optional=True,
+                enabled=c.save_optimizer,
+            ),  # fmt: skip
+            "sampler": FilePart("sampler", self.sampler, lambda step, _: step.sampler),
+        }
+
+    def register(
+        self, name: str, state: Part | Stateful, per_rank: bool = False, optional: bool = False
+    ) -> None:
+        """Save and resume `state` with the rest: a `Part`, or any `Stateful`, which is kept
+        in `state/NAME.pt` (`per_rank`: `state/NAME/rank_R.pt`). `optional`: checkpoints
+        written before it was registered still resume, leaving it as it is."""
+        if name in self.states or name == "train_state":
+            raise ValueError(f"a checkpoint part named {name!r} is already registered")
+        if not isinstance(state, Part):
+
+            def path(step: StepDir, rank: int) -> Path:
+                return step.part(name, rank if per_rank else None)
+
+            state = FilePart(name, state, path, per_rank=per_rank, optional=optional)
+        self.states[name] = state
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.cfg.checkpointing.checkpoint_dir)
+
+    @property
+    def layout(self) -> CheckpointLayout:
+        return CheckpointLayout(self.directory)
+
+    def should_save(self, step: int, last_step: bool, stopping: bool = False) -> bool:
+        """Save at the last step, every `save_period` / `ft_save_period` steps, and before
+        stopping early (signal or deadline); never when checkpointing is off."""
+        c = self.cfg.checkpointing
+        if not c.enabled:
+            return False
+        periodic = c.save_period > 0 and step % c.save_period == 0
+        ft = bool(c.ft_save_period) and step % c.ft_save_period == 0  # type: ignore[operator]
+        return last_step or periodic or ft or stopping
+
+    def save(self, state: TrainState, last: bool = False) -> Path:
+        """An atomic checkpoint of everything the next step depends on, then retention.
+
+        `last`: the run's final or stopping save; it stays the latest checkpoint, so an
+        unmeasured ranking metric costs nothing there and is not warned about."""
+        c = self.cfg.checkpointing
+        # A misaligned save_period was reported once at load (unmeasured_saves).
+        warn = not (last or self.unmeasured_warned) and unmeasured_saves(self.cfg) is None
+        self.unmeasured_warned |= warn and c.metric_name not in state.metrics
+        check_finite_weights(self.model.parameters(), state.step, self.env.max)
+        state.epoch = self.sampler.epoch
+        info = {**state.state_dict(), "format_version": ckpt.FORMAT_VERSION}
+        info["fingerprint"] = {
+            k: v for k, v in self.fingerprint.items() if k != ckpt.LEGACY_FINGERPRINT
+        }
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        path = ckpt.save_checkpoint(
+            self.directory, state.step, info, self._write_files, self.env.rank, self.env.barrier,
+            size_hint=weights * (3 if c.save_optimizer else 1),  # Adam: weights + 2 moments
+            parts=[*self.states, "train_state"],
+        )  # fmt: skip
+        if self.env.is_main:
+            ckpt.apply_retention(
+                self.directory, c.metric_name, c.keep_top_k, c.higher_is_better,
+                c.ft_keep_latest_k, warn_missing=warn,
+            )  # fmt: skip
+            logger.info("Saved checkpoint %s", path)
+        return path
+
+    def _write_files(self, directory: Path) -> None:
+        """This rank's files of a checkpoint in `directory` (called on every rank)."""
+        c = self.cfg.checkpointing
+        step, rank, sharded = StepDir(directory), self.env.rank, self.env.world_size > 1
+        shards: dict[str, Any] = {}
+        for part in self.states.values():
+            part.save(step, rank, shards)
+        if shards:  # every rank writes its shards (torch.distributed.checkpoint)
+            save_shards(shards, step.dcp)
+        if sharded and c.save_consolidated:  # collective: every rank gathers
+            self.export_hf(step.consolidated, merge=False)
+        if rank != 0:
+            return
+        step.config.write_text(config_to_yaml(self.cfg))
+        self.tokenizer.save_pretrained(step.tokenizer)
+        if c.save_consolidated and not sharded:
+            self.export_hf(step.consolidated, merge=False)
+
+    def load(self) -> TrainState:
+        """Restore every registered part from `resume_dir`; returns its counters (a fresh
+        `TrainState` when there is nothing to resume)."""
+        if self.resume_dir is None:
+            return TrainState()
+        step = StepDir(self.resume_dir)
+        # The RNG last: nothing restored after it may draw from a generator.
+        for _, part in sorted(self.states.items(), key=lambda item: item[0] == "rng"):
+            part.load(step, self.env.rank)
+        state = TrainState()
+        state.load_state_dict(ckpt.read_info(step.path))
+        logger.info("Resumed from %s at step %d", step.path, state.step)
+        return state
+
+    def export_hf(self, directory: Path, merge: bool) -> None:
+        """HF directory of the current weights; LoRA runs merge (in place only when `merge`).
+
+        Sharded runs gather the full weights to rank 0 (collective: every rank calls)."""
+        if self.env.world_size > 1:
+            gather_hf(self.model, self.tokenizer, directory, self.env.is_main, merge_lora=True)
+            return
+        if self.lora is None:
+            save_hf(self.model, self.tokenizer, directory)
+            return
+        model = self.model if merge else copy.deepcopy(self.model)
+        merge_lora(model)
+        save_hf(model, self.tokenizer, directory)
+
+    def save_final(self, step: int, exp_dir: Path | None) -> Path:
+        """Write `final_hf/` (and `final_adapter/` for LoRA) under the checkpoint directory,
+        or with checkpointing disabled under the run's `exp_dir` (None off rank 0, which
+        writes nothing), each atomically (a kill never leaves half a model there); refused
+        when the weights are non-finite."""
+        out = self.directory if self.cfg.checkpointing.enabled else exp_dir or self.directory
+        outputs = CheckpointLayout(out)
+        check_finite_weights(self.model.parameters(), step, self.env.max)
+        if self.lora is not None:
+            base = adapter_base_name(self.cfg.policy.model_name)  # loadable without sftkit
+            with atomic_output_dir(outputs.final_adapter, write=self.env.is_main) as tmp:
+                save_adapter(self.model, tmp, base, self.lora)
+        if self.env.is_main or self.env.world_size > 1:  # sharded: every rank gathers
+            with atomic_output_dir(outputs.final_hf, write=self.env.is_main) as tmp:
+                self.export_hf(tmp, merge=True)
+                if self.env.is_main:
+                    write_model_card(
+                        tmp, self.cfg, step, exp_dir, adapter_base_name(self.cfg.policy.model_name)
+                    )
+        if self.env.is_main:
+            logger.info("Final model: %s", outputs.final_hf)
+        self.env.barrier()
+        return outputs.final_hf
+
+
+# ----------------------------------------------------------------------------- resume pick
+
+
+def resume_fingerprint(cfg: MasterConfig, tokenizer: Any, data: PreparedData) -> dict[str, Any]:
+    """What makes resuming meaningful, keyed on the effective (derived) values: a LoRA set
+    through Megatron's peft or lora_cfg alike, the length limit actually applied. Micro-batch
+    size, token budget and `use_triton` are left out: they cannot change the loss or the
+    gradient, so changing them to fit memory or a layout is allowed.
+
+    `ckpt.LEGACY_FINGERPRINT` holds the raw-value form that checkpoints written before
+    derived values stored; `ckpt.check_resumable` compares such a checkpoint against it."""
+    p = cfg.policy
+    template = getattr(tokenizer, "chat_template", None) or ""
+    lora = asdict(p.dtensor_cfg.lora_cfg)  # Megatron's peft is translated into it at load
+    lora.pop("use_triton")
+    common = {
+        # scrubbed: training_info.json is written as is (a URL password in a model path
+        # must not reach it); both sides of the resume check are scrubbed alike
+        "model": scrub(p.model_name),
+        "tokenizer": scrub(str(p.tokenizer.name)),
+        "chat_template_sha": hashlib.sha256(str(template).encode()).hexdigest()[:16],
+        "train_data": data.train.digest(),  # tokens, masks, dataset names and weights
+        "train_global_batch_size": p.train_global_batch_size,
+        "seed": cfg.sft.seed,
+        "shuffle": cfg.data.shuffle,
+    }
+    # The old form keyed on the raw lora_cfg; after load it differs from the effective one
+    # only in lora_dtype (new) and use_triton (turned off under TP; True is its default).
+    d = p.dtensor_cfg
+    raw_lora = {k: v for k, v in lora.items() if k != "lora_dtype"}
+    raw_lora["use_triton"] = d.lora_cfg.use_triton or d.tensor_parallel_size > 1
+    legacy_lora = raw_lora if lora["enabled"] and not p.megatron_cfg.enabled else None
+    return {
+        **common,
+        "fingerprint_version": 2,
+        "lora": lora if lora["enabled"] else None,
+        "max_input_seq_length": cfg.data.max_input_seq_length,  # the limit applied
+        ckpt.LEGACY_FINGERPRINT: {
+            **common,
+            "lora": legacy_lora,
+            "megatron_peft": asdict(p.megatron_cfg.peft) if p.megatron_cfg.enabled else None,
+            "max_total_sequence_length": p.max_total_sequence_length,
+        },
+    }
+
+
+def pick_resume_dir(
+    c: CheckpointingConfig, fingerprint: dict[str, Any], env: DistEnv
+) -> Path | None:
+    """The checkpoint to resume from, or None (after moving old ones aside if starting fresh).
+
+    Runs before the (slow) model load, so a mismatch is reported at once."""
+    if not c.enabled:
+        return None
+    directory = Path(c.checkpoint_dir)
+    latest = ckpt.latest_checkpoint(directory)
+    if latest is not None and c.resume:
+        try:
+            ckpt.check_resumable(latest, fingerprint)
+            return latest
+        except ckpt.ResumeMismatchError:
+            if c.resume_mismatch != "fresh":
+                raise
+            logger.warning("Checkpoint %s does not match this run: starting fresh", latest)
+    if env.is_main and ckpt.step_dirs(directory):
+        ckpt.archive_old_checkpoints(directory)
+    env.barrier()
+    return None
