@@ -13,6 +13,7 @@ from torch import nn
 
 from sftkit.model.attention import set_attention_implementation
 from sftkit.model.builtin import resolve_model_path
+from sftkit.model.size_check import check_model_size
 
 logger = logging.getLogger("sftkit")
 
@@ -92,6 +93,7 @@ def model_config(
     from transformers import AutoConfig
 
     path = resolve_model_path(model_name)
+    _refuse_pickled_weights(model_name, Path(path))
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -104,7 +106,23 @@ def model_config(
                 "spelling"
             )
         setattr(config, key, value)
+    check_model_size(config, model_name)  # before anything is allocated, even on meta
     return path, config
+
+
+def _refuse_pickled_weights(model_name: str, path: Path) -> None:
+    """A local model directory with pickled weights only (`pytorch_model.bin`) is refused in
+    one line: loading a pickle can run code, and transformers' weights-only unpickler
+    ended in an `UnpicklingError` traceback."""
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for ext in ("bin", "pt", "pth", "ckpt") for p in path.glob(f"*.{ext}"))
+    if pickles:
+        raise ValueError(
+            f"policy.model_name={model_name!r}: {path / pickles[0]} holds pickled weights, which "
+            "sftkit does not load (unpickling can run code); convert the model to safetensors "
+            "(model.save_pretrained(dir, safe_serialization=True) where you trust the file)"
+        )
 
 
 def _unloadable(model_name: str, err: OSError) -> str:

@@ -465,7 +465,7 @@ FUSED_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
+@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run --group dev pytest -m heavy`
 @pytest.mark.slow
 def test_fused_kernels_patch_families_exactly_or_not_at_all(run_triton_interpreted) -> None:
     out = run_triton_interpreted(FUSED_SCRIPT)
