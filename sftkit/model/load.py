@@ -17,6 +17,9 @@ from sftkit.model.size_check import check_model_size
 
 logger = logging.getLogger("sftkit")
 
+# MoE router-loss switches: "off" on a model without a router loss is a no-op, not a typo.
+ROUTER_LOSS_SWITCHES = ("router_aux_loss_coef", "output_router_logits")
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -99,6 +102,18 @@ def model_config(
     except OSError as err:
         raise ValueError(_unloadable(model_name, err)) from err
     for key, value in (overrides or {}).items():
+        if not hasattr(config, key) and key in ROUTER_LOSS_SWITCHES and not value:
+            # NeMo RL's Nemotron-3 Nano recipes set router_aux_loss_coef: 0.0; transformers'
+            # NemotronHConfig has no such field and its forward adds no router loss, so
+            # turning it off changes nothing. Any other absent field is refused below.
+            logger.warning(
+                "policy.hf_config_overrides.%s=%r: %s has no such field and its model adds no "
+                "router loss, so there is nothing to turn off; ignored",
+                key,
+                value,
+                type(config).__name__,
+            )
+            continue
         if not hasattr(config, key):
             raise ValueError(
                 f"policy.hf_config_overrides.{key}: {type(config).__name__} has no field "
@@ -152,3 +167,49 @@ def save_hf(model: nn.Module, tokenizer: Any, directory: Path) -> None:
     model.save_pretrained(directory, safe_serialization=True)  # type: ignore[operator]  # HF model
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+def moe_routers(model: nn.Module) -> set[str]:
+    """Names of MoE router layers: an `nn.Linear` subclass named `*Router` (Llama 4), or a
+    linear gate beside an `experts` module (Mixtral-style `gate`, Qwen3-Next's
+    `shared_expert_gate`). LoRA never adapts them: a low-rank update to the router moves
+    every token's expert choice, which the MoE recipes this follows keep frozen."""
+    routers = {n for n, m in model.named_modules() if type(m).__name__.endswith("Router")}
+    for name, module in model.named_modules():
+        if hasattr(module, "experts"):
+            for child, sub in module.named_children():
+                if (
+                    isinstance(sub, nn.Linear)
+                    and ("gate" in child or "router" in child)
+                    and (not child.endswith("_proj"))
+                ):
+                    routers.add(f"{name}.{child}" if name else child)
+    return routers
+
+
+# Mamba mixers whose CUDA path (`mamba_split_conv1d_scan_combined`) reads `out_proj.weight`
+# directly: a LoRA there is skipped on GPU (PEFT refuses it for these model types too).
+MAMBA_MODEL_TYPES = frozenset({"mamba", "mamba2", "falcon_mamba", "falcon_h1", "nemotron_h",
+                               "bamba", "granitemoehybrid", "zamba2"})  # fmt: skip
+
+
+def lora_unsafe_leaves(model: nn.Module) -> set[str]:
+    """Leaf names that all-linear LoRA leaves out: Mamba's `out_proj` (above), and those that
+    PEFT (0.21, transformers 5) re-targets onto an MoE model's fused experts when it loads an
+    adapter, as if it came from transformers 4 (`gate_proj`, `up_proj`, `down_proj` for the
+    Qwen2-MoE pattern: DeepSeek-V3, GLM-4.5, Qwen3-Next). An adapter on dense or
+    shared-expert layers of those names loads wrong in PEFT (0.5 off on a tiny GLM-4.5)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    unsafe = {"out_proj"} if model_type in MAMBA_MODEL_TYPES else set()
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            _MODEL_TO_CONVERSION_PATTERN,
+            _MOE_TARGET_MODULE_MAPPING,
+        )
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # no PEFT (or another layout of it): nothing to avoid
+        return unsafe
+    base = _MODEL_TO_CONVERSION_PATTERN.get(str(model_type))
+    if base is None or get_checkpoint_conversion_mapping(model_type) is None:
+        return unsafe
+    return unsafe | set(_MOE_TARGET_MODULE_MAPPING.get(base, {}))

@@ -120,7 +120,7 @@ def train(run: Run, stop: StopFlag | None = None) -> int:
             if checkpointer.should_save(step, last_step, stopping):
                 ensure_held(run.lock, env)  # a run whose lock was taken over writes nothing
                 t_save = time.monotonic()
-                checkpointer.save(state)
+                checkpointer.save(state, last=last_step or stopping)
                 deadline.last_save = time.monotonic() - t_save
                 run.loggers.log({"timing/train/checkpointing": deadline.last_save}, step)
             if stopping:

@@ -25,12 +25,14 @@ from sftkit.lifecycle.signals import Preempted, StopFlag, preempted_marker, writ
 from sftkit.log import (
     ConsoleReporter,
     Loggers,
+    active_matmul_params,
     build_loggers,
     device_peak_flops,
     flops_per_token,
     install_redaction,
     setup_logging,
 )
+from sftkit.log.plots import curves_at_end
 from sftkit.log.rundir import run_exp_dir
 from sftkit.model.build import build_model
 from sftkit.model.load import DTYPES
@@ -132,7 +134,6 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     seed_everything(cfg.sft.seed)
     tokenizer = load_tokenizer(cfg.policy)
     data = prepare_data(cfg, tokenizer)
-    logger.info("Data: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.report.items())))
     check_before_model(cfg, env, data)
     fingerprint = resume_fingerprint(cfg, tokenizer, data)
     resume_dir, new_stage = pick_resume_dir(cfg.checkpointing, fingerprint, env)
@@ -191,7 +192,9 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
         console=console,
         total_steps=total_steps,
         deadline=ckpt.parse_deadline(cfg.checkpointing.checkpoint_must_save_by),
-        flops_per_token=flops_per_token(model.config, int(mean_len), lora=lora is not None),
+        flops_per_token=flops_per_token(
+            model.config, int(mean_len), lora=lora is not None, n_params=active_matmul_params(model)
+        ),
         peak_flops=device_peak_flops(env.device) if env.device.type == "cuda" else None,
     )
 
@@ -223,6 +226,7 @@ def run_sft(cfg: MasterConfig) -> int:
             if code == 0:
                 ensure_held(lock, env)
                 run.checkpointer.save_final(step, run.loggers.exp_dir)
+                curves_at_end(run.loggers.exp_dir)  # exp_NNN/curves.png (matplotlib: optional)
         finally:
             run.console.close()
             run.loggers.close()
