@@ -144,8 +144,12 @@ def test_guide_data_section_tools_and_dtensor_lora_in_one_run(guide: dict[str, P
     assert proc.returncode == 0, proc.stderr[-3000:]
     err = proc.stderr
     # 38 + 8 + 9 rows; 2 of the 40 held out (5%) join the 4 validation rows; nothing dropped
-    assert "train/rows=55" in err and "validation/rows=6" in err
-    assert "dropped_overlong=0" in err and "dropped_untrainable=0" in err
+    # the data line names its counters and leaves out the zero ones (issue 29: said once, in
+    # words a user reads; it printed `train/rows=55 ... dropped_overlong=0` before)
+    (data_line,) = [line for line in err.splitlines() if "data ready" in line]
+    assert "train 55 examples of 55 rows" in data_line
+    assert "validation 6 examples of 6 rows" in data_line
+    assert "dropped" not in data_line and "too long" not in data_line
     assert "does not take" not in err  # the default block is no noise for openai_format
     adapter = json.loads((work / "ckpt" / "final_adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 16 and "o_proj" not in str(adapter)
@@ -269,5 +273,5 @@ def test_user_mistakes_fail_in_one_line_before_training(
                      f"checkpointing.checkpoint_dir={d / 'drop'}", f"logger.log_dir={d / 'drop'}",
                      "sft.max_num_steps=1", f"data.cache_dir={d / 'cache'}"])  # fmt: skip
     err = capsys.readouterr().err
-    assert code == 0 and "validation/dropped_overlong=4" in err, err[-2000:]
-    assert "validation/examples=4" in err
+    assert code == 0 and "validation 4 examples of 8 rows" in err, err[-2000:]
+    assert "4 dropped as too long" in err, err[-2000:]  # 4 of the 8 kept: examples=4 above
