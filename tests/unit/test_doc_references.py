@@ -22,7 +22,7 @@ SUFFIXES = {".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".txt", ".cfg"}
 OUTSIDE = re.compile(
     r"(?<![\w/])reference/|\bDESIGN\.md|\bSTYLE\.md|(?<!docs/)\bperf\.md|nemo_rl_sft|"
     r"sft-guide|\baesthetics\b|\bpeers\.md|\breliability\.md|ecosystem-20\d\d|"
-    r"\.\./shared|/work/shared|nemo_rl_7ea279ab"
+    r"\.\./shared|/work/shared"
 )
 DOCS_LINK = re.compile(r"\bdocs/([\w./-]+\.md)")
 
