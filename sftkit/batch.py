@@ -44,6 +44,9 @@ class PackedBatch:
     cu_seqlens: Tensor | None  # [segments + 1] int32 over the flattened rows; None when padded
     max_seqlen: int  # longest segment (packed) or T (padded)
     num_target_tokens: int  # trained target positions after the shift
+    # [rows, T] 1 on example tokens, 0 on padding: HF's `attention_mask`, for statistics
+    # that must not count pads (an MoE router's balancing loss); None on CP shards.
+    real_tokens: Tensor | None = None
 
     def to(self, device: torch.device | str) -> PackedBatch:
         """Copy the tensors to `device` (asynchronously when it is a GPU)."""
@@ -103,7 +106,12 @@ def collate_padded(examples: list[Example], pad_id: int, multiple_of: int) -> Pa
     # Pads keep counting up: with right padding and causal attention they only follow real
     # tokens, so their positions never reach a trained token.
     position_ids = torch.arange(width, dtype=torch.long).expand(len(examples), width).clone()
-    return PackedBatch(input_ids, labels, position_ids, None, width, _count_targets(labels))
+    real = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, (ids, _) in enumerate(examples):
+        real[r, : len(ids)] = 1
+    return PackedBatch(
+        input_ids, labels, position_ids, None, width, _count_targets(labels), real_tokens=real
+    )
 
 
 def collate_packed(
@@ -119,6 +127,7 @@ def collate_packed(
     input_ids = torch.full((len(bins), row_tokens), pad_id, dtype=torch.long)
     labels = torch.full((len(bins), row_tokens), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(bins), row_tokens), dtype=torch.long)
+    real = torch.zeros((len(bins), row_tokens), dtype=torch.long)
     boundaries = [0]
     for r, bin_ in enumerate(bins):
         start = 0
@@ -137,6 +146,7 @@ def collate_packed(
             input_ids[r, start:end] = torch.tensor(ids, dtype=torch.long)
             labels[r, start:end] = torch.tensor(doc_labels, dtype=torch.long)
             position_ids[r, start:end] = torch.arange(len(ids))
+            real[r, start:end] = 1
             start = end
             boundaries.append(r * row_tokens + end)
         if start < row_tokens:  # the pad tail is a segment of its own
@@ -145,5 +155,6 @@ def collate_packed(
     cu_seqlens = torch.tensor(boundaries, dtype=torch.int32)
     max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     return PackedBatch(
-        input_ids, labels, position_ids, cu_seqlens, max_seqlen, _count_targets(labels)
-    )
+        input_ids, labels, position_ids, cu_seqlens, max_seqlen, _count_targets(labels),
+        real_tokens=real,
+    )  # fmt: skip

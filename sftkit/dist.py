@@ -81,6 +81,15 @@ class DistEnv:
         dist.all_reduce(tensor, group=group)
         return float(tensor.item())
 
+    def sum_tensor(self, value: torch.Tensor) -> torch.Tensor:
+        """`sum` for a tensor of per-batch-share counts (the same group, float64)."""
+        if not self.initialized:
+            return value
+        group = self.group("dp_cp") if self.dims.tp > 1 else None
+        tensor = value.to(self._collective_device(), torch.float64)
+        dist.all_reduce(tensor, group=group)
+        return tensor
+
     def max(self, value: float) -> float:
         """Max over every rank (stop signals, micro-batch counts)."""
         if not self.initialized:

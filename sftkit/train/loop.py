@@ -86,6 +86,8 @@ def train(run: Run, stop: StopFlag | None = None) -> int:
                 / env.world_size,
             }
             metrics.update(run.train_examples.sample_counts(indices))  # train/samples/<name>
+            # MoE: train/aux_loss and train/moe/load_cv* (`sftkit.train.moe`).
+            metrics.update({k: v for k, v in result.items() if k.startswith("train/")})
             real = env.sum(sum(len(e.input_ids) for e in mine) // dims.cp)
             processed = env.sum(sum(b.input_ids.numel() for b in batches))
             metrics.update(

@@ -37,6 +37,7 @@ from sftkit.model.load import DTYPES
 from sftkit.model.lora import lora_spec_from_config
 from sftkit.parallel_dims import ParallelDims
 from sftkit.train.loop import train
+from sftkit.train.moe import router_loss_for
 from sftkit.train.optim import build_optimizer, build_scheduler
 from sftkit.train.state import Run
 from sftkit.train.step import StepOptions, supports_chunked_loss
@@ -165,6 +166,7 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
         chunked_loss=supports_chunked_loss(model),
         chunk_size=cfg.policy.fused_loss_chunk_size,
         grad_scale=float(env.dims.gradient_divide_factor),
+        router=router_loss_for(model, env),
     )
     console = ConsoleReporter(total_steps, state.step, env.rank, cfg.logger.progress_bar)
     validator = Validator(

@@ -5,7 +5,9 @@ loss = (sum of token NLL over every trained token of the global batch)
 
 The denominator is known before any forward pass, so each micro-batch contributes its
 exact share and neither gradient accumulation nor the number of ranks changes the loss or
-the gradient.
+the gradient. An MoE model's router balancing loss (`sftkit.train.moe`) adds
+`coef * aux(micro-batch) * targets(micro-batch) / global targets` per micro-batch: one
+micro-batch on one rank is HF's `loss + coef * aux_loss`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from sftkit.batch import IGNORE_INDEX, PackedBatch
 from sftkit.dist import DistEnv, clip_grad_norm
 from sftkit.errors import NonFiniteError
 from sftkit.train.loss import chunked_loss_blocker, chunked_nll_sum, model_hidden_and_head
+from sftkit.train.moe import RouterLoss, load_metrics
 
 logger = logging.getLogger("sftkit")
 
@@ -38,6 +41,7 @@ class StepOptions:
     chunk_size: int
     grad_scale: float = 1.0  # undoes gradient averaging by a data-parallel wrapper
     fused_ce: bool | None = None  # Triton loss kernel for the chunked head (None: on CUDA)
+    router: RouterLoss | None = None  # an MoE family's balancing loss (`train.moe`)
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -86,12 +90,28 @@ def train_step(
     model.train()
     # Summed on the device: the host reads the loss once per step, not once per micro-batch.
     local_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+    local_aux = torch.zeros((), dtype=torch.float64, device=env.device)
     denominator = max(global_tokens, 1)
+    router = opts.router
+    # [layers, experts] real tokens routed to each expert, summed over micro-batches (MoE).
+    load = torch.zeros(router.load_shape if router else (0, 0), device=env.device)
     for batch in batches:
         batch = batch.to(env.device)
-        with autocast(env.device, opts.compute_dtype):
+        recording: contextlib.AbstractContextManager[list[torch.Tensor]] = (
+            router.record() if router is not None else contextlib.nullcontext([])
+        )
+        with recording as routed, autocast(env.device, opts.compute_dtype):
             nll = micro_batch_nll(model, batch, opts)
-        (nll * (opts.grad_scale / denominator)).backward()
+        objective = nll * (opts.grad_scale / denominator)
+        if router is not None and batch.real_tokens is not None:
+            share = batch.num_target_tokens / denominator  # 0 for a dummy micro-batch
+            aux, routed_load = router.aux_and_load(routed, batch.real_tokens)
+            if router.in_loss:
+                objective = objective + aux * (router.coef * share * opts.grad_scale)
+            local_aux += share * aux.detach().double()
+            if batch.num_target_tokens:  # not a dummy micro-batch
+                load += routed_load
+        objective.backward()
         local_loss += nll.detach().double() / denominator
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = opts.max_grad_norm if opts.max_grad_norm else math.inf
@@ -113,6 +133,10 @@ def train_step(
             "untouched. Lower policy.optimizer.kwargs.lr (or weight_decay)."
         ) from err
     optimizer.zero_grad(set_to_none=True)
+    metrics = {"loss": loss, "grad_norm": grad_norm}
+    if router is not None:  # train/loss stays the NLL; the router's term is logged beside it
+        metrics["train/aux_loss"] = env.sum(float(local_aux))
+        metrics.update(load_metrics(env.sum_tensor(load)))
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise NonFiniteError(
             f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step} "
@@ -120,7 +144,7 @@ def train_step(
             "applied and the last checkpoint is untouched. Lower the learning rate, check the "
             "data at this step, or use policy.precision=float32."
         )
-    return {"loss": loss, "grad_norm": grad_norm}
+    return metrics
 
 
 def device_side_update(optimizer: torch.optim.Optimizer, env: DistEnv) -> bool:
