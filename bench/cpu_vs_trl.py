@@ -20,8 +20,8 @@ Reported: real (non-pad) tokens/s of each side, their ratio (target >= 1.3), pad
 fraction, and the mean loss over the measured steps (similar on both sides: a sanity check;
 they differ a little because TRL shuffles the examples).
 
-    uv run python bench/cpu_vs_trl.py              # 1 warm-up + 6 measured steps per side
-    uv run python bench/cpu_vs_trl.py --tiny       # 1 + 2 (the tests run this)
+    uv run --group dev python bench/cpu_vs_trl.py              # 1 warm-up + 6 measured steps per side
+    uv run --group dev python bench/cpu_vs_trl.py --tiny       # 1 + 2 (the tests run this)
 """
 
 from __future__ import annotations

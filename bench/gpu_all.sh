@@ -121,7 +121,7 @@ if on fsdp && [ "$B" -gt 20 ]; then
   echo "exit $?" >> "$OUT/fsdp.log"
 fi
 # The heavy CPU tests (3+ gloo ranks each, minutes on a 2-core CI machine, left out of
-# `uv run pytest`) run here on the device machine's 16 cores when time is left.
+# `uv run --group dev pytest`) run here on the device machine's 16 cores when time is left.
 B=$(left)
 if on heavy && [ "$B" -gt 60 ]; then
   timeout $(( B - 10 )) python -m pytest -q -p no:cacheprovider -o addopts="" -m heavy tests \

@@ -12,7 +12,7 @@ line to `$OUT/fsdp.jsonl` as it finishes: tokens/s over the timed steps, peak
 `torch.cuda.max_memory_allocated` (CPU: peak RSS), first and last loss.
 
     PYTHONPATH=. OUT=/tmp/out python bench/gpu_fsdp.py        # GPU, both cases < 3 minutes
-    OUT=/tmp/out uv run python bench/gpu_fsdp.py --tiny       # CPU, tiny model, gloo
+    OUT=/tmp/out uv run --group dev python bench/gpu_fsdp.py --tiny       # CPU, tiny model, gloo
 """
 
 from __future__ import annotations

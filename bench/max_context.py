@@ -36,7 +36,7 @@ The verification time grows with the square of the length (attention): `--max-le
 is the uncapped fit, `capped` says when the cap decided.
 
     PYTHONPATH=. OUT=/tmp/out python bench/max_context.py          # GPU, < 8 minutes
-    uv run python bench/max_context.py --tiny --out /tmp/max_context.jsonl   # CPU, seconds
+    uv run --group dev python bench/max_context.py --tiny --out /tmp/max_context.jsonl   # CPU, seconds
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ efficiency (real tokens / processed tokens, >= 0.97 required) over 32 global bat
 distribution, and per mode real (non-pad) tokens/s, padding fraction and the first global
 batch's loss (the two modes must agree: that checks packing end to end).
 
-    uv run python bench/packing.py --tiny          # CPU, seconds
-    uv run python bench/packing.py                 # GPU, about a minute on an H100/H200
+    uv run --group dev python bench/packing.py --tiny          # CPU, seconds
+    uv run --group dev python bench/packing.py                 # GPU, about a minute on an H100/H200
 """
 
 from __future__ import annotations

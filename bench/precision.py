@@ -8,7 +8,7 @@ steps and the relative gap to float32 master weights. Default: the built-in tiny
 the bundled addition data; `--size 100m` trains a random-init Llama of about 85M parameters
 (hidden 768, 12 layers) with the built-in tokenizer instead.
 
-    uv run python bench/precision.py --lr 3e-5 --steps 300 --windows 6 \
+    uv run --group dev python bench/precision.py --lr 3e-5 --steps 300 --windows 6 \
         policy.train_global_batch_size=16 policy.train_micro_batch_size=16      (CPU)
     PYTHONPATH=. python bench/precision.py --device cuda --size 100m --modes fp32_master,fp8 \
         --lr 3e-4 --steps 200 --out $OUT/precision.jsonl                       (GPU, FP8 check)

@@ -37,7 +37,7 @@ baseline table's convention) and at the documents' attention context (`mfu_doc`)
 tokens/s and memory over Liger's per mode (target: >= 1.25x tokens/s, <= memory).
 
     PYTHONPATH=. OUT=/tmp/out python bench/sft_gpu.py     # GPU, all cases < 4 minutes
-    uv run python bench/sft_gpu.py --tiny --out /tmp/sft_gpu.jsonl   # CPU smoke run
+    uv run --group dev python bench/sft_gpu.py --tiny --out /tmp/sft_gpu.jsonl   # CPU smoke run
 """
 
 from __future__ import annotations

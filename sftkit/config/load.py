@@ -38,7 +38,9 @@ from sftkit.config.checks import (
 from sftkit.config.compat import alias_key, rename_aliases, rewrite_references
 from sftkit.config.derive import derive
 from sftkit.config.errors import ConfigError
+from sftkit.config.limits import check_defaults_depth, check_sections, check_yaml_file
 from sftkit.config.overrides import apply_overrides, lookup
+from sftkit.config.ranges import check_ranges
 from sftkit.config.schema import DATASET_KEYS, DataConfig, MasterConfig
 
 logger = logging.getLogger("sftkit")
@@ -190,6 +192,7 @@ def _build(config_path: str | Path | None, overrides: list[str]) -> tuple[DictCo
         raise _omegaconf_error(exc, tree, sources) from None
     assert isinstance(obj, MasterConfig)
     check_config(obj, sources)
+    check_ranges(obj, sources)
     return cfg, obj
 
 
@@ -211,6 +214,7 @@ def read_config_tree(
     if path in _chain:
         cycle = " -> ".join(p.name for p in (*_chain, path))
         raise ConfigError(f"Config files include each other through defaults: {cycle}.")
+    check_defaults_depth(_chain, path)
     data = _read_yaml(path, _chain[-1] if _chain else None)
     parents = data.pop("defaults", None)
     rename_aliases(data, str(path))
@@ -229,6 +233,7 @@ def _read_yaml(path: Path, included_by: Path | None) -> dict[str, Any]:
     if not path.is_file():
         hint = "" if origin else " Pass an existing file with --config PATH."
         raise ConfigError(f"Config file not found: {path}{origin}.{hint}")
+    check_yaml_file(path, origin)  # alias bombs and deep nesting, before OmegaConf expands them
     data: Any
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
@@ -238,6 +243,7 @@ def _read_yaml(path: Path, included_by: Path | None) -> dict[str, Any]:
         raise ConfigError(
             f"Config file {path} must hold a mapping of sections, not {type(data).__name__}."
         )
+    check_sections(data, path, origin)
     return data
 
 

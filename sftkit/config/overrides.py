@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from sftkit.config.errors import ConfigError
+from sftkit.config.limits import check_override_depth
 
 Op = Literal["set", "add", "force", "delete"]
 
@@ -42,6 +43,7 @@ class Override:
 
 def parse_override(text: str) -> Override:
     """Parse `a.b=v`, `++a.b=v`, `+a.b=v`, `~a.b` or `~a.b=v`; ConfigError names the override."""
+    check_override_depth(text)  # parse_value recurses per bracket
     body, op = _split_op(text.strip())
     key, sep, raw = body.partition("=")
     key = key.strip()

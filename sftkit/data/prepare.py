@@ -29,6 +29,7 @@ from sftkit.config.checks import default_name
 from sftkit.config.schema import DataConfig, MasterConfig, PolicyConfig
 from sftkit.data import cache
 from sftkit.data.datasets import has_split, iter_rows, load_dataset
+from sftkit.data.errors import DataError
 from sftkit.data.processor import (
     BatchResult,
     OverlongPolicy,
@@ -81,10 +82,25 @@ def prepare_data(cfg: MasterConfig, tokenizer: Any) -> PreparedData:
     settings = settings_from_config(data, cfg.policy, cfg.sft.only_unmask_final)
     train, validation = dataset_entries(data)
     parts = collect_parts(train, validation)
-    cache_dir = Path(data.cache_dir).expanduser() if data.cache_dir else cache.default_cache_dir()
+    cache_dir = _cache_dir(data.cache_dir)
     result = tokenize_splits(parts, tokenizer, settings, max(1, data.num_workers), cache_dir)
     result.train = result.train.with_weights({e.name: e.weight for e in train})
     return result
+
+
+def _cache_dir(setting: str | None) -> Path:
+    """The cache directory, checked before the hashing pass (minutes on large data)."""
+    where = f"data.cache_dir={setting!r}" if setting else "the default data.cache_dir"
+    path = Path(setting).expanduser() if setting else cache.default_cache_dir()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{where} is a file, not a directory; point data.cache_dir at one.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot create {path} ({exc.strerror}).") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{where}: {path} is not writable; choose another data.cache_dir.")
+    return path
 
 
 def settings_from_config(
@@ -188,11 +204,22 @@ def tokenize_splits(
     if not rows["train"]:
         raise ValueError("data.train produced no rows. Check data.train (or data.dataset_name).")
     directory = cache_dir / key
-    meta = cache.read_meta(directory)
-    hit = meta is not None
-    if meta is None:
-        Processor(tokenizer, settings)  # fail fast on tokenizer/template problems, in-process
-        meta = _build(parts, tokenizer, settings, workers, cache_dir, key, sum(rows.values()))
+    cache.remove_abandoned(cache_dir)  # temp entries of killed builds
+    with cache.node_lock(cache_dir, key):  # one process per node checks or builds the entry
+        meta = cache.read_meta(directory)
+        problem = meta and cache.entry_problem(directory, meta, SPLITS, len(tokenizer))
+        if meta is not None and problem:
+            logger.warning("data cache entry %s is damaged: %s; rebuilding it", directory, problem)
+            cache.discard(directory)
+            meta = None
+        hit = meta is not None
+        if meta is None:
+            Processor(tokenizer, settings)  # fail fast on tokenizer/template problems
+            meta = _build(parts, tokenizer, settings, workers, cache_dir, key, sum(rows.values()))
+            meta = cache.read_meta(directory) or meta  # another node may have published first
+            problem = cache.entry_problem(directory, meta, SPLITS, len(tokenizer))
+            if problem:  # a bug in this build, or a disk that loses writes
+                raise DataError(str(directory), f"the entry just built is damaged: {problem}.")
     sets = {split: cache.open_split(directory, split, meta[split]) for split in SPLITS}
     result = PreparedData(sets["train"], sets["validation"], {"cache_hit": int(hit)})
     for split in SPLITS:

@@ -44,6 +44,8 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from sftkit.data import render_guard
+from sftkit.data.errors import DataError
 from sftkit.data.messages import (
     Messages,
     arguments_as_objects,
@@ -66,8 +68,23 @@ class TemplateRejected(ValueError):
     """The chat template raised (e.g. `raise_exception('roles must alternate')`)."""
 
 
+def _row_timeout(budget: float) -> TemplateRejected:
+    return TemplateRejected(
+        f"rendering it took more than {budget:g} s (the template loops too long)"
+    )
+
+
+def _probe_timeout(budget: float) -> DataError:
+    return DataError(
+        "policy.tokenizer.chat_template",
+        f"rendering a two-turn probe conversation took more than {budget:g} s.",
+        "use a template without runaway loops.",
+    )
+
+
 def compile_template(source: str) -> jinja2.Template:
     """Compile in the same sandbox transformers uses (`ImmutableSandboxedEnvironment`)."""
+    render_guard.check_jinja_version()
     try:  # transformers' own environment: identical filters, globals and `{% generation %}`
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
@@ -121,12 +138,14 @@ class ChatRenderer:
         self.source = source
         self._template = compile_template(source)
         self._variables = dict(variables or {})
-        self.probe = self._probe()
         self._warned: set[str] = set()  # adaptations / dropped roles already logged
         # conversations that took the single render ("fast") or the prefix renders
         self.stats = {"fast": 0, "fallback": 0}
         self._verify_left = VERIFY_FIRST
-        self._fast = self._fast_path_agrees_on_probes()
+        budget = render_guard.RENDER_BUDGET_S
+        with render_guard.time_budget(budget, lambda: _probe_timeout(budget)):
+            self.probe = self._probe()
+            self._fast = self._fast_path_agrees_on_probes()
 
     # -- rendering -------------------------------------------------------------------
     def render(
@@ -135,15 +154,20 @@ class ChatRenderer:
         tools: list[Any] | None = None,
         add_generation_prompt: bool = False,
     ) -> str:
-        """Render messages to text; any template error becomes `TemplateRejected`."""
+        """Render messages to text; any template error (or running over the time budget,
+        when no row's budget encloses this render) becomes `TemplateRejected`."""
+        budget = render_guard.RENDER_BUDGET_S
         try:
-            return self._template.render(
-                messages=messages,
-                tools=tools,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **self._variables,
-            )
+            with render_guard.time_budget(budget, lambda: _row_timeout(budget)):
+                return self._template.render(
+                    messages=messages,
+                    tools=tools,
+                    documents=None,
+                    add_generation_prompt=add_generation_prompt,
+                    **self._variables,
+                )
+        except TemplateRejected:
+            raise
         except jinja2.exceptions.TemplateError as err:
             raise TemplateRejected(str(err)) from err
         except Exception as err:  # noqa: BLE001 - e.g. TypeError from `'text' + {...}`
@@ -157,6 +181,13 @@ class ChatRenderer:
         A conversation the template rejects is retried with the adaptations of `_variants` (e.g. a leading
         system message folded into the first user turn, NeMo RL #2863).
         """
+        budget = render_guard.RENDER_BUDGET_S
+        with render_guard.time_budget(budget, lambda: _row_timeout(budget)):
+            return self._render_spans(messages, tools)
+
+    def _render_spans(
+        self, messages: list[dict[str, Any]], tools: list[Any] | None
+    ) -> tuple[str, list[Span], list[dict[str, Any]]]:
         full, messages, tools = self.render_full(messages, tools)
         spans = self._fast_spans(full, messages, tools) if self._fast else None
         if spans is None:

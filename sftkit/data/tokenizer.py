@@ -49,6 +49,12 @@ def load_tokenizer(policy: PolicyConfig) -> PreTrainedTokenizerBase:
     tokenizer.chat_template = resolve_chat_template(tok_cfg, tokenizer, name)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # as NeMo RL does
+    if tokenizer.pad_token_id is None:  # else a TypeError when the first batch is padded
+        raise ValueError(
+            f"policy.tokenizer.name={name!r}: the tokenizer has neither a pad nor an EOS token, "
+            "and batches are padded with one; set eos_token (or pad_token) in its "
+            "tokenizer_config.json, or use a tokenizer that has them."
+        )
     return tokenizer
 
 

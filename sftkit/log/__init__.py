@@ -21,6 +21,7 @@ from sftkit.log.console import (
     setup_logging,
 )
 from sftkit.log.flops import (
+    active_matmul_params,
     device_peak_flops,
     flops_per_token,
     matmul_params,
@@ -64,6 +65,7 @@ __all__ = [
     "check_reachable",
     "device_peak_flops",
     "flatten",
+    "active_matmul_params",
     "flops_per_token",
     "format_eta",
     "format_step_line",

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 # Dense bf16 peaks (FLOP/s). "H100" alone means SXM, as in torchtitan; HBM3 is SXM and
 # HBM2e is PCIe, as in composer. Order matters: the first match wins.
@@ -86,6 +87,50 @@ def matmul_params(model_config: Any) -> int:
     else:
         mlp = 3 * hidden * ffn  # gate, up and down projections (SwiGLU)
     return layers * (attention + mlp) + vocab * hidden
+
+
+def active_matmul_params(model: nn.Module) -> int:
+    """N counted on the model itself: the parameters a token's matmuls use.
+
+    Every weight of two or more dimensions but the input embedding, the output head included
+    (tied or not); LoRA's factors are left out (frozen-base convention above). Routed
+    experts count `num_experts_per_tok / num_experts` of their weights: fused experts
+    (transformers 5's `*Experts` modules, weights [experts, out, in]) and ModuleLists named
+    `experts` alike. Config formulas miss MLA projections, shared experts, dense layers
+    between MoE layers and SSM blocks; the model does not (DeepSeek-V3, Llama 4, Nemotron-H).
+    """
+    config: Any = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    per_token = int(_get(text, "num_experts_per_tok", "moe_topk", default=0) or 0)
+    out = model.get_output_embeddings()  # type: ignore[operator]
+    head = getattr(out, "weight", None)
+    expert_params: set[int] = set()
+    total = 0.0
+    for name, module in model.named_modules():
+        fused = type(module).__name__.endswith("Experts")
+        listed = isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "experts"
+        if not (fused or listed) or not per_token:
+            continue
+        params = [p for n, p in module.named_parameters() if "lora_" not in n]
+        count = len(module) if listed else max((p.shape[0] for p in params), default=1)
+        for p in params:
+            expert_params.add(id(p))
+            if p.dim() >= (3 if fused else 2):  # fused biases are [experts, out]
+                total += p.numel() * min(per_token, count) / count
+    # Lookups are no matmuls: the input embedding, GPT-2's position table (unless tied head)
+    lookups = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
+               for p in m.parameters() if p is not head}  # fmt: skip
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in expert_params or id(p) in lookups or p.dim() < 2 or "lora_" in name:
+            continue
+        if p is head and name != _head_name(model, out):
+            continue  # a tied head is seen twice: count it once, as the head
+        total += p.numel()
+    return int(total)
+
+
+def _head_name(model: nn.Module, out: Any) -> str:
+    return next(f"{n}.weight" for n, m in model.named_modules() if m is out)
 
 
 def flops_per_token(

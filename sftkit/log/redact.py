@@ -17,11 +17,13 @@ tracebacks, eval results) goes through it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 REDACTED = "***"
@@ -109,8 +111,11 @@ def _redact(obj: Any, secrets: list[str], under_secret: bool) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         obj = dataclasses.asdict(obj)
     if isinstance(obj, Mapping):  # dicts, OmegaConf DictConfig
-        return {
-            key: _redact(value, secrets, is_secret_name(str(key))) for key, value in obj.items()
+        return {  # keys are scrubbed too: they become tracker parameter names
+            (scrub(key, secrets) if isinstance(key, str) else key): _redact(
+                value, secrets, is_secret_name(str(key))
+            )
+            for key, value in obj.items()
         }
     if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
         items = [_redact(item, secrets, under_secret) for item in obj]
@@ -118,6 +123,38 @@ def _redact(obj: Any, secrets: list[str], under_secret: bool) -> Any:
     if isinstance(obj, str):
         return REDACTED if under_secret and obj else scrub(obj, secrets)
     return obj
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """A copy of a command line with secrets replaced: the value of a secret-named override
+    (`++logger.wandb.api_key=...`) or option (`--hf-token X`, `--hf-token=X`), URL
+    passwords and environment secrets anywhere."""
+    secrets = env_secrets()
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        name = key.lstrip("+~-").rsplit(".", 1)[-1]
+        if hide_next:
+            out.append(REDACTED)
+        elif sep and is_secret_name(name):
+            out.append(f"{key}={REDACTED}")
+        else:
+            out.append(scrub(arg, secrets))
+        hide_next = not sep and arg.startswith("--") and is_secret_name(name)
+    return out
+
+
+@contextlib.contextmanager
+def redacted_argv() -> Iterator[None]:
+    """`sys.argv` redacted while the block runs (a tracker's init records the command line:
+    wandb stored a secret override verbatim in run-*.wandb)."""
+    original = list(sys.argv)
+    sys.argv[:] = redact_argv(original)
+    try:
+        yield
+    finally:
+        sys.argv[:] = original
 
 
 class RedactingFilter(logging.Filter):

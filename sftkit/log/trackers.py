@@ -6,6 +6,7 @@ Each is imported only when enabled, writes under the run directory (`exp_dir/wan
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from sftkit.log.redact import redact, scrub
+from sftkit.log.redact import redact, redacted_argv, scrub
 from sftkit.log.sinks import to_number
 
 log = logging.getLogger("sftkit")
@@ -29,6 +30,19 @@ _MLFLOW_PARAM_MAX = 500
 _MLFLOW_BATCH = 100
 # Characters MLflow accepts in parameter and metric names; others become "_".
 _MLFLOW_UNSAFE = re.compile(r"[^\w\-. /:]")
+_MLFLOW_KEY_MAX = 250  # MLflow rejects longer parameter and metric names
+
+
+def mlflow_name(name: str) -> str:
+    """`name` as MLflow accepts it: safe characters, no `.`/`..`/empty path segments (MLflow
+    rejects names that normalise to another path, e.g. a dataset named `../x`), at most
+    250 characters (a hash of the full name keeps long names apart)."""
+    key = _MLFLOW_UNSAFE.sub("_", name)
+    key = "/".join({"": "_", ".": "_", "..": "__"}.get(part, part) for part in key.split("/"))
+    if len(key) > _MLFLOW_KEY_MAX:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        key = f"{key[: _MLFLOW_KEY_MAX - 9]}-{digest}"
+    return key
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -147,17 +161,24 @@ class WandbSink:
         self.dir = Path(exp_dir) / "wandb"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.mode = mode
-        self._run = wandb.init(
+        with redacted_argv():  # wandb records sys.argv in the run's metadata
+            self._run = self._init(wandb, config, project, name, entity, mode)
+        log.info("wandb run %s (%s) in %s", self._run.name, mode, self.dir)
+
+    def _init(
+        self, wandb: Any, config: dict[str, Any], project: str, name: str,
+        entity: str | None, mode: str,
+    ) -> Any:  # fmt: skip
+        return wandb.init(
             project=scrub(project),
             name=scrub(name),
             entity=entity,
             dir=str(self.dir),
-            mode=mode,  # type: ignore[arg-type]  # checked above
+            mode=mode,  # checked in decide_wandb_mode
             config=redact(config),
             # Code and git state are not uploaded: they may hold secrets; the config is enough.
             settings=wandb.Settings(save_code=False, disable_git=True, quiet=True),
         )
-        log.info("wandb run %s (%s) in %s", self._run.name, mode, self.dir)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         values = {name: to_number(v) for name, v in metrics.items()}
@@ -239,10 +260,11 @@ class MlflowSink:
             if experiment
             else self._client.create_experiment(experiment_name)
         )
-        run = self._client.create_run(experiment_id, run_name=run_name)
+        with redacted_argv():
+            run = self._client.create_run(experiment_id, run_name=run_name)
         self.run_id: str = run.info.run_id
         params = [
-            Param(_MLFLOW_UNSAFE.sub("_", key), str(value)[:_MLFLOW_PARAM_MAX])
+            Param(mlflow_name(key), str(value)[:_MLFLOW_PARAM_MAX])
             for key, value in flatten(redact(config)).items()
         ]
         for i in range(0, len(params), _MLFLOW_BATCH):
@@ -254,7 +276,7 @@ class MlflowSink:
 
         now = int(time.time() * 1000)
         batch = [
-            Metric(_MLFLOW_UNSAFE.sub("_", name), float(value), now, step)
+            Metric(mlflow_name(name), float(value), now, step)
             for name, v in metrics.items()
             if (value := to_number(v)) is not None
         ]

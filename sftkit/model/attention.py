@@ -37,6 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sftkit.model.attention_features import (
+    LayerFeatures,
+    apply_sinks,
+    chunk_bounds,
+    model_type,
+    read_features,
+)
 from sftkit.model.flex import flex as _flex
 from sftkit.model.flex import flex_api as _flex_api
 
@@ -107,13 +114,24 @@ def resolve_backend(requested: Backend, device: torch.device, dtype: torch.dtype
 
 
 def _backend_for_layer(
-    backend: str, requested: Backend, window: int | None, softcap: float | None, dropout: float
+    backend: str,
+    requested: Backend,
+    window: int | None,
+    softcap: float | None,
+    dropout: float,
+    sinks: bool = False,
+    value_dim_differs: bool = False,
 ) -> str:
-    """`backend` adjusted to what one layer needs: varlen has no softcap (and older torch no
-    window), varlen and flex have no dropout. `auto` moves on; an explicit choice fails."""
+    """`backend` adjusted to what one layer needs: varlen has no softcap, sinks or MLA value
+    heads (and older torch no window), varlen and flex have no dropout. `auto` moves on; an
+    explicit choice fails."""
     needs: list[str] = []
     if backend == "varlen" and softcap is not None:
         needs.append("attention-logit softcapping")
+    if backend == "varlen" and sinks:
+        needs.append("attention sinks")
+    if backend == "varlen" and value_dim_differs:
+        needs.append("value heads of another size than key heads (MLA)")
     if backend == "varlen" and window is not None and "window_size" not in _varlen_params():
         needs.append("a sliding window on this torch")
     if backend in ("varlen", "flex") and dropout > 0:
@@ -206,9 +224,11 @@ def _math_attention(
     dropout: float,
     scaling: float | None,
     softcap: float | None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
-    """Attention with explicit scores ([..., H, T, D] in, same out), for softcapping, which
-    SDPA lacks. Follows HF's Gemma2 eager maths: scale, tanh cap, mask, float32 softmax."""
+    """Attention with explicit scores ([..., H, T, D] in, same out), for softcapping and
+    sinks, which SDPA lacks. Follows HF's eager maths (Gemma2, gpt-oss): scale, tanh cap,
+    mask, one sink logit per head appended, float32 softmax, the sink's weight dropped."""
     groups = query.shape[-3] // key.shape[-3]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=-3)
@@ -218,7 +238,12 @@ def _math_attention(
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink], dim=-1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if sinks is not None:
+        probs = probs[..., :-1]
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
     return torch.matmul(probs, value)
 
@@ -242,22 +267,24 @@ def _per_segment(
     scaling: float | None,
     window: int | None,
     softcap: float | None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
-    """One causal attention per segment; [rows, T, heads, head_dim] out."""
-    rows, heads, width, head_dim = query.shape
+    """One causal attention per segment; [rows, T, heads, value_dim] out."""
+    rows, heads, width, _ = query.shape
+    value_dim = value.shape[-1]  # MLA: value heads may be narrower than query/key heads
 
     def flat(x: Tensor) -> Tensor:  # [rows, h, T, D] -> [h, rows * T, D]
-        return x.transpose(0, 1).reshape(x.shape[1], rows * width, head_dim)
+        return x.transpose(0, 1).reshape(x.shape[1], rows * width, x.shape[-1])
 
     q, k, v = flat(query), flat(key), flat(value)
     bounds = cu_seqlens.tolist()
     gqa = k.shape[0] != heads
     outs = []
     for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-        if softcap is not None:
+        if softcap is not None or sinks is not None:
             mask = _causal(e - s, window, q.device)
             outs.append(_math_attention(q[:, s:e], k[:, s:e], v[:, s:e], mask, dropout,
-                                        scaling, softcap))  # fmt: skip
+                                        scaling, softcap, sinks))  # fmt: skip
         elif window is not None and e - s > window:
             mask = _causal(e - s, window, q.device)
             outs.append(F.scaled_dot_product_attention(
@@ -269,7 +296,7 @@ def _per_segment(
                 q[:, s:e], k[:, s:e], v[:, s:e], dropout_p=dropout, is_causal=True,
                 scale=scaling, enable_gqa=gqa,
             ))  # fmt: skip
-    return torch.cat(outs, dim=1).view(heads, rows, width, head_dim).permute(1, 2, 0, 3)
+    return torch.cat(outs, dim=1).view(heads, rows, width, value_dim).permute(1, 2, 0, 3)
 
 
 def _packed_forward(
@@ -283,10 +310,12 @@ def _packed_forward(
     scaling: float | None,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
-    """Attention over packed rows, [rows, T, heads, head_dim] out; q/k/v are [rows, H, T, D].
+    """Attention over packed rows, [rows, T, heads, value_dim] out; q/k/v are [rows, H, T, D].
 
-    `window` (keys visible per query, itself included) and `softcap` apply per document."""
+    `window` (keys visible per query, itself included), `softcap` and `sinks` (one extra
+    logit per head) apply per document."""
     rows, heads, width, head_dim = query.shape
     if backend in ("varlen", "flex") and dropout > 0:
         raise ValueError(
@@ -294,8 +323,11 @@ def _packed_forward(
             "to 0 or use backend 'sdpa'"
         )
     if backend == "varlen":
-        if softcap is not None:
-            raise ValueError("varlen packed attention has no softcapping; use backend 'flex'")
+        if softcap is not None or sinks is not None or value.shape[-1] != head_dim:
+            raise ValueError(
+                "varlen packed attention has no softcapping, sinks or MLA value heads; use "
+                "backend 'flex'"
+            )
         cu = cu_seqlens.to(device=query.device, dtype=torch.int32)
 
         def flat(x: Tensor) -> Tensor:  # [rows, h, T, D] -> [rows * T, h, D]
@@ -312,17 +344,27 @@ def _packed_forward(
             lambda: _flex_block_mask(cu_seqlens, rows, width, query.device, window),
         )  # fmt: skip
         gqa = key.shape[1] != heads
-        out = _flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa,
-                    score_mod=_softcap_mod(softcap))  # fmt: skip
+        if sinks is None:
+            out = _flex(query, key, value, block_mask=block_mask, scale=scaling,
+                        enable_gqa=gqa, score_mod=_softcap_mod(softcap))  # fmt: skip
+        else:  # the sink logit joins the softmax through flex's log-sum-exp
+            from torch.nn.attention.flex_attention import AuxRequest
+
+            both: Any = _flex(query, key, value, block_mask=block_mask, scale=scaling,
+                              enable_gqa=gqa, score_mod=_softcap_mod(softcap),
+                              return_aux=AuxRequest(lse=True))  # fmt: skip
+            out, aux = both
+            out = apply_sinks(out, aux.lse, sinks)
         return out.transpose(1, 2)
     if backend == "segments":
-        return _per_segment(query, key, value, cu_seqlens, dropout, scaling, window, softcap)
+        return _per_segment(query, key, value, cu_seqlens, dropout, scaling, window, softcap, sinks)
     mask = _cached(
         f"sdpa:{window}", cu_seqlens, (rows, width),
         lambda: _sdpa_block_mask(cu_seqlens, rows, width, query.device, window),
     )  # fmt: skip
-    if softcap is not None:
-        return _math_attention(query, key, value, mask, dropout, scaling, softcap).transpose(1, 2)
+    if softcap is not None or sinks is not None:
+        out = _math_attention(query, key, value, mask, dropout, scaling, softcap, sinks)
+        return out.transpose(1, 2)
     groups = heads // key.shape[1]
     if groups > 1:  # the math/efficient SDPA kernels take a mask only with equal head counts
         key = key.repeat_interleave(groups, dim=1)
@@ -346,23 +388,22 @@ def sftkit_packed_attention(
     """transformers attention function: document-isolated for packed rows, else causal.
 
     Packed rows are recognised by `cu_seq_lens_q` in kwargs (see `PackedBatch.model_kwargs`).
-    `sliding_window` and `softcap` (passed by Mistral, Qwen2, Gemma2, ...) apply within each
-    document; padded rows of such models run as one segment per row.
+    Sliding windows, softcapping, sinks and chunked layers (`attention_features`) apply
+    within each document; padded rows of such models run as one segment per row. Any other
+    keyword that is not known to be harmless is refused there, naming the model type.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    feats = read_features(module, kwargs)
     cu_seqlens = kwargs.get("cu_seq_lens_q")
-    softcap = kwargs.pop("softcap", None)
-    window = kwargs.pop("sliding_window", None)
-    window = int(window) if window is not None and window > 0 else None
-    layout = kwargs.pop("sftkit_cp", None)
+    layout = kwargs.get("sftkit_cp")
     if layout is not None:  # a context-parallel shard (sftkit.model.context_parallel)
-        return _context_parallel(query, key, value, layout, dropout, scaling, window, softcap)
-    if cu_seqlens is None and softcap is None and window is None:
+        return _context_parallel(module, query, key, value, layout, dropout, scaling, feats)
+    if cu_seqlens is None and feats.plain:
         # Padded rows: plain causal SDPA. Padding is on the right, so pads only ever follow
         # real tokens and the loss mask drops them.
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling
         )
     if attention_mask is not None:
         raise ValueError(
@@ -372,6 +413,10 @@ def sftkit_packed_attention(
     rows, _, width, _ = query.shape
     if cu_seqlens is None:
         cu_seqlens = _rows_as_segments(rows, width, query.device)
+    max_seqlen = int(kwargs.get("max_length_q") or width)
+    if feats.chunk is not None:
+        cu_seqlens = chunk_bounds(cu_seqlens, feats.chunk)
+        max_seqlen = min(max_seqlen, feats.chunk)
     requested: Backend = getattr(module, _BACKEND_ATTR, "auto")
     device_type = query.device.type
     if query.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
@@ -380,30 +425,34 @@ def sftkit_packed_attention(
         dtype = torch.get_autocast_dtype(device_type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     backend = resolve_backend(requested, query.device, query.dtype)
-    backend = _backend_for_layer(backend, requested, window, softcap, dropout)
-    max_seqlen = int(kwargs.get("max_length_q") or width)
+    backend = _backend_for_layer(
+        backend, requested, feats.window, feats.softcap, dropout,
+        sinks=feats.sinks is not None, value_dim_differs=value.shape[-1] != query.shape[-1],
+    )  # fmt: skip
     out = _packed_forward(
-        backend, query, key, value, cu_seqlens, max_seqlen, dropout, scaling, window, softcap
-    )
+        backend, query, key, value, cu_seqlens, max_seqlen, dropout, scaling, feats.window,
+        feats.softcap, feats.sinks,
+    )  # fmt: skip
     return out, None
 
 
 def _context_parallel(
+    module: nn.Module,
     query: Tensor,
     key: Tensor,
     value: Tensor,
     layout: Any,
     dropout: float,
     scaling: float | None,
-    window: int | None,
-    softcap: float | None,
+    feats: LayerFeatures,
 ) -> tuple[Tensor, None]:
     from sftkit.model.context_parallel import context_parallel_attention
 
-    if dropout > 0 or window is not None or softcap is not None:
+    if dropout > 0 or not feats.plain or value.shape[-1] != query.shape[-1]:
         raise ValueError(
-            "policy.dtensor_cfg.context_parallel_size > 1 supports plain causal attention "
-            "only (no attention dropout, sliding window or softcapping); set "
+            f"model_type {model_type(module)!r}: policy.dtensor_cfg.context_parallel_size > 1 "
+            "supports plain causal attention only (no attention dropout, sliding window, "
+            "softcapping, sinks, chunked layers or MLA value heads); set "
             "policy.hf_config_overrides.attention_dropout=0 or context_parallel_size=1"
         )
     device_type = query.device.type
@@ -458,13 +507,14 @@ def enable_packed_attention(
 
 @torch.no_grad()
 def check_document_isolation(model: nn.Module) -> None:
-    """Raise unless a packed row's second document gets the logits it gets alone.
+    """Raise unless each document of a packed row gets the logits HF's eager attention (the
+    model's own definition) gives it alone. Skipped on the meta device.
 
-    Attention is isolated by `sftkit_packed`, but a layer outside transformers' attention
-    interface (Mamba/SSM, short convolutions, linear attention in hybrid models such as
-    Falcon-H1, Jamba, Zamba) would carry state across the boundary: on a tiny random-init
-    Falcon-H1 the second document moves by 1.2e-4 (float32 rounding is ~1e-6, hence the
-    tight tolerance). Skipped on the meta device.
+    Two failures, told apart. One document differs from eager: the model uses an attention
+    feature sftkit lacks that no keyword showed (e.g. a mask-only option). A document moves
+    when another precedes it: a layer outside the attention interface (Mamba, convolutions,
+    linear attention: Falcon-H1, Nemotron-H, Qwen3-Next) carries state across the boundary;
+    a tiny Falcon-H1 moves by 1.2e-4 (float32 rounding is ~1e-6: tight tolerance).
     """
     from sftkit.batch import collate_packed
 
@@ -474,17 +524,26 @@ def check_document_isolation(model: nn.Module) -> None:
     config: Any = model.config
     vocab = int(config.get_text_config().vocab_size)
     g = torch.Generator().manual_seed(0)
-    # 8 + 8 tokens: sequence-parallel layers split rows over up to 8 tensor-parallel ranks.
+    # 8 + 8 tokens: sequence-parallel layers split rows over up to 8 tensor-parallel ranks;
+    # longer than the tiny test models' windows and chunks (6), so those show too.
     first, second = (torch.randint(1, vocab, (n,), generator=g).tolist() for n in (8, 8))
     batch = collate_packed([(first, [1] * 8), (second, [1] * 8)], [[0, 1]], 16, pad_id=0)
     batch = batch.to(param.device)
+    alone = torch.tensor([second], device=param.device)
     was_training = model.training
+    impl = getattr(config, "_attn_implementation", None)
     model.eval()
     try:
-        packed = model(**batch.model_kwargs(), use_cache=False).logits[0, 8:].float()
-        alone = torch.tensor([second], device=param.device)
+        ours = model(input_ids=alone, use_cache=False).logits[0].float()
+        set_attention_implementation(model, "eager")
         ref = model(input_ids=alone, use_cache=False).logits[0].float()
+        set_attention_implementation(model, impl)  # type: ignore[arg-type]
+        try:
+            packed = model(**batch.model_kwargs(), use_cache=False).logits[0, 8:].float()
+        except (ValueError, RuntimeError, NotImplementedError) as exc:  # e.g. HF refuses
+            raise ValueError(_leak_message(model, f"it fails on packed rows: {exc}")) from exc
     finally:
+        set_attention_implementation(model, impl)  # type: ignore[arg-type]
         model.train(was_training)
         # FSDP2 keeps the root's parameters unsharded after its forward (backward would
         # need them); an optimizer built now would hold those temporary tensors instead of
@@ -492,13 +551,25 @@ def check_document_isolation(model: nn.Module) -> None:
         reshard = getattr(model, "reshard", None)
         if callable(reshard):
             reshard()
-    err = float((packed - ref).abs().max())
-    tol = 2e-5 if param.dtype == torch.float32 else 3e-2
-    if err > tol * max(1.0, float(ref.abs().max())):
+    tol = (2e-5 if param.dtype == torch.float32 else 3e-2) * max(1.0, float(ref.abs().max()))
+    err = float((ours - ref).abs().max())
+    if err > tol:
         raise ValueError(
-            f"{type(model).__name__} leaks across packed documents (a document's logits move "
-            f"by {err:.3g} when another precedes it): some layer outside transformers' "
-            "attention interface (recurrent, convolutional or linear attention) carries state "
-            "across boundaries. Disable policy.sequence_packing for this model "
-            "(policy.dynamic_batching avoids padding without packing)."
+            f"model_type {config.model_type!r}: sftkit's packed attention gives other logits "
+            f"than HF's eager attention on one document (by {err:.3g}): the model uses an "
+            "attention feature sftkit does not implement. Disable policy.sequence_packing "
+            "(and context parallelism) for this model"
         )
+    err = float((packed - ours).abs().max())
+    if err > tol:
+        raise ValueError(_leak_message(model, f"a document's logits move by {err:.3g} when "
+                                              "another precedes it"))  # fmt: skip
+
+
+def _leak_message(model: nn.Module, what: str) -> str:
+    return (
+        f"{type(model).__name__} leaks across packed documents ({what}): some layer outside "
+        "transformers' attention interface (recurrent, convolutional or linear attention) "
+        "carries state across boundaries. Disable policy.sequence_packing for this model "
+        "(policy.dynamic_batching avoids padding without packing)."
+    )

@@ -32,8 +32,11 @@ FUSED_OPS: tuple[str, ...] = ("rms_norm", "swiglu", "rope")
 Backend = Literal["auto", "liger", "triton"]
 # Model types whose RMSNorm, MLP and rotary embedding follow Llama's code (checked names:
 # `variance_epsilon`, gate/up/down projections with silu, `apply_rotary_pos_emb(q, k, cos,
-# sin)` with duplicated cos/sin halves). Gemma's norm scales by (1 + w): not listed.
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# sin)` with duplicated cos/sin halves). Gemma's norm scales by (1 + w): not listed. The MoE
+# ones share that attention and those norms (their fused experts are no `*MLP` module, and
+# keep HF's code); GPT-OSS, DeepSeek-V3, GLM-4.5 and Llama 4 rotate or normalise otherwise.
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral",
+                                   "olmoe"})  # fmt: skip
 _SILU = frozenset({"silu", "swish"})
 _ORIGINAL_ROPE: dict[str, Callable[..., Any]] = {}  # modeling module name -> HF function
 

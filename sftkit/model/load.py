@@ -13,6 +13,7 @@ from torch import nn
 
 from sftkit.model.attention import set_attention_implementation
 from sftkit.model.builtin import resolve_model_path
+from sftkit.model.size_check import check_model_size
 
 logger = logging.getLogger("sftkit")
 
@@ -92,6 +93,7 @@ def model_config(
     from transformers import AutoConfig
 
     path = resolve_model_path(model_name)
+    _refuse_pickled_weights(model_name, Path(path))
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -104,7 +106,23 @@ def model_config(
                 "spelling"
             )
         setattr(config, key, value)
+    check_model_size(config, model_name)  # before anything is allocated, even on meta
     return path, config
+
+
+def _refuse_pickled_weights(model_name: str, path: Path) -> None:
+    """A local model directory with pickled weights only (`pytorch_model.bin`) is refused in
+    one line: loading a pickle can run code, and transformers' weights-only unpickler
+    ended in an `UnpicklingError` traceback."""
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for ext in ("bin", "pt", "pth", "ckpt") for p in path.glob(f"*.{ext}"))
+    if pickles:
+        raise ValueError(
+            f"policy.model_name={model_name!r}: {path / pickles[0]} holds pickled weights, which "
+            "sftkit does not load (unpickling can run code); convert the model to safetensors "
+            "(model.save_pretrained(dir, safe_serialization=True) where you trust the file)"
+        )
 
 
 def _unloadable(model_name: str, err: OSError) -> str:
@@ -134,3 +152,49 @@ def save_hf(model: nn.Module, tokenizer: Any, directory: Path) -> None:
     model.save_pretrained(directory, safe_serialization=True)  # type: ignore[operator]  # HF model
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+def moe_routers(model: nn.Module) -> set[str]:
+    """Names of MoE router layers: an `nn.Linear` subclass named `*Router` (Llama 4), or a
+    linear gate beside an `experts` module (Mixtral-style `gate`, Qwen3-Next's
+    `shared_expert_gate`). LoRA never adapts them: a low-rank update to the router moves
+    every token's expert choice, which the MoE recipes this follows keep frozen."""
+    routers = {n for n, m in model.named_modules() if type(m).__name__.endswith("Router")}
+    for name, module in model.named_modules():
+        if hasattr(module, "experts"):
+            for child, sub in module.named_children():
+                if (
+                    isinstance(sub, nn.Linear)
+                    and ("gate" in child or "router" in child)
+                    and (not child.endswith("_proj"))
+                ):
+                    routers.add(f"{name}.{child}" if name else child)
+    return routers
+
+
+# Mamba mixers whose CUDA path (`mamba_split_conv1d_scan_combined`) reads `out_proj.weight`
+# directly: a LoRA there is skipped on GPU (PEFT refuses it for these model types too).
+MAMBA_MODEL_TYPES = frozenset({"mamba", "mamba2", "falcon_mamba", "falcon_h1", "nemotron_h",
+                               "bamba", "granitemoehybrid", "zamba2"})  # fmt: skip
+
+
+def lora_unsafe_leaves(model: nn.Module) -> set[str]:
+    """Leaf names that all-linear LoRA leaves out: Mamba's `out_proj` (above), and those that
+    PEFT (0.21, transformers 5) re-targets onto an MoE model's fused experts when it loads an
+    adapter, as if it came from transformers 4 (`gate_proj`, `up_proj`, `down_proj` for the
+    Qwen2-MoE pattern: DeepSeek-V3, GLM-4.5, Qwen3-Next). An adapter on dense or
+    shared-expert layers of those names loads wrong in PEFT (0.5 off on a tiny GLM-4.5)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    unsafe = {"out_proj"} if model_type in MAMBA_MODEL_TYPES else set()
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            _MODEL_TO_CONVERSION_PATTERN,
+            _MOE_TARGET_MODULE_MAPPING,
+        )
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # no PEFT (or another layout of it): nothing to avoid
+        return unsafe
+    base = _MODEL_TO_CONVERSION_PATTERN.get(str(model_type))
+    if base is None or get_checkpoint_conversion_mapping(model_type) is None:
+        return unsafe
+    return unsafe | set(_MOE_TARGET_MODULE_MAPPING.get(base, {}))

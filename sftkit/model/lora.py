@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sftkit.model.load import DTYPES
+from sftkit.model.load import DTYPES, lora_unsafe_leaves, moe_routers
 
 if TYPE_CHECKING:
     from sftkit.config.schema import PolicyConfig
@@ -122,10 +122,16 @@ def _is_conv1d(module: nn.Module) -> bool:
 def select_lora_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
     """Names of the linear layers `spec` adapts, in module order; warns on unused patterns.
 
-    A transformers `Conv1D` layer (GPT-2 style) that the spec would adapt is an error: its
-    transposed weight is not handled by the LoRA forward, merge and export here."""
+    MoE routers (`moe_routers`) are never adapted. A transformers `Conv1D` layer (GPT-2
+    style) that the spec would adapt is an error: its transposed weight is not handled by
+    the LoRA forward, merge and export here."""
+    skip = moe_routers(model)
+    unsafe = lora_unsafe_leaves(model) if spec.match_all_linear else set()
+    skip |= {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in unsafe}
+    if skip:
+        logger.info("lora: never MoE routers, nor %s (lora_unsafe_leaves)", sorted(unsafe))
     layers = [(n, isinstance(m, nn.Linear)) for n, m in model.named_modules()
-              if n and (isinstance(m, nn.Linear) or _is_conv1d(m))]  # fmt: skip
+              if n and n not in skip and (isinstance(m, nn.Linear) or _is_conv1d(m))]  # fmt: skip
     linear = [n for n, is_linear in layers if is_linear]
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) else None

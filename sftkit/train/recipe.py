@@ -25,6 +25,7 @@ from sftkit.lifecycle.signals import Preempted, StopFlag, preempted_marker, writ
 from sftkit.log import (
     ConsoleReporter,
     Loggers,
+    active_matmul_params,
     build_loggers,
     device_peak_flops,
     flops_per_token,
@@ -190,7 +191,9 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
         console=console,
         total_steps=total_steps,
         deadline=ckpt.parse_deadline(cfg.checkpointing.checkpoint_must_save_by),
-        flops_per_token=flops_per_token(model.config, int(mean_len), lora=lora is not None),
+        flops_per_token=flops_per_token(
+            model.config, int(mean_len), lora=lora is not None, n_params=active_matmul_params(model)
+        ),
         peak_flops=device_peak_flops(env.device) if env.device.type == "cuda" else None,
     )
 

@@ -31,7 +31,7 @@ def test_bf16_update_trains_and_resumes_bit_exact(small_run, tmp_path: Path, rou
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
 
 
-@pytest.mark.heavy  # several ranks on 2 cores: minutes; `uv run pytest -m heavy`
+@pytest.mark.heavy  # several ranks on 2 cores: minutes; `uv run --group dev pytest -m heavy`
 def test_stochastic_rounding_under_fsdp2_resumes_bit_exact(small_run, tmp_path: Path) -> None:
     """Two ranks (FSDP2 shards, DTensor parameters and moments, a rounding stream per rank):
     the sharded step_3 checkpoint continues exactly as the uninterrupted run."""

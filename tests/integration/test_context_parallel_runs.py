@@ -49,7 +49,7 @@ def test_cp2_matches_one_rank(small_run: SmallRun, tmp_path: Path, layout: str) 
     assert_same_run(one, cp)
 
 
-@pytest.mark.heavy  # several ranks on 2 cores: minutes; `uv run pytest -m heavy`
+@pytest.mark.heavy  # several ranks on 2 cores: minutes; `uv run --group dev pytest -m heavy`
 def test_cp4_packed_and_resume_on_cp2(small_run: SmallRun, tmp_path: Path) -> None:
     """CP=4 (4 ranks, packed rows) matches one process; its step-2 checkpoint resumes with
     CP=2 x DP=1 and logs the same steps 3-4 (CP size changes like the DP size does)."""
@@ -94,7 +94,7 @@ def yarn_recipe(small_run: SmallRun, work: Path, ranks: int) -> RunResult:
     return result
 
 
-@pytest.mark.heavy  # several ranks on 2 cores: minutes; `uv run pytest -m heavy`
+@pytest.mark.heavy  # several ranks on 2 cores: minutes; `uv run --group dev pytest -m heavy`
 def test_yarn_128k_recipe_runs_with_cp2_like_cp1(small_run: SmallRun, tmp_path: Path) -> None:
     from sftkit.config import load_config
     from sftkit.model.load import load_model
@@ -116,7 +116,7 @@ def test_yarn_128k_recipe_runs_with_cp2_like_cp1(small_run: SmallRun, tmp_path: 
     assert (saved_rope["rope_type"], saved_rope["factor"]) == ("yarn", 3.2)
 
 
-@pytest.mark.heavy  # several ranks on 2 cores: minutes; `uv run pytest -m heavy`
+@pytest.mark.heavy  # several ranks on 2 cores: minutes; `uv run --group dev pytest -m heavy`
 def test_cp2_with_tp2_and_sequence_parallel_matches_one_rank(
     small_run: SmallRun, tmp_path: Path
 ) -> None:

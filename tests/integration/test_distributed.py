@@ -143,7 +143,7 @@ def test_resume_sharded_checkpoint_on_one_rank(
     assert_same_losses(single, resumed, [4, 5, 6])
 
 
-@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
+@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run --group dev pytest -m heavy`
 @pytest.mark.slow
 def test_resume_one_rank_checkpoint_on_two_srun_tasks(
     small_run: SmallRun, single: RunResult, tmp_path: Path
@@ -158,7 +158,7 @@ def test_resume_one_rank_checkpoint_on_two_srun_tasks(
     assert_same_losses(single, resumed, [4, 5, 6])
 
 
-@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
+@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run --group dev pytest -m heavy`
 @pytest.mark.slow
 def test_lora_under_fsdp2_matches_one_rank(small_run: SmallRun, tmp_path: Path) -> None:
     one = one_rank(small_run, tmp_path / "one", *LORA, "checkpointing.save_period=0")
@@ -186,7 +186,7 @@ def torchrun_two(small_run: SmallRun, work: Path, *more: str) -> RunResult:
     return result
 
 
-@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
+@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run --group dev pytest -m heavy`
 @pytest.mark.slow
 def test_tensor_parallel_two_ranks_match_one_rank(
     small_run: SmallRun, single: RunResult, tmp_path: Path
@@ -213,7 +213,7 @@ def test_sequence_parallel_lora_matches_one_rank(small_run: SmallRun, tmp_path: 
     assert_same_weights(one.checkpoint_dir / "final_adapter", sp.checkpoint_dir / "final_adapter")
 
 
-@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
+@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run --group dev pytest -m heavy`
 @pytest.mark.slow
 def test_hsdp_two_replicas_match_one_rank(
     small_run: SmallRun, single: RunResult, tmp_path: Path

@@ -107,7 +107,7 @@ def test_clip_grad_norm_equals_torch_on_one_mesh() -> None:
         torch.testing.assert_close(p.grad, g * 0.5 / (expected + 1e-6))
 
 
-@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
+@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run --group dev pytest -m heavy`
 @pytest.mark.slow
 def test_gpu_fsdp_bench_tiny_cpu_mode(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}

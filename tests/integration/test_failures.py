@@ -18,7 +18,7 @@ def tree_hash(directory: Path) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
+@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run --group dev pytest -m heavy`
 @pytest.mark.slow
 def test_exploding_lr_stops_loudly_and_keeps_the_checkpoint(small_run, tmp_path: Path) -> None:
     """lr=1e30: step 1 is finite (and saved), its update makes step 2's loss non-finite."""

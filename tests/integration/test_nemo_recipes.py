@@ -46,7 +46,7 @@ def test_recipe_runs_with_swapped_model_and_data(
     assert list((tmp_path / "results").rglob("final_hf/config.json"))
 
 
-@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
+@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run --group dev pytest -m heavy`
 def test_multi_gpu_layout_on_one_process_trains_unsharded_with_a_warning(
     tmp_path: Path,
 ) -> None:

@@ -111,7 +111,7 @@ def terminate_after_step(proc: subprocess.Popen, logs: Path, step: int = 2) -> i
     return proc.wait(timeout=240)
 
 
-@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
+@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run --group dev pytest -m heavy`
 @pytest.mark.slow
 def test_self_launch_returns_75_when_the_launcher_is_signalled(small_run, tmp_path: Path) -> None:
     """SIGTERM to the launcher only (not the ranks): torch's agent stops the ranks, they save,
@@ -124,7 +124,7 @@ def test_self_launch_returns_75_when_the_launcher_is_signalled(small_run, tmp_pa
     assert ckpt.latest_checkpoint(tmp_path / "ckpt") is not None
 
 
-@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
+@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run --group dev pytest -m heavy`
 @pytest.mark.slow
 def test_torchrun_leaves_the_marker(small_run, tmp_path: Path) -> None:
     """Under torchrun the ranks' 75 is lost (torchrun returns 1); the marker is not."""

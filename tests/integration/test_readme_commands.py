@@ -1,6 +1,7 @@
-"""The README's launch table runs as written: the CPU rows train (shortened by overrides
-appended to the command), the GPU and Slurm rows resolve with --print-config and pass the
-layout check for their number of ranks."""
+"""The README's commands run as written: the quick start, then the CPU rows of the launch
+tables in order, in one working directory as a user types them (shortened by overrides
+appended to each command), each training its own steps; the GPU and Slurm rows resolve with
+--print-config and pass the layout check for their number of ranks."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import one_example_data, read_metrics
+from tests.conftest import dir_times, one_example_data, read_metrics, run_dirs
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = re.findall(
@@ -24,6 +25,9 @@ ROWS = re.findall(
 ROWS = [row for row in ROWS if "--config examples/" in row]  # not the placeholder rows
 CPU = [row for row in ROWS if "cluster.device=cpu" in row]
 GPU = [row for row in ROWS if "cluster.device=cpu" not in row]
+# The quick start's training command: the first line of the README's first code block.
+QUICK_START = re.findall(r"^```bash\n(uv run [^#\n]*?)\s*(?:#[^\n]*)?$",
+                         (REPO / "README.md").read_text(), flags=re.M)[0]  # fmt: skip
 
 
 def argv(row: str) -> tuple[list[str], int]:
@@ -32,6 +36,8 @@ def argv(row: str) -> tuple[list[str], int]:
     env = dict(w.split("=", 1) for w in words if re.fullmatch(r"[A-Z_]+=\S+", w))
     words = [w for w in words if not re.fullmatch(r"[A-Z_]+=\S+", w)]
     ranks = 1
+    if words[:3] == ["uv", "run", "torchrun"]:  # torchrun from the project's environment
+        words = words[2:]
     if words[:2] == ["uv", "run"]:
         words = [sys.executable, *words[2:]]
     elif words[0] == "torchrun":
@@ -74,23 +80,44 @@ def test_gpu_rows_resolve_and_fit_their_ranks(row: str) -> None:
     check_before_model(cfg, DistEnv(world_size=ranks), one_example_data())
 
 
-@pytest.mark.slow  # two training processes each
-# the torchrun row in the default run (the command that once failed), the others heavy
+def test_every_cpu_command_has_its_own_checkpoint_dir() -> None:
+    """A row that shares the quick start's `checkpoint_dir` resumes its last step and trains
+    nothing (what the README once did): every command here writes a directory of its own."""
+    from sftkit.config import load_config
+
+    assert QUICK_START == "uv run examples/run_sft.py --config examples/configs/quickstart.yaml"
+    dirs = []
+    for row in [QUICK_START, *CPU]:
+        words, _ = argv(row)
+        config = words[words.index("--config") + 1]
+        overrides = [w for w in words[words.index("--config") + 2 :] if "=" in w]
+        dirs.append(load_config(REPO / config, overrides).checkpointing.checkpoint_dir)
+    assert len(set(dirs)) == len(dirs), dirs
+
+
+SHORT = ("sft.max_num_steps=2", "sft.val_at_start=false", "sft.val_period=0")
+
+
+@pytest.mark.slow  # training processes: the quick start's, then two per row
+# the quick start and the torchrun row in the default run (the command that once failed and
+# the one that once resumed the quick start), every CPU row in order in the heavy one
 @pytest.mark.parametrize(
-    "row", [r if "torchrun" in r else pytest.param(r, marks=pytest.mark.heavy) for r in CPU]
-)
-def test_cpu_rows_train(row: str, sftkit_home: Path, tmp_path: Path) -> None:
-    words, _ = argv(row)
-    short = [
-        "sft.max_num_steps=2", "sft.val_at_start=false", "sft.val_period=0",
-        f"checkpointing.checkpoint_dir={tmp_path / 'ckpt'}", f"logger.log_dir={tmp_path / 'logs'}",
-        f"data.cache_dir={tmp_path / 'cache'}", "logger.tensorboard_enabled=false",
-    ]  # fmt: skip
+    "rows", [[r for r in CPU if "torchrun" in r], pytest.param(CPU, marks=pytest.mark.heavy)],
+    ids=["torchrun", "all"],
+)  # fmt: skip
+def test_cpu_rows_train_after_the_quick_start(
+    rows: list[str], sftkit_home: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "examples").symlink_to(REPO / "examples")  # the commands' relative paths
+    short = [*SHORT, f"data.cache_dir={tmp_path / 'cache'}"]
     env = {**os.environ, "SFTKIT_HOME": str(sftkit_home), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [*words, *short], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    [exp] = sorted((tmp_path / "logs").glob("exp_*"))
-    assert [r["step"] for r in read_metrics(exp) if "train/loss" in r] == [1, 2]
-    assert (tmp_path / "ckpt" / "final_hf" / "config.json").is_file()
+    for row in [QUICK_START, *rows]:
+        before = dir_times(tmp_path / "logs")
+        words, _ = argv(row)
+        out = subprocess.run(
+            [*words, *short], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert out.returncode == 0, (row, out.stderr[-3000:])
+        [exp] = run_dirs(tmp_path / "logs", before)
+        assert [r["step"] for r in read_metrics(exp) if "train/loss" in r] == [1, 2], row
+    assert len(list((tmp_path / "results").glob("*/final_hf/config.json"))) == 1 + len(rows)

@@ -104,7 +104,7 @@ def test_second_run_is_refused_before_the_model_loads(
     assert not (tmp_path / "ckpt" / LOCK_NAME).exists()  # released at the end
 
 
-@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
+@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run --group dev pytest -m heavy`
 @pytest.mark.slow
 def test_two_real_runs_into_one_directory(small_run, tmp_path: Path) -> None:
     """A live run (a real process) keeps a second one out, and its saves keep going."""

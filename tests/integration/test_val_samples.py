@@ -46,7 +46,7 @@ def test_no_samples_by_default(small_run, tmp_path: Path) -> None:
     assert not (result.exp_dir / "val_samples.jsonl").exists()
 
 
-@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
+@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run --group dev pytest -m heavy`
 @pytest.mark.slow  # two processes
 def test_two_sharded_ranks_both_generate_and_finish(small_run, tmp_path: Path) -> None:
     result = small_run.subprocess(

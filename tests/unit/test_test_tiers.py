@@ -1,7 +1,7 @@
 """The test tiers stay honest: what starts processes is `slow`, what needs CUDA is in tests/gpu.
 
-`uv run pytest -m "not slow"` is the tier to run while working (minutes on 2 cores);
-`uv run pytest` runs everything (README, `.ci/run`); `uv run pytest -m gpu tests/gpu` runs the
+`uv run --group dev pytest -m "not slow"` is the tier to run while working (minutes on 2 cores);
+`uv run --group dev pytest` runs everything (README, `.ci/run`); `uv run --group dev pytest -m gpu tests/gpu` runs the
 CUDA tests on a device. These checks read the test sources, so a new test that forks
 ranks, runs a recipe or a bench's tiny mode, or needs CUDA, is put in its tier.
 """
@@ -98,7 +98,7 @@ def test_dependency_resolution_is_pinned_by_date() -> None:
     text = (REPO / "pyproject.toml").read_text()
     tool_uv = text[text.index("[tool.uv]") :]
     assert re.search(r'^exclude-newer = "\d{4}-\d{2}-\d{2}T', tool_uv, re.MULTILINE)
-    assert "uv run pytest\n" in (REPO / ".ci" / "run").read_text()  # everything, in CI
+    assert "uv run --group dev pytest\n" in (REPO / ".ci" / "run").read_text()  # everything, in CI
 
 
 def test_test_file_names_are_unique() -> None:
@@ -130,6 +130,6 @@ def test_workers_share_the_cores_and_the_gpu_tier_runs_serially() -> None:
     def count(markexpr: str) -> int:
         return workers(SimpleNamespace(option=SimpleNamespace(markexpr=markexpr)))
 
-    assert count("gpu") == 0  # `uv run pytest -m gpu tests/gpu`: one device, in turn
+    assert count("gpu") == 0  # `uv run --group dev pytest -m gpu tests/gpu`: one device, in turn
     assert 1 <= count("not heavy") <= 8 and count("not gpu") == count("")
     assert "-n auto --dist loadfile" in (REPO / "pyproject.toml").read_text()

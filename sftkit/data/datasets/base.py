@@ -7,6 +7,7 @@ and `task_spec` (a `TaskDataSpec` naming the task). Rows are dicts with `message
 
 from __future__ import annotations
 
+import logging
 import random
 import string
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ import numpy as np
 
 from sftkit.data.datasets.files import Rows
 from sftkit.data.errors import DataError
+
+logger = logging.getLogger("sftkit")
 
 Row = dict[str, Any]
 
@@ -81,6 +84,10 @@ def _check_placeholder(template: str, path: str) -> None:
 # A relative prompt file is looked up in the working directory (as NeMo RL does), then in
 # sftkit's own checkout: NeMo RL recipes name `examples/prompts/math.txt`, which sftkit ships.
 REPO = Path(__file__).resolve().parents[3]
+# sftkit's own wording of NeMo RL's prompt files of the same names (same task, same answer
+# form); a run reading one says so once, since it is not NeMo RL's exact text.
+SHIPPED_PROMPTS = REPO / "examples" / "prompts"
+_announced: set[Path] = set()
 
 
 def _read_text(path: str, key: str) -> str:
@@ -90,6 +97,18 @@ def _read_text(path: str, key: str) -> str:
     if found is None:
         where = " or ".join(str(c.resolve()) for c in candidates)
         raise ValueError(f"data.*.{key}={path!r}: file not found ({where}). Give a text file.")
+    resolved = found.resolve()
+    if resolved.parent == SHIPPED_PROMPTS.resolve() and resolved not in _announced:
+        _announced.add(resolved)
+        logger.info(
+            "%s %s is sftkit's copy of NeMo RL's prompt of that name (%s), in sftkit's own "
+            "words; to train NeMo RL's exact prompt, set it to your NeMo RL checkout's "
+            "examples/prompts/%s.",
+            key,
+            path,
+            resolved,
+            resolved.name,
+        )
     return found.read_text(encoding="utf-8")
 
 

@@ -219,7 +219,7 @@ def test_cpu_vs_trl_tiny(tmp_path: Path) -> None:
     assert summary["sftkit_over_trl"] == round(ratio, 3)
 
 
-@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run pytest -m heavy`
+@pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run --group dev pytest -m heavy`
 @pytest.mark.slow
 def test_data_scale_tiny_mode_measures_every_case(tmp_path: Path) -> None:
     """bench/data_scale.py --tiny: the real entry point per size, memory sampled over the tree."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import string
 from pathlib import Path
 
 import pytest
@@ -228,7 +230,8 @@ def test_relative_prompt_file_falls_back_to_sftkit_checkout(
 ) -> None:
     monkeypatch.chdir(tmp_path)  # NeMo RL recipes name examples/prompts/math.txt
     spec = TaskDataSpec("math", prompt_file="examples/prompts/math.txt")
-    assert spec.prompt is not None and spec.prompt.count("{}") == 1
+    assert spec.prompt is not None  # one {} placeholder; `\boxed{{}}` is literal braces
+    assert [f for _, f, _, _ in string.Formatter().parse(spec.prompt) if f is not None] == [""]
     row = spec.apply({"messages": [{"role": "user", "content": "1+1"}]})
     assert "\n\n1+1\n" in row["messages"][0]["content"]
     (tmp_path / "examples" / "prompts").mkdir(parents=True)
@@ -236,3 +239,28 @@ def test_relative_prompt_file_falls_back_to_sftkit_checkout(
     assert TaskDataSpec("math", prompt_file="examples/prompts/math.txt").prompt == "Q: {}"
     with pytest.raises(ValueError, match=r"prompt_file='nope.txt': file not found \(.*nope.txt or"):
         TaskDataSpec("math", prompt_file="nope.txt")
+
+
+def test_shipped_nemo_rl_prompt_is_announced_once_and_asks_for_boxed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """sftkit's math.txt is its own wording of NeMo RL's: the run says so once and names
+    what to point at; the answer goes in \\boxed{} as NeMo RL's prompt and its verifier ask."""
+    import sftkit.data.datasets.base as base
+
+    monkeypatch.setattr(base, "_announced", set())
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO, logger="sftkit"):
+        specs = [TaskDataSpec("math", prompt_file="examples/prompts/math.txt") for _ in range(2)]
+        specs.append(TaskDataSpec("math", prompt_file=str(base.REPO / "examples/prompts/math.txt")))
+    lines = [r.getMessage() for r in caplog.records if "copy of NeMo RL's prompt" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "prompt_file examples/prompts/math.txt" in lines[0]
+    assert "NeMo RL checkout's examples/prompts/math.txt" in lines[0]
+    question = specs[0].apply({"messages": [{"role": "user", "content": "1+1"}]})
+    assert "inside \\boxed{}." in question["messages"][0]["content"]
+    caplog.clear()
+    (tmp_path / "mine.txt").write_text("Q: {}")  # the user's own file: nothing to say
+    with caplog.at_level(logging.INFO, logger="sftkit"):
+        TaskDataSpec("math", prompt_file="mine.txt")
+    assert not caplog.records

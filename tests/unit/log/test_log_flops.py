@@ -6,7 +6,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sftkit.log import device_peak_flops, flops_per_token, matmul_params, mfu, peak_flops
+from sftkit.log import (
+    active_matmul_params,
+    device_peak_flops,
+    flops_per_token,
+    matmul_params,
+    mfu,
+    peak_flops,
+)
 
 LLAMA_1B = LlamaConfig(
     hidden_size=2048,
@@ -92,6 +99,7 @@ def test_matmul_params_match_a_real_model(tied: bool) -> None:
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     assert matmul_params(config) == linear
+    assert active_matmul_params(model) == linear  # counted on the model: the same N
     assert flops_per_token(config, 16, n_params=1000) == 6 * 1000 + 6 * 2 * 4 * 8 * 16
 
 
