@@ -46,6 +46,7 @@ from sftkit.config.schema import CheckpointingConfig
 from sftkit.data import PreparedData
 from sftkit.data.loader import GlobalBatchSampler
 from sftkit.dist import DistEnv
+from sftkit.log.model_card import write_model_card
 from sftkit.log.redact import scrub
 from sftkit.model.builtin import adapter_base_name
 from sftkit.model.load import save_hf
@@ -117,6 +118,7 @@ class Checkpointer:
     lora: LoraSpec | None
     fingerprint: dict[str, Any]  # `resume_fingerprint`, stored in and checked against info
     resume_dir: Path | None = None  # `pick_resume_dir`'s choice, read by `load`
+    unmeasured_warned: bool = False  # the "metric not measured" warning is said once a run
     states: dict[str, Part] = field(init=False, default_factory=dict)  # the registry
 
     def __post_init__(self) -> None:
@@ -170,9 +172,15 @@ class Checkpointer:
         ft = bool(c.ft_save_period) and step % c.ft_save_period == 0  # type: ignore[operator]
         return last_step or periodic or ft or stopping
 
-    def save(self, state: TrainState) -> Path:
-        """An atomic checkpoint of everything the next step depends on, then retention."""
+    def save(self, state: TrainState, last: bool = False) -> Path:
+        """An atomic checkpoint of everything the next step depends on, then retention.
+
+        `last`: the run's final or stopping save; it stays the latest checkpoint, so an
+        unmeasured ranking metric costs nothing there and is not warned about."""
         c = self.cfg.checkpointing
+        # A misaligned save_period was reported once at load (unmeasured_saves).
+        warn = not (last or self.unmeasured_warned) and unmeasured_saves(self.cfg) is None
+        self.unmeasured_warned |= warn and c.metric_name not in state.metrics
         check_finite_weights(self.model.parameters(), state.step, self.env.max)
         state.epoch = self.sampler.epoch
         info = {**state.state_dict(), "format_version": ckpt.FORMAT_VERSION}
@@ -188,7 +196,7 @@ class Checkpointer:
         if self.env.is_main:
             ckpt.apply_retention(
                 self.directory, c.metric_name, c.keep_top_k, c.higher_is_better,
-                c.ft_keep_latest_k, warn_missing=unmeasured_saves(self.cfg) is None,
+                c.ft_keep_latest_k, warn_missing=warn,
             )  # fmt: skip
             logger.info("Saved checkpoint %s", path)
         return path
@@ -254,6 +262,10 @@ class Checkpointer:
         if self.env.is_main or self.env.world_size > 1:  # sharded: every rank gathers
             with atomic_output_dir(outputs.final_hf, write=self.env.is_main) as tmp:
                 self.export_hf(tmp, merge=True)
+                if self.env.is_main:
+                    write_model_card(
+                        tmp, self.cfg, step, exp_dir, adapter_base_name(self.cfg.policy.model_name)
+                    )
         if self.env.is_main:
             logger.info("Final model: %s", outputs.final_hf)
         self.env.barrier()

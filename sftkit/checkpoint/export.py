@@ -34,11 +34,7 @@ def export_checkpoint(
         raise ValueError(
             f"{out} exists and is not a model directory: export into a new or empty directory"
         )
-    if not StepDir(checkpoint).info.exists():
-        latest = ckpt.latest_checkpoint(checkpoint)
-        if latest is None:
-            raise ValueError(f"{checkpoint} holds no complete checkpoint (step_N with a manifest)")
-        checkpoint = latest
+    checkpoint = resolve_checkpoint(checkpoint)
     problem = ckpt.verify(checkpoint)
     if problem:
         raise ValueError(f"{checkpoint} is not a complete checkpoint: {problem}")
@@ -77,6 +73,22 @@ def export_checkpoint(
     return out
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """`path` if it is a step_N directory, else the latest complete one inside it; a path
+    that does not exist is said so, with the steps its parent holds (retention may have
+    deleted the one asked for)."""
+    if not path.exists():
+        steps = [p.name for _, p in ckpt.step_dirs(path.parent)] if path.parent.is_dir() else []
+        there = f"; {path.parent} holds {', '.join(steps)}" if steps else ""
+        raise ValueError(f"{path} does not exist{there}")
+    if StepDir(path).info.exists():
+        return path
+    latest = ckpt.latest_checkpoint(path)
+    if latest is None:
+        raise ValueError(f"{path} holds no complete checkpoint (step_N with a manifest)")
+    return latest
+
+
 def _replaceable(out: Path) -> bool:
     """An export replaces `out` as a whole: only an empty directory or an earlier export."""
     if out.is_symlink() or not out.is_dir():
@@ -100,6 +112,8 @@ def main(argv: list[str]) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
     setup_logging()
-    out = export_checkpoint(args.checkpoint, args.out, args.adapter, args.trust_remote_code)
-    print(f"exported {out}")
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    out = export_checkpoint(checkpoint, args.out, args.adapter, args.trust_remote_code)
+    kind = "a PEFT adapter" if args.adapter else "an HF model"
+    print(f"exported {checkpoint.name} ({checkpoint}) as {kind} to {out}")
     return 0

@@ -29,6 +29,7 @@ def atomic_output_dir(final: Path, write: bool = True) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+    _follow_umask(tmp)
     old = final.parent / f".old_{final.name}"
     if final.exists() or final.is_symlink():
         _remove(old)
@@ -36,6 +37,17 @@ def atomic_output_dir(final: Path, write: bool = True) -> Iterator[Path]:
     os.rename(tmp, final)
     _remove(old)
     fsync_dir(final.parent)
+
+
+def _follow_umask(directory: Path) -> None:
+    """Give what was written under `directory` the modes the user's umask asks for:
+    transformers writes weights through a temporary file, which leaves them 0600 (unreadable
+    to a group that shares the models) whatever the umask."""
+    mask = os.umask(0)
+    os.umask(mask)  # reading the umask means setting it; put it straight back
+    for path in [directory, *directory.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _remove(path: Path) -> None:

@@ -246,10 +246,41 @@ def tokenize_splits(
     logger.info(
         "data ready in %.1fs (%s): %s",
         time.perf_counter() - start,
-        "cache" if hit else f"{workers} worker(s)",
-        ", ".join(f"{k}={v}" for k, v in result.report.items()),
+        "from the cache" if hit else f"{workers} worker(s)",
+        describe_report(result.report),
     )
     return result
+
+
+# The data report's counters as a person reads them (README, "What the data line says").
+COUNTER_NAMES = {
+    "dropped_overlong": "dropped as too long",
+    "masked_overlong": "kept untrained as too long",
+    "truncated": "truncated to the length limit",
+    "dropped_untrainable": "dropped with no trained token",
+    "dropped_oversize": "dropped over data.max_row_chars",
+    "span_fallbacks": "answers located by prefix renders (slower)",
+    "offset_fallbacks": "tokenized on the slower offset path",
+}
+
+
+def describe_report(report: dict[str, int]) -> str:
+    """One line for the data report: per split its examples and tokens, then only the
+    counters that are not zero, named as the README explains them."""
+    parts = []
+    for split in SPLITS:
+        counts = {k.split("/", 1)[1]: v for k, v in report.items() if k.startswith(split + "/")}
+        get = counts.get
+        if not get("rows"):
+            continue
+        text = (
+            f"{split} {get('examples', 0):,} examples of {get('rows', 0):,} rows, "
+            f"{get('tokens', 0):,} tokens ({get('trained_tokens', 0):,} trained), "
+            f"99% <= {get('length_p99', 0):,} tokens"
+        )
+        named = [f"{counts[key]:,} {name}" for key, name in COUNTER_NAMES.items() if get(key)]
+        parts.append(text + "".join(f", {c}" for c in named))
+    return "; ".join(parts) or "no rows"
 
 
 def _warn_overlong(split: str, counts: dict[str, int], settings: ProcessorSettings) -> None:

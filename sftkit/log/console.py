@@ -50,7 +50,38 @@ def setup_logging(rank: int = 0, level: int | str = logging.INFO) -> logging.Log
         handler._sftkit = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     install_redaction()
+    quiet_dependency_output()
     return logger
+
+
+class _TorchaoEnumNotice(logging.Filter):
+    """Drops torch's notice that torchao registers its Enums as pytree constants: two lines
+    in every process, because transformers imports torchao (its quantizer) when installed.
+    Nothing to act on for a user; can go when torchao stops calling register_constant on
+    Enums. Every other record of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("%s is an Enum subclass and is now natively"):
+            return True
+        owner = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        return not str(getattr(owner, "__module__", "")).startswith("torchao.")
+
+
+def quiet_dependency_output() -> None:
+    """No progress bars from the Hugging Face libraries when stderr is not a terminal (a log
+    file would get one line per update), and no torchao Enum notice (`_TorchaoEnumNotice`)."""
+    pytree = logging.getLogger("torch.utils._pytree")
+    if not any(isinstance(f, _TorchaoEnumNotice) for f in pytree.filters):
+        pytree.addFilter(_TorchaoEnumNotice())
+    if sys.stderr.isatty():
+        return
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # transformers reads this when imported
+    if "transformers" in sys.modules:  # imported already: tell it directly
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def format_eta(seconds: float) -> str:

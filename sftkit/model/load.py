@@ -17,6 +17,9 @@ from sftkit.model.size_check import check_model_size
 
 logger = logging.getLogger("sftkit")
 
+# MoE router-loss switches: "off" on a model without a router loss is a no-op, not a typo.
+ROUTER_LOSS_SWITCHES = ("router_aux_loss_coef", "output_router_logits")
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -99,6 +102,18 @@ def model_config(
     except OSError as err:
         raise ValueError(_unloadable(model_name, err)) from err
     for key, value in (overrides or {}).items():
+        if not hasattr(config, key) and key in ROUTER_LOSS_SWITCHES and not value:
+            # NeMo RL's Nemotron-3 Nano recipes set router_aux_loss_coef: 0.0; transformers'
+            # NemotronHConfig has no such field and its forward adds no router loss, so
+            # turning it off changes nothing. Any other absent field is refused below.
+            logger.warning(
+                "policy.hf_config_overrides.%s=%r: %s has no such field and its model adds no "
+                "router loss, so there is nothing to turn off; ignored",
+                key,
+                value,
+                type(config).__name__,
+            )
+            continue
         if not hasattr(config, key):
             raise ValueError(
                 f"policy.hf_config_overrides.{key}: {type(config).__name__} has no field "

@@ -110,7 +110,7 @@ def train(run: Run, stop: StopFlag | None = None) -> int:
                 stopping = stopping or env.max(deadline.near(t_step)) > 0
             if checkpointer.should_save(step, last_step, stopping):
                 t_save = time.monotonic()
-                checkpointer.save(state)
+                checkpointer.save(state, last=last_step or stopping)
                 deadline.last_save = time.monotonic() - t_save
                 run.loggers.log({"timing/train/checkpointing": deadline.last_save}, step)
             if stopping:

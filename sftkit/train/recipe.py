@@ -32,6 +32,7 @@ from sftkit.log import (
     install_redaction,
     setup_logging,
 )
+from sftkit.log.plots import curves_at_end
 from sftkit.log.rundir import run_exp_dir
 from sftkit.model.build import build_model
 from sftkit.model.load import DTYPES
@@ -133,7 +134,6 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     seed_everything(cfg.sft.seed)
     tokenizer = load_tokenizer(cfg.policy)
     data = prepare_data(cfg, tokenizer)
-    logger.info("Data: %s", ", ".join(f"{k}={v}" for k, v in sorted(data.report.items())))
     check_before_model(cfg, env, data)
     fingerprint = resume_fingerprint(cfg, tokenizer, data)
     resume_dir = pick_resume_dir(cfg.checkpointing, fingerprint, env)
@@ -222,6 +222,7 @@ def run_sft(cfg: MasterConfig) -> int:
             step = run.state.step
             if code == 0:
                 run.checkpointer.save_final(step, run.loggers.exp_dir)
+                curves_at_end(run.loggers.exp_dir)  # exp_NNN/curves.png (matplotlib: optional)
         finally:
             run.console.close()
             run.loggers.close()

@@ -24,12 +24,21 @@ def test_checkpointing_disabled_writes_final_model_into_the_run_dir(
     small_run, tmp_path: Path
 ) -> None:
     result = small_run.inprocess(
-        tmp_path, "sft.max_num_steps=2", "checkpointing.enabled=false", *LORA
-    )
+        tmp_path, "sft.max_num_steps=2", "checkpointing.enabled=false", "sft.val_at_end=true",
+        "policy.optimizer.kwargs.lr=3e-4", *LORA,
+    )  # fmt: skip
     assert result.returncode == 0
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
     exp = result.exp_dir
     assert (exp / "final_hf" / "config.json").is_file()
+    # What a run leaves behind: the model card's fields come from this run
+    card = (exp / "final_hf" / "README.md").read_text()
+    val = [r["validation/val_loss"] for r in read_metrics(exp) if "validation/val_loss" in r]
+    assert card.startswith("---\nbase_model: ") and "| train | `" in card  # dataset, by name
+    assert "| steps trained | 2 |" in card and "lr 0.0003" in card and "rank 8, alpha" in card
+    assert f"- `validation/val_loss`: {val[-1]:.4f} (step 2)" in card
+    assert "Trained with sftkit 0." in card
+    assert (exp / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     adapter = json.loads((exp / "final_adapter" / "adapter_config.json").read_text())
     # Something from_pretrained loads without sftkit: the built-in model's directory.
     base = Path(adapter["base_model_name_or_path"])

@@ -37,11 +37,7 @@ DEFAULT_SUITE = "sft-llama3.2-1b-1n8g-fsdp2tp1.v3.yaml"
 # Recipes that cannot train on sftkit yet, with the one line they stop with (exit 2).
 # transformers' NemotronHConfig has no router aux loss, so the recipe's
 # `hf_config_overrides.router_aux_loss_coef: 0.0` names a field the model lacks.
-REFUSED = {
-    name: "Error: policy.hf_config_overrides.router_aux_loss_coef: NemotronHConfig has no "
-    "field 'router_aux_loss_coef'"
-    for name in ("sft-nanov3-30BA3B-2n8g-fsdp2.yaml", "sft-nanov3-30BA3B-2n4g-fsdp2.yaml")
-}
+NO_ROUTER_LOSS = ("sft-nanov3-30BA3B-2n8g-fsdp2.yaml", "sft-nanov3-30BA3B-2n4g-fsdp2.yaml")
 PROMPT_LINE = "is sftkit's copy of NeMo RL's prompt"
 PROMPT_TAIL = (
     "Work through it step by step, then write the final result alone on the last line, "
@@ -193,12 +189,9 @@ def test_recipe_runs_on_cpu_with_a_tiny_model_of_its_family(recipe: str, work: P
     from sftkit.config.checks import ignored_settings
 
     result = run(recipe, work)
-    if recipe in REFUSED:
-        assert result.returncode == 2, result.stderr[-3000:]
-        assert result.stderr.strip().splitlines()[-1].startswith(REFUSED[recipe])
-        assert "Traceback" not in result.stderr
-        return
     assert result.returncode == 0, result.stderr[-3000:]
+    if recipe in NO_ROUTER_LOSS:  # router_aux_loss_coef: 0.0 on Nemotron-H: said once, ignored
+        assert result.stderr.count("router_aux_loss_coef=0.0: NemotronHConfig has no such") == 1
     (metrics,) = (work / recipe / "logs").rglob("metrics.jsonl")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]

@@ -177,3 +177,31 @@ def test_export_replaces_its_output_whole(reference_run, tmp_path: Path, monkeyp
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not a model directory"):
         export_checkpoint(step, tmp_path / "other")
+
+
+def test_export_says_what_it_did_and_follows_the_umask(
+    reference_run, tmp_path: Path, capsys
+) -> None:
+    import os
+
+    from sftkit.cli import export_main
+
+    ckpt_dir = reference_run.checkpoint_dir
+    capsys.readouterr()
+    # the README's example on a path that is not there (keep_top_k may have deleted it)
+    assert export_main([str(ckpt_dir / "step_250"), str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert f"{ckpt_dir / 'step_250'} does not exist; {ckpt_dir} holds step_14, step_13" in err
+    previous = os.umask(0o027)
+    try:
+        assert export_main([str(ckpt_dir), str(tmp_path / "hf")]) == 0  # the latest step
+    finally:
+        os.umask(previous)
+    out = capsys.readouterr().out
+    assert (
+        out.strip()
+        == f"exported step_14 ({ckpt_dir / 'step_14'}) as an HF model to {tmp_path / 'hf'}"
+    )
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
+    assert modes["model.safetensors"] == 0o640 and modes["config.json"] == 0o640, modes
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o750

@@ -20,7 +20,7 @@ SUFFIXES = {".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".txt", ".cfg"}
 # Documents that exist only outside the repository (the design notes, their digests of other
 # projects, the seed guide) and the paths that lead there.
 OUTSIDE = re.compile(
-    r"(?<![\w/])reference/|\bDESIGN\.md|\bSTYLE\.md|(?<!docs/)\bperf\.md|nemo_rl_sft|"
+    r"(?<![\w/])reference/|\bDESIGN\.md|\bSTYLE\.md|(?<!docs/)\bperf\.md|nemo_rl_sft\b|"
     r"sft-guide|\baesthetics\b|\bpeers\.md|\breliability\.md|ecosystem-20\d\d|"
     r"\.\./shared|/work/shared"
 )

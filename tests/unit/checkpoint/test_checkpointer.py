@@ -208,3 +208,17 @@ def test_a_registered_part_is_saved_listed_and_loaded(tiny_model_dir: Path, tmp_
     fresh.register("absent", Counter())
     with pytest.raises(ckpt.ResumeMismatchError, match=r"no state/absent.pt: .* 'absent' state"):
         fresh.load()
+
+
+def test_unmeasured_metric_warned_once_and_not_at_the_last_save(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    c = checkpointer(tiny_model_dir, tmp_path, 0, "checkpointing.keep_top_k=3")
+    with caplog.at_level(logging.WARNING, logger="sftkit"):
+        c.save(TrainState(step=2), last=True)  # a final or preemption save: the latest
+        assert "not measured" not in caplog.text
+        c.save(TrainState(step=4))  # periodic without validation: the config's mismatch
+        c.save(TrainState(step=6))
+    assert caplog.text.count("not measured") == 1 and "at step 4" in caplog.text

@@ -292,3 +292,24 @@ def test_forked_workers_leave_the_run_s_signal_handler_so_terminate_ends_them() 
         assert not ender.is_alive(), "Pool.terminate hung on a worker"
     finally:
         stop.restore()
+
+
+def test_data_report_is_one_readable_line(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from sftkit.data.prepare import COUNTER_NAMES
+
+    cfg = _cfg(
+        tmp_path,
+        {"dataset_name": "openai_format", "data_path": str(_write(tmp_path / "d.jsonl", 10, 5))},
+        max_input_seq_length=120,
+    )
+    with caplog.at_level(logging.INFO, logger="sftkit"):
+        prepare_data(cfg, make_tokenizer("qwen25"))
+    lines = [r.getMessage() for r in caplog.records if "examples of" in r.getMessage()]
+    assert len(lines) == 1, lines  # printed once
+    assert "train 10 examples of 10 rows" in lines[0]
+    assert "2 truncated to the length limit" in lines[0]  # non-zero counters, named
+    assert "dropped as too long" not in lines[0] and "=0" not in lines[0]  # zeros left out
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    assert all(name in readme for name in COUNTER_NAMES.values())  # each one explained

@@ -91,3 +91,45 @@ def test_progress_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> Non
     assert off._bar is None
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
     assert ConsoleReporter(total_steps=10, progress_bar=True)._bar is None
+
+
+def test_torchao_enum_notice_is_dropped_and_nothing_else(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """torch logs one line per torchao Enum that torchao registers (transformers imports
+    torchao when installed); the filter drops exactly those."""
+    import enum
+
+    class KernelPreference(enum.Enum):
+        AUTO = "auto"
+
+    class Mine(enum.Enum):
+        A = 1
+
+    KernelPreference.__module__ = "torchao.quantization.quantize_.common.kernel_preference"
+    console_mod.quiet_dependency_output()
+    pytree = logging.getLogger("torch.utils._pytree")
+    notice = (
+        "%s is an Enum subclass and is now natively supported by torch.compile as an opaque "
+        "value type. Calling register_constant() on Enum subclasses is deprecated"
+    )
+    with caplog.at_level(logging.WARNING, logger="torch.utils._pytree"):
+        pytree.warning(notice, KernelPreference)
+        pytree.warning(notice, Mine)  # not torchao's: shown
+        pytree.warning("another pytree warning")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "Mine" in messages[0] and messages[1] == "another pytree warning"
+
+
+def test_no_hf_progress_bars_without_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    try:
+        console_mod.quiet_dependency_output()
+        assert not hf_logging.is_progress_bar_enabled()
+        assert hub_utils.are_progress_bars_disabled()
+    finally:
+        hub_utils.enable_progress_bars()
+        hf_logging.enable_progress_bar()

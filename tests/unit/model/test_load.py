@@ -25,6 +25,22 @@ def test_local_directory_loads_with_overrides(model_dir: Path) -> None:
         load_model(str(model_dir), config_overrides={"no_such_field": 1})
 
 
+def test_turning_off_a_router_loss_the_model_lacks_is_said_and_ignored(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NeMo RL's Nemotron-3 Nano recipes set `router_aux_loss_coef: 0.0` on a config without
+    the field: a no-op, said once. A non-zero value is still refused."""
+    with caplog.at_level("WARNING", logger="sftkit"):
+        model = load_model(str(model_dir), config_overrides={"router_aux_loss_coef": 0.0})
+    assert not hasattr(model.config, "router_aux_loss_coef")
+    assert [r.getMessage() for r in caplog.records if "nothing to turn off" in r.getMessage()] == [
+        "policy.hf_config_overrides.router_aux_loss_coef=0.0: LlamaConfig has no such field and "
+        "its model adds no router loss, so there is nothing to turn off; ignored"
+    ]
+    with pytest.raises(ValueError, match=r"router_aux_loss_coef: LlamaConfig has no field"):
+        load_model(str(model_dir), config_overrides={"router_aux_loss_coef": 0.01})
+
+
 def test_unreachable_or_broken_names_are_config_errors(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
