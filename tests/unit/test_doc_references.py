@@ -61,6 +61,7 @@ def missing_docs(text: str) -> list[str]:
         ("open ../shared/notes.txt", ["../shared"]),
         ("the seed guide (sft-guide.md)", ["sft-guide"]),
         ("the numbers of `docs/perf.md` section 1", []),
+        ("def test_nemo_flag_matches_nemo_rl_sft_yaml", []),
         ("torchtune's cross_entropy, see tests/fixtures/nemo_configs", []),
     ],
 )
