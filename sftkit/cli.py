@@ -195,6 +195,10 @@ def _plot(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `sftkit` console script: this process is the run's
+        from sftkit.lifecycle.signals import own_process
+
+        own_process()
     argv = sys.argv[1:] if argv is None else argv
     commands = {
         "sft": sft_main,

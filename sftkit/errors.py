@@ -9,7 +9,8 @@ A known error becomes one message on stderr, scrubbed of secrets, and an exit co
   (`ConnectionError`), a disk or I/O error while writing (other `OSError`s).
 
 (0 is a finished run; 75 "saved early, start again" is a return value of the run, not an
-error: `sftkit.lifecycle.signals`.) These four `EXIT_*` codes are the only ones. Anything else
+error: `sftkit.lifecycle.signals`; 130 is a second Ctrl-C, an abort without saving.) These
+`EXIT_*` codes are the only ones. Anything else
 is a bug: it propagates with its traceback, also scrubbed (`install_excepthook`).
 `SFTKIT_TRACEBACK=1` prints the traceback of known errors too.
 
@@ -30,6 +31,7 @@ EXIT_OK = 0  # finished: every step done, final_hf written
 EXIT_FAILED = 1  # the run failed on valid input (non-finite loss, a crash, I/O)
 EXIT_USAGE = 2  # a config or usage error, reported before training starts
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: saved and stopped early (signal or deadline); start again
+EXIT_ABORTED = 130  # a second Ctrl-C: stopped at once, nothing saved (128 + SIGINT)
 
 # OSErrors whose fix is a different path or permission: a usage error, like a bad key.
 _PATH_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
@@ -88,6 +90,9 @@ def run_reporting_errors(fn: Callable[..., Any], *args: Any) -> Any:
     """`fn(*args)`, with a known error turned into its message and exit code."""
     try:
         return fn(*args)
+    except KeyboardInterrupt:  # the second Ctrl-C (`StopFlag`): one line, not a traceback
+        print("Aborted (Ctrl-C): nothing saved", file=sys.stderr)
+        return EXIT_ABORTED
     except Exception as err:
         code = report_error(err)
         if code is None:

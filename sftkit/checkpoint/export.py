@@ -17,6 +17,9 @@ from sftkit.checkpoint.outputs import atomic_output_dir
 logger = logging.getLogger("sftkit")
 
 
+EXPORT_MARKER = ".sftkit_export"  # what makes a directory replaceable by a later export
+
+
 def export_checkpoint(
     checkpoint: Path, out: Path, adapter: bool = False, trust_remote_code: bool = False
 ) -> Path:
@@ -30,9 +33,11 @@ def export_checkpoint(
     from sftkit.model.load import load_model, save_hf
     from sftkit.model.lora import apply_lora, lora_spec_from_config, merge_lora, save_adapter
 
-    if out.exists() and not _replaceable(out):
+    in_the_way = _in_the_way(out)
+    if in_the_way:
         raise ValueError(
-            f"{out} exists and is not a model directory: export into a new or empty directory"
+            f"{out} exists and is not an earlier sftkit export (it holds {in_the_way}); "
+            "export into a new or empty directory: an export replaces its directory whole"
         )
     checkpoint = resolve_checkpoint(checkpoint)
     problem = ckpt.verify(checkpoint)
@@ -56,8 +61,18 @@ def export_checkpoint(
         apply_lora(model, spec)
     elif adapter:
         raise ValueError(f"{checkpoint} is a full fine-tune; --adapter needs a LoRA run")
+    if spec is not None:
+        _check_base(checkpoint, cfg.policy.model_name)
     # A multi-rank checkpoint (policy/dcp) is consolidated here, in one process.
-    ModelPart(model, trainable_only=spec is not None, world_size=1).load(step, rank=0)
+    try:
+        ModelPart(model, trainable_only=spec is not None, world_size=1).load(step, rank=0)
+    except (OSError, RuntimeError, ValueError) as err:
+        if not (checkpoint / ckpt.MANIFEST).exists():  # retention of a live run removed it
+            raise ValueError(
+                f"{checkpoint} was deleted while it was being exported (checkpoint retention "
+                "of the run writing it?); export a step that run keeps, or after it ends"
+            ) from err
+        raise
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(step.tokenizer)
@@ -70,6 +85,7 @@ def export_checkpoint(
             if spec is not None:
                 merge_lora(model)
             save_hf(model, tokenizer, tmp)
+        (tmp / EXPORT_MARKER).write_text(f"exported by sftkit from {checkpoint.name}\n")
     return out
 
 
@@ -89,12 +105,32 @@ def resolve_checkpoint(path: Path) -> Path:
     return latest
 
 
-def _replaceable(out: Path) -> bool:
-    """An export replaces `out` as a whole: only an empty directory or an earlier export."""
+def _in_the_way(out: Path) -> str:
+    """What in `out` an export must not replace ("" when nothing): an export replaces `out`
+    whole, so only an empty directory or one sftkit marked as its own export (a config.json
+    alone is no proof: a user's notes.txt and src/ beside one were deleted)."""
+    if not out.exists() and not out.is_symlink():
+        return ""
     if out.is_symlink() or not out.is_dir():
-        return False
-    names = {p.name for p in out.iterdir()}
-    return not names or bool(names & {"config.json", "adapter_config.json"})
+        return "a file, not a directory"
+    names = sorted(p.name for p in out.iterdir())
+    if not names or EXPORT_MARKER in names:
+        return ""
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return shown
+
+
+def _check_base(checkpoint: Path, model_name: str) -> None:
+    """A LoRA checkpoint merged onto a base whose weights changed under the same name."""
+    from sftkit.checkpoint.checkpointer import base_weights
+
+    saved = ckpt.read_info(checkpoint).get("fingerprint", {}).get("base_weights")
+    current = base_weights(model_name) if saved else None
+    if saved and current and saved != current:
+        raise ValueError(
+            f"{checkpoint} is a LoRA trained on other base weights than {model_name} holds now "
+            f"(digest {saved}, now {current}): export with the base it was trained on"
+        )
 
 
 def main(argv: list[str]) -> int:

@@ -347,11 +347,16 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
     ]
 
 
-def check_resumable(directory: Path, fingerprint: dict[str, Any]) -> None:
-    """Raise ResumeMismatchError naming every difference between checkpoint and run.
+# What a new stage (`resume_mismatch=stage`) may change: the data (README: Staged SFT).
+STAGE_KEYS = frozenset({"train_data", "max_input_seq_length", "shuffle"})
+# Keys added after fingerprint_version 2: a checkpoint without them resumes, with one warning.
+ADDED_KEYS = ("optimizer", "scheduler", "base_weights")
 
-    A checkpoint whose fingerprint has no `fingerprint_version` (written before the
-    fingerprint keyed on derived values) is compared with `fingerprint[LEGACY_FINGERPRINT]`."""
+
+def check_resumable(directory: Path, fingerprint: dict[str, Any], stage: bool = False) -> bool:
+    """Raise ResumeMismatchError naming every difference between checkpoint and run; True
+    when `stage` allows them (new data: a new stage). A checkpoint without
+    `fingerprint_version` (pre-derive) is compared with `fingerprint[LEGACY_FINGERPRINT]`."""
     info = read_info(directory)
     version = info.get("format_version")
     if version != FORMAT_VERSION:
@@ -362,14 +367,40 @@ def check_resumable(directory: Path, fingerprint: dict[str, Any]) -> None:
     current = {k: v for k, v in fingerprint.items() if k != LEGACY_FINGERPRINT}
     if "fingerprint_version" not in saved and LEGACY_FINGERPRINT in fingerprint:
         current = fingerprint[LEGACY_FINGERPRINT]
+    unchecked = [k for k in ADDED_KEYS if k in current and k not in saved]
+    if unchecked:
+        logger.warning("%s was written before sftkit recorded %s: not checked on this resume",
+                       directory, ", ".join(unchecked))  # fmt: skip
+    # Unknown on one side is no change: not LoRA, or the base not yet downloaded; no optimizer
+    # state (save_optimizer=false), so a fresh optimizer takes the run's settings.
+    unknown = set(unchecked)
+    for key, drop in (
+        ("base_weights", {"base_weights"}),
+        ("optimizer", {"optimizer", "scheduler"}),
+    ):
+        if saved.get(key) is None or current.get(key) is None:
+            unknown |= drop
+    saved = {k: v for k, v in saved.items() if k not in unknown}
+    current = {k: v for k, v in current.items() if k not in unknown}
+    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if stage and keys and set(keys) <= STAGE_KEYS:
+        logger.warning(
+            "New stage from %s (checkpointing.resume_mismatch=stage; changed: %s): weights, "
+            "optimizer, LR schedule and step counter continue; the data starts at epoch 0",
+            directory, ", ".join(keys),
+        )  # fmt: skip
+        return True
     diffs = fingerprint_differences(saved, current)
     if diffs:
         raise ResumeMismatchError(
             f"Cannot resume from {directory}: the run's settings differ from the checkpoint's:\n  "
             + "\n  ".join(diffs)
             + "\nRestore those settings to resume, or start fresh with "
-            "checkpointing.resume=false (old checkpoints are moved aside, not deleted)."
-        )
+            "checkpointing.resume=false (old checkpoints are moved aside, not deleted)"
+            + (", or continue on the new data with checkpointing.resume_mismatch=stage."
+               if set(keys) <= STAGE_KEYS else ".")
+        )  # fmt: skip
+    return False
 
 
 def archive_old_checkpoints(checkpoint_dir: Path) -> Path | None:

@@ -23,6 +23,7 @@ class TrainState:
     consumed_samples: int = 0  # examples trained on so far, over all ranks
     total_valid_tokens: int = 0  # trained target tokens so far, over all ranks
     metrics: dict[str, float] = field(default_factory=dict)  # "val:val_loss", "train:loss", ...
+    validation_due: bool = False  # a stop skipped the validation due at `step`: resume runs it
 
     def to_json(self) -> dict[str, Any]:
         info = asdict(self)
@@ -39,6 +40,7 @@ class TrainState:
             consumed_samples=int(info.get("consumed_samples", 0)),
             total_valid_tokens=int(info.get("total_valid_tokens", 0)),
             metrics=metrics,
+            validation_due=bool(info.get("validation_due", False)),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -47,7 +49,8 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """In place (the loop holds this object), from `training_info.json`'s contents."""
         loaded = TrainState.from_json(state)
-        for name in ("step", "epoch", "consumed_samples", "total_valid_tokens", "metrics"):
+        for name in ("step", "epoch", "consumed_samples", "total_valid_tokens", "metrics",
+                     "validation_due"):  # fmt: skip
             setattr(self, name, getattr(loaded, name))
 
 

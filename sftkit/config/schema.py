@@ -72,7 +72,7 @@ class CheckpointingConfig:
         True, "resume from the latest complete checkpoint in checkpoint_dir", nemo=False
     )
     resume_mismatch: str = doc(
-        "error", "error | fresh, when settings differ from the saved", nemo=False
+        "error", "error | fresh | stage (new data, same run), when settings differ", nemo=False
     )
     take_over_lock: bool = doc(
         False, "take another run's lock on checkpoint_dir (it is dead)", nemo=False
@@ -392,7 +392,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.reasoning": ("train", "mask", "drop_history"),
     "data.loss_mask": ("sftkit", "nemo_rl"),
     "checkpointing.model_save_format": ("safetensors", "torch_save"),
-    "checkpointing.resume_mismatch": ("error", "fresh"),
+    "checkpointing.resume_mismatch": ("error", "fresh", "stage"),
     "checkpointing.pretrained_checkpoint.format": ("megatron_bridge", "megatron_lm"),
     "logger.wandb.mode": ("online", "offline", "disabled"),
     "cluster.device": ("auto", "cpu", "cuda"),

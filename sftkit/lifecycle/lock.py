@@ -3,10 +3,16 @@
 Two runs into one directory overwrite each other's checkpoints and final_hf, and one run's
 stale-save cleanup deletes the other's save in progress. Rank 0 creates the lock file
 (O_EXCL) holding host, pid, Slurm job id, start time and a heartbeat it refreshes every
-`HEARTBEAT_S` from a daemon thread; a second run is refused at start. A lock is stale, and
-taken over with a warning, when its heartbeat is older than `STALE_AFTER_S`, when it
-belongs to this Slurm job (a requeue after SIGKILL resumes), or when its process is gone
-from this host. `checkpointing.take_over_lock=true` takes any lock over.
+`HEARTBEAT_S` from a daemon thread; a second run is refused at start. A lock is taken over
+(with a warning) only on evidence that its holder is dead: its heartbeat is older than
+`STALE_AFTER_S`, its process is gone from this host, or it belongs to an earlier incarnation
+of this Slurm job (another `SLURM_RESTART_COUNT`: Slurm ended every step before the
+requeue). The same job id alone is no evidence: a second run inside one allocation took
+over a live run's lock and the two overwrote each other's checkpoints.
+`checkpointing.take_over_lock=true` takes any lock over.
+
+A run whose lock was taken over anyway (it was paused past `STALE_AFTER_S`: SIGSTOP, a
+hung filesystem) must not write again: `ensure_held` before every save ends it (exit 1).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sftkit.dist import DistEnv
+from sftkit.errors import RunFailure
 
 logger = logging.getLogger("sftkit")
 
@@ -34,6 +41,10 @@ class LockHeldError(ValueError):
     """Another live run holds the checkpoint directory."""
 
 
+class LockLostError(RunFailure):
+    """Another run took this run's lock over: this run stops without writing (exit 1)."""
+
+
 @dataclass
 class Holder:
     """What the lock file says about the run that holds it."""
@@ -44,12 +55,14 @@ class Holder:
     started: float
     heartbeat: float
     token: str  # tells this process's lock from a stale one with the same host and pid
+    slurm_restart: str | None = None  # SLURM_RESTART_COUNT: which incarnation of the job
 
     @staticmethod
     def me() -> Holder:
         now = time.time()
         return Holder(socket.gethostname(), os.getpid(), os.environ.get("SLURM_JOB_ID"), now,
-                      now, f"{os.getpid()}-{time.monotonic_ns()}")  # fmt: skip
+                      now, f"{os.getpid()}-{time.monotonic_ns()}",
+                      os.environ.get("SLURM_RESTART_COUNT", "0"))  # fmt: skip
 
     def describe(self) -> str:
         job = f", Slurm job {self.slurm_job_id}" if self.slurm_job_id else ""
@@ -67,6 +80,7 @@ def read_holder(path: Path) -> Holder | None:
             slurm_job_id=None if data.get("slurm_job_id") is None else str(data["slurm_job_id"]),
             started=float(data["started"]), heartbeat=float(data["heartbeat"]),
             token=str(data.get("token", "")),
+            slurm_restart=None if data.get("slurm_restart") is None else str(data["slurm_restart"]),
         )  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -78,8 +92,10 @@ def stale_reason(holder: Holder | None, me: Holder) -> str | None:
         return "unreadable lock file"
     if time.time() - holder.heartbeat > STALE_AFTER_S:
         return f"no heartbeat for {time.time() - holder.heartbeat:.0f}s"
-    if holder.slurm_job_id and holder.slurm_job_id == me.slurm_job_id:
-        return f"left by this Slurm job ({holder.slurm_job_id}) before a requeue"
+    same_job = holder.slurm_job_id and holder.slurm_job_id == me.slurm_job_id
+    if same_job and holder.slurm_restart != me.slurm_restart:
+        return (f"left by this Slurm job ({holder.slurm_job_id}) before requeue "
+                f"{me.slurm_restart}")  # fmt: skip
     if holder.host == me.host:
         if holder.pid == me.pid:
             return "left by this process"
@@ -115,6 +131,20 @@ def take_run_lock(directory: Path, take_over: bool, env: DistEnv) -> RunLock | N
     return lock
 
 
+def ensure_held(lock: RunLock | None, env: DistEnv) -> None:
+    """Before a save, on every rank: raise LockLostError when rank 0's lock now names another
+    run, so this run neither overwrites that run's checkpoints nor prunes them."""
+    lost = lock is not None and not lock.held()
+    if env.max(1.0 if lost else 0.0) > 0:
+        where = lock.path.parent if lock is not None else "checkpointing.checkpoint_dir"
+        holder = read_holder(lock.path) if lock is not None else None
+        by = f" by {holder.describe()}" if holder is not None else ""
+        raise LockLostError(
+            f"another run took over {where}{by} while this one was paused: stopping without "
+            "saving, so the two runs do not overwrite each other's checkpoints"
+        )
+
+
 class RunLock:
     """The lock on one checkpoint directory; `acquire`, then `release` when the run ends."""
 
@@ -146,6 +176,11 @@ class RunLock:
             self._remove_if_unchanged(holder)
             time.sleep(0.05)
         raise LockHeldError(f"could not take the lock {self.path}: other runs keep taking it")
+
+    def held(self) -> bool:
+        """Whether the lock file still names this run (False once another run took over)."""
+        holder = read_holder(self.path)
+        return holder is not None and holder.token == self.me.token
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lock file if it is still this run's."""
@@ -190,11 +225,10 @@ class RunLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            holder = read_holder(self.path)
-            if holder is None or holder.token != self.me.token:
+            if not self.held():
                 logger.error(
-                    "The lock %s was taken over by another run; this run no longer owns %s",
-                    self.path, self.path.parent,
+                    "The lock %s was taken over by another run; this run stops at its next "
+                    "save without writing", self.path,
                 )  # fmt: skip
                 return
             self.me.heartbeat = time.time()

@@ -48,33 +48,68 @@ def write_preempted_marker(path: Path, step: int, reason: str) -> None:
         logger.warning("Could not write the preemption marker %s: %s", path, err)
 
 
+_OWN_PROCESS = [False]  # set by the command-line entry points (`own_process`)
+
+
+def own_process() -> None:
+    """Called by the command-line entry points: this process ends when the run does, so after
+    a stop for requeue the stop signals stay ignored until it exits (a repeated SIGTERM
+    meeting the default handler while exiting turned the logged 75 into 143)."""
+    _OWN_PROCESS[0] = True
+
+
+REPEAT_WINDOW_S = 2.0  # a second Ctrl-C within this is the same one delivered twice
+
+
 @dataclass
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1; the loop finishes its step, saves and exits for requeue.
+    """Set by SIGTERM / SIGUSR1 / SIGINT; the loop finishes its step, saves and exits for
+    requeue (75 and the marker).
 
-    While `interrupt` is set (setup: tokenizing, loading the model) the handler raises
-    Preempted instead, so a signal then ends the run at once rather than after setup.
+    While `interrupt` is set (setup: tokenizing, loading the model) the first signal raises
+    Preempted instead, so it ends the run at once rather than after setup. Repeated signals
+    are idempotent: `timeout` and a process-group kill deliver SIGTERM twice, and under
+    torchrun or self-launch every rank gets the terminal's SIGINT and the launcher's SIGTERM,
+    so only the first one acts (a second Preempted raised inside the first one's handling
+    ended in a traceback, exit 1 and no marker). A second Ctrl-C more than `REPEAT_WINDOW_S`
+    after the first is the user insisting: it aborts at once (KeyboardInterrupt).
     """
 
     signum: int | None = None
     previous: dict[int, Any] = field(default_factory=dict)
     interrupt: bool = False
+    raised: bool = False  # Preempted was raised once: later signals only record
+    first_at: float | None = None  # monotonic time of the first signal
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
                 self.previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. called from a test runner thread)
                 pass
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        self.signum = signum
-        if self.interrupt:
+        now = time.monotonic()
+        if self.first_at is None:
+            self.signum, self.first_at = signum, now
+            if signum == signal.SIGINT:
+                logger.warning(
+                    "Ctrl-C: stopping after this step and saving (exit code 75); press "
+                    "Ctrl-C again after %.0f s to abort without saving", REPEAT_WINDOW_S,
+                )  # fmt: skip
+        elif signum == signal.SIGINT and now - self.first_at > REPEAT_WINDOW_S:
+            logger.warning("Second Ctrl-C: aborting without saving")
+            raise KeyboardInterrupt
+        if self.interrupt and not self.raised:
+            self.raised = True
             raise Preempted(signum)
 
-    def restore(self) -> None:
+    def restore(self, stopped: bool = False) -> None:
+        """Put the previous handlers back; `stopped` (exiting 75) in a process the run owns:
+        ignore further stop signals instead, until the process exits."""
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if stopped and _OWN_PROCESS[0] else handler)
+        self.previous.clear()
 
     @property
     def reason(self) -> str:

@@ -13,6 +13,7 @@ import time
 from sftkit.checkpoint.layout import ranking_metric
 from sftkit.data.loader import dummy_micro_batch, micro_batches, rank_share
 from sftkit.errors import EXIT_OK, EXIT_REQUEUE
+from sftkit.lifecycle.lock import ensure_held
 from sftkit.lifecycle.signals import Deadline, StopFlag
 from sftkit.log import throughput_metrics
 from sftkit.model.context_parallel import shard_batches
@@ -34,8 +35,12 @@ def train(run: Run, stop: StopFlag | None = None) -> int:
         stop.install()
     stop.interrupt = False  # from here a signal finishes the step and saves
     deadline = Deadline(run.deadline)
-    if state.step == 0 and cfg.sft.val_at_start and validator.enabled:
+    if state.validation_due and validator.enabled:
+        logger.info("Running the validation the stopped run skipped at step %d", state.step)
+        state.metrics.update(validator.validate(step=state.step))
+    elif state.step == 0 and cfg.sft.val_at_start and validator.enabled:
         state.metrics.update(validator.validate(step=0))
+    state.validation_due = False
     exit_code = EXIT_OK
     try:
         while state.step < run.total_steps:
@@ -101,14 +106,19 @@ def train(run: Run, stop: StopFlag | None = None) -> int:
             state.metrics = ranking_metric(cfg.checkpointing.metric_name, metrics)
 
             last_step = step >= run.total_steps
-            if validator.should_validate(step, last_step):
-                state.metrics.update(validator.validate(step))
-
             # Stop early on a signal (any rank) or when the deadline leaves no room to save.
             stopping = env.max(stop.signum is not None) > 0
             if run.deadline is not None:
                 stopping = stopping or env.max(deadline.near(t_step)) > 0
+            if validator.should_validate(step, last_step):
+                if stopping:  # save first: a long validation can outlast the grace period
+                    logger.warning("Skipping the validation due at step %d to save and stop "
+                                   "first; the resumed run runs it", step)  # fmt: skip
+                    state.validation_due = True
+                else:
+                    state.metrics.update(validator.validate(step))
             if checkpointer.should_save(step, last_step, stopping):
+                ensure_held(run.lock, env)  # a run whose lock was taken over writes nothing
                 t_save = time.monotonic()
                 checkpointer.save(state, last=last_step or stopping)
                 deadline.last_save = time.monotonic() - t_save

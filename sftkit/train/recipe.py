@@ -19,8 +19,8 @@ from sftkit.config import MasterConfig, config_to_dict
 from sftkit.data import PreparedData, load_tokenizer, prepare_data
 from sftkit.data.loader import BatchPlan, build_sampler
 from sftkit.dist import DistEnv, init_distributed, shutdown_distributed
-from sftkit.errors import EXIT_REQUEUE
-from sftkit.lifecycle.lock import take_run_lock
+from sftkit.errors import EXIT_FAILED, EXIT_REQUEUE
+from sftkit.lifecycle.lock import ensure_held, take_run_lock
 from sftkit.lifecycle.signals import Preempted, StopFlag, preempted_marker, write_preempted_marker
 from sftkit.log import (
     ConsoleReporter,
@@ -136,7 +136,7 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     data = prepare_data(cfg, tokenizer)
     check_before_model(cfg, env, data)
     fingerprint = resume_fingerprint(cfg, tokenizer, data)
-    resume_dir = pick_resume_dir(cfg.checkpointing, fingerprint, env)
+    resume_dir, new_stage = pick_resume_dir(cfg.checkpointing, fingerprint, env)
     model = build_model(cfg, env)
     optimizer = setup_optimizer(cfg, env, model)
     scheduler = build_scheduler(optimizer, cfg.policy.scheduler)
@@ -155,6 +155,7 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
         lora=lora,
         fingerprint=fingerprint,
         resume_dir=resume_dir,
+        new_stage=new_stage,
     )
     loggers = setup_loggers(cfg, env, resume_dir)  # before load: restoring the RNG is the last step
     state = checkpointer.load()
@@ -208,6 +209,7 @@ def run_sft(cfg: MasterConfig) -> int:
     stop.install()
     lock = None
     step = 0
+    code = EXIT_FAILED  # until the run returns or a signal stops it
     try:
         # Write problems surface before the work, and one run owns checkpoint_dir.
         ckpt.check_writable(Path(c.checkpoint_dir), "checkpointing.checkpoint_dir")
@@ -217,10 +219,12 @@ def run_sft(cfg: MasterConfig) -> int:
         if env.is_main:
             preempted_marker(Path(c.checkpoint_dir)).unlink(missing_ok=True)
         run = setup(cfg, env)
+        run.lock = lock
         try:
             code = train(run, stop)
             step = run.state.step
             if code == 0:
+                ensure_held(lock, env)
                 run.checkpointer.save_final(step, run.loggers.exp_dir)
                 curves_at_end(run.loggers.exp_dir)  # exp_NNN/curves.png (matplotlib: optional)
         finally:
@@ -234,12 +238,17 @@ def run_sft(cfg: MasterConfig) -> int:
         )  # fmt: skip
         code = EXIT_REQUEUE
     finally:
-        stop.restore()
-        if lock is not None:
-            lock.release()
-        # Leaving a gloo/NCCL group alive at interpreter exit can abort the process
-        # ("terminate called without an active exception", exit -6) after a good run.
-        shutdown_distributed()
-    if code == EXIT_REQUEUE and env.is_main:  # torchrun returns 1 anyway: job scripts read this
-        write_preempted_marker(preempted_marker(Path(c.checkpoint_dir)), step, "requeue")
+        stop.interrupt = False  # a signal from here on must not replace the outcome
+        try:
+            if lock is not None:
+                lock.release()
+            # Leaving a gloo/NCCL group alive at interpreter exit can abort the process
+            # ("terminate called without an active exception", exit -6) after a good run.
+            shutdown_distributed()
+        finally:
+            # Our handlers stay until the marker is written: a repeated SIGTERM meeting the
+            # default handler here ended the process with 143 after it logged 75.
+            if code == EXIT_REQUEUE and env.is_main:  # torchrun returns 1: job scripts read it
+                write_preempted_marker(preempted_marker(Path(c.checkpoint_dir)), step, "requeue")
+            stop.restore(stopped=code == EXIT_REQUEUE)
     return code

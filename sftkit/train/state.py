@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from sftkit.dist import DistEnv
 from sftkit.log import ConsoleReporter, Loggers
 from sftkit.train.step import StepOptions
 from sftkit.train.validation import Validator
+
+if TYPE_CHECKING:
+    from sftkit.lifecycle.lock import RunLock
 
 
 @dataclass
@@ -43,3 +46,4 @@ class Run:
     deadline: float | None  # seconds from the start by which the last save must be done
     flops_per_token: float | None
     peak_flops: float | None
+    lock: RunLock | None = None  # rank 0's lock on checkpoint_dir (`run_sft` sets it)

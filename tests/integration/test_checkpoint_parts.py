@@ -50,7 +50,7 @@ def test_a_registered_counter_survives_sigkill_bit_exact(
 
     helper = helper_module()
     checkpointer, counter = helper.build(tiny_model_dir, work)
-    checkpointer.resume_dir = pick_resume_dir(
+    checkpointer.resume_dir, _ = pick_resume_dir(
         checkpointer.cfg.checkpointing, helper.FINGERPRINT, DistEnv()
     )
     state = checkpointer.load()

@@ -48,17 +48,59 @@ def test_a_live_holder_is_refused_by_name(tmp_path: Path, live_pid: int) -> None
 @pytest.mark.parametrize(
     "fields",
     [{"pid": 2**22 + 12345}, {"host": "node-elsewhere", "heartbeat": time.time() - 3600},
-     {"host": "node-elsewhere", "slurm_job_id": "777"}, {"host": "x", "pid": "garbage"}],
-    ids=["dead-pid", "silent", "same-slurm-job", "unreadable"],
+     {"host": "node-elsewhere", "slurm_job_id": "777", "slurm_restart": "0"},
+     {"host": "x", "pid": "garbage"}],
+    ids=["dead-pid", "silent", "earlier-incarnation-of-this-slurm-job", "unreadable"],
 )  # fmt: skip
 def test_stale_locks_are_taken_over(tmp_path: Path, monkeypatch, fields: dict) -> None:
     monkeypatch.setenv("SLURM_JOB_ID", "777")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued once: Slurm ended the old steps
     path = write_lock(tmp_path, **fields)
     lock = RunLock(tmp_path)
     lock.acquire()
     assert json.loads(path.read_text())["token"] == lock.me.token
     lock.release()
     assert not path.exists()
+
+
+def test_same_slurm_job_alone_is_no_evidence(tmp_path: Path, monkeypatch, live_pid: int) -> None:
+    """A second run inside the same allocation took over a live run's lock (same job id)."""
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    write_lock(tmp_path, pid=live_pid, slurm_job_id="777", slurm_restart="0")
+    with pytest.raises(LockHeldError, match=f"pid {live_pid}"):
+        RunLock(tmp_path).acquire()
+    write_lock(tmp_path / "b", host="node-elsewhere", slurm_job_id="777", slurm_restart="0")
+    with pytest.raises(LockHeldError, match="Slurm job 777"):  # same job, another node: alive
+        RunLock(tmp_path / "b").acquire()
+
+
+def test_a_run_whose_lock_was_taken_over_stops_without_saving(
+    small_run, tmp_path: Path, capsys, monkeypatch, live_pid: int
+) -> None:
+    """The holder was paused past STALE_AFTER_S (SIGSTOP, a hung filesystem) and another run
+    took over: it used to log an ERROR and keep saving over the other run's step_N."""
+    import sftkit.train.loop as loop
+
+    real = loop.ensure_held
+
+    def taken_over_after_step_2(lock, env) -> None:
+        if loop.ensure_held.calls == 2:  # type: ignore[attr-defined]
+            write_lock(tmp_path / "ckpt", pid=live_pid)  # the other run's lock
+        loop.ensure_held.calls += 1  # type: ignore[attr-defined]
+        real(lock, env)
+
+    taken_over_after_step_2.calls = 0  # type: ignore[attr-defined]
+    monkeypatch.setattr(loop, "ensure_held", taken_over_after_step_2)
+    capsys.readouterr()
+    result = small_run.inprocess(tmp_path, "sft.max_num_steps=5")
+    err = capsys.readouterr().err
+    assert result.returncode == 1
+    assert f"another run took over {tmp_path / 'ckpt'} by pid {live_pid}" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step_*")) == ["step_1", "step_2"]
+    assert not (tmp_path / "ckpt" / "final_hf").exists()
+    assert json.loads((tmp_path / "ckpt" / LOCK_NAME).read_text())["pid"] == live_pid  # kept
 
 
 def test_take_over_switch_and_release_keeps_foreign_locks(tmp_path: Path, live_pid: int) -> None:

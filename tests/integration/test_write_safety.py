@@ -148,8 +148,7 @@ def test_a_failed_final_export_leaves_no_half_model(small_run, tmp_path: Path, m
         raise KeyboardInterrupt  # what a kill mid-write leaves behind, minus the process
 
     monkeypatch.setattr(checkpointer, "save_hf", dies_halfway)
-    with pytest.raises(KeyboardInterrupt):
-        small_run.inprocess(tmp_path, "sft.max_num_steps=1")
+    assert small_run.inprocess(tmp_path, "sft.max_num_steps=1").returncode == 130  # aborted
     assert not (tmp_path / "ckpt" / "final_hf").exists()
     assert [p.name for p in (tmp_path / "ckpt").iterdir() if "final" in p.name] == []
 
@@ -175,8 +174,46 @@ def test_export_replaces_its_output_whole(reference_run, tmp_path: Path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not a model directory"):
+    with pytest.raises(ValueError, match="not an earlier sftkit export"):
         export_checkpoint(step, tmp_path / "other")
+
+
+def test_export_never_deletes_what_it_did_not_write(reference_run, tmp_path: Path) -> None:
+    """A directory holding a config.json was taken for an earlier export and replaced whole:
+    the user's notes.txt and src/ were deleted, exit 0."""
+    import shutil
+
+    from sftkit.checkpoint.export import EXPORT_MARKER, export_checkpoint
+
+    step = reference_run.checkpoint_dir / "step_3"
+    mine = tmp_path / "mine"
+    (mine / "src").mkdir(parents=True)
+    (mine / "config.json").write_text("{}")
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"holds config.json, notes.txt, src\)"):
+        export_checkpoint(step, mine)
+    assert (mine / "notes.txt").read_text() == "keep me" and (mine / "src").is_dir()
+    out = export_checkpoint(step, tmp_path / "hf")
+    assert (out / EXPORT_MARKER).is_file()
+    export_checkpoint(step, out)  # its own export: replaced
+
+    # retention of the run that wrote it deletes the step meanwhile: said so
+    copy = tmp_path / "ckpt" / "step_3"
+    shutil.copytree(step, copy)
+    from sftkit.checkpoint.weights import ModelPart
+
+    real = ModelPart.load
+
+    def retention_strikes(self: ModelPart, *args: object, **kwargs: object) -> None:
+        shutil.rmtree(copy)
+        real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    ModelPart.load = retention_strikes  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ValueError, match="was deleted while it was being exported"):
+            export_checkpoint(copy, tmp_path / "hf2")
+    finally:
+        ModelPart.load = real  # type: ignore[method-assign]
 
 
 def test_export_says_what_it_did_and_follows_the_umask(

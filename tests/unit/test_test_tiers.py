@@ -26,6 +26,8 @@ FAST_SUBPROCESS = {
     "test_a_live_holder_is_refused_by_name",
     "test_take_over_switch_and_release_keeps_foreign_locks",
     "test_second_run_is_refused_before_the_model_loads",
+    "test_same_slurm_job_alone_is_no_evidence",
+    "test_a_run_whose_lock_was_taken_over_stops_without_saving",
     "test_tree_rss_anon_counts_children",  # a bare Python child holding 200 MB
 }
 NEEDS_CUDA = re.compile(r"skipif\(\s*not torch\.cuda\.is_available\(\)")

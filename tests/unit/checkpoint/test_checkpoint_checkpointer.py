@@ -77,7 +77,7 @@ def test_save_then_load_restores_every_piece_of_state(
     assert fresh.load() == TrainState()  # nothing picked: a fresh start
     pairs = list(zip(saved.model.parameters(), fresh.model.parameters(), strict=True))
     assert not all(torch.equal(a, b) for a, b in pairs)  # so the load below has work to do
-    fresh.resume_dir = pick_resume_dir(fresh.cfg.checkpointing, FINGERPRINT, ENV)
+    fresh.resume_dir, _ = pick_resume_dir(fresh.cfg.checkpointing, FINGERPRINT, ENV)
     assert fresh.resume_dir == path
     restored = fresh.load()
 
@@ -154,7 +154,7 @@ def test_a_format_1_checkpoint_from_before_the_registry_still_resumes(
     assert "parts" not in json.loads((step / ckpt.MANIFEST).read_text())  # written before them
 
     fresh = checkpointer(tiny_model_dir, tmp_path, 1, *FORMAT1_LORA)
-    fresh.resume_dir = pick_resume_dir(fresh.cfg.checkpointing, FINGERPRINT, ENV)
+    fresh.resume_dir, _ = pick_resume_dir(fresh.cfg.checkpointing, FINGERPRINT, ENV)
     assert fresh.resume_dir == step
     state = fresh.load()
 

@@ -62,3 +62,46 @@ def test_validator_schedule(
     cfg: Any = SimpleNamespace(sft=SimpleNamespace(val_period=period, val_at_end=at_end))
     validator = Validator(cfg, None, None, None, examples, None, None, None, None)  # type: ignore[arg-type]
     assert [s for s in range(1, 6) if validator.should_validate(s, last_step=s == 5)] == steps
+
+
+def test_repeated_signals_during_setup_raise_once() -> None:
+    """`timeout` and a process-group kill deliver SIGTERM twice: a second Preempted raised
+    inside the first one's handling ended in a traceback, exit 1 and no marker."""
+    flag = StopFlag(interrupt=True)
+    with pytest.raises(signals.Preempted):
+        flag._handle(signal.SIGTERM, None)
+    flag._handle(signal.SIGTERM, None)  # the duplicate: recorded, not raised
+    flag._handle(signal.SIGUSR1, None)
+    assert flag.reason == "signal SIGTERM"
+
+
+def test_ctrl_c_stops_like_sigterm_and_twice_aborts(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [10.0]
+    monkeypatch.setattr(signals.time, "monotonic", lambda: now[0])
+    flag = StopFlag()
+    flag.install()
+    try:
+        assert signal.getsignal(signal.SIGINT) == flag._handle  # not Python's KeyboardInterrupt
+    finally:
+        flag.restore()
+    with caplog.at_level("WARNING", logger="sftkit"):
+        flag._handle(signal.SIGINT, None)  # the first Ctrl-C: save and stop
+    assert flag.reason == "signal SIGINT" and "Ctrl-C: stopping after this step" in caplog.text
+    now[0] += 0.3  # the launcher's copy of the same Ctrl-C (self-launch, torchrun)
+    flag._handle(signal.SIGTERM, None)
+    flag._handle(signal.SIGINT, None)
+    now[0] += signals.REPEAT_WINDOW_S  # the user presses again: abort
+    with pytest.raises(KeyboardInterrupt):
+        flag._handle(signal.SIGINT, None)
+
+
+def test_abort_is_one_line_exit_130(capsys: pytest.CaptureFixture[str]) -> None:
+    from sftkit.errors import EXIT_ABORTED, run_reporting_errors
+
+    def body() -> int:
+        raise KeyboardInterrupt
+
+    assert run_reporting_errors(body) == EXIT_ABORTED == 130
+    assert capsys.readouterr().err == "Aborted (Ctrl-C): nothing saved\n"
