@@ -83,10 +83,10 @@ fi
 B=$(left)
 if on tests && [ "$B" -gt 40 ]; then
   timeout $(( B < 100 ? B - 10 : 90 )) python -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/gpu tests/unit/model/test_attention.py tests/unit/model/test_fused.py \
-    tests/unit/model/test_lora_triton.py tests/unit/log/test_log_gpu.py \
-    tests/unit/train/test_loss.py tests/unit/train/test_step.py \
-    tests/unit/model/test_fp8.py tests/unit/train/test_bf16_optim.py \
+    tests/gpu tests/unit/model/test_model_attention.py tests/unit/model/test_model_fused.py \
+    tests/unit/model/test_model_lora_triton.py tests/unit/log/test_log_gpu.py \
+    tests/unit/train/test_train_loss.py tests/unit/train/test_train_step.py \
+    tests/unit/model/test_model_fp8.py tests/unit/train/test_train_bf16_optim.py \
     > "$OUT/gpu_tests.log" 2>&1
   echo "exit $?" >> "$OUT/gpu_tests.log"
 fi

@@ -47,7 +47,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 LORA = dict(r=16, alpha=32.0)
 CASE_TIMEOUT_S = 150.0  # one hung case must not eat the whole GPU budget
-PEAK_FLOPS = 989e12  # dense bf16, H100 SXM and H200 (perf.md section 2)
+PEAK_FLOPS = 989e12  # dense bf16, H100 SXM and H200 (docs/perf.md section 1)
 
 
 def gpu_cases() -> list[dict[str, Any]]:
@@ -159,7 +159,7 @@ def prepare(case: dict[str, Any], device: Any) -> tuple[Any, Any]:
 
 
 def flops_per_token(model: Any, lora: bool, seq: int) -> float:
-    """(4N if LoRA else 6N) + causal attention 6*L*h*S (reference/perf.md convention)."""
+    """(4N if LoRA else 6N) + causal attention 6*L*h*S (docs/perf.md convention)."""
     cfg = model.config
     emb = model.get_input_embeddings().weight
     n = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)

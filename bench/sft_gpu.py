@@ -2,7 +2,7 @@
 
 Llama-3.2-1B shape (random init from LlamaConfig: hidden 2048, 16 layers, 32 heads, 8 kv
 heads, intermediate 8192, vocab 128256, tied embeddings), full fine-tune, rows of 4096
-tokens, 2 rows per optimizer step (the micro-batch of `reference/perf.md`'s baseline
+tokens, 2 rows per optimizer step (the micro-batch of `docs/perf.md`'s baseline
 table), AdamW (fused), grad-norm clipping at 1.0, in two precision modes:
 
 * `bf16`: bfloat16 parameters, gradients and Adam states;
@@ -31,7 +31,7 @@ without isolation, no padding: their fastest correct-length setting); sftkit iso
 documents. `--docs full` instead makes each row one fully trained 4096-token document.
 
 Reported per case: tokens/s (all cases process the same tokens; there is no padding), MFU
-with perf.md's formula (`sftkit.log.flops`, 989e12 peak on H100 SXM/H200) at seq 4096 (the
+with docs/perf.md's formula (`sftkit.log.flops`, 989e12 peak on H100 SXM/H200) at seq 4096 (the
 baseline table's convention) and at the documents' attention context (`mfu_doc`), peak
 `torch.cuda.max_memory_allocated`, first and last loss. The summary line gives sftkit's
 tokens/s and memory over Liger's per mode (target: >= 1.25x tokens/s, <= memory).

@@ -1,9 +1,9 @@
-"""Model FLOPs utilisation (MFU), with the conventions of `reference/perf.md` section 2.
+"""Model FLOPs utilisation (MFU), with the conventions of `docs/perf.md` section 1.
 
 MFU = tokens/s x (6N + causal attention flops) / 989e12 on an H100 SXM or H200, with N the
 parameters that take part in matmuls: everything but the input embedding, the output
 head included. LoRA counts 4N instead of 6N (and 4/6 of the attention flops): frozen
-weights get no weight gradient. These reproduce the MFU column of perf.md's measured
+weights get no weight gradient. These reproduce the MFU column of the measured
 baseline (Llama-3.2-1B shape at seq 4096: 49,060 tok/s -> 40.8 %; LoRA: 36,668 -> 20.3 %).
 """
 
@@ -138,7 +138,7 @@ def flops_per_token(
 ) -> float:
     """Training FLOPs per token: 6N + causal attention flops (LoRA: 4N + 4/6 of attention).
 
-    Convention (perf.md, first table): "MFU = tokens/s x (6N + causal attention flops) /
+    Convention (docs/perf.md section 1): "MFU = tokens/s x (6N + causal attention flops) /
     989e12; LoRA counts 4N instead of 6N". N is `matmul_params(model_config)` unless
     `n_params` is given: non-embedding parameters, the lm_head included. Causal attention
     is 6 * layers * heads * head_dim * seq_len per token: QK^T and AV (2 matmuls, 2 flops

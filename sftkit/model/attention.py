@@ -20,7 +20,7 @@ document by every backend: a band mask (window) and `tanh(s / c) * c` on the sco
 (softcap; flex `score_mod`, or explicit score maths on the other backends since SDPA and
 varlen have no softcap). Padded rows of such models take the same path, one segment a row.
 
-Backends, fastest first (H200, 4 x 4096 tokens, fwd+bwd, `reference/perf.md`):
+Backends, fastest first (H200, 4 x 4096 tokens, fwd+bwd, `docs/perf.md` section 3):
 varlen_attn 1.86 ms, compiled flex 2.07 ms, SDPA + boolean block mask 7.70 ms. On CPU,
 `segments` (one causal SDPA per document) is the default: flex has no CPU backward and the
 block mask costs rows x T^2.
@@ -78,7 +78,7 @@ def _varlen_kwargs(scaling: float | None, head_dim: int, window: int | None) -> 
     kwargs: dict[str, Any] = {"window_size": (left, 0)} if "window_size" in params else {}
     if "is_causal" in params:
         kwargs["is_causal"] = True
-    if "enable_gqa" in params:  # torch 2.11 handles GQA without the flag (perf.md)
+    if "enable_gqa" in params:  # torch 2.11 handles GQA without the flag (docs/perf.md)
         kwargs["enable_gqa"] = True
     if "scale" in params:
         kwargs["scale"] = scaling

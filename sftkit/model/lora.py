@@ -1,6 +1,7 @@
 """LoRA: low-rank adapters injected in place into a Hugging Face model's linear layers.
 
-Semantics follow NeMo Automodel's LoRA (`reference/nemo_rl_sft.md` section 5) except where
+Semantics follow NeMo Automodel's LoRA (`nemo_automodel/components/_peft/lora.py`: scale
+alpha/dim, A xavier-normal or kaiming-uniform, B = 0, dropout "post" on the branch) except where
 the seed spec says otherwise: `match_all_linear` overrides `target_modules` (with a warning),
 and bare names such as `q_proj` match `model.layers.0.self_attn.q_proj` (PEFT's rule).
 

@@ -1,7 +1,7 @@
 """Token NLL without full logits: chunked linear + cross-entropy, and the model glue.
 
 The [tokens, vocab] float32 logits are where SFT memory goes: 32k tokens x 128k vocab is
-15.7 GiB in fp32, twice that with its gradient (`reference/perf.md` section 3). Here the
+15.7 GiB in fp32, twice that with its gradient (`docs/perf.md` section 4). Here the
 head and the cross-entropy run `chunk_size` tokens at a time, and the gradient of each chunk
 is computed right away in the forward (as Liger's fused linear CE does), so only one
 [chunk, vocab] block is alive at any time and the backward is a scaling. On CUDA the loss

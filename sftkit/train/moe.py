@@ -29,7 +29,7 @@ from sftkit.dist import DistEnv
 
 # Families whose HF `ForCausalLM.forward` adds `router_aux_loss_coef * aux_loss` from the
 # module's `load_balancing_loss_func(router_logits, num_experts, num_experts_per_tok,
-# attention_mask)`, checked against HF's forward in tests/unit/train/test_moe.py. Another
+# attention_mask)`, checked against HF's forward in tests/unit/train/test_train_moe.py. Another
 # family with a non-zero coefficient and `output_router_logits` on is refused.
 ROUTER_LOSS_FAMILIES = frozenset({"qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"})
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sftkit.model.attention import enable_packed_attention
-from tests.unit.model.test_attention import (
+from tests.unit.model.test_model_attention import (
     LENGTHS,
     doc_slices,
     documents,

@@ -10,7 +10,7 @@ import torch
 from sftkit.data.loader import BatchPlan, micro_batches
 from sftkit.dist import DistEnv
 from sftkit.train.step import NonFiniteError, StepOptions, train_step
-from tests.unit.train.test_step import examples, rel, snapshot, tiny_model
+from tests.unit.train.test_train_step import examples, rel, snapshot, tiny_model
 
 pytestmark = [
     pytest.mark.gpu,

@@ -1,4 +1,4 @@
-"""The seed guide (sft-guide.md) as an acceptance test: its commands, keys and data forms.
+"""The seed user guide (the original spec of sftkit's data forms) as an acceptance test: its commands, keys and data forms.
 
 Only what needs the network is swapped: hub models for `sftkit:tiny-llama`, hub data for
 local files in the same format. One real `run_sft.py` process runs the guide's data

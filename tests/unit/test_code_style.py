@@ -1,4 +1,4 @@
-"""STYLE.md item 9, kept by CI: ruff- and mypy-clean package, files under 600 lines."""
+"""The code style rules CI keeps: ruff- and mypy-clean package, files under 600 lines."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_python_files_stay_under_the_size_limit() -> None:
         for path in (REPO / "sftkit").rglob("*.py")
         if (n := len(path.read_text().splitlines())) > MAX_LINES
     }
-    assert not too_long, f"split these by concern (STYLE.md item 9): {too_long}"
+    assert not too_long, f"split these by concern (files under 600 lines): {too_long}"
 
 
 def test_ruff_is_clean() -> None:

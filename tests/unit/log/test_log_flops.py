@@ -1,4 +1,4 @@
-"""Peak FLOPs per device and MFU, checked against reference/perf.md's measured rows."""
+"""Peak FLOPs per device and MFU, checked against docs/perf.md's measured rows."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_mfu_reproduces_perf_md(config, tokens_per_s: int, lora: bool, expected_
 
 
 def test_causal_flops_per_token_for_8b() -> None:
-    # perf.md: Llama-3.1-8B is 48.2 GF/token at S = 4096 and 51.5 at S = 8192 (causal).
+    # docs/perf.md: Llama-3.1-8B is 48.2 GF/token at S = 4096 and 51.5 at S = 8192 (causal).
     assert flops_per_token(LLAMA_8B, 4096) / 1e9 == pytest.approx(48.2, abs=0.05)
     assert flops_per_token(LLAMA_8B, 8192) / 1e9 == pytest.approx(51.5, abs=0.05)
 

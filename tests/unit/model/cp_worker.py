@@ -1,4 +1,4 @@
-"""A 2-rank gloo worker for tests/unit/model/test_context_parallel_ranks.py.
+"""A 2-rank gloo worker for tests/unit/model/test_model_context_parallel_ranks.py.
 
 Each rank builds the same tiny Llama (seeded), takes its context-parallel shard of one
 batch, runs the chunked loss and backward, and all-reduces its gradients over the CP

@@ -1,10 +1,10 @@
-"""A 2-rank gloo worker for test_moe.py: an MoE step across ranks against the weighting.
+"""A 2-rank gloo worker for test_train_moe.py: an MoE step across ranks against the weighting.
 
 Each rank builds the same tiny Mixtral (seeded, router loss on), takes every other example
 of one global batch in micro-batches of 2, and runs `train_step` (no FSDP: the gradients
 are summed over ranks here, as FSDP's reduce-scatter times `grad_scale` does). Rank 0 also
 runs HF's forward on every rank's micro-batches, each weighted by its share of the global
-targets (`test_moe.hf_reference`), and writes both to a file.
+targets (`test_train_moe.hf_reference`), and writes both to a file.
 
     torchrun --nproc-per-node 2 moe_worker.py OUT.pt
 """
@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 
 def main() -> None:
-    from test_moe import Capture, examples, hf_reference, tiny_moe
+    from test_train_moe import Capture, examples, hf_reference, tiny_moe
 
     from sftkit.data.loader import BatchPlan, micro_batches
     from sftkit.dist import init_distributed

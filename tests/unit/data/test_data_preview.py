@@ -1,4 +1,9 @@
-"""The preview entry point: terminal highlighting and the `--json` contract of DESIGN.md."""
+"""The preview entry point: terminal highlighting and the `--json` contract.
+
+The contract: JSONL only on stdout (logs go to stderr), one object per example with
+`input_ids`, `tokens` (`tokenizer.decode([id])` per id), `loss_mask` (1 where token i is a
+trained target), `length`, `truncated` and `dropped` (null or the reason).
+"""
 
 from __future__ import annotations
 

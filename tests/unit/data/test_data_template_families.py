@@ -2,7 +2,7 @@
 
 Each fixture reproduces one family's structure (written for sftkit, not copied): gpt-oss
 harmony, Mistral v0.3, DeepSeek-R1, GLM-4.5, Hermes, Phi-4 and Gemma-3 with tools. As in
-`test_mask.py`, `{% generation %}` tags mark what must be trained and transformers'
+`test_data_mask.py`, `{% generation %}` tags mark what must be trained and transformers'
 `render_jinja_template` turns them into the oracle; sftkit ignores the tags. For every
 conversation: no crash, the text equals `apply_chat_template` on the messages as rendered,
 and the trained tokens are exactly the tagged text.

@@ -14,7 +14,11 @@ from safetensors.torch import save_file
 from sftkit.checkpoint import layout as ckpt
 from sftkit.checkpoint.checkpointer import base_weights_digest, resume_fingerprint
 from sftkit.config import load_config
-from tests.unit.checkpoint.test_resume_fingerprint import DATA, QUICKSTART, write_checkpoint
+from tests.unit.checkpoint.test_checkpoint_resume_fingerprint import (
+    DATA,
+    QUICKSTART,
+    write_checkpoint,
+)
 
 
 def fingerprint(*overrides: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import pytest
 from conftest import make_tokenizer, trained_runs
-from test_mask import CASES, REASONING, TOOLS, _oracle
+from test_data_mask import CASES, REASONING, TOOLS, _oracle
 
 from sftkit.data import cache
 from sftkit.data.messages import normalize_conversation

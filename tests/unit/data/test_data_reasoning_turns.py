@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import A1, Q1, Q2, make_tokenizer, trained_runs
-from test_template_families import make_tokenizer as make_family
+from test_data_template_families import make_tokenizer as make_family
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from sftkit.data.errors import DataError
@@ -297,7 +297,7 @@ def test_flags_follow_their_messages_when_the_system_is_folded() -> None:
 
 
 def test_nemo_rl_mask_renders_prefixes_with_the_adapted_tools() -> None:
-    from test_template_families import SEED_TOOLS
+    from test_data_template_families import SEED_TOOLS
 
     tok = make_family("hermes")  # reads tool.function: the flat tools are adapted
     call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "P"}}}
