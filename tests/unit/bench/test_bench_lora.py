@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_module import load_bench
 
 ROOT = Path(__file__).resolve().parents[3]
 BENCH = ROOT / "bench" / "lora.py"
@@ -18,11 +18,7 @@ BENCH = ROOT / "bench" / "lora.py"
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_lora", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("lora")
 
 
 @pytest.mark.slow  # 30 s: the bench driver

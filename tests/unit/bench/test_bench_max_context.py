@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[3]
+from bench_module import load_bench
 
 
 @pytest.fixture(scope="module")
 def max_context() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "bench_max_context", ROOT / "bench" / "max_context.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("max_context")
 
 
 def test_fit_predict_and_back_off(max_context: ModuleType) -> None:

@@ -11,22 +11,14 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_module import load_bench
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def sft_gpu() -> ModuleType:
-    return _load("sft_gpu")
+    return load_bench("sft_gpu")
 
 
 def _records(path: Path) -> dict[tuple[str, str | None], dict]:
@@ -204,7 +196,7 @@ def test_tiny_subprocess_case(tmp_path: Path, sft_gpu: ModuleType) -> None:
 
 @pytest.mark.slow
 def test_cpu_vs_trl_tiny(tmp_path: Path) -> None:
-    bench = _load("cpu_vs_trl")
+    bench = load_bench("cpu_vs_trl")
     out = tmp_path / "trl.jsonl"
     records = bench.main(["--tiny", "--steps", "1", "--threads", "1", "--out", str(out)])
     assert [json.loads(line) for line in out.read_text().splitlines()] == records
@@ -223,7 +215,7 @@ def test_cpu_vs_trl_tiny(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_data_scale_tiny_mode_measures_every_case(tmp_path: Path) -> None:
     """bench/data_scale.py --tiny: the real entry point per size, memory sampled over the tree."""
-    data_scale = _load("data_scale")
+    data_scale = load_bench("data_scale")
     out = tmp_path / "scale.jsonl"
     result = data_scale.main(["--tiny", "--dir", str(tmp_path), "--out", str(out)])
     sizes = [r for r in result["records"] if not r["big_row_mb"]]
@@ -243,7 +235,7 @@ def test_tree_rss_anon_counts_children() -> None:
     import os
     import subprocess
 
-    data_scale = _load("data_scale")
+    data_scale = load_bench("data_scale")
     alone = data_scale.tree_rss_anon_kb(os.getpid())
     child = subprocess.Popen([sys.executable, "-c", "x = bytearray(200 * 2**20); input()"],
                              stdin=subprocess.PIPE)  # fmt: skip
