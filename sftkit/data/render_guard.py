@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from types import FrameType
 
 import jinja2
+from packaging.version import Version
 
 RENDER_BUDGET_S = 10.0  # real templates render a 1M-character row in well under 1 s
 JINJA2_FLOOR = (3, 1, 6)
@@ -60,9 +61,9 @@ def time_budget(seconds: float, error: Callable[[], Exception]) -> Iterator[None
 def check_jinja_version(installed: str | None = None) -> None:
     """Refuse to render with a jinja2 below the floor, in one line saying how to fix it."""
     installed = installed or jinja2.__version__
-    parts = tuple(int(p) if p.isdigit() else 0 for p in installed.split(".")[:3])
-    if parts < JINJA2_FLOOR:
-        floor = ".".join(map(str, JINJA2_FLOOR))
+    floor = ".".join(map(str, JINJA2_FLOOR))
+    # packaging's ordering: a digit-only parse read "3.1.7rc1" as 3.1.0 and refused it.
+    if Version(installed) < Version(floor):
         raise ImportError(
             f"jinja2 {installed} is installed, and chat templates can escape its sandbox (3.1.5 "
             f"and older read environment variables through |attr('format')); sftkit renders "

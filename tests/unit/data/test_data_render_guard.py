@@ -89,7 +89,7 @@ def test_a_jinja_below_the_floor_refuses_to_render(
         ChatRenderer("{% for m in messages %}{{ m['content'] }}{% endfor %}")
 
 
-@pytest.mark.parametrize("installed", ["3.1.6", "3.2.0", "4.0.0rc1"])
+@pytest.mark.parametrize("installed", ["3.1.6", "3.2.0", "4.0.0rc1", "3.1.7rc1", "3.1.6.post1"])
 def test_a_jinja_at_or_above_the_floor_renders(installed: str) -> None:
     render_guard.check_jinja_version(installed)
 
