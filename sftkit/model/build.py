@@ -41,6 +41,7 @@ from sftkit.model.fp8 import apply_fp8
 from sftkit.model.fused import apply_fused_kernels, compile_layers
 from sftkit.model.load import DTYPES, load_model
 from sftkit.model.lora import apply_lora, lora_spec_from_config
+from sftkit.model.qlora import build_quantized_model, quant_spec_from_config
 from sftkit.model.parallel import (
     apply_activation_checkpointing,
     apply_fsdp,
@@ -73,12 +74,19 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
         "attn_implementation": p.attn_implementation,
         "config_overrides": dict(p.hf_config_overrides or {}),
     }
-    # 1. load
-    model = (build_meta_model if sharded else load_model)(p.model_name, **load_options)
+    spec = lora_spec_from_config(p)
+    quant = quant_spec_from_config(d.lora_cfg, p.precision)
+    # 1. load (QLoRA on one process: LoRA and NF4 while loading, `sftkit.model.qlora`)
+    qlora_load = quant is not None and spec is not None and not sharded
+    if qlora_load:
+        files = weight_files(p.model_name, env)
+        model, names = build_quantized_model(p.model_name, load_options, spec, quant, files,
+                                             lora_rng)  # fmt: skip
+    else:
+        model = (build_meta_model if sharded else load_model)(p.model_name, **load_options)
     # 2. fuse weights: nothing yet (fused QKV / gate-up projections would go here)
     # 3. LoRA
-    spec = lora_spec_from_config(p)
-    if spec is not None:
+    if spec is not None and not qlora_load:
         names = apply_lora(model, spec)
         logger.info("LoRA on %d modules (rank %d, alpha %s)", len(names), spec.dim, spec.alpha)
     if d.fp8_cfg.enabled:

@@ -204,7 +204,7 @@ class LoraLinearFunction(torch.autograd.Function):
         if weight is None:
             out = torch.zeros(lx.shape[0], B.shape[0], dtype=lx.dtype, device=lx.device)
         else:
-            out = F.linear(x, weight, bias)
+            out = F.linear(x, _dense(weight, x.dtype), bias)
         if triton_ok:
             from sftkit.model.kernels.lora import lora_forward_add_
 
@@ -226,7 +226,7 @@ class LoraLinearFunction(torch.autograd.Function):
         dx = dw = db = dlx = None
         # dX of the base path first, so the LoRA term can be added into it in place.
         if need[0] and weight is not None:
-            dx = grad @ weight
+            dx = grad @ _dense(weight, grad.dtype)
         want_lora_dx = need[3] if lora_x is not None else need[0]
         into = dx if (lora_x is None and dx is not None) else None
         if want_lora_dx and ctx.triton_ok:
@@ -284,7 +284,10 @@ class LoraLinear(nn.Linear):
         shape = x.shape
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        weight, bias = self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)
+        # An NF4 base (QLoRA) stays NF4 here: the Function dequantizes it per matmul and keeps
+        # only the 4-bit tensor for backward, not a dense copy per layer.
+        weight = self.weight if _is_nf4(self.weight) else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
         A, B = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         active = self.training and self.lora_dropout_p > 0
@@ -319,6 +322,15 @@ class LoraLinear(nn.Linear):
 
 def _is_dtensor(*tensors: Tensor) -> bool:
     return any(type(t).__name__ == "DTensor" for t in tensors)
+
+
+def _is_nf4(t: Tensor) -> bool:
+    """torchao's NF4Tensor (`sftkit.model.qlora`), known by name: torchao stays optional."""
+    return type(t).__name__ == "NF4Tensor"
+
+
+def _dense(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    return weight.to(dtype) if _is_nf4(weight) else weight  # NF4: dequantize
 
 
 _LORA_CLASSES: dict[type, type] = {nn.Linear: LoraLinear}
@@ -478,6 +490,8 @@ def merge_lora(model: nn.Module) -> None:
     """In place: W += scale * B @ A, then restore plain linear layers (a normal HF model)."""
     for module in lora_modules(model).values():
         with torch.no_grad():
+            if _is_nf4(module.weight):  # QLoRA: merge into the dequantized base
+                module.weight = nn.Parameter(module.weight.to(module.weight.dtype), False)
             w = module.weight
             delta = module.lora_B.weight.float() @ module.lora_A.weight.float()
             w.copy_((w.float() + module.lora_scale * delta).to(w.dtype))
