@@ -41,7 +41,12 @@ from sftkit.model.fp8 import apply_fp8
 from sftkit.model.fused import apply_fused_kernels, compile_layers
 from sftkit.model.load import DTYPES, load_model
 from sftkit.model.lora import apply_lora, lora_spec_from_config
-from sftkit.model.qlora import build_quantized_model, quant_spec_from_config
+from sftkit.model.qlora import (
+    build_quantized_model,
+    is_quantized,
+    load_quantized_weights,
+    quant_spec_from_config,
+)
 from sftkit.model.parallel import (
     apply_activation_checkpointing,
     apply_fsdp,
@@ -88,6 +93,10 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
     # 3. LoRA
     if spec is not None and not qlora_load:
         names = apply_lora(model, spec)
+        if quant is not None:  # several ranks: whole NF4 weights, cut by FSDP2 below
+            shards = env.world_size // env.dims.dp_replicate
+            load_quantized_weights(model, names, weight_files(p.model_name, env), quant,
+                                   env.device, shards)  # fmt: skip
         logger.info("LoRA on %d modules (rank %d, alpha %s)", len(names), spec.dim, spec.alpha)
     if d.fp8_cfg.enabled:
         apply_fp8(model, d.fp8_cfg.fp8_recipe, d.fp8_cfg.fp8, env.device)
@@ -134,7 +143,8 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
         d.cpu_offload,
     )
     materialize(model, torch.device("cpu") if d.cpu_offload else env.device)
-    load_sharded_weights(model, weight_files(p.model_name, env), lambda n: not is_lora_param(n))
+    dense = {n for n, t in model.named_parameters() if not is_lora_param(n) and not is_quantized(t)}
+    load_sharded_weights(model, weight_files(p.model_name, env), dense.__contains__)
     if spec is not None:
         init_lora_sharded(model, spec.lora_A_init, lora_rng)
     if p.sequence_packing.enabled:  # skipped on the meta device in step 5: weights now

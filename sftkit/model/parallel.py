@@ -519,9 +519,10 @@ def init_lora_sharded(model: nn.Module, init: str, rng: torch.Tensor) -> None:
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:
-    """Allocate a meta-device (possibly sharded) model on `device`, keeping buffer values."""
+    """Allocate a meta-device (possibly sharded) model on `device`, keeping buffer values
+    and the tensors already there (QLoRA's NF4 weights, quantized before FSDP2 cut them)."""
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
-    model.to_empty(device=device)
+    model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             if name in buffers:

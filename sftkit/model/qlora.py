@@ -16,7 +16,6 @@ dense weight.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,26 +51,32 @@ def quant_spec_from_config(lora_cfg: Any, precision: str) -> QuantSpec | None:
     )
 
 
-def block_sizes(name: str, numel: int, spec: QuantSpec) -> tuple[int, int]:
+def block_sizes(name: str, numel: int, spec: QuantSpec, shards: int = 1) -> tuple[int, int]:
     """(block size, scaler block size) for a weight of `numel` values: the scaler block is
-    the largest divisor of the block count up to `spec.scaler_block_size` (torchao needs an
-    exact division; 256 does not divide a 352 x 128 weight's 704 blocks, 176 does)."""
-    if numel % spec.block_size:
+    the largest divisor of the block count (per FSDP shard) up to `spec.scaler_block_size`
+    (torchao needs exact divisions; 256 does not divide a 352 x 128 weight's 704 blocks)."""
+    if numel % (spec.block_size * shards):
         raise ValueError(
-            f"{name}: {numel} weights are not a multiple of "
-            f"lora_cfg.quantize_block_size={spec.block_size}; pick a size that divides the "
+            f"{name}: {numel} weights are not a multiple of lora_cfg.quantize_block_size="
+            f"{spec.block_size} x {shards} FSDP shard(s); pick a size that divides the "
             "model's linear weights (64 divides most), or exclude this layer from LoRA"
         )
-    n_blocks = numel // spec.block_size
+    n_blocks = numel // spec.block_size // shards
     scaler = max(d for d in range(1, min(spec.scaler_block_size, n_blocks) + 1) if n_blocks % d == 0)
     return spec.block_size, scaler
 
 
-def quantize(name: str, weight: Tensor, spec: QuantSpec) -> Tensor:
-    """`weight` as a frozen NF4 tensor that dequantizes to `spec.compute_dtype`."""
+def quantize(name: str, weight: Tensor, spec: QuantSpec, shards: int = 1) -> Tensor:
+    """`weight` as a frozen NF4 tensor that dequantizes to `spec.compute_dtype`; with
+    `shards`, FSDP2 can cut it into that many equal row blocks (torchao's split)."""
     from torchao.quantization import to_nf4
 
-    block, scaler = block_sizes(name, weight.numel(), spec)
+    if weight.shape[0] % shards:
+        raise ValueError(
+            f"{name}: {weight.shape[0]} rows do not split over {shards} FSDP ranks; an NF4 "
+            "weight is sharded without padding: use a rank count that divides it"
+        )
+    block, scaler = block_sizes(name, weight.numel(), spec, shards)
     return to_nf4(weight.to(spec.compute_dtype).contiguous(), block, scaler)
 
 
@@ -124,10 +129,11 @@ def load_quantized_weights(
     names: list[str],
     files: list[Path],
     spec: QuantSpec,
-    shard: Callable[[str, Tensor], Tensor] | None = None,
+    device: torch.device | None = None,
+    shards: int = 1,
 ) -> None:
-    """Read each of `names`' weights from `files`, one at a time, quantize it and set it as
-    the layer's frozen weight (`shard` makes this rank's part of it under FSDP2)."""
+    """Read each of `names`' weights from `files`, one at a time, quantize it (on `device`)
+    and set it as the layer's frozen weight; FSDP2 later keeps this rank's `1/shards`."""
     where = _readers(files)
     for name in names:
         key = f"{name}.weight"
@@ -136,10 +142,8 @@ def load_quantized_weights(
                 f"{files[0].parent} has no {key}; is it a checkpoint of this model "
                 "(policy.model_name)?"
             )
-        nf4 = quantize(name, where[key].get_tensor(key), spec)
-        value = nf4 if shard is None else shard(name, nf4)
-        module = model.get_submodule(name)
-        module.weight = nn.Parameter(value, requires_grad=False)
+        nf4 = quantize(name, where[key].get_tensor(key).to(device), spec, shards)
+        model.get_submodule(name).weight = nn.Parameter(nf4, requires_grad=False)
 
 
 def build_quantized_model(
