@@ -39,6 +39,11 @@ TINY = ("sft.max_num_steps=4", "sft.val_period=4", "sft.val_batches=1", "sft.val
 FULL = ("sft.max_num_steps=300", "sft.val_period=300", "sft.val_at_start=false")
 LOSS_TOLERANCE = 0.05  # issue 26: within 5% (relative) of the dense-base run
 GPU_CAP_GB = 24.0
+MODEL_DIR = Path(tempfile.gettempdir()) / "qlora_bench_llama31_8b"
+LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                  rope_theta=500000.0, max_position_embeddings=131072,
+                  tie_word_embeddings=False)  # fmt: skip
 
 
 def loss_case(name: str, extra: tuple[str, ...], steps: tuple[str, ...], work: Path) -> dict:
@@ -51,7 +56,9 @@ def loss_case(name: str, extra: tuple[str, ...], steps: tuple[str, ...], work: P
     env = {**os.environ, "SFTKIT_HOME": os.environ.get("SFTKIT_HOME", str(work / "home"))}
     start, cpu0 = time.monotonic(), os.times()
     with (run.parent / f"{name}.log").open("w") as log:
-        rc = subprocess.run(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(
+            argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        ).returncode
     cpu1 = os.times()
     rows = [json.loads(line) for f in (run / "logs").glob("exp_*/metrics.jsonl")
             for line in f.read_text().splitlines()]  # fmt: skip
@@ -87,11 +94,9 @@ def gpu_case(case: str, seq: int, steps: int) -> dict[str, Any]:
     a safetensors directory first), LoRA r16 on all linears, capped at 24 GB."""
     import torch
 
-    from bench.random_model import random_model_dir
-
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, GPU_CAP_GB * 2**30 / total))
-    model_dir = random_model_dir("llama-3.1-8b")
+    model_dir = MODEL_DIR  # written by the parent (`write_8b_model`)
     if case == "peft_bnb":
         try:
             import bitsandbytes  # noqa: F401
@@ -112,13 +117,36 @@ def gpu_case(case: str, seq: int, steps: int) -> dict[str, Any]:
             "max_memory_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}  # fmt: skip
 
 
+def write_8b_model() -> None:
+    """A random-init Llama-3.1-8B-shape HF directory (bf16 safetensors shards), made once:
+    speed and memory depend on shapes, not values."""
+    import torch
+    from huggingface_hub import save_torch_state_dict
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if (MODEL_DIR / "config.json").is_file():
+        return
+    config = LlamaConfig(**LLAMA31_8B)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    gen = torch.Generator("cuda").manual_seed(0)
+    state = {}
+    for name, p in meta.state_dict().items():
+        t = torch.empty(p.shape, device="cuda", dtype=torch.float32)
+        t.normal_(0, 0.02, generator=gen) if p.dim() >= 2 else t.fill_(1.0)
+        state[name] = t.to(torch.bfloat16).cpu()
+    save_torch_state_dict(state, MODEL_DIR)
+    config.save_pretrained(MODEL_DIR)
+
+
 def _sftkit_step(model_dir: Path, seq: int) -> Any:
     import torch
 
     from sftkit.config import load_config
-    from sftkit.dist import init_distributed
+    from sftkit.dist import DistEnv
     from sftkit.model.build import build_model
     from sftkit.model.memory import estimate_memory
+    from sftkit.train.loss import chunked_nll_sum
 
     cfg = load_config(str(ROOT / CONFIG), [
         f"policy.model_name={model_dir}", "policy.precision=bfloat16",
@@ -128,14 +156,15 @@ def _sftkit_step(model_dir: Path, seq: int) -> Any:
         "policy.dtensor_cfg.lora_cfg.quantize_base=nf4", "cluster.device=cuda"])  # fmt: skip
     estimate = estimate_memory(cfg, world_size=1)
     print(json.dumps({"estimate_peak_gb": round(estimate.peak / 2**30, 2)}), flush=True)
-    model = build_model(cfg, init_distributed(cfg))
+    model = build_model(cfg, DistEnv(device=torch.device("cuda")))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     ids = torch.randint(0, 32000, (1, seq), device="cuda")
 
-    def step() -> None:
+    def step() -> None:  # sftkit's loss: the chunked head + cross-entropy
         with torch.autocast("cuda", torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+            hidden = model.model(input_ids=ids).last_hidden_state[0, :-1]
+            loss = chunked_nll_sum(hidden, model.lm_head.weight, ids[0, 1:]) / (seq - 1)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -168,6 +197,7 @@ def _peft_bnb_step(model_dir: Path, seq: int) -> Any:
 
 
 def run_gpu(seq: int, steps: int, out: Path | None) -> int:
+    write_8b_model()
     records = []
     for case in ("sftkit_qlora", "peft_bnb"):
         argv = [sys.executable, __file__, "--run-case", case, "--seq", str(seq),
@@ -177,7 +207,9 @@ def run_gpu(seq: int, steps: int, out: Path | None) -> int:
         record = {k: v for line in lines for k, v in line.items()}
         record.setdefault("case", case)
         if proc.returncode:
-            record["error"] = proc.stderr.strip().splitlines()[-1:] or ["exit " + str(proc.returncode)]
+            record["error"] = proc.stderr.strip().splitlines()[-1:] or [
+                "exit " + str(proc.returncode)
+            ]
         records.append(record)
         emit(record, out)
     sk, bnb = records

@@ -124,12 +124,14 @@ def estimate_memory(cfg: MasterConfig, world_size: int | None = None) -> MemoryE
     p, d = cfg.policy, cfg.policy.dtensor_cfg
     world = world_size or cfg.cluster.gpus_per_node * cfg.cluster.num_nodes
     shards = max(1, world // d.dp_replicate_size)  # dp_shard x cp x tp
-    param_dtype = DTYPES[p.precision] if d.bf16_params else torch.float32
+    lora, quant = lora_spec_from_config(p), quant_spec_from_config(d.lora_cfg, p.precision)
+    dense_dtype = d.bf16_params or quant is not None  # as `build_model` loads it
+    param_dtype = DTYPES[p.precision] if dense_dtype else torch.float32
     model = build_meta_model(p.model_name, param_dtype=param_dtype,
                              trust_remote_code=p.trust_remote_code,
                              attn_implementation=p.attn_implementation,
-                             config_overrides=dict(p.hf_config_overrides or {}))  # fmt: skip
-    lora, quant = lora_spec_from_config(p), quant_spec_from_config(d.lora_cfg, p.precision)
+                             config_overrides=dict(p.hf_config_overrides or {}),
+                             check_size=False)  # fmt: skip
     quantized: set[str] = set()
     if lora is not None:
         names = apply_lora(model, lora)

@@ -403,13 +403,14 @@ def build_meta_model(
     trust_remote_code: bool,
     attn_implementation: str | None,
     config_overrides: dict[str, Any],
+    check_size: bool = True,
 ) -> nn.Module:
     """The HF model's architecture with parameters on the meta device (no weights read)."""
     from transformers import AutoModelForCausalLM
 
     from sftkit.model.load import keep_attention_softcap, model_config
 
-    _, config = model_config(model_name, trust_remote_code, config_overrides)
+    _, config = model_config(model_name, trust_remote_code, config_overrides, check_size)
     if attn_implementation:
         config._attn_implementation = attn_implementation
     config.use_cache = False

@@ -62,7 +62,9 @@ def block_sizes(name: str, numel: int, spec: QuantSpec, shards: int = 1) -> tupl
             "model's linear weights (64 divides most), or exclude this layer from LoRA"
         )
     n_blocks = numel // spec.block_size // shards
-    scaler = max(d for d in range(1, min(spec.scaler_block_size, n_blocks) + 1) if n_blocks % d == 0)
+    scaler = max(
+        d for d in range(1, min(spec.scaler_block_size, n_blocks) + 1) if n_blocks % d == 0
+    )
     return spec.block_size, scaler
 
 

@@ -20,7 +20,10 @@ QLORA = ("policy.dtensor_cfg.lora_cfg.enabled=true", "policy.dtensor_cfg.lora_cf
 # 32 scales per double-quantization block divide every tiny weight's blocks per shard on 1
 # and 2 ranks, so both quantize alike (the default picks per shard count: other scales).
 SAME_SCALES = "policy.dtensor_cfg.lora_cfg.quantize_scaler_block_size=32"
-PACKED_AC = ("policy.sequence_packing.enabled=true", "policy.dtensor_cfg.activation_checkpointing=true")
+PACKED_AC = (
+    "policy.sequence_packing.enabled=true",
+    "policy.dtensor_cfg.activation_checkpointing=true",
+)
 
 
 def test_qlora_packed_checkpointed_resumes_bit_exact_and_exports(small_run, tiny_model_dir: Path,
@@ -54,7 +57,9 @@ def test_qlora_packed_checkpointed_resumes_bit_exact_and_exports(small_run, tiny
     nf4 = to_nf4(dense[f"{name}.weight"].float(), 64, 256).to(torch.float32)
     expected = nf4 + 4.0 * b @ a  # scale = alpha 32 / dim 8
     torch.testing.assert_close(merged[f"{name}.weight"], expected, rtol=1e-5, atol=1e-6)
-    assert torch.equal(merged["model.embed_tokens.weight"], dense["model.embed_tokens.weight"].float())
+    assert torch.equal(
+        merged["model.embed_tokens.weight"], dense["model.embed_tokens.weight"].float()
+    )
 
 
 def test_qlora_under_fsdp2_matches_one_rank(small_run, tmp_path: Path) -> None:

@@ -87,7 +87,10 @@ def test_nf4_forward_and_backward_equal_the_dequantized_dense_layer(qlora) -> No
 
 
 def test_block_sizes_divide_the_weight_or_fail_naming_the_key() -> None:
-    assert block_sizes("mlp.up_proj", 352 * 128, SPEC) == (64, 176)  # 704 blocks: 256 does not divide
+    assert block_sizes("mlp.up_proj", 352 * 128, SPEC) == (
+        64,
+        176,
+    )  # 704 blocks: 256 does not divide
     with pytest.raises(ValueError, match="quantize_block_size=64; pick a size"):
         block_sizes("q_proj", 96, SPEC)
 
@@ -97,4 +100,8 @@ def test_megatron_peft_spelling_and_the_derived_compute_dtype() -> None:
                       "policy.megatron_cfg.peft.enabled=true",
                       "policy.megatron_cfg.peft.quantize_base=nf4"])  # fmt: skip
     lora = cfg.policy.dtensor_cfg.lora_cfg
-    assert (lora.enabled, lora.quantize_base, lora.quantize_compute_dtype) == (True, "nf4", "float32")
+    assert (lora.enabled, lora.quantize_base, lora.quantize_compute_dtype) == (
+        True,
+        "nf4",
+        "float32",
+    )
