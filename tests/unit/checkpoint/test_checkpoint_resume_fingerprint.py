@@ -56,6 +56,8 @@ def write_checkpoint(directory: Path, fingerprint: dict[str, Any]) -> Path:
 def raw_lora_of(cfg: MasterConfig, use_triton: bool = True) -> dict[str, Any]:
     raw = asdict(cfg.policy.dtensor_cfg.lora_cfg)
     raw.pop("lora_dtype")
+    for key in [k for k in raw if k.startswith("quantize_")]:  # keys newer than that form
+        raw.pop(key)
     return raw | {"use_triton": use_triton}
 
 

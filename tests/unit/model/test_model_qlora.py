@@ -91,7 +91,7 @@ def test_block_sizes_divide_the_weight_or_fail_naming_the_key() -> None:
         64,
         176,
     )  # 704 blocks: 256 does not divide
-    with pytest.raises(ValueError, match="quantize_block_size=64; pick a size"):
+    with pytest.raises(ValueError, match="quantize_block_size=64 x 1 FSDP shard"):
         block_sizes("q_proj", 96, SPEC)
 
 
