@@ -212,13 +212,18 @@ class LoraLinearFunction(torch.autograd.Function):
         else:
             out.addmm_(lx @ A.t(), B.t(), alpha=scale)
         need_x = weight is not None and weight.requires_grad
-        ctx.save_for_backward(x if (need_x or lora_x is None) else None, weight, lora_x, A, B)
+        # A frozen NF4 weight rides on ctx, not saved tensors: activation offload would copy
+        # a dense host copy of it per layer (torch's save_on_cpu packs every saved tensor).
+        ctx.nf4_weight = weight if weight is not None and _is_nf4(weight) else None
+        saved_w = None if ctx.nf4_weight is not None else weight
+        ctx.save_for_backward(x if (need_x or lora_x is None) else None, saved_w, lora_x, A, B)
         ctx.scale, ctx.triton_ok, ctx.has_bias = scale, triton_ok, bias is not None
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, lora_x, A, B = ctx.saved_tensors
+        weight = ctx.nf4_weight if ctx.nf4_weight is not None else weight
         lx = x if lora_x is None else lora_x
         scale = ctx.scale
         need = ctx.needs_input_grad
