@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -142,3 +144,25 @@ def test_unsupported_processor_and_verifier_list_the_choices() -> None:
 def test_no_data_is_one_clear_error() -> None:
     with pytest.raises(ConfigError, match="no data: set data.dataset_name to a benchmark"):
         load_eval_config(None, ["data.dataset_name=null"])
+
+
+def readme_eval_commands() -> list[list[str]]:
+    """The `run_eval.py` command lines of the README's Evaluation section, as argv."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Evaluation\n") : text.index("## Scaling out\n")]
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(command, comments=True)
+            if "examples/run_eval.py" in words:
+                commands.append(words[words.index("examples/run_eval.py") + 1 :])
+    return commands
+
+
+def test_readme_runs_nemo_rls_eval_commands_as_written() -> None:
+    commands = readme_eval_commands()
+    assert len(commands) >= 7
+    for argv in commands:
+        config = argv[argv.index("--config") + 1] if "--config" in argv else None
+        overrides = [a for a in argv if "=" in a]
+        load_eval_config(str(REPO / config) if config else None, overrides)
