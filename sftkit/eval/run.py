@@ -102,7 +102,11 @@ def load_eval_tokenizer(cfg: EvalConfig, model_dir: str, adapter: str | None) ->
 
     from sftkit.data.tokenizer import resolve_chat_template
 
-    name = cfg.tokenizer.name or _tokenizer_dir(model_dir, adapter)
+    name = cfg.tokenizer.name
+    if name in (None, cfg.generation.model_name):
+        # NeMo RL's eval.yaml sets tokenizer.name: ${generation.model_name}: the model's own,
+        # which for a step_N or an adapter lives elsewhere than the path given
+        name = _tokenizer_dir(model_dir, adapter)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:

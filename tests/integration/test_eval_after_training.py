@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from sftkit.cli import eval_main
-from sftkit.eval.config import QUICKSTART_EVAL_CONFIG
+from sftkit.eval.config import DEFAULT_EVAL_CONFIG, QUICKSTART_EVAL_CONFIG
 
 pytestmark = pytest.mark.slow  # a training run and six evaluations
+EVALS = DEFAULT_EVAL_CONFIG.parent
 
 
 @pytest.fixture(scope="module")
@@ -58,23 +59,31 @@ def test_final_hf_step_and_adapter_by_path(lora_run: Any, small_run: Any, tmp_pa
     )
 
 
-def test_score_logged_to_the_runs_trackers(lora_run: Any, small_run: Any, tmp_path: Path) -> None:
+def test_score_logged_to_the_runs_trackers(lora_run: Any, tmp_path: Path) -> None:
+    """NeMo RL's eval.yaml on a step_N checkpoint (AIME 2024 from a local copy in its hub
+    columns), then on final_hf, each logged to the run that trained them."""
     exp_dir = lora_run.exp_dir
+    rows = [{"problem": f"{i}+{i}", "answer": str(2 * i), "id": i} for i in range(3)]
+    aime = tmp_path / "aime_2024.jsonl"
+    aime.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "step_1_eval"  # a directory, as NeMo RL's save_path
-    code = run_eval(lora_run, small_run.validation, "step_1", f"eval.save_path={out}",
-                    f"logger.log_dir={lora_run.log_dir}")  # fmt: skip
-    assert code == 0
-    assert json.loads((out / "config.json").read_text())["logger"]["log_dir"]
+    nemo = ["--config", str(EVALS / "eval.yaml"), f"data.data_path={aime}",
+            "generation.max_new_tokens=3", "generation.device=cpu"]  # fmt: skip
+    model = lora_run.checkpoint_dir
+    assert eval_main([*nemo, f"generation.model_name={model / 'step_1'}",
+                      f"eval.save_path={out}", f"logger.log_dir={lora_run.log_dir}"]) == 0  # fmt: skip
+    assert json.loads((out / "config.json").read_text())["data"]["dataset_name"] == "AIME2024"
     score = json.loads((out / "evaluation_data.json").read_text())["score"]
-    assert run_eval(lora_run, small_run.validation, "final_hf", f"logger.log_dir={exp_dir}") == 0
-    rows = eval_rows(exp_dir)
-    assert [r["step"] for r in rows] == [1, 2]  # step_1 at 1, final_hf at the run's last step
-    assert rows[0]["eval/validation/exact_match"] == score
+    assert eval_main([*nemo, f"generation.model_name={model / 'final_hf'}",
+                      f"logger.log_dir={exp_dir}"]) == 0  # fmt: skip
+    logged = eval_rows(exp_dir)
+    assert [r["step"] for r in logged] == [1, 2]  # step_1 at 1, final_hf at the run's last step
+    assert logged[0]["eval/AIME2024/pass@1"] == score
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(exp_dir / "tensorboard"))
     events.Reload()
-    assert "eval/validation/exact_match" in events.Tags()["scalars"]
+    assert "eval/AIME2024/pass@1" in events.Tags()["scalars"]
 
 
 def test_log_dir_without_a_run_is_one_clear_error(
