@@ -251,6 +251,7 @@ def main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     setup_logging()
     cfg = load_eval_config(args.config, overrides)
+    offline_if_unreachable(cfg)
     result = redact(evaluate(cfg))  # a model URL's password, a token in a generation
     gen = cfg.generation
     sampling = "greedy" if gen.temperature == 0 else f"temperature {gen.temperature}"
@@ -268,6 +269,21 @@ def main(argv: list[str]) -> int:
         exp_dir = log_to_run(cfg.logger.log_dir, cfg.generation.model_name, metric_names(result))
         print(f"logged to the run in {exp_dir}")
     return 0
+
+
+def offline_if_unreachable(cfg: EvalConfig) -> bool:
+    """Probe the hub once when the model, tokenizer or benchmark may come from it; offline
+    mode when unreachable, so a missing file fails in seconds, not after minutes of retries
+    (as `sftkit.hub.offline_if_unreachable` does for training)."""
+    from sftkit.hub import hub_offline, hub_reachable, may_use_hub, set_offline
+
+    data = cfg.data.data_path or cfg.data.dataset_name
+    names = [cfg.generation.model_name, cfg.tokenizer.name, data]
+    if hub_offline() or not may_use_hub(names) or hub_reachable():
+        return False
+    set_offline()
+    logger.info("The Hugging Face Hub is unreachable: using only locally cached files.")
+    return True
 
 
 def save_result(result: dict[str, Any], cfg: EvalConfig, path: Path) -> Path:
