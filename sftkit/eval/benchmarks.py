@@ -93,8 +93,11 @@ def _aime(year: str, key: str) -> Benchmark:
 
 
 def _gsm8k_answer(text: str) -> str:
-    # NeMo RL's `_extract_hash_answer`: the text after "####" (None when absent)
-    return text.split("####")[1].strip() if "####" in text else ""
+    """NeMo RL's `_extract_hash_answer`: the text after "####" (where NeMo RL would score
+    against None, a row without one is an error here)."""
+    if "####" not in text:
+        raise ValueError("its 'answer' has no '#### <answer>' line")
+    return text.split("####")[1].strip()
 
 
 def _gsm8k(name: str) -> Benchmark:

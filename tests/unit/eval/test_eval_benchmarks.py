@@ -156,6 +156,9 @@ def test_missing_hub_column_names_it_and_the_row(tmp_path: Path) -> None:
     path = write_rows(tmp_path / "aime.jsonl", [{"question": "x", "answer": "1"}])
     with pytest.raises(DataError, match=r"aime.jsonl:1: no 'problem' value; AIME2024 rows need"):
         load_source(config("AIME2024", f"data.data_path={path}"))
+    path = write_rows(tmp_path / "gsm8k.jsonl", [{"question": "x", "answer": "1"}])
+    with pytest.raises(DataError, match=r"gsm8k.jsonl:1: its 'answer' has no '#### <answer>'"):
+        load_source(config("GSM8K", f"data.data_path={path}"))
 
 
 def test_local_data_repeat_and_max_samples(tmp_path: Path) -> None:
