@@ -230,16 +230,24 @@ def test_local_eval_url_and_hub_failure(hub: list, monkeypatch: pytest.MonkeyPat
     assert "(problem, answer)" in str(info.value)
 
 
-# -- end to end on the tiny model: every benchmark from its local copy ----------------------
-# One per processor: messages (AIME), problem/expected_answer (MATH), multiple choice (GPQA)
-@pytest.mark.parametrize("name", ["AIME2025", "math500", "gpqa_diamond"])
-def test_evaluate_runs_each_kind_offline(name: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+# -- end to end on the tiny model: each shipped config on a local copy of its benchmark -----
+CONFIG_BENCHMARK = {"eval.yaml": "AIME2024", "math_eval.yaml": "math", "gpqa_eval.yaml": "gpqa",
+                    "local_eval.yaml": "", "mmlu.yaml": "mmlu", "mmlu_pro.yaml": "mmlu_pro",
+                    "mmlu_zh_cn.yaml": "mmlu_ZH-CN"}  # fmt: skip
+
+
+@pytest.mark.parametrize("file", sorted(CONFIG_BENCHMARK))
+def test_each_shipped_config_runs_offline(file: str, tmp_path: Path, tiny_model_dir: Path) -> None:
     from sftkit.eval.run import evaluate
 
-    path = local_copy(tmp_path, name, [HUB_ROWS[name], HUB_ROWS[name]])
-    cfg = config(name, f"data.data_path={path}", f"generation.model_name={tiny_model_dir}",
-                 "generation.max_new_tokens=2", "generation.device=cpu")  # fmt: skip
+    name = CONFIG_BENCHMARK[file]
+    row = HUB_ROWS[{"math": "math500", "gpqa": "gpqa_diamond"}.get(name, name or "math500")]
+    path = local_copy(tmp_path, name or "math500", [row, row])
+    # local_eval.yaml reads a file named in dataset_name; the others keep the benchmark's name
+    data = f"data.dataset_name={path}" if not name else f"data.data_path={path}"
+    cfg = load_eval_config(str(EVALS / file), [data, f"generation.model_name={tiny_model_dir}",
+                           "generation.max_new_tokens=2", "generation.device=cpu"])  # fmt: skip
     result = evaluate(cfg)
-    assert result["dataset"] == name and result["num_samples"] == 2
-    assert result["verifier"] == BENCHMARKS[name].verifier
+    assert result["dataset"] == (name or str(path)) and result["num_samples"] == 2
+    assert result["verifier"] == (cfg.env.math.verifier_type or "math")
     assert len(result["generations"]) == 2 and 0.0 <= result["score"] <= 1.0
