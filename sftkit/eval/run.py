@@ -36,6 +36,12 @@ SCORERS: dict[str, Callable[[str, str], bool]] = {
     "contains": lambda pred, ref: ref.strip() in pred,
 }
 
+QUICKSTART_HINT = (
+    " (no --config: this is NeMo RL's eval.yaml, Qwen2.5-Math-1.5B-Instruct on AIME 2024 from "
+    "the Hugging Face Hub; offline, score the quick start: uv run examples/run_eval.py --config "
+    "examples/configs/evals/quickstart.yaml)"
+)
+
 __all__ = ["evaluate", "load_eval_config", "main", "pass_at_k"]
 
 
@@ -252,7 +258,16 @@ def main(argv: list[str]) -> int:
     setup_logging()
     cfg = load_eval_config(args.config, overrides)
     offline_if_unreachable(cfg)
-    result = redact(evaluate(cfg))  # a model URL's password, a token in a generation
+    try:
+        result = redact(evaluate(cfg))  # a model URL's password, a token in a generation
+    except Exception as err:
+        if (
+            args.config is None
+        ):  # NeMo RL's eval.yaml (hub model and benchmark): name the offline one
+            from sftkit.errors import add_usage_hint
+
+            add_usage_hint(err, QUICKSTART_HINT)
+        raise
     gen = cfg.generation
     sampling = "greedy" if gen.temperature == 0 else f"temperature {gen.temperature}"
     metric = result["metric"].replace("@k", f"@{cfg.eval.k_value}")
