@@ -342,6 +342,12 @@ class ClusterConfig:
     master_port_range_low: int | None = doc(None, "Ray port range")
     master_port_range_high: int | None = doc(None, "Ray port range")
     device: str = doc("auto", "auto | cpu | cuda", nemo=False)
+    collective_timeout_s: int = doc(
+        600,
+        "seconds any collective (all-reduce, barrier) may wait for a rank before the job ends "
+        "naming the stalled rank (torch's own default: 30 min on gloo, 10 on NCCL)",
+        nemo=False,
+    )
 
 
 @dataclass
