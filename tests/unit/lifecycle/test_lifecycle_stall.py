@@ -63,7 +63,10 @@ def test_one_process_reports_nothing() -> None:
 @pytest.mark.parametrize(
     ("err", "expected"),
     [
-        (RuntimeError("[gloo/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation"), True),
+        (
+            RuntimeError("[gloo/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation"),
+            True,
+        ),
         (RuntimeError("Watchdog caught collective operation timeout: WorkNCCL(...)"), True),
         (RuntimeError("CUDA out of memory"), False),
         (ValueError("Timed out waiting"), False),
