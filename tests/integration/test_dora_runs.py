@@ -36,9 +36,13 @@ def assert_final_hf_equals_adapter(ckpt: Path, base: Path) -> None:
 
 def test_dora_packed_run_resumes_bit_exact_and_exports(small_run, tiny_model_dir, tmp_path) -> None:
     """LoRA dropout (pre, PEFT's) and attention dropout on: the RNG streams resume too."""
-    more = (*DORA, "policy.dtensor_cfg.lora_cfg.dropout=0.1",
-            "policy.dtensor_cfg.lora_cfg.dropout_position=pre", "sft.val_period=0",
-            "checkpointing.save_period=0")  # fmt: skip (saved at the last step only)
+    more = (
+        *DORA,
+        "policy.dtensor_cfg.lora_cfg.dropout=0.1",
+        "policy.dtensor_cfg.lora_cfg.dropout_position=pre",
+        "sft.val_period=0",
+        "checkpointing.save_period=0",
+    )  # fmt: skip (saved at the last step only)
     whole = small_run.inprocess(tmp_path / "whole", *more, "sft.max_num_steps=3")
     part = small_run.inprocess(tmp_path / "part", *more, "sft.max_num_steps=1")
     resumed = small_run.inprocess(tmp_path / "part", *more, "sft.max_num_steps=3")
@@ -47,7 +51,9 @@ def test_dora_packed_run_resumes_bit_exact_and_exports(small_run, tiny_model_dir
     assert sorted(got) == [2, 3]
     for step in got:
         assert {n: got[step][n] for n in EXACT} == {n: ref[step][n] for n in EXACT}, step
-    a, b = (r.checkpoint_dir / "final_adapter" / "adapter_model.safetensors" for r in (whole, resumed))
+    a, b = (
+        r.checkpoint_dir / "final_adapter" / "adapter_model.safetensors" for r in (whole, resumed)
+    )
     assert a.read_bytes() == b.read_bytes()
     assert_final_hf_equals_adapter(whole.checkpoint_dir, tiny_model_dir)
 

@@ -139,7 +139,11 @@ def test_gradients_equal_peft(dropout: float, bias: bool) -> None:
 def test_magnitude_trains_and_base_stays_frozen() -> None:
     model = trained_dora(LoraSpec(dim=4, alpha=8, use_dora=True))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {n.rsplit(".", 2)[-2] for n in trainable} == {"lora_A", "lora_B", "lora_magnitude_vector"}
+    assert {n.rsplit(".", 2)[-2] for n in trainable} == {
+        "lora_A",
+        "lora_B",
+        "lora_magnitude_vector",
+    }
     model.train()
     model(IDS, labels=IDS).loss.backward()
     layer = model.model.layers[1].mlp.down_proj
@@ -186,3 +190,40 @@ def test_dora_on_moe_experts_is_refused() -> None:
     names = apply_lora(_Experts(), LoraSpec(use_dora=True, exclude_modules=["*experts.*"]))
     assert names == ["o_proj"]
     assert apply_lora(_Experts(), LoraSpec()) == ["experts.0", "experts.1", "o_proj"]
+
+
+TRITON_SCRIPT = """
+import torch
+from torch import nn
+import sftkit.model.kernels.lora as K
+from sftkit.model.lora import LoraSpec, apply_lora
+
+calls = []
+fwd = K.lora_forward_add_
+K.lora_forward_add_ = lambda *a, **k: calls.append(1) or fwd(*a, **k)
+
+def run(use_triton, dropout):
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(72, 136))
+    apply_lora(seq, LoraSpec(dim=5, alpha=10, use_dora=True, dropout=dropout,
+                             dropout_position="pre", use_triton=use_triton))
+    m = seq[0].train()
+    nn.init.normal_(m.lora_B.weight)
+    torch.manual_seed(1)
+    x = torch.randn(3, 31, 72, requires_grad=True)
+    y = m(x)
+    wanted = [x, m.lora_A.weight, m.lora_B.weight, m.lora_magnitude_vector.weight]
+    return [y, *torch.autograd.grad((y * y).sum(), wanted)]
+
+for dropout in (0.0, 0.3):
+    for r, g in zip(run(False, dropout), run(True, dropout), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-3)
+assert len(calls) == 2, calls
+print("OK")
+"""
+
+
+@pytest.mark.slow
+def test_fused_triton_kernels_equal_the_torch_path(run_triton_interpreted) -> None:
+    """DoRA keeps the fused LoRA kernels (interpreted on CPU): same values and gradients."""
+    run_triton_interpreted(TRITON_SCRIPT)
