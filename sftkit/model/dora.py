@@ -45,8 +45,11 @@ class DoraMagnitude(nn.Module):
 
 
 def dense(weight: WeightSource) -> Tensor:
-    """The base weight as a plain [out, in] tensor."""
-    return weight() if callable(weight) else weight
+    """The base weight as a plain [out, in] tensor: a callable's result, a torchao
+    NF4Tensor dequantised (`.to` its own dtype; known by name: torchao stays optional)."""
+    if callable(weight):
+        return weight()
+    return weight.to(weight.dtype) if type(weight).__name__ == "NF4Tensor" else weight
 
 
 def weight_norm(weight: WeightSource, A: Tensor, B: Tensor, scale: float) -> Tensor:
@@ -108,13 +111,12 @@ def dora_forward(module: LoraLinear, x: Tensor, weight: Tensor, bias: Tensor | N
     from sftkit.model.lora import LoraLinearFunction
 
     scale, triton = module.lora_scale, module.lora_use_triton
-    norm = weight_norm(weight, A, B, scale)
-    ratio = magnitude(module).to(x.dtype) / norm  # gradient to m only
+    w = dense(weight)  # `weight` may be quantised; the function below keeps it so
+    ratio = magnitude(module).to(x.dtype) / weight_norm(w, A, B, scale)  # gradient to m only
     if dropout_active:  # PEFT: the base term and the LoRA branch both see dropout(x)
         xd = module.lora_dropout(x)
-        base = F.linear(x, weight, bias)
         branch = LoraLinearFunction.apply(xd, None, None, None, A, B, scale, triton)
-        return base + (ratio - 1) * F.linear(xd, weight) + ratio * branch
+        return F.linear(x, w, bias) + (ratio - 1) * F.linear(xd, w) + ratio * branch
     y = LoraLinearFunction.apply(x, weight, None, None, A, B, scale, triton)
     out = y * ratio
     return out if bias is None else out + bias

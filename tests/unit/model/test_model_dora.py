@@ -227,3 +227,15 @@ print("OK")
 def test_fused_triton_kernels_equal_the_torch_path(run_triton_interpreted) -> None:
     """DoRA keeps the fused LoRA kernels (interpreted on CPU): same values and gradients."""
     run_triton_interpreted(TRITON_SCRIPT)
+
+
+def test_the_norm_reads_a_quantised_base_dequantised() -> None:
+    """An NF4 base (QLoRA) enters the norm and the init dequantised; a callable works too."""
+    nf4 = pytest.importorskip("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
+    torch.manual_seed(0)
+    w, A, B = torch.randn(40, 64), torch.randn(3, 64), torch.randn(40, 3)
+    q = nf4.to_nf4(w, block_size=32, scaler_block_size=8)
+    want = torch.linalg.norm(q.get_original_weight() + 2.0 * (B @ A), dim=1)
+    torch.testing.assert_close(dora.weight_norm(q, A, B, 2.0), want)
+    torch.testing.assert_close(dora.weight_norm(q.get_original_weight, A, B, 2.0), want)
+    assert not torch.allclose(dora.weight_norm(w, A, B, 2.0), want)  # quantisation shows
