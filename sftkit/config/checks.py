@@ -355,6 +355,10 @@ def _dora_problems(cfg: MasterConfig) -> list[tuple[str, str]]:
     if d.tensor_parallel_size > 1:
         problems.append((key, f"{key}=true is not supported with tensor parallelism "
                               "(tensor_parallel_size > 1): use FSDP2 only, or use_dora=false."))  # fmt: skip
+    # getattr: `target_experts` (LoRA on MoE experts' fused weights) lands in a parallel change
+    if getattr(lora, "target_experts", False):
+        problems.append((key, f"{key}=true does not apply to MoE experts: set "
+                              "lora_cfg.target_experts=false, or use_dora=false."))  # fmt: skip
     if lora.dropout > 0 and lora.dropout_position == "post":
         problems.append((key, f"{key}=true with dropout > 0 needs lora_cfg.dropout_position=pre "
                               "(PEFT's DoRA drops the LoRA input; 'post' has no DoRA form)."))  # fmt: skip

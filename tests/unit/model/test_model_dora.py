@@ -174,6 +174,9 @@ def test_tensor_parallel_and_post_dropout_are_config_errors() -> None:
         check_config(cfg)
     with pytest.raises(ConfigError, match=r"use_dora=true with dropout > 0 needs .*=pre"):
         check_config(_config(dropout=0.1))
+    with pytest.raises(ConfigError, match=r"use_dora=true does not apply to MoE experts: set"):
+        check_config(_config(target_experts=True))
+    check_config(_config(dropout=0.1, dropout_position="pre"))
 
 
 class _Experts(nn.Module):
