@@ -11,6 +11,7 @@ forward equals the base model). With LoRA dropout (PEFT's, on the LoRA input x')
 `LoraLinearFunction`, so the fused Triton kernels still apply; the DoRA rescale is plain
 autograd around it (it keeps one more [tokens, out] tensor per layer for m's gradient).
 
+Layers are typed `Any` here: `sftkit.model.lora` imports this module (no cycle back).
 The base weight enters only as a tensor or a callable returning the dense weight, so a
 quantised base (NF4) passes its dequantisation. `lora_magnitude_vector` is PEFT's name:
 the adapter file and `final_hf` (merged: W' = (m / n) (W + s B A)) load in PEFT/transformers
@@ -20,14 +21,11 @@ with the same logits.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from sftkit.model.lora import LoraLinear
 
 MAGNITUDE = "lora_magnitude_vector"  # PEFT's attribute and state-dict name
 WeightSource = Tensor | Callable[[], Tensor]  # a dense weight, or how to make one (NF4)
@@ -70,12 +68,12 @@ def magnitude(module: nn.Module) -> Tensor:
     return getattr(module, MAGNITUDE).weight
 
 
-def add_magnitude(module: LoraLinear, dtype: torch.dtype) -> None:
+def add_magnitude(module: Any, dtype: torch.dtype) -> None:
     """Give an adapted layer its magnitude vector (uninitialised: see `init_magnitude`)."""
     setattr(module, MAGNITUDE, DoraMagnitude(module.out_features, module.weight.device, dtype))
 
 
-def init_magnitude(module: LoraLinear, weight: WeightSource | None = None) -> None:
+def init_magnitude(module: Any, weight: WeightSource | None = None) -> None:
     """m = ||W + s B A|| per row (PEFT's init); `weight` overrides `module.weight` (NF4)."""
     mag = magnitude(module)
     base = module.weight if weight is None else weight
@@ -89,9 +87,7 @@ def init_magnitudes_sharded(model: nn.Module) -> None:
     """`init_magnitude` on FSDP2 shards, just after `init_lora_sharded` zeroed B: then
     n = ||W|| per row, and FSDP2 splits W [out, in] and m [out] over the same rows (dim 0),
     so each rank fills its block of m from its rows of W, without a gather."""
-    from sftkit.model.lora import lora_modules
-
-    for name, module in lora_modules(model).items():
+    for name, module in model.named_modules():
         if not has_dora(module):
             continue
         mag = magnitude(module)
@@ -105,19 +101,18 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def dora_forward(module: LoraLinear, x: Tensor, weight: Tensor, bias: Tensor | None,
-                 A: Tensor, B: Tensor, dropout_active: bool) -> Tensor:  # fmt: skip
-    """The DoRA layer output for 2-D x, all operands already in the compute dtype."""
-    from sftkit.model.lora import LoraLinearFunction
-
+def dora_forward(module: Any, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor,
+                 B: Tensor, dropout_active: bool, lora_fn: Callable[..., Tensor]) -> Tensor:  # fmt: skip
+    """The DoRA layer output for 2-D x, all operands already in the compute dtype;
+    `lora_fn` is `LoraLinearFunction.apply` (the fused LoRA path)."""
     scale, triton = module.lora_scale, module.lora_use_triton
     w = dense(weight)  # `weight` may be quantised; the function below keeps it so
     ratio = magnitude(module).to(x.dtype) / weight_norm(w, A, B, scale)  # gradient to m only
     if dropout_active:  # PEFT: the base term and the LoRA branch both see dropout(x)
         xd = module.lora_dropout(x)
-        branch = LoraLinearFunction.apply(xd, None, None, None, A, B, scale, triton)
+        branch = lora_fn(xd, None, None, None, A, B, scale, triton)
         return F.linear(x, w, bias) + (ratio - 1) * F.linear(xd, w) + ratio * branch
-    y = LoraLinearFunction.apply(x, weight, None, None, A, B, scale, triton)
+    y = lora_fn(x, weight, None, None, A, B, scale, triton)
     out = y * ratio
     return out if bias is None else out + bias
 

@@ -303,7 +303,8 @@ class LoraLinear(nn.Linear):
         else:
             with torch.autocast(dev, enabled=False):
                 if dora.has_dora(self):
-                    out = dora.dora_forward(self, x2, weight, bias, A, B, active)
+                    out = dora.dora_forward(self, x2, weight, bias, A, B, active,
+                                             LoraLinearFunction.apply)  # fmt: skip
                 elif active and self.lora_dropout_position == "post":
                     base = F.linear(x2, weight, bias)
                     branch = LoraLinearFunction.apply(
