@@ -56,6 +56,13 @@ def test_dora_packed_run_resumes_bit_exact_and_exports(small_run, tiny_model_dir
     )
     assert a.read_bytes() == b.read_bytes()
     assert_final_hf_equals_adapter(whole.checkpoint_dir, tiny_model_dir)
+    # `sftkit export` of the last step, merged and as an adapter, agrees the same way.
+    from sftkit.cli import main
+
+    step, out = whole.checkpoint_dir / "step_3", tmp_path / "exported"
+    assert main(["export", str(step), str(out / "final_hf")]) == 0
+    assert main(["export", str(step), str(out / "final_adapter"), "--adapter"]) == 0
+    assert_final_hf_equals_adapter(out, tiny_model_dir)
 
 
 @pytest.mark.slow
