@@ -299,6 +299,8 @@ class LoraLinear(nn.Linear):
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         active = self.training and self.lora_dropout_p > 0
         if _is_dtensor(weight, A, B, x2):  # tensor parallel: plain ops keep DTensor layouts
+            if dora.has_dora(self):  # the config refuses it; a model built in code too
+                raise ValueError("LoRA use_dora is not supported under tensor parallelism.")
             out = self._forward_composite(x2, weight, bias, A, B, active)
         else:
             with torch.autocast(dev, enabled=False):
