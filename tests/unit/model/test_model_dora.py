@@ -167,7 +167,7 @@ def _config(**lora: object) -> MasterConfig:
     return cfg
 
 
-def test_tensor_parallel_and_post_dropout_are_config_errors() -> None:
+def test_tensor_parallel_and_post_dropout_are_config_errors(monkeypatch) -> None:
     cfg = _config()
     cfg.policy.dtensor_cfg.tensor_parallel_size = 2
     with pytest.raises(ConfigError, match=r"use_dora=true is not supported with tensor par"):
@@ -177,6 +177,11 @@ def test_tensor_parallel_and_post_dropout_are_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"use_dora=true does not apply to MoE experts: set"):
         check_config(_config(target_experts=True))
     check_config(_config(dropout=0.1, dropout_position="pre"))
+    # A DoRA layer built in code and handed DTensors (tensor parallel) refuses them too.
+    layer = trained_dora(LoraSpec(dim=4, alpha=8, use_dora=True)).model.layers[0].mlp.up_proj
+    monkeypatch.setattr(L, "_is_dtensor", lambda *tensors: True)
+    with pytest.raises(ValueError, match="use_dora is not supported under tensor parallelism"):
+        layer(torch.randn(2, 32))
 
 
 class _Experts(nn.Module):
