@@ -173,6 +173,10 @@ def build_quantized_model(
     load_sharded_weights(model, files, lambda n: not is_lora_param(n) and n not in quantized)
     load_quantized_weights(model, names, files, spec)
     init_lora_sharded(model, lora.lora_A_init, lora_rng)
+    if lora.use_dora:  # m = ||W + s B A|| per row of the NF4 base (B = 0: the base's norm)
+        from sftkit.model.dora import init_magnitudes_sharded
+
+        init_magnitudes_sharded(model)
     log_savings(model, names)
     return model, names
 
