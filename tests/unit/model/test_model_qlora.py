@@ -105,3 +105,20 @@ def test_megatron_peft_spelling_and_the_derived_compute_dtype() -> None:
         "nf4",
         "float32",
     )
+
+
+def test_dora_on_an_nf4_base_starts_at_the_dequantized_row_norms(tiny_model_dir: Path) -> None:
+    from sftkit.model.dora import magnitude
+
+    files = sorted(tiny_model_dir.glob("*.safetensors"))
+    options = {"param_dtype": torch.float32, "trust_remote_code": False,
+               "attn_implementation": None, "config_overrides": {}}  # fmt: skip
+    model, names = build_quantized_model(str(tiny_model_dir), options,
+                                         LoraSpec(dim=8, use_dora=True), SPEC, files,
+                                         torch.get_rng_state())  # fmt: skip
+    layer = model.get_submodule(names[0])
+    assert is_quantized(layer.weight)
+    expected = torch.linalg.norm(layer.weight.to(torch.float32), dim=1)
+    torch.testing.assert_close(magnitude(layer).detach(), expected)
+    x = torch.randn(3, layer.in_features)
+    torch.testing.assert_close(layer(x), x @ layer.weight.to(torch.float32).t())  # B = 0
