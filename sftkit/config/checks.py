@@ -368,15 +368,11 @@ def _dora_problems(cfg: MasterConfig) -> list[tuple[str, str]]:
 def _qlora_problems(cfg: MasterConfig) -> list[tuple[str, str]]:
     """`quantize_base` (QLoRA) needs LoRA, whole linear layers and no FP8: NF4 weights are
     frozen, and neither torchao's Float8Linear nor the DTensor TP plan take an NF4 weight."""
-    d = cfg.policy.dtensor_cfg
+    d, meg = cfg.policy.dtensor_cfg, cfg.policy.megatron_cfg.enabled
     lora = d.lora_cfg
     if lora.quantize_base is None:
         return []
-    section = (
-        "policy.megatron_cfg.peft"
-        if cfg.policy.megatron_cfg.enabled
-        else "policy.dtensor_cfg.lora_cfg"
-    )
+    section = "policy.megatron_cfg.peft" if meg else "policy.dtensor_cfg.lora_cfg"
     key = f"{section}.quantize_base"
     why = {
         "LoRA is off (quantize only frozen base weights): set lora_cfg.enabled=true or "
