@@ -89,6 +89,7 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
     # 1. load (QLoRA on one process: LoRA and NF4 while loading, `sftkit.model.qlora`)
     qlora_load = quant is not None and spec is not None and not sharded
     if qlora_load:
+        assert spec is not None and quant is not None  # for the type checker
         files = weight_files(p.model_name, env)
         model, names = build_quantized_model(p.model_name, load_options, spec, quant, files,
                                              lora_rng)  # fmt: skip

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -100,7 +100,7 @@ def is_quantized(t: Tensor) -> bool:
 
 def tensor_bytes(t: Tensor) -> int:
     """Bytes a tensor holds: the inner tensors of an NF4 tensor, else numel x itemsize."""
-    local = getattr(t, "_local_tensor", t)
+    local: Any = getattr(t, "_local_tensor", t)
     if is_quantized(local):
         inner, _ = local.__tensor_flatten__()
         return sum(getattr(local, a).numel() * getattr(local, a).element_size() for a in inner)
@@ -183,7 +183,7 @@ def build_quantized_model(
 
 def log_savings(model: nn.Module, names: list[str]) -> None:
     """One line: the quantized layers' bytes against their dense bf16 bytes."""
-    weights = [model.get_submodule(n).weight for n in names]
+    weights = [cast(Tensor, model.get_submodule(n).weight) for n in names]
     nf4 = sum(tensor_bytes(w) for w in weights)
     bf16 = sum(2 * w.numel() for w in weights)
     logger.info("QLoRA: %d linear layers in NF4, %.1f MB (%.2fx their bf16 %.1f MB)",
