@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ logger = logging.getLogger("sftkit")
 
 POLL_S = 0.5  # a waiting rank checks the store this often; signals are handled in between
 LOG_EVERY_S = 60.0  # a waiting rank's progress line
+READ_WAIT_S = 30.0  # a failed preparer waits this long at most for the others to read why
 SCOPES = ("node", "shared")
 # Calls on every rank come in the same order, so the n-th call's key is the same everywhere
 # and a second `prepare_data` in one process group never reads the first one's answer.
@@ -52,6 +54,7 @@ class PrepareGroup:
     preparer: bool
     who: str  # the preparing process, as messages name it
     timeout_s: float
+    waiters: int = 0  # how many ranks wait for this preparer
 
     @classmethod
     def of(cls, env: DistEnv | None, scope: str, timeout_s: float) -> PrepareGroup | None:
@@ -65,11 +68,13 @@ class PrepareGroup:
         call = next(_calls)
         if scope == "shared":
             key, preparer, who = f"sftkit/data/{call}/all", env.rank == 0, "rank 0"
+            waiters = env.world_size - 1
         else:  # the host, as the cache's node lock and verified marker name a node
             host = socket.gethostname()
             key, preparer = f"sftkit/data/{call}/{host}", env.local_rank == 0
             who = f"local rank 0 on {host}"
-        return cls(_get_default_store(), key, preparer, who, timeout_s)
+            waiters = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)) - 1
+        return cls(_get_default_store(), key, preparer, who, timeout_s, waiters)
 
     def done(self, entry: str) -> None:
         """Tell the waiting ranks which cache entry holds the data."""
@@ -80,6 +85,12 @@ class PrepareGroup:
         known = classify(err)
         message = str(err).strip() or type(err).__name__
         self.store.set(self.key, json.dumps({"error": message, "code": known and known[0]}))
+        # Where the store lives in this process (rank 0 without torchrun's agent), leaving
+        # at once closed it before the others read the message: they failed with
+        # "DistNetworkError: Failed to recv". Wait (briefly) until each has read it.
+        deadline = time.monotonic() + READ_WAIT_S
+        while self.store.add(f"{self.key}/read", 0) < self.waiters and time.monotonic() < deadline:
+            time.sleep(POLL_S / 5)
 
     def wait(self) -> str:
         """The entry's key, once the preparer has it; raises the preparer's error, or after
@@ -102,6 +113,7 @@ class PrepareGroup:
                 last_log = now
             time.sleep(POLL_S)
         answer = json.loads(self.store.get(self.key))
+        self.store.add(f"{self.key}/read", 1)
         if "entry" in answer:
             return str(answer["entry"])
         message = f"{answer['error']} (reported by {self.who}, which prepared the data)"
