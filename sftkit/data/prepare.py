@@ -249,7 +249,7 @@ def _entry(
     cache.remove_abandoned(cache_dir)  # temp entries of killed builds
     with cache.node_lock(cache_dir, key):  # one process per node checks or builds the entry
         meta = cache.read_meta(directory)
-        problem = meta and cache.entry_problem(directory, meta, SPLITS, len(tokenizer))
+        problem = meta and cache.entry_problem(directory, meta, SPLITS, len(tokenizer), progress)
         if meta is not None and problem:
             logger.warning("data cache entry %s is damaged: %s; rebuilding it", directory, problem)
             cache.discard(directory)
@@ -260,7 +260,7 @@ def _entry(
             total = sum(rows.values())
             meta = _build(parts, tokenizer, settings, workers, cache_dir, key, total, progress)
             meta = cache.read_meta(directory) or meta  # another node may have published first
-            problem = cache.entry_problem(directory, meta, SPLITS, len(tokenizer))
+            problem = cache.entry_problem(directory, meta, SPLITS, len(tokenizer), progress)
             if problem:  # a bug in this build, or a disk that loses writes
                 raise DataError(str(directory), f"the entry just built is damaged: {problem}.")
     return directory, meta, hit
