@@ -82,17 +82,15 @@ def measure(ranks: int, data: Path, workers: int, home: Path) -> list[dict[str, 
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"rank"')]
 
 
-def main() -> None:
-    if len(sys.argv) == 5 and sys.argv[1] == "--rank-main":
-        rank_main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
-        return
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """The records, one per rank count (also printed as JSON lines)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", default="1,2,4")
     parser.add_argument("--rows", type=int, default=40000)
     parser.add_argument("--workers", type=int, default=1, help="data.num_workers per rank")
     parser.add_argument("--tiny", action="store_true", help="300 rows, 1 and 2 ranks")
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     counts = [1, 2] if args.tiny else [int(n) for n in args.ranks.split(",")]
     rows = 300 if args.tiny else args.rows
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,17 +98,22 @@ def main() -> None:
         data = home / "rows.jsonl"
         write_jsonl(data, rows)
         one = None
+        records = []
         for n in counts:
             per_rank = measure(n, data, args.workers, home)
             total = sum(r["cpu_s"] for r in per_rank)
             one = total if one is None and n == 1 else one
-            emit(
+            records.append(
                 {"ranks": n, "rows": rows, "cpu_s_total": round(total, 2),
                  "cpu_s_per_rank": [round(r["cpu_s"], 2) for r in per_rank],
-                 "ratio_to_one_rank": round(total / one, 2) if one else None},
-                args.out,
+                 "ratio_to_one_rank": round(total / one, 2) if one else None}
             )  # fmt: skip
+            emit(records[-1], args.out)
+    return records
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 5 and sys.argv[1] == "--rank-main":
+        rank_main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    else:
+        main()
