@@ -403,13 +403,17 @@ def build_meta_model(
     trust_remote_code: bool,
     attn_implementation: str | None,
     config_overrides: dict[str, Any],
+    dequantize: bool = False,
 ) -> nn.Module:
     """The HF model's architecture with parameters on the meta device (no weights read)."""
     from transformers import AutoModelForCausalLM
 
     from sftkit.model.load import keep_attention_softcap, model_config
+    from sftkit.model.mxfp4 import drop_quantization, plan_dequantize
 
     _, config = model_config(model_name, trust_remote_code, config_overrides)
+    if plan_dequantize(config, model_name, dequantize):  # read in load_sharded_weights
+        drop_quantization(config)
     if attn_implementation:
         config._attn_implementation = attn_implementation
     config.use_cache = False
@@ -476,6 +480,7 @@ def load_sharded_weights(
     from safetensors import safe_open
 
     from sftkit.log.progress import Progress
+    from sftkit.model.mxfp4 import read_dequantized
 
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
     where = {key: h for h in handles for key in h.keys()}  # noqa: SIM118 (not a dict)
@@ -487,12 +492,16 @@ def load_sharded_weights(
     size = sum(_local(p).numel() * _local(p).element_size() for _, p in chosen)
     with Progress("loading weights", size, "B", enabled=progress) as bar:
         for name, param in chosen:
-            key = next((n for n in aliases[id(param)] if n in where), None)
-            if key is None:
-                missing.append(name)
-                continue
             local = _local(param)
-            local.copy_(where[key].get_slice(key)[_local_index(param)])
+            key = next((n for n in aliases[id(param)] if n in where), None)
+            if key is None:  # gpt-oss's MXFP4 experts (`sftkit.model.mxfp4`), else missing
+                block = read_dequantized(where, name, _local_index(param), param.dtype)
+                if block is None:
+                    missing.append(name)
+                else:
+                    local.copy_(block)
+            else:
+                local.copy_(where[key].get_slice(key)[_local_index(param)])
             bar.update(local.numel() * local.element_size())
     if missing:
         raise ValueError(
