@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -50,10 +51,23 @@ class ModelPart:
         set_model_state_dict(self.model, state, options=_state_options(self.trainable_only))
 
     def save(self, step: StepDir, rank: int, shards: dict[str, Any]) -> None:
+        write = self.stage(step, rank, shards, snapshot=False)
+        if write is not None:
+            write()
+
+    def stage(
+        self, step: StepDir, rank: int, shards: dict[str, Any], snapshot: bool = True
+    ) -> Callable[[], None] | None:
+        """`save` in two halves: what to write is taken now (`snapshot`: a CPU copy, so training
+        may go on), the returned function writes it. Sharded state goes to `shards` (DCP
+        copies it when the async save starts)."""
         if self.world_size > 1:
             shards["model"] = self.state_dict()
-        elif rank == 0:
-            save_model_weights(self.model, step.weights, self.trainable_only)
+            return None
+        if rank != 0:
+            return None
+        tensors, metadata, name = model_tensors(self.model, self.trainable_only, snapshot)
+        return lambda: write_tensors(tensors, metadata, step.weights / name)
 
     def load(self, step: StepDir, rank: int) -> None:
         if step.dcp.is_dir():
@@ -94,13 +108,29 @@ class OptimizerPart:
         set_optimizer_state_dict(self.model, self.optimizer, state, options=options)
 
     def save(self, step: StepDir, rank: int, shards: dict[str, Any]) -> None:
+        write = self.stage(step, rank, shards, snapshot=False)
+        if write is not None:
+            write()
+
+    def stage(
+        self, step: StepDir, rank: int, shards: dict[str, Any], snapshot: bool = True
+    ) -> Callable[[], None] | None:
+        """`save` in two halves, as `ModelPart.stage`."""
         if not self.enabled:
-            return
+            return None
         if self.world_size > 1:
             shards["optim"] = self.state_dict()
-        elif rank == 0:
+            return None
+        if rank != 0:
+            return None
+        state = self.optimizer.state_dict()
+        state = cpu_copy(state) if snapshot else state  # its tensors are the live moments
+
+        def write() -> None:
             step.optimizer_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(self.optimizer.state_dict(), step.optimizer)
+            torch.save(state, step.optimizer)
+
+        return write
 
     def load(self, step: StepDir, rank: int) -> None:
         if not step.has_optimizer:
@@ -120,23 +150,56 @@ class OptimizerPart:
 # ----------------------------------------------------------------------------- model weights
 
 
+def model_tensors(
+    model: nn.Module, trainable_only: bool, snapshot: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, str]:
+    """What `write_tensors` writes for the model (or only its trainable weights): tensors,
+    safetensors metadata and file name. `snapshot`: CPU copies, unaffected by later steps."""
+    from safetensors.torch import _remove_duplicate_names
+
+    metadata: dict[str, str] | None = None
+    if trainable_only:
+        name = "trainable.safetensors"
+        tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        name = "model.safetensors"
+        tensors = dict(model.state_dict())
+        # tied tensors (embeddings = lm_head) are stored once, as safetensors' save_model does
+        for kept, removed in _remove_duplicate_names(tensors).items():
+            for other in removed:
+                metadata = {**(metadata or {}), other: kept}
+                del tensors[other]
+    if snapshot:
+        return {n: t.to("cpu", copy=True).contiguous() for n, t in tensors.items()}, metadata, name
+    return {n: t.contiguous().cpu() for n, t in tensors.items()}, metadata, name
+
+
+def cpu_copy(tree: Any) -> Any:
+    """`tree` (dicts, lists, tuples) with every tensor copied to CPU memory: what a
+    background writer may write while training changes the originals."""
+    if isinstance(tensor := tree, torch.Tensor):
+        return tensor.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: cpu_copy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(cpu_copy(v) for v in tree)
+    return copy.deepcopy(tree)
+
+
+def write_tensors(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path, metadata=metadata)
+
+
 def save_model_weights(model: nn.Module, directory: Path, trainable_only: bool) -> Path:
     """Write the model's weights (or only its trainable ones) as one safetensors file."""
-    from safetensors.torch import save_file, save_model
-
-    directory.mkdir(parents=True, exist_ok=True)
-    if trainable_only:
-        path = directory / "trainable.safetensors"
-        tensors = {
-            name: p.detach().contiguous().cpu()
-            for name, p in model.named_parameters()
-            if p.requires_grad
-        }
-        save_file(tensors, path)
-    else:
-        path = directory / "model.safetensors"
-        save_model(model, str(path))  # handles tied (shared) tensors
-    return path
+    tensors, metadata, name = model_tensors(model, trainable_only)
+    write_tensors(tensors, metadata, directory / name)
+    return directory / name
 
 
 def load_model_weights(model: nn.Module, directory: Path) -> None:
@@ -171,13 +234,22 @@ def _state_options(trainable_only: bool, full: bool = False) -> Any:
     return StateDictOptions(ignore_frozen_params=trainable_only, full_state_dict=full)
 
 
-def save_shards(shards: dict[str, Any], directory: Path) -> None:
+def save_shards(
+    shards: dict[str, Any], directory: Path, group: Any = None, defer: bool = False
+) -> Callable[[], None] | None:
     """The parts' shards through torch.distributed.checkpoint: each rank writes its own,
-    keyed by parameter name, so any number of ranks can load them back (collective)."""
+    keyed by parameter name, so any number of ranks can load them back (collective).
+
+    `defer`: DCP's `async_save` over `group` (gloo: it runs off the training thread); the
+    shards are copied to CPU before it returns, the returned function waits for the write."""
     import torch.distributed.checkpoint as dcp
 
     directory.mkdir(parents=True, exist_ok=True)
-    dcp.save(shards, checkpoint_id=str(directory))
+    if not defer:
+        dcp.save(shards, checkpoint_id=str(directory))
+        return None
+    future = dcp.async_save(shards, checkpoint_id=str(directory), process_group=group)
+    return lambda: (future.result(), None)[1]
 
 
 def load_full_optimizer_state(

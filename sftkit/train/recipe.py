@@ -228,6 +228,9 @@ def run_sft(cfg: MasterConfig) -> int:
                 run.checkpointer.save_final(step, run.loggers.exp_dir)
                 curves_at_end(run.loggers.exp_dir)  # exp_NNN/curves.png (matplotlib: optional)
         finally:
+            # An async save in flight is finished before the run lock is released (a run
+            # that ended normally or stopped already waited for it: `save(last=True)`).
+            run.checkpointer.finish_in_flight()
             run.console.close()
             run.loggers.close()
         env.barrier()
