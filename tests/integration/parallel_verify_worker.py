@@ -61,7 +61,7 @@ def main(root: Path, out: Path, mb: float) -> None:
     for step in (1, 2):
         info = {"step": step, "format_version": ckpt.FORMAT_VERSION}
         _, read = measure(
-            lambda: ckpt.save_checkpoint(
+            lambda step=step, info=info: ckpt.save_checkpoint(
                 root, step, info, write_files, rank, dist.barrier, share=share
             )
         )
