@@ -57,9 +57,9 @@ def build_model(path: Path, hidden: int, layers: int) -> None:
 
 
 def run(work: Path, model: Path, steps: int, period: int, is_async: bool) -> dict[str, Any]:
-    from sftkit.cli import sft_main
-
     import torch
+
+    from sftkit.cli import sft_main
 
     torch.set_num_threads(1)
     overrides = [
@@ -97,15 +97,17 @@ def run(work: Path, model: Path, steps: int, period: int, is_async: bool) -> dic
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--period", type=int, default=10)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--tiny", action="store_true", help="a small model, 12 steps: the bench runs")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a small model, 12 steps: the bench runs"
+    )
     parser.add_argument("--out", type=Path, default=Path("async_save.jsonl"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.tiny:
         args.steps, args.period, args.hidden, args.layers = 12, 5, 64, 2
     with tempfile.TemporaryDirectory(prefix="sftkit-async-bench-") as tmp:

@@ -39,7 +39,12 @@ from torch import nn
 
 from sftkit.checkpoint import layout as ckpt
 from sftkit.checkpoint.layout import CheckpointLayout, StepDir
-from sftkit.checkpoint.manifest import checkpoint_group, rank_share
+from sftkit.checkpoint.manifest import (
+    PROGRESS_BYTES,
+    checkpoint_bytes,
+    checkpoint_group,
+    rank_share,
+)
 from sftkit.checkpoint.outputs import atomic_output_dir
 from sftkit.checkpoint.safe_load import load_state_file
 from sftkit.checkpoint.state import RngState, TrainState, check_finite_weights
@@ -57,6 +62,7 @@ from sftkit.data import PreparedData
 from sftkit.data.loader import GlobalBatchSampler
 from sftkit.dist import DistEnv
 from sftkit.log.model_card import write_model_card
+from sftkit.log.progress import Progress
 from sftkit.log.redact import scrub
 from sftkit.model.builtin import adapter_base_name
 from sftkit.model.load import save_hf
@@ -325,9 +331,14 @@ class Checkpointer:
             return TrainState()
         step = StepDir(self.resume_dir)
         # The RNG last: nothing restored after it may draw from a generator.
-        for name, part in sorted(self.states.items(), key=lambda item: item[0] == "rng"):
-            if not (self.new_stage and name == "sampler"):  # new data: its first batch
-                part.load(step, self.env.rank)
+        ordered = sorted(self.states.items(), key=lambda item: item[0] == "rng")
+        desc = f"loading {step.path.name}"
+        shown = self.env.is_main and checkpoint_bytes(step.path) >= PROGRESS_BYTES
+        with Progress(desc, len(ordered), unit="parts", enabled=shown) as progress:
+            for name, part in ordered:
+                if not (self.new_stage and name == "sampler"):  # new data: its first batch
+                    part.load(step, self.env.rank)
+                progress.update()
         state = TrainState()
         state.load_state_dict(ckpt.read_info(step.path))
         if self.new_stage:
