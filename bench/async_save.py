@@ -1,8 +1,9 @@
 """What a checkpoint save costs the training loop, synchronous vs `checkpointing.is_async`.
 
-A Llama of about 25M parameters (random weights, the built-in tokenizer) trains on tiny
-batches (2 sequences of 32 tokens, one torch thread), so that a synchronous save (weights +
-Adam moments, about 300 MB, written, fsynced and hashed) takes many steps' time. Both modes
+A Llama of about 25M parameters (random weights, the built-in tokenizer) trains on one
+sequence a step with fused AdamW on one torch thread, so that a synchronous save (weights
++ Adam moments, about 300 MB, written, fsynced and hashed) takes 5 or more steps' time: a
+step of a large model on GPUs against its save to a shared filesystem, scaled down. Both modes
 run the real entry point in this process with a save every `--period` steps; per mode:
 
     step_s          median time of a step with no save near it
@@ -63,8 +64,9 @@ def run(work: Path, model: Path, steps: int, period: int, is_async: bool) -> dic
 
     torch.set_num_threads(1)
     overrides = [
-        f"policy.model_name={model}", "policy.train_global_batch_size=2",
-        "policy.train_micro_batch_size=2", "policy.max_total_sequence_length=32",
+        f"policy.model_name={model}", "policy.train_global_batch_size=1",
+        "policy.train_micro_batch_size=1", "policy.max_total_sequence_length=32",
+        "++policy.optimizer.kwargs.fused=true",
         f"sft.max_num_steps={steps}", "sft.val_at_start=false", "sft.val_period=0",
         f"checkpointing.checkpoint_dir={work / 'ckpt'}", f"checkpointing.save_period={period}",
         "checkpointing.keep_top_k=2", "checkpointing.metric_name=null",

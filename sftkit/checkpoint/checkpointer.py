@@ -277,7 +277,11 @@ class Checkpointer:
         if not c.is_async:
             return finish()
         self.in_flight = InFlight(finish)
-        return self.wait() if last else self.layout.step(step).path
+        if last:  # the run stops after it: published before `save` returns
+            published = self.wait()
+            assert published is not None
+            return published
+        return self.layout.step(step).path
 
     def wait(self) -> Path | None:
         """Wait for the async save in flight, if any; returns its path, raises its error."""

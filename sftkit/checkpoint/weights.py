@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,6 +39,7 @@ class ModelPart:
     model: nn.Module
     trainable_only: bool  # a LoRA run: the frozen base comes from the model, not the checkpoint
     world_size: int
+    staging: Staging = field(default_factory=lambda: Staging())  # an async save's copies
 
     def state_dict(self) -> dict[str, Any]:
         """By parameter name, this rank's shards (DCP's form)."""
@@ -66,7 +68,8 @@ class ModelPart:
             return None
         if rank != 0:
             return None
-        tensors, metadata, name = model_tensors(self.model, self.trainable_only, snapshot)
+        staging = self.staging if snapshot else None
+        tensors, metadata, name = model_tensors(self.model, self.trainable_only, staging)
         return lambda: write_tensors(tensors, metadata, step.weights / name)
 
     def load(self, step: StepDir, rank: int) -> None:
@@ -94,6 +97,7 @@ class OptimizerPart:
     trainable_only: bool
     world_size: int
     enabled: bool = True  # checkpointing.save_optimizer
+    staging: Staging = field(default_factory=lambda: Staging())  # an async save's copies
 
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -124,7 +128,7 @@ class OptimizerPart:
         if rank != 0:
             return None
         state = self.optimizer.state_dict()
-        state = cpu_copy(state) if snapshot else state  # its tensors are the live moments
+        state = cpu_copy(state, self.staging) if snapshot else state  # the live moments
 
         def write() -> None:
             step.optimizer_dir.mkdir(parents=True, exist_ok=True)
@@ -150,11 +154,28 @@ class OptimizerPart:
 # ----------------------------------------------------------------------------- model weights
 
 
+class Staging:
+    """CPU buffers an async save copies the state into, reused from save to save (one in
+    flight: the previous save is written before the next copies). Allocating and first
+    touching fresh memory made the copy of a 25M-parameter model with Adam 2-5x slower
+    (0.1-0.4 s against 0.06 s) on the training thread."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def copy(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = self.buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype)
+        return buffer.copy_(tensor.detach())
+
+
 def model_tensors(
-    model: nn.Module, trainable_only: bool, snapshot: bool = False
+    model: nn.Module, trainable_only: bool, staging: Staging | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, str]:
     """What `write_tensors` writes for the model (or only its trainable weights): tensors,
-    safetensors metadata and file name. `snapshot`: CPU copies, unaffected by later steps."""
+    safetensors metadata and file name. `staging`: copies in its CPU buffers, unaffected by
+    later steps (else the tensors themselves)."""
     from safetensors.torch import _remove_duplicate_names
 
     metadata: dict[str, str] | None = None
@@ -169,20 +190,23 @@ def model_tensors(
             for other in removed:
                 metadata = {**(metadata or {}), other: kept}
                 del tensors[other]
-    if snapshot:
-        return {n: t.to("cpu", copy=True).contiguous() for n, t in tensors.items()}, metadata, name
+    if staging is not None:
+        return {n: staging.copy(n, t) for n, t in tensors.items()}, metadata, name
     return {n: t.contiguous().cpu() for n, t in tensors.items()}, metadata, name
 
 
-def cpu_copy(tree: Any) -> Any:
-    """`tree` (dicts, lists, tuples) with every tensor copied to CPU memory: what a
-    background writer may write while training changes the originals."""
+def cpu_copy(tree: Any, staging: Staging | None = None, key: str = "") -> Any:
+    """`tree` (dicts, lists, tuples) with every tensor copied to CPU memory (into `staging`'s
+    buffers when given): what a background writer may write while training changes the
+    originals."""
     if isinstance(tensor := tree, torch.Tensor):
+        if staging is not None:
+            return staging.copy(key, tensor)
         return tensor.detach().to("cpu", copy=True)
     if isinstance(tree, dict):
-        return {k: cpu_copy(v) for k, v in tree.items()}
+        return {k: cpu_copy(v, staging, f"{key}/{k}") for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(cpu_copy(v) for v in tree)
+        return type(tree)(cpu_copy(v, staging, f"{key}/{i}") for i, v in enumerate(tree))
     return copy.deepcopy(tree)
 
 
@@ -248,8 +272,13 @@ def save_shards(
     if not defer:
         dcp.save(shards, checkpoint_id=str(directory))
         return None
-    future = dcp.async_save(shards, checkpoint_id=str(directory), process_group=group)
-    return lambda: (future.result(), None)[1]
+    # a Future: no async_stager is given (that would return an AsyncSaveResponse)
+    future = cast(Future, dcp.async_save(shards, checkpoint_id=str(directory), process_group=group))
+
+    def wait() -> None:
+        future.result()
+
+    return wait
 
 
 def load_full_optimizer_state(
