@@ -487,19 +487,23 @@ def base_weights(model_name: str) -> str | None:
 
 
 def pick_resume_dir(
-    c: CheckpointingConfig, fingerprint: dict[str, Any], env: DistEnv
+    c: CheckpointingConfig,
+    fingerprint: dict[str, Any],
+    env: DistEnv,
+    timeout_s: float | None = None,
 ) -> tuple[Path | None, bool]:
     """The checkpoint to resume from, or None (after moving old ones aside if starting
     fresh), and whether it starts a new stage (`resume_mismatch=stage` on new data).
 
-    Runs before the (slow) model load, so a mismatch is reported at once."""
+    Runs before the (slow) model load, so a mismatch is reported at once. Collective:
+    every rank verifies its share of the checkpoint (`timeout_s` bounds the waits)."""
     if not c.enabled:
         return None, False
     directory = Path(c.checkpoint_dir)
-    # every rank hashes its share of the checkpoint, and all agree on one verdict
-    latest = ckpt.latest_checkpoint(
-        directory, rank_share(env.rank, env.world_size if env.initialized else 1)
-    )
+    # every rank hashes its share of the checkpoint, and all agree on one verdict;
+    # `timeout_s` (cluster.collective_timeout_s) bounds the checkpoint group's collectives
+    world = env.world_size if env.initialized else 1
+    latest = ckpt.latest_checkpoint(directory, rank_share(env.rank, world, timeout_s))
     if latest is not None and c.resume:
         try:
             return latest, ckpt.check_resumable(latest, fingerprint, c.resume_mismatch == "stage")

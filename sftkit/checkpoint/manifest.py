@@ -81,20 +81,24 @@ ALONE = Share()  # one process: hashes everything itself
 _GROUPS: dict[int, Any] = {}
 
 
-def rank_share(rank: int, world: int) -> Share:
+def rank_share(rank: int, world: int, timeout_s: float | None = None) -> Share:
     """The `Share` of this process in the job's process group (one process: alone).
 
     The ranks gather over a gloo group of their own, built on the first call (every rank
-    makes that call at the same point: resume discovery): an async save gathers from a
+    makes that call at the same point: resume discovery) with that call's `timeout_s`
+    (`cluster.collective_timeout_s`; None: gloo's 30 minutes): an async save gathers from a
     background thread, which must never interleave with the training loop's collectives."""
     if world <= 1:
         return ALONE
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     key = id(dist.group.WORLD)  # a new process group (tests re-initialise) gets a new one
     if key not in _GROUPS:
         _GROUPS.clear()
-        _GROUPS[key] = dist.new_group(backend="gloo")
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+        _GROUPS[key] = dist.new_group(backend="gloo", timeout=timeout)
     group = _GROUPS[key]
 
     def gather(value: Any) -> list[Any]:

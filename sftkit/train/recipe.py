@@ -142,7 +142,9 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     data = prepare_data(cfg, tokenizer)
     check_before_model(cfg, env, data)
     fingerprint = resume_fingerprint(cfg, tokenizer, data)
-    resume_dir, new_stage = pick_resume_dir(cfg.checkpointing, fingerprint, env)
+    resume_dir, new_stage = pick_resume_dir(
+        cfg.checkpointing, fingerprint, env, cfg.cluster.collective_timeout_s
+    )
     model = build_model(cfg, env)
     optimizer = setup_optimizer(cfg, env, model)
     scheduler = build_scheduler(optimizer, cfg.policy.scheduler)
