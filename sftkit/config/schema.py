@@ -65,7 +65,9 @@ class CheckpointingConfig:
     save_optimizer: bool = doc(True, "include optimizer and scheduler state")
     model_save_format: str = doc("safetensors", "weights format inside checkpoints")
     save_consolidated: bool = doc(False, "also write an HF-loadable directory at each save")
-    is_async: bool = doc(False, "NeMo RL asynchronous finalisation (saves are synchronous here)")
+    is_async: bool = doc(
+        False, "save in the background: training goes on while a save is written (one at a time)"
+    )
     ft_save_period: int | None = doc(None, 'extra "fault tolerance" save period in steps')
     ft_keep_latest_k: int | None = doc(None, "always keep the latest k checkpoints")
     resume: bool = doc(
@@ -503,7 +505,6 @@ IGNORED_KEYS: dict[str, str] = {
     "policy.megatron_cfg.optimizer": "Megatron-only (lr, betas, eps, weight decay, clip are used)",
     "policy.megatron_cfg.scheduler": "Megatron-only (the lr warmup and decay are used)",
     "policy.megatron_cfg.distributed_data_parallel_config": "Megatron-only",
-    "checkpointing.is_async": "saves are synchronous",
     "checkpointing.pretrained_checkpoint": "Megatron checkpoints are not loaded",
     "logger.swanlab_enabled": "no SwanLab sink",
     "cluster.segment_size": "Ray-only",
