@@ -72,6 +72,8 @@ class EvalSection:
     k_value: int = 1  # k of pass@k / cons@k
     seed: int = 42  # sampling seed
     save_path: str | None = None  # JSON with score, metric, num_samples, generations
+    # JSONL of generations, appended per finished batch: a rerun resumes from it
+    generations_path: str | None = None
 
 
 @dataclass
@@ -80,7 +82,8 @@ class EvalConfig:
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: EvalDataSection = field(default_factory=EvalDataSection)
     eval: EvalSection = field(default_factory=EvalSection)
-    # NeMo RL sections with nothing to do here (math-verify workers, Ray cluster)
+    # NeMo RL's env.math (verifier_type, num_workers: `sftkit.eval.verify.MathEnv`) and
+    # cluster (gpus_per_node: data-parallel ranks)
     env: dict[str, Any] = field(default_factory=dict)
     cluster: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] = field(default_factory=dict)
@@ -94,8 +97,7 @@ IGNORED: dict[str, str] = {
     "generation.model_path": "generation.model_name names the model",
     "generation.vllm_cfg": "no vLLM: sftkit generates with transformers",
     "generation.colocated": "no Ray workers: one process",
-    "env": "no math-verify workers: eval.metric scores the generations",
-    "cluster": "one process on generation.device",
+    "cluster": "cluster.gpus_per_node ranks generate on this node; the rest is unused",
     "logger": "results go to stdout and eval.save_path",
 }
 CHOICES: dict[str, tuple[str, ...]] = {

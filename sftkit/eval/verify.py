@@ -15,13 +15,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
+import math
 import multiprocessing as mp
 import os
 import re
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -32,6 +34,7 @@ from sftkit.eval import answer_parsing
 logger = logging.getLogger("sftkit")
 
 VERIFIER_TYPES = ("math", "english_multichoice", "multilingual_multichoice")
+USED_KEYS = ("verifier_type", "num_workers", "math_verify_impl")  # of env.math
 # math-verify's own signal timeouts add up to about 17 s (parse 5 + 5, verify 5, str 2);
 # past that the worker is stuck in code the signal cannot interrupt.
 ANSWER_TIMEOUT_S = 20.0
@@ -56,8 +59,11 @@ class MathEnv:
     num_workers: int = 8
 
     @classmethod
-    def from_env(cls, env: dict[str, Any]) -> MathEnv:
-        """Read `env.math` of an eval config; bad values name their key."""
+    def from_env(cls, env: Any) -> MathEnv:
+        """Read `env.math` of an eval config (a mapping or a config section); bad values name
+        their key."""
+        if dataclasses.is_dataclass(env) and not isinstance(env, type):
+            env = dataclasses.asdict(env)
         math_env = env.get("math") or {}
         if not isinstance(math_env, dict):
             raise ConfigError(f"env.math must be a mapping, got {math_env!r}.", path="env.math")
@@ -79,6 +85,11 @@ class MathEnv:
             raise ConfigError(
                 f"env.math.num_workers={workers!r} must be an integer >= 1.",
                 path="env.math.num_workers",
+            )
+        unused = {k: v for k, v in math_env.items() if k not in USED_KEYS and v is not None}
+        for key, value in unused.items():
+            logger.warning(
+                "sftkit eval ignores env.math.%s=%r: only the answer check is used", key, value
             )
         return cls(verifier_type=verifier, num_workers=workers)
 
@@ -275,3 +286,50 @@ class VerifierPool:
         worker.conn.close()
         fresh = self._start()
         worker.process, worker.conn, worker.task = fresh.process, fresh.conn, None
+
+
+# -- scoring groups of samples ----------------------------------------------------------------
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
+
+
+@dataclass
+class PromptScore:
+    """One prompt's samples checked: its metric value, whether the first sample is right,
+    each sample's extracted answer, and how many checks timed out."""
+
+    value: float
+    first_right: bool
+    answers: list[str | None]
+    timed_out: int
+
+
+def score_groups(
+    pool: VerifierPool, groups: list[list[str]], references: list[str], metric: str, k: int
+) -> list[PromptScore]:
+    """pass@k (unbiased, over all samples) or cons@k (majority of the first k extracted
+    answers; the vote is right when the sample that gave it is) per prompt, all samples
+    checked in one pool call."""
+    flat = [s for group in groups for s in group]
+    truths = [ref for group, ref in zip(groups, references, strict=True) for _ in group]
+    verdicts = pool.check(flat, truths)
+    scores, start = [], 0
+    for group in groups:
+        mine = verdicts[start : start + len(group)]
+        start += len(group)
+        hits = [v.score == 1.0 for v in mine]
+        answers = [v.answer for v in mine]
+        if metric == "cons@k":
+            # NeMo RL's eval_cons_k: the most common answer (None counts too), scored by the
+            # first sample that gave it
+            vote = Counter(answers[:k]).most_common(1)[0][0]
+            value = float(hits[answers.index(vote)])
+        elif metric == "pass@k":
+            value = pass_at_k(len(hits), sum(hits), k)
+        else:
+            value = sum(hits) / len(hits)
+        scores.append(PromptScore(value, hits[0], answers, sum(v.timed_out for v in mine)))
+    return scores
