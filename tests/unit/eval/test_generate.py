@@ -112,12 +112,13 @@ def test_two_ranks_generate_what_one_does(tiny_model_dir: Path, tmp_path: Path) 
             [sys.executable, "-m", "sftkit.cli", "eval", f"generation.model_name={tiny_model_dir}",
              f"data.data_path={data}", "generation.batch_size=3", "generation.max_new_tokens=4",
              "generation.device=cpu", f"cluster.gpus_per_node={ranks}", f"eval.save_path={out}",
+             "eval.metric=pass@k",
              f"eval.generations_path={tmp_path / f'gen{ranks}.jsonl'}"],
             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         saved[ranks] = json.loads(out.read_text())
     assert saved[2]["generations"] == saved[1]["generations"]
-    assert saved[2]["score"] == saved[1]["score"]
+    assert saved[2]["score"] == saved[1]["score"] and saved[1]["verify_timed_out"] == 0
     assert (tmp_path / "gen2.jsonl").read_text() == (tmp_path / "gen1.jsonl").read_text()
     assert not list(tmp_path.glob("gen2.jsonl.rank*"))  # the ranks' files merged

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sftkit.config import ConfigError
-from sftkit.eval.verify import CHECKS, MathEnv, Verdict, VerifierPool
+from sftkit.eval.verify import CHECKS, MathEnv, Verdict, VerifierPool, score_groups
 
 HERE = Path(__file__).parent
 TABLE = json.loads((HERE / "verify_table.json").read_text())
@@ -80,3 +80,18 @@ def test_pool_scores_the_table_and_times_out_a_pathological_answer() -> None:
         assert [(v.score, v.answer) for v in verdicts] == [(r["score"], r["answer"]) for r in rows]
         assert pool.check(["\\boxed{\\frac{1}{2}}"], ["0.5"]) == [Verdict(1.0, "1/2")]
     assert pool._workers == []
+
+
+def test_pass_and_cons_at_k_use_the_checked_answers() -> None:
+    pool = VerifierPool("english_multichoice")
+    groups = [["Answer: B", "Answer: C", "Answer: B", "no idea"], ["Answer: A", "Answer: D"]]
+    scored = score_groups(pool, groups, ["B", "A"], "pass@k", 2)
+    assert [s.value for s in scored] == [pytest.approx(1 - 1 / 6), 1.0]  # 1 - C(2,2)/C(4,2)
+    assert [s.answers for s in scored] == [["B", "C", "B", None], ["A", "D"]]
+    # cons@k votes on the extracted answers (NeMo RL's majority vote), first k samples
+    voted = score_groups(pool, groups, ["B", "A"], "cons@k", 3)
+    assert [(s.value, s.first_right) for s in voted] == [(1.0, True), (1.0, True)]
+    assert (
+        score_groups(pool, [["Answer: C", "Answer: C", "Answer: B"]], ["B"], "cons@k", 3)[0].value
+        == 0.0
+    )
