@@ -8,7 +8,7 @@ RL's `HFVerifyWorker.verify` / `EnglishMultichoiceVerifyWorker.verify` /
 (nemo_rl/environments/math_environment.py at commit 7ea279abfbeb698b092856d0dab61e7cf39bc909,
 Apache-2.0), with only the Ray decorators and the `dapo_math_verify` branch removed, and
 `answer_parsing` being NeMo RL's file at that commit (vendored verbatim as
-sftkit/eval/answer_parsing.py). `test_verify.py` checks sftkit's verifier gives every row's
+sftkit/eval/answer_parsing.py). `test_eval_verify.py` checks sftkit's verifier gives every row's
 label. Rerun after adding rows or upgrading math-verify.
 """
 
