@@ -33,6 +33,7 @@ from sftkit.eval.generate import GenerationStream, generate_all
 from sftkit.eval.verify import MathEnv, VerifierPool, pass_at_k, score_groups
 
 logger = logging.getLogger("sftkit")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".distcp", ".pt")  # what a fingerprint reads
 
 SCORERS: dict[str, Callable[[str, str], bool]] = {
     "exact_match": lambda pred, ref: pred.strip() == ref.strip(),
@@ -244,14 +245,15 @@ def run_fingerprint(
     """What makes a streamed generation reusable: the model (and its weight files' sizes
     and times, so a retrained final_hf is not mistaken for the old one), the prompts and
     the sampling settings."""
-    weights = []
-    for folder in (model_dir, adapter):
-        if folder and Path(folder).is_dir():
-            for file in sorted(Path(folder).glob("*.safetensors")) + sorted(
-                Path(folder).glob("*.bin")
-            ):
-                stat = file.stat()
-                weights.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    # The configured path, not model_dir: a step_N checkpoint is converted into a new
+    # temporary directory on every run.
+    local = Path(cfg.generation.model_name).expanduser()
+    roots = [local if local.exists() else Path(model_dir), *([Path(adapter)] if adapter else [])]
+    weights = sorted(
+        f"{file}:{file.stat().st_size}:{file.stat().st_mtime_ns}"
+        for root in roots if root.is_dir()
+        for file in root.rglob("*") if file.suffix in WEIGHT_SUFFIXES
+    )  # fmt: skip
     gen = cfg.generation
     return {
         "model": gen.model_name,

@@ -122,3 +122,21 @@ def test_two_ranks_generate_what_one_does(tiny_model_dir: Path, tmp_path: Path) 
     assert saved[2]["score"] == saved[1]["score"] and saved[1]["verify_timed_out"] == 0
     assert (tmp_path / "gen2.jsonl").read_text() == (tmp_path / "gen1.jsonl").read_text()
     assert not list(tmp_path.glob("gen2.jsonl.rank*"))  # the ranks' files merged
+
+
+def test_fingerprint_changes_with_the_weights_and_the_sampling(tmp_path: Path) -> None:
+    from sftkit.eval.config import load_eval_config
+    from sftkit.eval.run import run_fingerprint
+
+    model = tmp_path / "final_hf"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"old")
+    cfg = load_eval_config(None, [f"generation.model_name={model}"])
+    first = run_fingerprint(cfg, ["a", "b"], str(model), None)
+    assert run_fingerprint(cfg, ["a", "b"], str(model), None) == first
+    assert run_fingerprint(cfg, ["a", "c"], str(model), None) != first
+    (model / "model.safetensors").write_bytes(b"retrained")  # same name, new weights
+    second = run_fingerprint(cfg, ["a", "b"], str(model), None)
+    assert second["weights"] != first["weights"]
+    cfg.generation.temperature = 0.7
+    assert run_fingerprint(cfg, ["a", "b"], str(model), None)["sampling"] != second["sampling"]
