@@ -8,7 +8,6 @@ workers) on every row; no label here is written by hand.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -63,22 +62,19 @@ def test_letters_are_checked_without_starting_workers() -> None:
 
 @pytest.mark.slow
 def test_pool_scores_the_table_and_times_out_a_pathological_answer() -> None:
-    """Workers give the table's labels; `9^{9^{9^{9}}}` (5 s of sympy) is killed at 3 s,
-    scores 0, is counted, and the next answer is checked by a fresh worker."""
+    """Workers give the table's labels; `9^{9^{9^{9}}}` (5 s of sympy before math-verify's
+    own alarm) is killed at 1 s, scores 0 and is counted; a fresh worker takes its place."""
     rows = [r for r in TABLE["rows"] if r["verifier_type"] == "math"]
-    responses = [r["response"] for r in rows]
-    truths = [r["ground_truth"] for r in rows]
-    responses[3:3] = ["\\boxed{9^{9^{9^{9}}}}"]
-    truths[3:3] = ["9^{9^{9}}"]
-    with VerifierPool("math", num_workers=2, timeout_s=3.0) as pool:
+    with VerifierPool("math", num_workers=2, timeout_s=120.0) as pool:
         assert pool._workers == []  # started lazily
-        start = time.monotonic()
-        verdicts = pool.check(responses, truths)
-        assert time.monotonic() - start < 30
-        assert verdicts[3] == Verdict(0.0, None, timed_out=True) and pool.timed_out == 1
-        del verdicts[3]
+        verdicts = pool.check([r["response"] for r in rows], [r["ground_truth"] for r in rows])
         assert [(v.score, v.answer) for v in verdicts] == [(r["score"], r["answer"]) for r in rows]
-        assert pool.check(["\\boxed{\\frac{1}{2}}"], ["0.5"]) == [Verdict(1.0, "1/2")]
+        assert pool.timed_out == 0 and len(pool._workers) == 2
+        pool.timeout_s = 1.0
+        stuck = pool.check(["\\boxed{9^{9^{9^{9}}}}"], ["9^{9^{9}}"])
+        assert stuck == [Verdict(0.0, None, timed_out=True)] and pool.timed_out == 1
+        pool.timeout_s = 120.0  # a loaded machine: only the replacement is under test here
+        assert pool.check(["\\boxed{\\frac{1}{2}}"] * 2, ["0.5"] * 2) == [Verdict(1.0, "1/2")] * 2
     assert pool._workers == []
 
 
