@@ -140,3 +140,43 @@ def test_fingerprint_changes_with_the_weights_and_the_sampling(tmp_path: Path) -
     assert second["weights"] != first["weights"]
     cfg.generation.temperature = 0.7
     assert run_fingerprint(cfg, ["a", "b"], str(model), None)["sampling"] != second["sampling"]
+
+
+@pytest.mark.slow
+def test_killed_eval_resumes_to_the_same_file(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`sftkit eval` killed (SIGKILL) after some batches reached its JSONL: the same command
+    again generates only the rest and ends with the file an uninterrupted run writes."""
+    import signal
+    import time
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"input": p, "output": "7"}) + "\n"
+                            for p in mixed_prompts(12)))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+    def command(name: str) -> list[str]:
+        return [sys.executable, "-m", "sftkit.cli", "eval", f"generation.model_name={tiny_model_dir}",
+                f"data.data_path={data}", "generation.batch_size=1", "generation.max_new_tokens=48",
+                "generation.device=cpu", f"eval.generations_path={tmp_path / name}"]  # fmt: skip
+
+    whole = subprocess.run(command("whole.jsonl"), env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    path = tmp_path / "killed.jsonl"
+    proc = subprocess.Popen(command("killed.jsonl"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.is_file() and len(path.read_text().splitlines()) >= 1 + 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the eval finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(path.read_text().splitlines()) - 1
+    assert 3 <= done < 12
+    again = subprocess.run(command("killed.jsonl"), env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming: {done} of 12 prompts already generated" in again.stderr
+    assert path.read_text() == (tmp_path / "whole.jsonl").read_text()
+    rows = [json.loads(line)["index"] for line in path.read_text().splitlines()[1:]]
+    assert rows == list(range(12))  # one row per prompt, no duplicates
