@@ -72,6 +72,7 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
         "trust_remote_code": p.trust_remote_code,
         "attn_implementation": p.attn_implementation,
         "config_overrides": dict(p.hf_config_overrides or {}),
+        "dequantize": p.dequantize_base_checkpoint,  # gpt-oss's MXFP4 experts
     }
     # 1. load
     model = (build_meta_model if sharded else load_model)(p.model_name, **load_options)
