@@ -33,6 +33,7 @@ from sftkit.eval.generate import GenerationStream, generate_all
 from sftkit.eval.verify import MathEnv, VerifierPool, pass_at_k, score_groups
 
 logger = logging.getLogger("sftkit")
+GATHER_TIMEOUT_S = 6 * 3600.0  # ranks finish their shares within this of each other
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".distcp", ".pt")  # what a fingerprint reads
 
 SCORERS: dict[str, Callable[[str, str], bool]] = {
@@ -287,7 +288,9 @@ def main(argv: list[str]) -> int:
         from sftkit.lifecycle.launch import launch_ranks
 
         return launch_ranks(ranks, cfg.generation.device, ["eval", *argv])
-    env = init_distributed(cfg.generation.device)
+    # Ranks wait for each other only at the gather after generating their shares: one
+    # rank's share can run past torch's 10-minute NCCL default on a long benchmark.
+    env = init_distributed(cfg.generation.device, collective_timeout_s=GATHER_TIMEOUT_S)
     try:
         result = evaluate(cfg, env.rank, env.world_size, env.local_rank)
     finally:
