@@ -104,12 +104,13 @@ class GenerationStream:
 
     def _read(self, file: Path) -> dict[int, list[str]]:
         lines = file.read_text().splitlines()
-        if not lines:
-            return {}
         try:
-            header = json.loads(lines[0])
+            header = json.loads(lines[0]) if lines else {}
         except json.JSONDecodeError:
             header = {}
+        if len(lines) <= 1 and not header:  # killed while writing its header: start it again
+            file.unlink()
+            return {}
         if header.get("fingerprint") != self.fingerprint:
             raise ValueError(
                 f"{file} holds generations of another eval run (its header: {lines[0][:200]}); "
@@ -127,10 +128,15 @@ class GenerationStream:
     def append(self, rows: Iterable[tuple[int, list[str]]]) -> None:
         """Append one batch's rows and flush them to disk before the next batch starts."""
         self.own.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.own.is_file() or self.own.stat().st_size == 0
-        with self.own.open("a") as f:
+        size = self.own.stat().st_size if self.own.is_file() else 0
+        with self.own.open("a+b") as f:
+            if size:  # a line cut by a kill stays alone on its line (it is skipped on read)
+                f.seek(size - 1)
+                lead = b"" if f.read(1) == b"\n" else b"\n"
+            else:
+                lead = self.header().encode() + b"\n"
             text = "".join(json.dumps({"index": i, "samples": s}) + "\n" for i, s in rows)
-            f.write((self.header() + "\n" if new else "") + text)
+            f.write(lead + text.encode())
             f.flush()
 
     def finish(self, rows: dict[int, list[str]]) -> None:

@@ -180,3 +180,15 @@ def test_killed_eval_resumes_to_the_same_file(tiny_model_dir: Path, tmp_path: Pa
     assert path.read_text() == (tmp_path / "whole.jsonl").read_text()
     rows = [json.loads(line)["index"] for line in path.read_text().splitlines()[1:]]
     assert rows == list(range(12))  # one row per prompt, no duplicates
+
+
+def test_stream_skips_a_cut_line_and_keeps_rows_appended_after_it(tmp_path: Path) -> None:
+    path = tmp_path / "gens.jsonl"
+    stream = GenerationStream(path, {"run": 1})
+    stream.append([(0, ["a"])])
+    with path.open("a") as f:
+        f.write('{"index": 1, "samp')  # the kill came mid-write
+    stream.append([(2, ["c"])])
+    assert stream.done() == {0: ["a"], 2: ["c"]}
+    path.write_text('{"sftkit_eval_str')  # killed while writing the header
+    assert stream.done() == {} and not path.exists()
