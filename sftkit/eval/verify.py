@@ -34,7 +34,6 @@ from sftkit.eval import answer_parsing
 logger = logging.getLogger("sftkit")
 
 VERIFIER_TYPES = ("math", "english_multichoice", "multilingual_multichoice")
-USED_KEYS = ("verifier_type", "num_workers", "math_verify_impl")  # of env.math
 # math-verify's own signal timeouts add up to about 17 s (parse 5 + 5, verify 5, str 2);
 # past that the worker is stuck in code the signal cannot interrupt.
 ANSWER_TIMEOUT_S = 20.0
@@ -85,11 +84,6 @@ class MathEnv:
             raise ConfigError(
                 f"env.math.num_workers={workers!r} must be an integer >= 1.",
                 path="env.math.num_workers",
-            )
-        unused = {k: v for k, v in math_env.items() if k not in USED_KEYS and v is not None}
-        for key, value in unused.items():
-            logger.warning(
-                "sftkit eval ignores env.math.%s=%r: only the answer check is used", key, value
             )
         return cls(verifier_type=verifier, num_workers=workers)
 

@@ -16,6 +16,7 @@ from sftkit.eval.config import GenerationSection
 from sftkit.eval.generate import GenerationStream, batch_plan, generate_all
 
 REPO = Path(__file__).resolve().parents[3]
+QUICKSTART_EVAL = REPO / "examples" / "configs" / "evals" / "quickstart.yaml"  # local data
 WORDS = "one two three four five six seven eight nine ten".split()
 
 
@@ -109,7 +110,8 @@ def test_two_ranks_generate_what_one_does(tiny_model_dir: Path, tmp_path: Path) 
     for ranks in (1, 2):
         out = tmp_path / f"eval{ranks}.json"
         result = subprocess.run(
-            [sys.executable, "-m", "sftkit.cli", "eval", f"generation.model_name={tiny_model_dir}",
+            [sys.executable, "-m", "sftkit.cli", "eval", "--config", str(QUICKSTART_EVAL),
+             f"generation.model_name={tiny_model_dir}",
              f"data.data_path={data}", "generation.batch_size=3", "generation.max_new_tokens=4",
              "generation.device=cpu", f"cluster.gpus_per_node={ranks}", f"eval.save_path={out}",
              "eval.metric=pass@k",
@@ -155,7 +157,8 @@ def test_killed_eval_resumes_to_the_same_file(tiny_model_dir: Path, tmp_path: Pa
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
     def command(name: str) -> list[str]:
-        return [sys.executable, "-m", "sftkit.cli", "eval", f"generation.model_name={tiny_model_dir}",
+        return [sys.executable, "-m", "sftkit.cli", "eval", "--config", str(QUICKSTART_EVAL),
+                f"generation.model_name={tiny_model_dir}",
                 f"data.data_path={data}", "generation.batch_size=1", "generation.max_new_tokens=48",
                 "generation.device=cpu", f"eval.generations_path={tmp_path / name}"]  # fmt: skip
 
