@@ -106,6 +106,10 @@ class LoraConfig:
     dropout: float = doc(0.0, "dropout probability on the LoRA branch, in [0, 1)")
     dropout_position: str = doc("post", "pre: on the LoRA input | post: on the LoRA output")
     lora_A_init: str = doc("xavier", "xavier (normal) | uniform (kaiming)")
+    use_dora: bool = doc(
+        False,
+        "DoRA (PEFT's and Automodel's use_dora): a trained magnitude per output row times the normalised W + s B A; exported in PEFT's format",
+    )
     use_triton: bool = doc(True, "fused Triton kernels on GPU when tensor parallelism is off")
     lora_dtype: str = doc(
         "float32",

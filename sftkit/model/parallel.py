@@ -540,4 +540,4 @@ def materialize(model: nn.Module, device: torch.device) -> None:
 
 def is_lora_param(name: str) -> bool:
     """A LoRA parameter's name (`sftkit.model.lora`): initialised, not loaded from the base."""
-    return ".lora_A." in name or ".lora_B." in name
+    return ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name
