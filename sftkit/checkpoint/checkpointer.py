@@ -292,6 +292,8 @@ def resume_fingerprint(cfg: MasterConfig, tokenizer: Any, data: PreparedData) ->
     template = getattr(tokenizer, "chat_template", None) or ""
     lora = asdict(p.dtensor_cfg.lora_cfg)  # Megatron's peft is translated into it at load
     lora.pop("use_triton")
+    if not lora["target_experts"]:  # a later key: fingerprints written before it still match
+        lora.pop("target_experts")
     common = {
         # scrubbed: training_info.json is written as is (a URL password in a model path
         # must not reach it); both sides of the resume check are scrubbed alike

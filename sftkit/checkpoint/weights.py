@@ -19,6 +19,7 @@ from torch import nn
 from sftkit.checkpoint.layout import StepDir
 from sftkit.checkpoint.safe_load import dcp_load, load_state_file
 from sftkit.model.lora import lora_modules
+from sftkit.model.lora_experts import merge_expert_lora_state
 from sftkit.model.parallel import load_sharded_weights
 
 logger = logging.getLogger("sftkit")
@@ -224,6 +225,7 @@ def gather_hf(
             weight = state[f"{name}.weight"]
             delta = module.lora_scale * (b.float() @ a.float())
             state[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
+    merge_expert_lora_state(model, state, merge_lora)
     save_hf_state_dict(model, state, tokenizer, directory)
 
 

@@ -340,6 +340,18 @@ def _lora_problems(cfg: MasterConfig) -> list[tuple[str, str]]:
         problems.append(
             (f"{section}.dropout", f"{section}.dropout is {lora.dropout!r}; use a value in [0, 1).")
         )
+    key = "policy.dtensor_cfg.lora_cfg.target_experts"
+    if lora.target_experts and lora.dropout > 0:
+        problems.append((key, (
+            f"{key} is a weight delta, where dropout has no meaning (PEFT refuses it too): set "
+            f"{section}.dropout=0 or {key}=false."
+        )))  # fmt: skip
+    if lora.target_experts and cfg.policy.dtensor_cfg.tensor_parallel_size > 1:
+        problems.append((key, (
+            f"{key} does not split expert adapters over tensor-parallel ranks: set "
+            "policy.dtensor_cfg.tensor_parallel_size=1 (FSDP2 shards them) or "
+            f"{key}=false."
+        )))  # fmt: skip
     return problems
 
 
