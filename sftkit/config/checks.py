@@ -343,14 +343,16 @@ def _lora_problems(cfg: MasterConfig) -> list[tuple[str, str]]:
     key = "policy.dtensor_cfg.lora_cfg.target_experts"
     if lora.target_experts and lora.dropout > 0:
         problems.append((key, (
-            f"{key} is a weight delta, where dropout has no meaning (PEFT refuses it too): set "
-            f"{section}.dropout=0 or {key}=false."
-        )))  # fmt: skip
-    if lora.target_experts and cfg.policy.dtensor_cfg.tensor_parallel_size > 1:
-        problems.append((key, (
-            f"{key} does not split expert adapters over tensor-parallel ranks: set "
-            "policy.dtensor_cfg.tensor_parallel_size=1 (FSDP2 shards them) or "
+            f"{key} is true with dropout {lora.dropout}: an expert adapter is a weight delta, "
+            f"where dropout has no meaning (PEFT refuses it too); set {section}.dropout=0 or "
             f"{key}=false."
+        )))  # fmt: skip
+    d_tp = cfg.policy.dtensor_cfg.tensor_parallel_size
+    if lora.target_experts and d_tp > 1:
+        problems.append((key, (
+            f"{key} is true with tensor_parallel_size {d_tp}: expert adapters are not split "
+            "over tensor-parallel ranks; set policy.dtensor_cfg.tensor_parallel_size=1 (FSDP2 "
+            f"shards them) or {key}=false."
         )))  # fmt: skip
     return problems
 

@@ -4,6 +4,7 @@ metrics.jsonl has `train/aux_loss` and the expert load beside the NLL `train/los
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,51 @@ def test_router_loss_is_trained_logged_and_turned_off_by_the_recipe_key(
     assert row["train/aux_loss"] > 0
     assert row["train/moe/load_cv_max"] == max(row["train/moe/load_cv/layer_0"],
                                                row["train/moe/load_cv/layer_1"])  # fmt: skip
+
+
+EXPERT_LORA = ("policy.dtensor_cfg.lora_cfg.enabled=true", "policy.dtensor_cfg.lora_cfg.dim=4",
+               "++policy.dtensor_cfg.lora_cfg.target_experts=true",
+               "policy.dtensor_cfg.lora_cfg.match_all_linear=false",
+               "policy.dtensor_cfg.lora_cfg.target_modules=[q_proj,v_proj]",
+               "++policy.hf_config_overrides.attention_dropout=0.0",
+               "policy.optimizer.kwargs.lr=1e-2", "sft.max_num_steps=4", "sft.val_period=0")  # fmt: skip
+
+
+def test_lora_on_experts_trains_adapters_resumes_exactly_and_loads_in_peft(
+    small_run: SmallRun, qwen3_moe_dir: Path, tmp_path: Path
+) -> None:
+    from safetensors import safe_open
+
+    peft = pytest.importorskip("peft")
+    model = f"policy.model_name={qwen3_moe_dir}"
+    full = small_run.inprocess(tmp_path / "full", model, *EXPERT_LORA)
+    assert full.returncode == 0
+    rows = full.train_rows()
+    assert rows[4]["train/loss"] < rows[1]["train/loss"]
+    # A step checkpoint holds the adapters only, the experts' under their own names.
+    weights = full.checkpoint_dir / "step_2" / "policy" / "weights"
+    with safe_open(str(next(weights.glob("*.safetensors"))), "pt") as f:
+        keys = set(f.keys())  # noqa: SIM118 (not a dict)
+    assert "model.layers.1.mlp.experts.lora_B.down_proj" in keys
+    assert all(".lora_" in k for k in keys), sorted(keys)[:4]
+    # Resumed from step 2, steps 3 and 4 are the uninterrupted run's.
+    work = tmp_path / "resumed"
+    shutil.copytree(full.checkpoint_dir / "step_2", work / "ckpt" / "step_2")
+    resumed = small_run.inprocess(work, model, *EXPERT_LORA)
+    assert resumed.returncode == 0
+    got = resumed.train_rows()
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        assert got[step]["train/loss"] == rows[step]["train/loss"]
+        assert got[step]["train/grad_norm"] == rows[step]["train/grad_norm"]
+    # PEFT loads final_adapter onto the base with final_hf's (merged) logits.
+    base = transformers.AutoModelForCausalLM.from_pretrained(qwen3_moe_dir, dtype=torch.float32)
+    adapter = full.checkpoint_dir / "final_adapter"
+    loaded = peft.PeftModel.from_pretrained(base, adapter).eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(
+        full.checkpoint_dir / "final_hf", dtype=torch.float32
+    ).eval()
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got_logits = merged(input_ids=ids).logits, loaded(input_ids=ids).logits
+    torch.testing.assert_close(got_logits, want, rtol=1e-5, atol=1e-5)
