@@ -40,9 +40,19 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or by path
 from random_model import random_llama  # noqa: E402
 
-QWEN_TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, intermediate_size=96, num_experts=8,
-                 num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=512)
+QWEN_TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=96,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    max_position_embeddings=512,
+)
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-qwen3-moe": ("Qwen3MoeConfig", QWEN_TINY),
     "tiny-gpt-oss": ("GptOssConfig", dict(

@@ -371,6 +371,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
     for name in names:
         _inject(model.get_submodule(name), spec)  # type: ignore[arg-type]
     if spec.target_experts:
+
         def excluded(name: str) -> bool:
             return any(pattern_matches(p, name) for p in spec.exclude_modules)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +69,13 @@ def adapted_params(module: nn.Module) -> list[str]:
     return state.params
 
 
+def lora_pair(module: nn.Module, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+    """(A, B) of weight `name` of an adapted experts module."""
+    lora_A = cast(nn.ParameterDict, module.lora_A)
+    lora_B = cast(nn.ParameterDict, module.lora_B)
+    return lora_A[name], lora_B[name]
+
+
 def _in_out(module: nn.Module, shape: torch.Size) -> tuple[int, int]:
     # PEFT's rule (`ParamWrapper._get_in_out_features`): [E, out, in] unless `is_transposed`.
     transposed = bool(getattr(module, "is_transposed", False))
@@ -92,10 +99,12 @@ def _swap_in(module: nn.Module, args: Any) -> None:
     saved = {name: module._parameters[name] for name in state.params}
     state.saved.append(saved)
     for name, weight in saved.items():
-        A, B = module.lora_A[name], module.lora_B[name]
+        assert weight is not None
+        A, B = lora_pair(module, name)
         # A plain tensor in `_parameters` is what attribute access returns for this forward;
         # FSDP2 swaps its own (unsharded) parameters the same way, before this hook runs.
-        module._parameters[name] = effective_weight(weight, A, B, state.scale, state.transposed)  # type: ignore[assignment]
+        delta = effective_weight(weight, A, B, state.scale, state.transposed)
+        module._parameters[name] = delta  # type: ignore[assignment]
 
 
 def _swap_out(module: nn.Module, args: Any, output: Any) -> None:
@@ -157,9 +166,10 @@ def reset_expert_lora(model: nn.Module, init: str) -> None:
     """Initialise every expert LoRA (A per `init`, B = 0)."""
     for module in adapted_expert_modules(model).values():
         for pname in getattr(module, _STATE).params:
-            init_expert_lora_values(module.lora_A[pname], init)
+            A, B = lora_pair(module, pname)
+            init_expert_lora_values(A, init)
             with torch.no_grad():
-                module.lora_B[pname].zero_()
+                B.zero_()
 
 
 # --------------------------------------------------------------------------- PEFT format
@@ -194,7 +204,8 @@ def expert_lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for name, module in adapted_expert_modules(model).items():
         params = getattr(module, _STATE).params
         for pname, path in peft_keys(name, params).items():
-            a, b = to_peft(_full(module.lora_A[pname]).detach(), _full(module.lora_B[pname]).detach())
+            A, B = lora_pair(module, pname)
+            a, b = to_peft(_full(A).detach(), _full(B).detach())
             out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a
             out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b
     return out
@@ -206,7 +217,7 @@ def load_expert_lora_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None
         for name, module in adapted_expert_modules(model).items():
             params = getattr(module, _STATE).params
             for pname, path in peft_keys(name, params).items():
-                A, B = module.lora_A[pname], module.lora_B[pname]
+                A, B = lora_pair(module, pname)
                 a, b = from_peft(sd[f"{PEFT_PREFIX}{path}.lora_A.weight"],
                                  sd[f"{PEFT_PREFIX}{path}.lora_B.weight"], A.shape[0])  # fmt: skip
                 if a.shape != A.shape or b.shape != B.shape:
@@ -244,8 +255,8 @@ def merge_expert_lora(model: nn.Module) -> None:
             for pname in state.params:
                 w = module._parameters[pname]
                 assert w is not None
-                merged = effective_weight(w.float(), module.lora_A[pname].float(),
-                                          module.lora_B[pname].float(), state.scale,
+                A, B = lora_pair(module, pname)
+                merged = effective_weight(w.float(), A.float(), B.float(), state.scale,
                                           state.transposed)  # fmt: skip
                 w.copy_(merged.to(w.dtype))
         for handle in state.handles:

@@ -520,7 +520,7 @@ def init_lora_sharded(model: nn.Module, init: str, rng: torch.Tensor) -> None:
         # LoRA on experts (`apply_lora` draws them after the linear layers): whole A per weight
         for experts in lora_experts.adapted_expert_modules(model).values():
             for pname in lora_experts.adapted_params(experts):
-                a_param, b_param = experts.lora_A[pname], experts.lora_B[pname]
+                a_param, b_param = lora_experts.lora_pair(experts, pname)
                 full = torch.empty(a_param.shape, dtype=a_param.dtype)
                 lora_experts.init_expert_lora_values(full, init)
                 _local(a_param).copy_(full[_local_index(a_param)])
