@@ -76,7 +76,7 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
 LORA = dict(r=16, alpha=32.0)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 CASES = ["sftkit_full", "hf_full", "hf_eager_full", "sftkit_lora", "peft_lora", "peft_eager_lora"]
-CASE_TIMEOUT_S = 150.0
+CASE_TIMEOUT_S = {"gpu": 150.0, "tiny": 600.0}  # a hung case must not eat the budget
 
 
 def gpu_cases(sftkit_experts: str) -> list[dict[str, Any]]:
@@ -214,13 +214,13 @@ def time_mb(step: Any, device: Any, case: dict[str, Any], mb: int) -> dict[str, 
     losses = [step(kwargs, labels) for _ in range(case["warmup"])]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     losses += [step(kwargs, labels) for _ in range(case["steps"])]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"mb": mb, "tokens_per_s": mb * case["seq"] * case["steps"] / dt,
-            "step_s": dt / case["steps"], "peak_gib": peak_bytes(device) / 2**30,
+            "step_s": dt / case["steps"], "step_cpu_s": cpu / case["steps"], "peak_gib": peak_bytes(device) / 2**30,
             "losses": losses, "doc_len": doc_len}  # fmt: skip
 
 
@@ -286,27 +286,27 @@ def spawn(case: dict[str, Any], timeout: float) -> dict[str, Any]:
     return dict(json.loads(lines[-1]))
 
 
-def drive(cases: list[dict[str, Any]], out: Path, budget: float) -> None:
+def drive(cases: list[dict[str, Any]], out: Path, budget: float, timeout: float) -> None:
     start = time.monotonic()
     for case in cases:
         left = budget - (time.monotonic() - start)
         if left < 20:
             append(out, {**case, "error": "skipped: time budget spent"})
             continue
-        append(out, {**case, **spawn(case, min(left, CASE_TIMEOUT_S))})
+        append(out, {**case, **spawn(case, min(left, timeout))})
 
 
 def summarize(path: Path) -> str:
     rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    lines = ["| model | case | experts | mb | tokens/s | MFU | peak GiB | first loss |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| model | case | experts | mb | tokens/s | CPU s/step | MFU | peak GiB | first loss |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['case']} | | | error: {r['error'][:80]} | | | |")
+            lines.append(f"| {r['model']} | {r['case']} | | | error: {r['error'][:80]} | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         lines.append(f"| {r['model']} | {r['case']} | {r['experts']} | {r['mb']} | "
-                     f"{r['tokens_per_s']:,.0f} | {mfu} | {r['peak_gib']:.2f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['step_cpu_s']:.3f} | {mfu} | {r['peak_gib']:.2f} | "
                      f"{r['first_loss']:.4f} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -325,8 +325,11 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=None, help="--gpu: only these shapes")
     ap.add_argument("--sftkit-experts", default="grouped_mm",
                     help="experts implementation of the sftkit cases")  # fmt: skip
-    ap.add_argument("--budget", type=float, default=300.0, help="seconds for all cases")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for all cases (default 300 on GPU, 3600 tiny)")  # fmt: skip
     args = ap.parse_args()
+    if args.budget is None:
+        args.budget = 300.0 if args.gpu else 3600.0
     if args.run_case:
         print(json.dumps(run_case(json.loads(args.run_case))), flush=True)
     elif args.summarize:
@@ -339,7 +342,7 @@ def main() -> None:
                      and (args.models is None or c["model"] in args.models)]  # fmt: skip
         else:
             cases = tiny_cases(names)
-        drive(cases, args.out, args.budget)
+        drive(cases, args.out, args.budget, CASE_TIMEOUT_S["gpu" if args.gpu else "tiny"])
 
 
 if __name__ == "__main__":

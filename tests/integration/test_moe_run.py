@@ -112,3 +112,27 @@ def test_lora_on_experts_trains_adapters_resumes_exactly_and_loads_in_peft(
     with torch.no_grad():
         want, got_logits = merged(input_ids=ids).logits, loaded(input_ids=ids).logits
     torch.testing.assert_close(got_logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.heavy  # two gloo ranks and one process: minutes of CPU on 2 cores
+@pytest.mark.slow
+def test_lora_on_experts_under_fsdp2_matches_one_rank(
+    small_run: SmallRun, qwen3_moe_dir: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    more = (f"policy.model_name={qwen3_moe_dir}", *EXPERT_LORA, "checkpointing.save_period=0",
+            "policy.train_micro_batch_size=4")  # fmt: skip
+    one = small_run.inprocess(tmp_path / "one", *more)
+    two = small_run.subprocess(tmp_path / "two", *more, "cluster.gpus_per_node=2", timeout=600)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    rows_one, rows_two = one.train_rows(), two.train_rows()
+    assert sorted(rows_two) == [1, 2, 3, 4]
+    for step in rows_two:  # the experts' A and B are sharded on their expert dimension
+        for key in ("train/loss", "train/grad_norm"):
+            assert rows_two[step][key] == pytest.approx(rows_one[step][key], rel=1e-5)
+    for part in ("final_adapter/adapter_model.safetensors", "final_hf/model.safetensors"):
+        a, b = load_file(one.checkpoint_dir / part), load_file(two.checkpoint_dir / part)
+        assert sorted(a) == sorted(b)
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)

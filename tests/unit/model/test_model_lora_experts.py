@@ -179,3 +179,24 @@ def test_a_dense_model_and_dropout_are_refused() -> None:
         apply_lora(dense, spec())
     with pytest.raises(ValueError, match="dropout"):
         spec(dropout=0.1)
+
+
+@pytest.mark.parametrize("transform", ["checkpointing", "compile"])
+def test_gradients_are_the_same_under_checkpointing_and_compile(transform: str) -> None:
+    from sftkit.model.fused import compile_layers
+    from sftkit.model.parallel import apply_activation_checkpointing
+
+    grads = []
+    for wrapped in (False, True):
+        model = adapted("qwen3_moe").train()
+        if wrapped and transform == "checkpointing":
+            apply_activation_checkpointing(model, "full")
+        elif wrapped:
+            compile_layers(model, backend="eager")
+        model(input_ids=IDS, labels=IDS, use_cache=False).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        # the swap is undone: the experts hold their Parameters again
+        assert isinstance(model.model.layers[0].mlp.experts.gate_up_proj, nn.Parameter)
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
