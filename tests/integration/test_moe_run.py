@@ -119,9 +119,18 @@ def test_lora_on_experts_trains_adapters_resumes_exactly_and_loads_in_peft(
 def test_lora_on_experts_under_fsdp2_matches_one_rank(
     small_run: SmallRun, qwen3_moe_dir: Path, tmp_path: Path
 ) -> None:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
-    more = (f"policy.model_name={qwen3_moe_dir}", *EXPERT_LORA, "checkpointing.save_period=0",
+    # The base in transformers 5's fused layout: several ranks read weight blocks by the
+    # model's own names, and `save_pretrained` writes one tensor per expert instead.
+    fused = tmp_path / "fused"
+    shutil.copytree(qwen3_moe_dir, fused)
+    model = transformers.AutoModelForCausalLM.from_pretrained(qwen3_moe_dir, dtype=torch.float32)
+    tied = model.config.tie_word_embeddings
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (tied and k == "lm_head.weight")}  # fmt: skip
+    save_file(state, fused / "model.safetensors", metadata={"format": "pt"})
+    more = (f"policy.model_name={fused}", *EXPERT_LORA, "checkpointing.save_period=0",
             "policy.train_micro_batch_size=4")  # fmt: skip
     one = small_run.inprocess(tmp_path / "one", *more)
     two = small_run.subprocess(tmp_path / "two", *more, "cluster.gpus_per_node=2", timeout=600)
