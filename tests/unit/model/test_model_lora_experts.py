@@ -181,7 +181,8 @@ def test_a_dense_model_and_dropout_are_refused() -> None:
         spec(dropout=0.1)
 
 
-@pytest.mark.parametrize("transform", ["checkpointing", "compile"])
+# compile: dynamo traces the swap hooks (about 8 CPU seconds, hence `slow`)
+@pytest.mark.parametrize("transform", ["checkpointing", pytest.param("compile", marks=pytest.mark.slow)])
 def test_gradients_are_the_same_under_checkpointing_and_compile(transform: str) -> None:
     from sftkit.model.fused import compile_layers
     from sftkit.model.parallel import apply_activation_checkpointing
