@@ -182,7 +182,9 @@ def test_a_dense_model_and_dropout_are_refused() -> None:
 
 
 # compile: dynamo traces the swap hooks (about 8 CPU seconds, hence `slow`)
-@pytest.mark.parametrize("transform", ["checkpointing", pytest.param("compile", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "transform", ["checkpointing", pytest.param("compile", marks=pytest.mark.slow)]
+)
 def test_gradients_are_the_same_under_checkpointing_and_compile(transform: str) -> None:
     from sftkit.model.fused import compile_layers
     from sftkit.model.parallel import apply_activation_checkpointing
