@@ -294,6 +294,8 @@ def resume_fingerprint(cfg: MasterConfig, tokenizer: Any, data: PreparedData) ->
     lora.pop("use_triton")
     if not lora["target_experts"]:  # a later key: fingerprints written before it still match
         lora.pop("target_experts")
+    if not lora["use_dora"]:  # keys added later count only when set: older LoRA checkpoints
+        lora.pop("use_dora")  # resume as before
     common = {
         # scrubbed: training_info.json is written as is (a URL password in a model path
         # must not reach it); both sides of the resume check are scrubbed alike

@@ -55,6 +55,7 @@ def export_checkpoint(
         cfg.policy.model_name,
         trust_remote_code=cfg.policy.trust_remote_code,
         config_overrides=dict(cfg.policy.hf_config_overrides or {}),
+        dequantize=cfg.policy.dequantize_base_checkpoint,
     )
     spec = lora_spec_from_config(cfg.policy)
     if spec is not None:

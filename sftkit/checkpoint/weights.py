@@ -18,6 +18,7 @@ from torch import nn
 
 from sftkit.checkpoint.layout import StepDir
 from sftkit.checkpoint.safe_load import dcp_load, load_state_file
+from sftkit.model import dora
 from sftkit.model.lora import lora_modules
 from sftkit.model.lora_experts import merge_expert_lora_state
 from sftkit.model.parallel import load_sharded_weights
@@ -221,10 +222,14 @@ def gather_hf(
         return
     for name, module in lora_modules(model).items():
         a, b = state.pop(f"{name}.lora_A.weight"), state.pop(f"{name}.lora_B.weight")
+        m = state.pop(f"{name}.{dora.MAGNITUDE}.weight", None)
         if merge_lora:
             weight = state[f"{name}.weight"]
-            delta = module.lora_scale * (b.float() @ a.float())
-            state[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
+            if m is not None:
+                merged = dora.merged_weight(weight, a, b, module.lora_scale, m)
+            else:
+                merged = weight.float() + module.lora_scale * (b.float() @ a.float())
+            state[f"{name}.weight"] = merged.to(weight.dtype)
     merge_expert_lora_state(model, state, merge_lora)
     save_hf_state_dict(model, state, tokenizer, directory)
 

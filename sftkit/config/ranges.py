@@ -128,6 +128,7 @@ RANGES: dict[str, Range] = {
     "logger.gpu_monitoring.flush_interval": _real(0, 86400, "seconds", low_open=True),
     "cluster.gpus_per_node": _count("ranks per node", 1024),
     "cluster.num_nodes": _count("nodes", 2**16),
+    "cluster.collective_timeout_s": _count("seconds a collective may wait", 7 * 86400),
 }
 
 

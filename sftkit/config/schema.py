@@ -106,6 +106,10 @@ class LoraConfig:
     dropout: float = doc(0.0, "dropout probability on the LoRA branch, in [0, 1)")
     dropout_position: str = doc("post", "pre: on the LoRA input | post: on the LoRA output")
     lora_A_init: str = doc("xavier", "xavier (normal) | uniform (kaiming)")
+    use_dora: bool = doc(
+        False,
+        "DoRA (PEFT's and Automodel's use_dora): a trained magnitude per output row times the normalised W + s B A; exported in PEFT's format",
+    )
     use_triton: bool = doc(True, "fused Triton kernels on GPU when tensor parallelism is off")
     lora_dtype: str = doc(
         "float32",
@@ -209,7 +213,7 @@ class PolicyConfig:
     precision: str = doc("bfloat16", "compute dtype: float32 | bfloat16 | float16")
     offload_optimizer_for_logprob: bool = doc(False, "RL-only: offload optimizer during logprobs")
     dequantize_base_checkpoint: bool = doc(
-        False, "NeMo Automodel: dequantize (gpt-oss MXFP4) on load"
+        False, "load a gpt-oss MXFP4 checkpoint's experts dequantized (required for one)"
     )
     megatron_recipe: str | None = doc(None, "Megatron-Bridge recipe function (Megatron-only)")
     trust_remote_code: bool = doc(False, "run model code from the hub (off unless set)", nemo=False)
@@ -349,6 +353,12 @@ class ClusterConfig:
     master_port_range_low: int | None = doc(None, "Ray port range")
     master_port_range_high: int | None = doc(None, "Ray port range")
     device: str = doc("auto", "auto | cpu | cuda", nemo=False)
+    collective_timeout_s: int = doc(
+        600,
+        "seconds any collective (all-reduce, barrier) may wait for a rank before the job ends "
+        "naming the stalled rank (torch's own default: 30 min on gloo, 10 on NCCL)",
+        nemo=False,
+    )
 
 
 @dataclass
@@ -433,7 +443,6 @@ IGNORED_KEYS: dict[str, str] = {
         "packed microbatches run in the packer's order (largest_first is not implemented)"
     ),
     "policy.offload_optimizer_for_logprob": "RL-only (no logprob pass in SFT)",
-    "policy.dequantize_base_checkpoint": "weights load as transformers stores them",
     "policy.megatron_recipe": "Megatron-only",
     "policy.tokenizer.is_tokenizer_processor": "text-only: the tokenizer is an AutoTokenizer",
     "policy.dtensor_cfg.expert_parallel_size": "no expert parallelism: FSDP2 shards experts",

@@ -1,12 +1,12 @@
-"""Evaluate a trained model: generate for local prompts and score against references.
+"""Evaluate a trained model: generate for a benchmark's prompts and score the answers.
 
     uv run examples/run_eval.py [--config examples/configs/evals/eval.yaml] [overrides]
 
 `generation.model_name` may be an HF directory (`<checkpoint_dir>/final_hf`), a training
 checkpoint (`step_N`, or the checkpoint_dir for its newest: converted to HF on the fly,
 as NeMo RL's `convert_dcp_to_hf.py` would), a PEFT adapter directory (`final_adapter`,
-merged into its base model), or a hub id. Prompts are rendered with the training chat
-template and `prompt_file` / `system_prompt_file`, as the eval guide asks.
+merged into its base model), or a hub id. Prompts come from `sftkit.eval.benchmarks`
+(NeMo RL's benchmarks and processors, or local data) with the training chat template.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch
 
 from sftkit.checkpoint.layout import CheckpointLayout, StepDir
 from sftkit.config.schema import TokenizerConfig
-from sftkit.eval.config import EvalConfig, EvalDataSection, GenerationSection, load_eval_config
+from sftkit.eval.benchmarks import build_items, load_source, prompt_spec
+from sftkit.eval.config import EvalConfig, GenerationSection, load_eval_config
 
 logger = logging.getLogger("sftkit")
 
@@ -35,7 +36,13 @@ SCORERS: dict[str, Callable[[str, str], bool]] = {
     "contains": lambda pred, ref: ref.strip() in pred,
 }
 
-__all__ = ["evaluate", "load_eval_config", "main", "pass_at_k", "read_eval_rows"]
+QUICKSTART_HINT = (
+    " (no --config: this is NeMo RL's eval.yaml, Qwen2.5-Math-1.5B-Instruct on AIME 2024 from "
+    "the Hugging Face Hub; offline, score the quick start: uv run examples/run_eval.py --config "
+    "examples/configs/evals/quickstart.yaml)"
+)
+
+__all__ = ["evaluate", "load_eval_config", "main", "pass_at_k"]
 
 
 # -- model --------------------------------------------------------------------------------
@@ -101,7 +108,11 @@ def load_eval_tokenizer(cfg: EvalConfig, model_dir: str, adapter: str | None) ->
 
     from sftkit.data.tokenizer import resolve_chat_template
 
-    name = cfg.tokenizer.name or _tokenizer_dir(model_dir, adapter)
+    name = cfg.tokenizer.name
+    if name in (None, cfg.generation.model_name):
+        # NeMo RL's eval.yaml sets tokenizer.name: ${generation.model_name}: the model's own,
+        # which for a step_N or an adapter lives elsewhere than the path given
+        name = _tokenizer_dir(model_dir, adapter)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
@@ -128,42 +139,6 @@ def _tokenizer_dir(model_dir: str, adapter: str | None) -> str:
             if (candidate / "tokenizer_config.json").is_file():
                 return str(candidate)
     return model_dir
-
-
-# -- data and prompts -------------------------------------------------------------------
-def read_eval_rows(cfg: EvalDataSection) -> list[dict[str, Any]]:
-    """Rows of `data.data_path` (any format training reads); each needs both keys."""
-    from sftkit.data.datasets.files import read_rows
-    from sftkit.data.errors import DataError
-
-    rows = list(read_rows(cfg.data_path, split=cfg.split))
-    for row in rows:
-        for key in (cfg.problem_key, cfg.solution_key):
-            if row.get(key) is None:
-                raise DataError(
-                    str(row.get("_origin", cfg.data_path)),
-                    f"no {key!r} value (keys: {sorted(k for k in row if k != '_origin')}).",
-                    "set data.problem_key / data.solution_key to your columns.",
-                )
-    return rows[: cfg.max_samples] if cfg.max_samples else rows
-
-
-def build_prompts(cfg: EvalConfig, tokenizer: Any, rows: list[dict[str, Any]]) -> list[str]:
-    """Chat-templated prompts ending in the generation header, with BOS as training adds it."""
-    from sftkit.data.datasets.base import TaskDataSpec
-
-    spec = TaskDataSpec("eval", cfg.data.prompt_file, cfg.data.system_prompt_file)
-    kwargs = dict(cfg.tokenizer.chat_template_kwargs or {})
-    bos = tokenizer.bos_token
-    prompts = []
-    for row in rows:
-        messages = [{"role": "user", "content": str(row[cfg.data.problem_key])}]
-        messages = spec.apply({"messages": messages})["messages"]
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **kwargs
-        )
-        prompts.append(bos + text if bos and not text.startswith(bos) else text)
-    return prompts
 
 
 # -- generation and scoring -------------------------------------------------------------
@@ -238,33 +213,35 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Generate for every row and score it; the result is what `eval.save_path` receives."""
     t0 = time.monotonic()
     torch.manual_seed(cfg.eval.seed)
-    rows = read_eval_rows(cfg.data)
+    source = load_source(cfg)
+    spec = prompt_spec(cfg)
     with hf_model_dir(cfg.generation.model_name) as (model_dir, adapter):
         tokenizer = load_eval_tokenizer(cfg, model_dir, adapter)
-        prompts = build_prompts(cfg, tokenizer, rows)
+        items = build_items(source, spec, tokenizer)
         model = load_model(model_dir, adapter, cfg.generation.device)
     n = cfg.eval.num_tests_per_prompt
     limit = cfg.data.max_input_seq_length or 0
-    samples = generate(model, tokenizer, prompts, cfg.generation, n, limit)
+    samples = generate(model, tokenizer, [i.prompt for i in items], cfg.generation, n, limit)
     scores, generations = [], []
-    for row, group in zip(rows, samples, strict=True):
-        reference = str(row[cfg.data.solution_key])
+    for item, group in zip(items, samples, strict=True):
+        reference = item.reference
         value, first_right = score_prompt(group, reference, cfg.eval.metric, cfg.eval.k_value)
         scores.append(value)
-        entry = {"prompt": str(row[cfg.data.problem_key]), "generation": group[0],
+        entry = {"prompt": item.problem, "generation": group[0],
                  "reference": reference, "correct": first_right, "score": value}  # fmt: skip
         if n > 1:
             entry["samples"] = group
         generations.append(entry)
     return {
         "model": cfg.generation.model_name,
-        "dataset": cfg.data.data_path,
+        "dataset": source.name,
+        "verifier": source.verifier,
         "metric": cfg.eval.metric,
         "k": cfg.eval.k_value,
         "num_tests_per_prompt": n,
         "temperature": cfg.generation.temperature,
         "score": sum(scores) / max(len(scores), 1),
-        "num_samples": len(rows),
+        "num_samples": len(items),
         "seconds": round(time.monotonic() - t0, 2),
         "generations": generations,
     }
@@ -280,7 +257,17 @@ def main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     setup_logging()
     cfg = load_eval_config(args.config, overrides)
-    result = redact(evaluate(cfg))  # a model URL's password, a token in a generation
+    offline_if_unreachable(cfg)
+    try:
+        result = redact(evaluate(cfg))  # a model URL's password, a token in a generation
+    except Exception as err:
+        if (
+            args.config is None
+        ):  # NeMo RL's eval.yaml (hub model and benchmark): name the offline one
+            from sftkit.errors import add_usage_hint
+
+            add_usage_hint(err, QUICKSTART_HINT)
+        raise
     gen = cfg.generation
     sampling = "greedy" if gen.temperature == 0 else f"temperature {gen.temperature}"
     metric = result["metric"].replace("@k", f"@{cfg.eval.k_value}")
@@ -290,8 +277,43 @@ def main(argv: list[str]) -> int:
         f"samples, {result['seconds']}s)"
     ))  # fmt: skip
     if cfg.eval.save_path:
-        path = Path(cfg.eval.save_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-        print(f"saved {path}")
+        print(f"saved {save_result(result, cfg, Path(cfg.eval.save_path))}")
+    if cfg.logger.log_dir:
+        from sftkit.eval.track import log_to_run, metric_names
+
+        exp_dir = log_to_run(cfg.logger.log_dir, cfg.generation.model_name, metric_names(result))
+        print(f"logged to the run in {exp_dir}")
     return 0
+
+
+def offline_if_unreachable(cfg: EvalConfig) -> bool:
+    """Probe the hub once when the model, tokenizer or benchmark may come from it; offline
+    mode when unreachable, so a missing file fails in seconds, not after minutes of retries
+    (as `sftkit.hub.offline_if_unreachable` does for training)."""
+    from sftkit.hub import hub_offline, hub_reachable, may_use_hub, set_offline
+
+    data = cfg.data.data_path or cfg.data.dataset_name
+    names = [cfg.generation.model_name, cfg.tokenizer.name, data]
+    if hub_offline() or not may_use_hub(names) or hub_reachable():
+        return False
+    set_offline()
+    logger.info("The Hugging Face Hub is unreachable: using only locally cached files.")
+    return True
+
+
+def save_result(result: dict[str, Any], cfg: EvalConfig, path: Path) -> Path:
+    """`*.json`: one file, the score, the generations and the config (`config`); any other
+    path is a directory, as NeMo RL's save_path: `config.json` and `evaluation_data.json`."""
+    import dataclasses
+
+    from sftkit.log import redact
+
+    config = redact(dataclasses.asdict(cfg))
+    if path.suffix == ".json":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**result, "config": config}, indent=1))
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    (path / "evaluation_data.json").write_text(json.dumps(result, indent=1))
+    return path

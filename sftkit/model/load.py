@@ -13,6 +13,7 @@ from torch import nn
 
 from sftkit.model.attention import set_attention_implementation
 from sftkit.model.builtin import resolve_model_path
+from sftkit.model.mxfp4 import from_pretrained_options, plan_dequantize
 from sftkit.model.size_check import check_model_size
 
 logger = logging.getLogger("sftkit")
@@ -30,11 +31,13 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     config_overrides: dict[str, Any] | None = None,
+    dequantize: bool = False,
 ) -> nn.Module:
     """`AutoModelForCausalLM` from an HF id, a local directory or `sftkit:<builtin>`.
 
     Parameters stay in `param_dtype` (float32 master weights by default; compute precision
-    comes from autocast in the loop).
+    comes from autocast in the loop). `dequantize`: `policy.dequantize_base_checkpoint`
+    (`sftkit.model.mxfp4`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -44,6 +47,8 @@ def load_model(
         )
     path, config = model_config(model_name, trust_remote_code, config_overrides)
     kwargs: dict[str, Any] = {"config": config, "dtype": param_dtype}
+    if plan_dequantize(config, model_name, dequantize):
+        kwargs.update(from_pretrained_options())
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:

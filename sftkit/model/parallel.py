@@ -403,13 +403,17 @@ def build_meta_model(
     trust_remote_code: bool,
     attn_implementation: str | None,
     config_overrides: dict[str, Any],
+    dequantize: bool = False,
 ) -> nn.Module:
     """The HF model's architecture with parameters on the meta device (no weights read)."""
     from transformers import AutoModelForCausalLM
 
     from sftkit.model.load import keep_attention_softcap, model_config
+    from sftkit.model.mxfp4 import drop_quantization, plan_dequantize
 
     _, config = model_config(model_name, trust_remote_code, config_overrides)
+    if plan_dequantize(config, model_name, dequantize):  # read in load_sharded_weights
+        drop_quantization(config)
     if attn_implementation:
         config._attn_implementation = attn_implementation
     config.use_cache = False
@@ -471,6 +475,8 @@ def load_sharded_weights(
     """
     from safetensors import safe_open
 
+    from sftkit.model.mxfp4 import read_dequantized
+
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
     where = {key: h for h in handles for key in h.keys()}  # noqa: SIM118 (not a dict)
     aliases: dict[int, list[str]] = {}
@@ -481,8 +487,12 @@ def load_sharded_weights(
         if not select(name):
             continue
         key = next((n for n in aliases[id(param)] if n in where), None)
-        if key is None:
-            missing.append(name)
+        if key is None:  # gpt-oss's MXFP4 experts (`sftkit.model.mxfp4`), else missing
+            block = read_dequantized(where, name, _local_index(param), param.dtype)
+            if block is None:
+                missing.append(name)
+            else:
+                _local(param).copy_(block)
             continue
         _local(param).copy_(where[key].get_slice(key)[_local_index(param)])
     if missing:
@@ -539,4 +549,4 @@ def materialize(model: nn.Module, device: torch.device) -> None:
 
 def is_lora_param(name: str) -> bool:
     """A LoRA parameter's name (`sftkit.model.lora`): initialised, not loaded from the base."""
-    return ".lora_A." in name or ".lora_B." in name
+    return ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name

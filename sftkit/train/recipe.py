@@ -22,6 +22,12 @@ from sftkit.dist import DistEnv, init_distributed, shutdown_distributed
 from sftkit.errors import EXIT_FAILED, EXIT_REQUEUE
 from sftkit.lifecycle.lock import ensure_held, take_run_lock
 from sftkit.lifecycle.signals import Preempted, StopFlag, preempted_marker, write_preempted_marker
+from sftkit.lifecycle.stall import (
+    StalledRankError,
+    is_collective_timeout,
+    report_position,
+    stall_report,
+)
 from sftkit.log import (
     ConsoleReporter,
     Loggers,
@@ -201,7 +207,8 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
 
 def run_sft(cfg: MasterConfig) -> int:
     """The whole run; returns the process exit code (`sftkit.errors`' `EXIT_*`)."""
-    env = init_distributed(cfg.cluster.device, cfg.policy.dtensor_cfg)
+    timeout_s = cfg.cluster.collective_timeout_s
+    env = init_distributed(cfg.cluster.device, cfg.policy.dtensor_cfg, timeout_s)
     setup_logging(env.rank)
     install_redaction()
     c = cfg.checkpointing
@@ -215,6 +222,7 @@ def run_sft(cfg: MasterConfig) -> int:
         ckpt.check_writable(Path(c.checkpoint_dir), "checkpointing.checkpoint_dir")
         if env.is_main:
             ckpt.check_writable(Path(cfg.logger.log_dir), "logger.log_dir")
+        report_position(env, 0, "setup")
         lock = take_run_lock(Path(c.checkpoint_dir), c.take_over_lock, env)
         if env.is_main:
             preempted_marker(Path(c.checkpoint_dir)).unlink(missing_ok=True)
@@ -237,6 +245,10 @@ def run_sft(cfg: MasterConfig) -> int:
             "again (exit code %d)", signal.Signals(signalled.signum).name, EXIT_REQUEUE,
         )  # fmt: skip
         code = EXIT_REQUEUE
+    except Exception as err:
+        if is_collective_timeout(err):  # one line naming the stalled rank, not gloo's error
+            raise StalledRankError(stall_report(env, timeout_s)) from err
+        raise
     finally:
         stop.interrupt = False  # a signal from here on must not replace the outcome
         try:
