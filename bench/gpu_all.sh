@@ -19,8 +19,8 @@
 # 6. e2e     the real entry point on CUDA: bf16 + packing, LoRA, FP8, a few dozen steps
 # 6b. moe   bench/moe.py (issue 24): Qwen3-30B-A3B and gpt-oss-20b shapes cut to 4 layers,
 #           packed 4,096-token rows, full and LoRA (attention + experts): sftkit vs transformers'
-#           grouped_mm and eager experts, PEFT for LoRA; MOE_BUDGET (300 s: the 8 main cases; 480
-#           for the eager ones too), MOE_ARGS e.g. "--models qwen3-30b-a3b-4l"
+#           grouped_mm and eager experts, PEFT for LoRA; MOE_BUDGET (default 300 s; cases run
+#           most important first, eager last; not yet timed on a GPU), MOE_ARGS e.g. "--models ..."
 # 7. lora, fsdp   earlier issues' benches (bench/lora.py, bench/gpu_fsdp.py) if time is left
 # STEPS=sft,fp8 picks steps; SFT_ARGS / RECIPE_ARGS / FP8_ARGS / FULL8B_ARGS replace a step's
 # case list (e.g. SFT_ARGS="--cases liger,sftkit,hf --modes bf16,fp32_master").
