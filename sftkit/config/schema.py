@@ -271,6 +271,18 @@ class DataConfig:
     cache_dir: str | None = doc(
         None, "tokenized-data cache; null uses ~/.cache/sftkit/data", nemo=False
     )
+    cache_scope: str = doc(
+        "node",
+        "node | shared: on a cache miss one process per node prepares the data (cache_dir on "
+        "each node's own disk) or one in the whole run (a cache_dir every node sees); the "
+        "other ranks wait and map its entry",
+        nemo=False,
+    )
+    prepare_timeout_s: float = doc(
+        7200.0,
+        "seconds the other ranks wait for the preparing process before stopping the run",
+        nemo=False,
+    )
     max_row_chars: int | None = doc(
         None,
         "rows with more characters are dropped (and counted) before tokenizing; derived: "
@@ -408,6 +420,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.overlong_policy": ("truncate", "drop", "mask"),
     "data.reasoning": ("train", "mask", "drop_history"),
     "data.loss_mask": ("sftkit", "nemo_rl"),
+    "data.cache_scope": ("node", "shared"),
     "checkpointing.model_save_format": ("safetensors", "torch_save"),
     "checkpointing.resume_mismatch": ("error", "fresh", "stage"),
     "checkpointing.pretrained_checkpoint.format": ("megatron_bridge", "megatron_lm"),

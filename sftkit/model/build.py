@@ -76,7 +76,10 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
         "dequantize": p.dequantize_base_checkpoint,  # gpt-oss's MXFP4 experts
     }
     # 1. load
-    model = (build_meta_model if sharded else load_model)(p.model_name, **load_options)
+    if sharded:  # weights are read in step 8, block by block
+        model = build_meta_model(p.model_name, **load_options)
+    else:
+        model = load_model(p.model_name, **load_options, progress=env.is_main)
     # 2. fuse weights: nothing yet (fused QKV / gate-up projections would go here)
     # 3. LoRA
     spec = lora_spec_from_config(p)
@@ -128,7 +131,8 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
         d.cpu_offload,
     )
     materialize(model, torch.device("cpu") if d.cpu_offload else env.device)
-    load_sharded_weights(model, weight_files(p.model_name, env), lambda n: not is_lora_param(n))
+    files = weight_files(p.model_name, env)
+    load_sharded_weights(model, files, lambda n: not is_lora_param(n), progress=env.is_main)
     if spec is not None:
         init_lora_sharded(model, spec.lora_A_init, lora_rng)
         if spec.use_dora:  # m = ||W|| per row: after the base weights and B = 0

@@ -139,7 +139,7 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     """Tokenizer -> data -> checks -> resume pick -> model -> optimizer -> loggers -> resume."""
     seed_everything(cfg.sft.seed)
     tokenizer = load_tokenizer(cfg.policy)
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer, env)
     check_before_model(cfg, env, data)
     fingerprint = resume_fingerprint(cfg, tokenizer, data)
     resume_dir, new_stage = pick_resume_dir(cfg.checkpointing, fingerprint, env)
