@@ -404,6 +404,8 @@ def resume_fingerprint(cfg: MasterConfig, tokenizer: Any, data: PreparedData) ->
     template = getattr(tokenizer, "chat_template", None) or ""
     lora = asdict(p.dtensor_cfg.lora_cfg)  # Megatron's peft is translated into it at load
     lora.pop("use_triton")
+    if not lora["target_experts"]:  # a later key: fingerprints written before it still match
+        lora.pop("target_experts")
     if not lora["use_dora"]:  # keys added later count only when set: older LoRA checkpoints
         lora.pop("use_dora")  # resume as before
     common = {

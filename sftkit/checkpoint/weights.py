@@ -22,6 +22,7 @@ from sftkit.checkpoint.layout import StepDir
 from sftkit.checkpoint.safe_load import dcp_load, load_state_file
 from sftkit.model import dora
 from sftkit.model.lora import lora_modules
+from sftkit.model.lora_experts import merge_expert_lora_state
 from sftkit.model.parallel import load_sharded_weights
 
 logger = logging.getLogger("sftkit")
@@ -330,6 +331,7 @@ def gather_hf(
             else:
                 merged = weight.float() + module.lora_scale * (b.float() @ a.float())
             state[f"{name}.weight"] = merged.to(weight.dtype)
+    merge_expert_lora_state(model, state, merge_lora)
     save_hf_state_dict(model, state, tokenizer, directory)
 
 

@@ -119,6 +119,13 @@ class LoraConfig:
         "Megatron's peft.lora_dtype is translated into it",
         nemo=False,
     )
+    target_experts: bool = doc(
+        False,
+        "also adapt MoE experts' fused 3-D weights (gate_up_proj, down_proj: per-expert A and B, "
+        "W + scale * B @ A each forward); exported as PEFT's target_parameters (PEFT >= 0.17); "
+        "needs dropout 0 and tensor_parallel_size 1",
+        nemo=False,
+    )
 
 
 @dataclass

@@ -520,6 +520,7 @@ def init_lora_sharded(model: nn.Module, init: str, rng: torch.Tensor) -> None:
     """
     import math
 
+    from sftkit.model import lora_experts
     from sftkit.model.lora import lora_modules
 
     with torch.random.fork_rng(devices=[]):
@@ -534,6 +535,14 @@ def init_lora_sharded(model: nn.Module, init: str, rng: torch.Tensor) -> None:
                 nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
             _local(a_param).copy_(a.weight[_local_index(a_param)])
             _local(b_param).zero_()
+        # LoRA on experts (`apply_lora` draws them after the linear layers): whole A per weight
+        for experts in lora_experts.adapted_expert_modules(model).values():
+            for pname in lora_experts.adapted_params(experts):
+                a_param, b_param = lora_experts.lora_pair(experts, pname)
+                full = torch.empty(a_param.shape, dtype=a_param.dtype)
+                lora_experts.init_expert_lora_values(full, init)
+                _local(a_param).copy_(full[_local_index(a_param)])
+                _local(b_param).zero_()
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:
