@@ -21,6 +21,10 @@
 # 5. tests   tests/gpu (every CUDA test, `gpu` marker) and the kernel unit files beside it
 #            (varlen attention, fused kernels and loss, LoRA kernel, FP8, bf16 optimizer)
 # 6. e2e     the real entry point on CUDA: bf16 + packing, LoRA, FP8, a few dozen steps
+# 6b. moe   bench/moe.py (issue 24): Qwen3-30B-A3B and gpt-oss-20b shapes cut to 4 layers,
+#           packed 4,096-token rows, full and LoRA (attention + experts): sftkit vs transformers'
+#           grouped_mm and eager experts, PEFT for LoRA; MOE_BUDGET (default 300 s; cases run
+#           most important first, eager last; not yet timed on a GPU), MOE_ARGS e.g. "--models ..."
 # 7. lora, fsdp   earlier issues' benches (bench/lora.py, bench/gpu_fsdp.py) if time is left
 # STEPS=sft,fp8 picks steps; SFT_ARGS / RECIPE_ARGS / FP8_ARGS / FULL8B_ARGS replace a step's
 # case list (e.g. SFT_ARGS="--cases liger,sftkit,hf --modes bf16,fp32_master").
@@ -38,7 +42,7 @@ mkdir -p "$DEPS"
 for w in .wheels/*.whl; do python -m zipfile -e "$w" "$DEPS"; done
 tar -xzf .wheels/antlr4-python3-runtime-*.tar.gz -C /tmp && cp -r /tmp/antlr4-python3-runtime-*/src/antlr4 "$DEPS"/
 export PYTHONPATH=.:$DEPS
-STEPS=${STEPS:-sft,recipe,fp8,full8b,fp8conv,maxctx,qlora,tests,e2e,lora,fsdp,heavy}
+STEPS=${STEPS:-sft,recipe,fp8,full8b,fp8conv,maxctx,qlora,tests,e2e,moe,lora,fsdp,heavy}
 on() { [[ ",$STEPS," == *",$1,"* ]]; }
 {
   nvidia-smi --query-gpu=name,memory.total,power.limit,driver_version --format=csv
@@ -117,6 +121,13 @@ if on e2e && [ "$(left)" -gt 60 ]; then  # run dirs in /tmp: only the metrics co
   for run in full fp8 lora; do
     cp "/tmp/e2e/logs_$run/exp_001/metrics.jsonl" "$OUT/e2e_${run}_metrics.jsonl" 2>/dev/null
   done
+fi
+
+if on moe && [ "$(left)" -gt 90 ]; then
+  B=$(left); [ "$B" -gt "${MOE_BUDGET:-300}" ] && B=${MOE_BUDGET:-300}
+  timeout $(( B + 10 )) python bench/moe.py --gpu --budget "$(( B - 10 ))" ${MOE_ARGS:-} \
+    --out "$OUT/moe.jsonl" > "$OUT/moe.log" 2>&1
+  echo "exit $?" >> "$OUT/moe.log"
 fi
 
 if on lora && [ "$(left)" -gt 130 ]; then

@@ -11,13 +11,17 @@ from typing import Any
 import torch
 
 
-def random_llama(config: Any, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Any:
-    """An HF causal LM for `config` (a LlamaConfig) with random weights, in train mode."""
+def random_llama(config: Any, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                 **from_config: Any) -> Any:  # fmt: skip
+    """An HF causal LM for `config` (a LlamaConfig, or any decoder config with
+    `from_config` options such as `experts_implementation`) with random weights, in train
+    mode; SDPA attention unless `from_config` names another."""
     from transformers import AutoModelForCausalLM
 
     config.use_cache = False
+    options = {"attn_implementation": "sdpa", **from_config}
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **options)
     model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():

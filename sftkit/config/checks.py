@@ -340,6 +340,20 @@ def _lora_problems(cfg: MasterConfig) -> list[tuple[str, str]]:
         problems.append(
             (f"{section}.dropout", f"{section}.dropout is {lora.dropout!r}; use a value in [0, 1).")
         )
+    key = "policy.dtensor_cfg.lora_cfg.target_experts"
+    if lora.target_experts and lora.dropout > 0:
+        problems.append((key, (
+            f"{key} is true with dropout {lora.dropout}: an expert adapter is a weight delta, "
+            f"where dropout has no meaning (PEFT refuses it too); set {section}.dropout=0 or "
+            f"{key}=false."
+        )))  # fmt: skip
+    d_tp = cfg.policy.dtensor_cfg.tensor_parallel_size
+    if lora.target_experts and d_tp > 1:
+        problems.append((key, (
+            f"{key} is true with tensor_parallel_size {d_tp}: expert adapters are not split "
+            "over tensor-parallel ranks; set policy.dtensor_cfg.tensor_parallel_size=1 (FSDP2 "
+            f"shards them) or {key}=false."
+        )))  # fmt: skip
     problems += _dora_problems(cfg)
     return problems
 
@@ -355,8 +369,7 @@ def _dora_problems(cfg: MasterConfig) -> list[tuple[str, str]]:
     if d.tensor_parallel_size > 1:
         problems.append((key, f"{key}=true is not supported with tensor parallelism "
                               "(tensor_parallel_size > 1): use FSDP2 only, or use_dora=false."))  # fmt: skip
-    # getattr: `target_experts` (LoRA on MoE experts' fused weights) lands in a parallel change
-    if getattr(lora, "target_experts", False):
+    if lora.target_experts:
         problems.append((key, f"{key}=true does not apply to MoE experts: set "
                               "lora_cfg.target_experts=false, or use_dora=false."))  # fmt: skip
     if lora.dropout > 0 and lora.dropout_position == "post":

@@ -124,6 +124,7 @@ RANGES: dict[str, Range] = {
     "data.max_input_seq_length": _count("tokens per example", 2**24),
     "data.num_workers": Range(0, 4096, "tokenization worker processes"),
     "data.max_row_chars": _count("characters per row"),
+    "data.prepare_timeout_s": _real(0, 30 * 86400, "seconds", low_open=True),
     "logger.num_val_samples_to_print": Range(0, 2**20, "validation rows sampled"),
     "logger.val_sample_max_new_tokens": _count("new tokens per sample", 2**20),
     "logger.gpu_monitoring.collection_interval": _real(0, 86400, "seconds", low_open=True),

@@ -65,7 +65,9 @@ class CheckpointingConfig:
     save_optimizer: bool = doc(True, "include optimizer and scheduler state")
     model_save_format: str = doc("safetensors", "weights format inside checkpoints")
     save_consolidated: bool = doc(False, "also write an HF-loadable directory at each save")
-    is_async: bool = doc(False, "NeMo RL asynchronous finalisation (saves are synchronous here)")
+    is_async: bool = doc(
+        False, "save in the background: training goes on while a save is written (one at a time)"
+    )
     ft_save_period: int | None = doc(None, 'extra "fault tolerance" save period in steps')
     ft_keep_latest_k: int | None = doc(None, "always keep the latest k checkpoints")
     resume: bool = doc(
@@ -133,6 +135,13 @@ class LoraConfig:
         256,
         "NF4 scales per double-quantization block, at most (the largest divisor of a weight's "
         "block count up to this is used)",
+        nemo=False,
+    )
+    target_experts: bool = doc(
+        False,
+        "also adapt MoE experts' fused 3-D weights (gate_up_proj, down_proj: per-expert A and B, "
+        "W + scale * B @ A each forward); exported as PEFT's target_parameters (PEFT >= 0.17); "
+        "needs dropout 0 and tensor_parallel_size 1",
         nemo=False,
     )
 
@@ -282,6 +291,18 @@ class DataConfig:
     cache_dir: str | None = doc(
         None, "tokenized-data cache; null uses ~/.cache/sftkit/data", nemo=False
     )
+    cache_scope: str = doc(
+        "node",
+        "node | shared: on a cache miss one process per node prepares the data (cache_dir on "
+        "each node's own disk) or one in the whole run (a cache_dir every node sees); the "
+        "other ranks wait and map its entry",
+        nemo=False,
+    )
+    prepare_timeout_s: float = doc(
+        7200.0,
+        "seconds the other ranks wait for the preparing process before stopping the run",
+        nemo=False,
+    )
     max_row_chars: int | None = doc(
         None,
         "rows with more characters are dropped (and counted) before tokenizing; derived: "
@@ -423,6 +444,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.overlong_policy": ("truncate", "drop", "mask"),
     "data.reasoning": ("train", "mask", "drop_history"),
     "data.loss_mask": ("sftkit", "nemo_rl"),
+    "data.cache_scope": ("node", "shared"),
     "checkpointing.model_save_format": ("safetensors", "torch_save"),
     "checkpointing.resume_mismatch": ("error", "fresh", "stage"),
     "checkpointing.pretrained_checkpoint.format": ("megatron_bridge", "megatron_lm"),
@@ -512,7 +534,6 @@ IGNORED_KEYS: dict[str, str] = {
     "policy.megatron_cfg.optimizer": "Megatron-only (lr, betas, eps, weight decay, clip are used)",
     "policy.megatron_cfg.scheduler": "Megatron-only (the lr warmup and decay are used)",
     "policy.megatron_cfg.distributed_data_parallel_config": "Megatron-only",
-    "checkpointing.is_async": "saves are synchronous",
     "checkpointing.pretrained_checkpoint": "Megatron checkpoints are not loaded",
     "logger.swanlab_enabled": "no SwanLab sink",
     "cluster.segment_size": "Ray-only",

@@ -111,6 +111,8 @@ class EvalSection:
     k_value: int = 1  # k of pass@k / cons@k
     seed: int = 42  # sampling seed
     save_path: str | None = None  # JSON with score, metric, num_samples, generations
+    # JSONL of generations, appended per finished batch: a rerun resumes from it
+    generations_path: str | None = None
 
 
 @dataclass
@@ -121,7 +123,7 @@ class EvalConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     env: EnvSection = field(default_factory=EnvSection)
     logger: EvalLoggerSection = field(default_factory=EvalLoggerSection)
-    # NeMo RL's Ray cluster: nothing to do here
+    # NeMo RL's cluster: gpus_per_node data-parallel ranks on this node
     cluster: dict[str, Any] = field(default_factory=dict)
 
 
@@ -136,10 +138,9 @@ IGNORED: dict[str, str] = {
     "generation.val_temperature": "GRPO's validation sampling; eval samples with temperature",
     "generation.val_top_p": "GRPO's validation sampling; eval samples with top_p",
     "generation.val_top_k": "GRPO's validation sampling; eval samples with top_k",
-    "env.math.num_workers": "answers are checked in this process",
     "env.math.stop_strings": "generation.stop_strings cuts the generations",
-    "env.math.math_verify_impl": "one math-verify path: NeMo RL's default",
-    "cluster": "one process on generation.device",
+    "env.math.math_verify_impl": "hf_math_verify is the one path (dapo_math_verify is refused)",
+    "cluster": "cluster.gpus_per_node ranks generate on this node; the rest is unused",
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "eval.metric": METRICS,

@@ -11,9 +11,10 @@ merged into its base model), or a hub id. Prompts come from `sftkit.eval.benchma
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
+import os
 import tempfile
 import time
 from collections import Counter
@@ -26,10 +27,15 @@ import torch
 
 from sftkit.checkpoint.layout import CheckpointLayout, StepDir
 from sftkit.config.schema import TokenizerConfig
+from sftkit.dist import in_launcher, init_distributed, shutdown_distributed
 from sftkit.eval.benchmarks import build_items, load_source, prompt_spec
-from sftkit.eval.config import EvalConfig, GenerationSection, load_eval_config
+from sftkit.eval.config import EvalConfig, load_eval_config
+from sftkit.eval.generate import GenerationStream, generate_all
+from sftkit.eval.verify import MathEnv, VerifierPool, pass_at_k, score_groups
 
 logger = logging.getLogger("sftkit")
+GATHER_TIMEOUT_S = 6 * 3600.0  # ranks finish their shares within this of each other
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".distcp", ".pt")  # what a fingerprint reads
 
 SCORERS: dict[str, Callable[[str, str], bool]] = {
     "exact_match": lambda pred, ref: pred.strip() == ref.strip(),
@@ -83,7 +89,7 @@ def hf_model_dir(model_name: str) -> Iterator[tuple[str, str | None]]:
         yield model_name, None  # a hub id
 
 
-def load_model(model_dir: str, adapter: str | None, device: str) -> Any:
+def load_model(model_dir: str, adapter: str | None, device: str, local_rank: int = 0) -> Any:
     from transformers import AutoModelForCausalLM
 
     from sftkit.dist import pick_device
@@ -99,7 +105,7 @@ def load_model(model_dir: str, adapter: str | None, device: str) -> Any:
         from peft import PeftModel  # an optional dependency, only for adapter directories
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return model.to(pick_device(device, 0)).eval()
+    return model.to(pick_device(device, local_rank)).eval()
 
 
 def load_eval_tokenizer(cfg: EvalConfig, model_dir: str, adapter: str | None) -> Any:
@@ -142,61 +148,6 @@ def _tokenizer_dir(model_dir: str, adapter: str | None) -> str:
 
 
 # -- generation and scoring -------------------------------------------------------------
-@torch.no_grad()
-def generate(
-    model: Any, tokenizer: Any, prompts: list[str], cfg: GenerationSection, n: int, limit: int
-) -> list[list[str]]:
-    """`n` completions per prompt (greedy when temperature is 0), batched, left-padded."""
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    sampling = cfg.temperature > 0
-    eos = [tokenizer.eos_token_id, *(cfg.stop_token_ids or [])]
-    outputs: list[list[str]] = []
-    for start in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[start : start + cfg.batch_size]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-        if limit and enc["input_ids"].shape[1] > limit:
-            raise ValueError(
-                f"a prompt has {enc['input_ids'].shape[1]} tokens, more than "
-                f"data.max_input_seq_length={limit}; raise it or shorten the prompts."
-            )
-        enc = {k: v.to(device) for k, v in enc.items()}
-        out = model.generate(
-            **enc,
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=sampling,
-            temperature=cfg.temperature if sampling else None,
-            top_p=cfg.top_p if sampling else None,
-            top_k=(cfg.top_k if cfg.top_k > 0 else 0) if sampling else None,
-            num_return_sequences=n if sampling else 1,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=[i for i in eos if i is not None],
-        )
-        texts = tokenizer.batch_decode(
-            out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
-        )
-        texts = [_cut(t, cfg.stop_strings) for t in texts]
-        per = n if sampling else 1
-        for k in range(len(chunk)):
-            group = texts[k * per : (k + 1) * per]
-            outputs.append(group if sampling else group * n)  # greedy samples are identical
-    return outputs
-
-
-def _cut(text: str, stops: list[str] | None) -> str:
-    for stop in stops or []:
-        if stop and stop in text:
-            text = text[: text.index(stop)]
-    return text
-
-
-def pass_at_k(n: int, correct: int, k: int) -> float:
-    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
-    if n - correct < k:
-        return 1.0
-    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
-
-
 def score_prompt(samples: list[str], reference: str, metric: str, k: int) -> tuple[float, bool]:
     """(score of one prompt, whether its first sample is right)."""
     scorer = SCORERS["contains" if metric == "contains" else "exact_match"]
@@ -209,24 +160,43 @@ def score_prompt(samples: list[str], reference: str, metric: str, k: int) -> tup
     return sum(hits) / len(hits), hits[0]
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Generate for every row and score it; the result is what `eval.save_path` receives."""
+def evaluate(cfg: EvalConfig, rank: int = 0, world: int = 1, local_rank: int = 0) -> dict[str, Any]:
+    """Generate for every row and score it; the result is what `eval.save_path` receives.
+    With several ranks each generates a share; rank 0 scores all and returns the result,
+    the others return {}."""
     t0 = time.monotonic()
     torch.manual_seed(cfg.eval.seed)
     source = load_source(cfg)
     spec = prompt_spec(cfg)
+    math_env = MathEnv.from_env(cfg.env)  # a bad env.math fails before the model loads
     with hf_model_dir(cfg.generation.model_name) as (model_dir, adapter):
         tokenizer = load_eval_tokenizer(cfg, model_dir, adapter)
         items = build_items(source, spec, tokenizer)
-        model = load_model(model_dir, adapter, cfg.generation.device)
+        prompts = [i.prompt for i in items]
+        model = load_model(model_dir, adapter, cfg.generation.device, local_rank)
+        fingerprint = run_fingerprint(cfg, prompts, model_dir, adapter)
     n = cfg.eval.num_tests_per_prompt
     limit = cfg.data.max_input_seq_length or 0
-    samples = generate(model, tokenizer, [i.prompt for i in items], cfg.generation, n, limit)
-    scores, generations = [], []
-    for item, group in zip(items, samples, strict=True):
-        reference = item.reference
-        value, first_right = score_prompt(group, reference, cfg.eval.metric, cfg.eval.k_value)
-        scores.append(value)
+    path = cfg.eval.generations_path
+    stream = GenerationStream(Path(path), fingerprint, rank, world) if path else None
+    samples = generate_all(model, tokenizer, prompts, cfg.generation, n, limit,
+                           seed=cfg.eval.seed, stream=stream, rank=rank, world=world)  # fmt: skip
+    if rank != 0:
+        return {}
+    references = [item.reference for item in items]
+    timed_out = 0
+    if cfg.eval.metric in ("pass@k", "cons@k"):  # NeMo RL's metrics: its answer checks
+        with VerifierPool(source.verifier, math_env.num_workers) as pool:
+            checked = score_groups(pool, samples, references, cfg.eval.metric, cfg.eval.k_value)
+            timed_out = pool.timed_out
+        results = [(c.value, c.first_right) for c in checked]
+    else:
+        results = [score_prompt(g, r, cfg.eval.metric, cfg.eval.k_value)
+                   for g, r in zip(samples, references, strict=True)]  # fmt: skip
+    generations = []
+    for item, group, reference, (value, first_right) in zip(
+        items, samples, references, results, strict=True
+    ):
         entry = {"prompt": item.problem, "generation": group[0],
                  "reference": reference, "correct": first_right, "score": value}  # fmt: skip
         if n > 1:
@@ -240,10 +210,39 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "k": cfg.eval.k_value,
         "num_tests_per_prompt": n,
         "temperature": cfg.generation.temperature,
-        "score": sum(scores) / max(len(scores), 1),
+        "score": sum(v for v, _ in results) / max(len(results), 1),
         "num_samples": len(items),
+        "verify_timed_out": timed_out,  # answers whose check was killed (scored 0)
         "seconds": round(time.monotonic() - t0, 2),
         "generations": generations,
+    }
+
+
+def run_fingerprint(
+    cfg: EvalConfig, prompts: list[str], model_dir: str, adapter: str | None
+) -> dict[str, Any]:
+    """What makes a streamed generation reusable: the model (and its weight files' sizes
+    and times, so a retrained final_hf is not mistaken for the old one), the prompts and
+    the sampling settings."""
+    # The configured path, not model_dir: a step_N checkpoint is converted into a new
+    # temporary directory on every run.
+    local = Path(cfg.generation.model_name).expanduser()
+    roots = [local if local.exists() else Path(model_dir), *([Path(adapter)] if adapter else [])]
+    weights = sorted(
+        f"{file}:{file.stat().st_size}:{file.stat().st_mtime_ns}"
+        for root in roots if root.is_dir()
+        for file in root.rglob("*") if file.suffix in WEIGHT_SUFFIXES
+    )  # fmt: skip
+    gen = cfg.generation
+    return {
+        "model": gen.model_name,
+        "weights": hashlib.sha256("|".join(weights).encode()).hexdigest()[:16],
+        "prompts": hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:16],
+        "num_prompts": len(prompts),
+        "n": cfg.eval.num_tests_per_prompt,
+        "seed": cfg.eval.seed,
+        "sampling": [gen.temperature, gen.top_p, gen.top_k, gen.max_new_tokens],
+        "stop": [gen.stop_strings, gen.stop_token_ids],
     }
 
 
@@ -257,9 +256,22 @@ def main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     setup_logging()
     cfg = load_eval_config(args.config, overrides)
+    ranks = int(cfg.cluster.get("gpus_per_node", 1) or 1)
+    if int(cfg.cluster.get("num_nodes", 1) or 1) > 1:
+        raise ValueError(
+            f"cluster.num_nodes={cfg.cluster['num_nodes']}: sftkit eval generates on one node; "
+            "set cluster.num_nodes=1 and cluster.gpus_per_node to this node's GPUs."
+        )
     offline_if_unreachable(cfg)
+    if ranks > 1 and not in_launcher(os.environ):  # data-parallel: this node's ranks
+        from sftkit.lifecycle.launch import launch_ranks
+
+        return launch_ranks(ranks, cfg.generation.device, ["eval", *argv])
+    # Ranks wait for each other only at the gather after generating their shares: one
+    # rank's share can run past torch's 10-minute NCCL default on a long benchmark.
+    env = init_distributed(cfg.generation.device, collective_timeout_s=GATHER_TIMEOUT_S)
     try:
-        result = redact(evaluate(cfg))  # a model URL's password, a token in a generation
+        result = evaluate(cfg, env.rank, env.world_size, env.local_rank)
     except Exception as err:
         if (
             args.config is None
@@ -268,13 +280,21 @@ def main(argv: list[str]) -> int:
 
             add_usage_hint(err, QUICKSTART_HINT)
         raise
+    finally:
+        shutdown_distributed()
+    if not env.is_main:
+        return 0
+    result = redact(result)  # a model URL's password, a token in a generation
     gen = cfg.generation
     sampling = "greedy" if gen.temperature == 0 else f"temperature {gen.temperature}"
     metric = result["metric"].replace("@k", f"@{cfg.eval.k_value}")
+    timed_out = (
+        f", {result['verify_timed_out']} checks timed out" if result["verify_timed_out"] else ""
+    )
     print(scrub(
         f"model {result['model']} | data {result['dataset']} | {sampling}, max_new_tokens "
         f"{gen.max_new_tokens} | {metric} {result['score']:.4f} ({result['num_samples']} "
-        f"samples, {result['seconds']}s)"
+        f"samples{timed_out}, {result['seconds']}s)"
     ))  # fmt: skip
     if cfg.eval.save_path:
         print(f"saved {save_result(result, cfg, Path(cfg.eval.save_path))}")

@@ -93,8 +93,10 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
         files = weight_files(p.model_name, env)
         model, names = build_quantized_model(p.model_name, load_options, spec, quant, files,
                                              lora_rng)  # fmt: skip
+    elif sharded:
+        model = build_meta_model(p.model_name, **load_options)  # weights read in step 8
     else:
-        model = (build_meta_model if sharded else load_model)(p.model_name, **load_options)
+        model = load_model(p.model_name, **load_options, progress=env.is_main)
     # 2. fuse weights: nothing yet (fused QKV / gate-up projections would go here)
     # 3. LoRA
     if spec is not None and not qlora_load:
@@ -149,8 +151,9 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
         d.cpu_offload,
     )
     materialize(model, torch.device("cpu") if d.cpu_offload else env.device)
+    files = weight_files(p.model_name, env)
     dense = {n for n, t in model.named_parameters() if not is_lora_param(n) and not is_quantized(t)}
-    load_sharded_weights(model, weight_files(p.model_name, env), dense.__contains__)
+    load_sharded_weights(model, files, dense.__contains__, progress=env.is_main)
     if spec is not None:
         init_lora_sharded(model, spec.lora_A_init, lora_rng)
         if spec.use_dora:  # m = ||W|| per row: after the base weights and B = 0

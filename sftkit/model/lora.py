@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sftkit.model import dora
+from sftkit.model import dora, lora_experts
 from sftkit.model.load import DTYPES, lora_unsafe_leaves, moe_routers
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ class LoraSpec:
     lora_A_init: Literal["xavier", "uniform"] = "xavier"  # xavier normal | kaiming uniform
     use_triton: bool = True  # fused Triton kernels on CUDA (never under tensor parallelism)
     lora_dtype: torch.dtype = torch.float32  # adapter parameter dtype (uniform for FSDP)
+    target_experts: bool = False  # also MoE experts' fused 3-D weights (`lora_experts`)
     use_dora: bool = False  # DoRA: a trained magnitude per output row (`sftkit.model.dora`)
 
     def __post_init__(self) -> None:
@@ -73,10 +74,20 @@ class LoraSpec:
                 f"LoRA lora_A_init must be 'xavier' (normal) or 'uniform' (kaiming), "
                 f"got {self.lora_A_init!r}."
             )
+        if self.target_experts and self.dropout > 0:
+            raise ValueError(
+                "LoRA on experts is a weight delta, where dropout has no meaning (PEFT refuses "
+                "it too): set lora_cfg.dropout=0 or lora_cfg.target_experts=false."
+            )
         if self.use_dora and self.dropout > 0 and self.dropout_position == "post":
             raise ValueError(
                 "LoRA use_dora with dropout > 0 needs dropout_position 'pre' (PEFT's DoRA drops "
                 "the LoRA input; 'post' has no DoRA form); set lora_cfg.dropout_position=pre."
+            )
+        if self.use_dora and self.target_experts:
+            raise ValueError(
+                "LoRA use_dora does not apply to MoE experts' fused weights: set "
+                "lora_cfg.target_experts=false or use_dora=false."
             )
 
     @property
@@ -105,6 +116,7 @@ def lora_spec_from_config(policy_cfg: PolicyConfig) -> LoraSpec | None:
         lora_A_init=lcfg.lora_A_init,  # type: ignore[arg-type]
         use_triton=bool(lcfg.use_triton),
         lora_dtype=DTYPES[lcfg.lora_dtype],
+        target_experts=bool(lcfg.target_experts),
         use_dora=bool(lcfg.use_dora),
     )
 
@@ -388,6 +400,8 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
 
     Call before tensor parallelism / FSDP (DESIGN order). On a meta-device model the LoRA
     weights stay uninitialised: call `reset_lora_parameters(model, spec)` after `to_empty`.
+    With `spec.target_experts` the MoE experts' fused weights are adapted too, after the
+    linear layers (`lora_experts`; their names are not in the returned list).
     """
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise ValueError("apply_lora: the model already has LoRA layers; apply it once.")
@@ -396,6 +410,15 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
         dora.refuse_experts(names)
     for name in names:
         _inject(model.get_submodule(name), spec)  # type: ignore[arg-type]
+    if spec.target_experts:
+
+        def excluded(name: str) -> bool:
+            return any(pattern_matches(p, name) for p in spec.exclude_modules)
+
+        experts = lora_experts.apply_expert_lora(
+            model, spec.dim, spec.alpha, spec.lora_A_init, spec.lora_dtype, excluded
+        )
+        logger.info("lora: adapted the fused weights of %d experts modules", len(experts))
     for pname, param in model.named_parameters():
         param.requires_grad_(_is_lora_param(pname))
     model._sftkit_lora_spec = spec  # type: ignore[assignment]
@@ -411,6 +434,7 @@ def reset_lora_parameters(model: nn.Module, spec: LoraSpec) -> None:
     for module in model.modules():
         if isinstance(module, LoraLinear):
             module.reset_lora_parameters(spec.lora_A_init)
+    lora_experts.reset_expert_lora(model, spec.lora_A_init)
 
 
 def _is_lora_param(name: str) -> bool:
@@ -438,7 +462,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
         out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = _full(module.lora_B.weight).detach()
         if dora.has_dora(module):  # PEFT's key has no `.weight`
             out[f"{PEFT_PREFIX}{name}.{dora.MAGNITUDE}"] = _full(dora.magnitude(module)).detach()
-    return out
+    return out | lora_experts.expert_lora_state_dict(model)
 
 
 def load_lora_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
@@ -460,10 +484,12 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
         )
     with torch.no_grad():
         for key, value in given.items():
-            if params[key].shape != value.shape:
+            if key in params and params[key].shape != value.shape:
                 raise ValueError(f"LoRA weight {key}: shape {tuple(value.shape)} in the state "
                                  f"dict, {tuple(params[key].shape)} in the model; rank differs?")  # fmt: skip
-            params[key].copy_(value)
+            if key in params:
+                params[key].copy_(value)
+    lora_experts.load_expert_lora_state_dict(model, given)
 
 
 def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
@@ -502,6 +528,7 @@ def save_adapter(model: nn.Module, out_dir: Path, base_model_name_or_path: str,
         # only matters in training. sftkit_lora_config.json keeps the exact spec.
         "lora_dropout": spec.dropout,
         "target_modules": _peft_target_modules(model, names),
+        **_peft_target_parameters(model),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -515,9 +542,16 @@ def save_adapter(model: nn.Module, out_dir: Path, base_model_name_or_path: str,
     (out_dir / SFTKIT_LORA_CONFIG).write_text(json.dumps(exact, indent=2) + "\n")
 
 
+def _peft_target_parameters(model: nn.Module) -> dict[str, list[str]]:
+    # PEFT reads `target_parameters` from 0.17 on (pyproject's floor); absent without experts.
+    targets = lora_experts.peft_target_parameters(model)
+    return {"target_parameters": targets} if targets else {}
+
+
 def merge_lora(model: nn.Module) -> None:
     """In place: W += scale * B @ A (DoRA: `dora.merged_weight`), then restore plain linear
     layers (a normal HF model)."""
+    lora_experts.merge_expert_lora(model)
     for module in lora_modules(model).values():
         with torch.no_grad():
             if _is_nf4(module.weight):  # QLoRA: merge into the dequantized base

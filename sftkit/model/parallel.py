@@ -467,15 +467,20 @@ def _local(param: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def load_sharded_weights(
-    model: nn.Module, files: list[Path], select: Callable[[str], bool] = lambda _: True
+    model: nn.Module,
+    files: list[Path],
+    select: Callable[[str], bool] = lambda _: True,
+    progress: bool = False,
 ) -> None:
     """Copy each selected parameter's own block from safetensors `files`, reading only that
     block from disk: no rank ever holds a whole tensor it does not own.
 
     A tied parameter is found under any of its names. Raises when one is missing.
+    `progress`: report the bytes this rank has read (`Progress`).
     """
     from safetensors import safe_open
 
+    from sftkit.log.progress import Progress
     from sftkit.model.mxfp4 import read_dequantized
 
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
@@ -484,18 +489,21 @@ def load_sharded_weights(
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(name)
     missing = []
-    for name, param in model.named_parameters():
-        if not select(name):
-            continue
-        key = next((n for n in aliases[id(param)] if n in where), None)
-        if key is None:  # gpt-oss's MXFP4 experts (`sftkit.model.mxfp4`), else missing
-            block = read_dequantized(where, name, _local_index(param), param.dtype)
-            if block is None:
-                missing.append(name)
+    chosen = [(n, p) for n, p in model.named_parameters() if select(n)]
+    size = sum(_local(p).numel() * _local(p).element_size() for _, p in chosen)
+    with Progress("loading weights", size, "B", enabled=progress) as bar:
+        for name, param in chosen:
+            local = _local(param)
+            key = next((n for n in aliases[id(param)] if n in where), None)
+            if key is None:  # gpt-oss's MXFP4 experts (`sftkit.model.mxfp4`), else missing
+                block = read_dequantized(where, name, _local_index(param), param.dtype)
+                if block is None:
+                    missing.append(name)
+                else:
+                    local.copy_(block)
             else:
-                _local(param).copy_(block)
-            continue
-        _local(param).copy_(where[key].get_slice(key)[_local_index(param)])
+                local.copy_(where[key].get_slice(key)[_local_index(param)])
+            bar.update(local.numel() * local.element_size())
     if missing:
         raise ValueError(
             f"{files[0].parent} lacks {len(missing)} of the model's parameters, e.g. "
@@ -513,6 +521,7 @@ def init_lora_sharded(model: nn.Module, init: str, rng: torch.Tensor) -> None:
     """
     import math
 
+    from sftkit.model import lora_experts
     from sftkit.model.lora import lora_modules
 
     with torch.random.fork_rng(devices=[]):
@@ -527,6 +536,14 @@ def init_lora_sharded(model: nn.Module, init: str, rng: torch.Tensor) -> None:
                 nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
             _local(a_param).copy_(a.weight[_local_index(a_param)])
             _local(b_param).zero_()
+        # LoRA on experts (`apply_lora` draws them after the linear layers): whole A per weight
+        for experts in lora_experts.adapted_expert_modules(model).values():
+            for pname in lora_experts.adapted_params(experts):
+                a_param, b_param = lora_experts.lora_pair(experts, pname)
+                full = torch.empty(a_param.shape, dtype=a_param.dtype)
+                lora_experts.init_expert_lora_values(full, init)
+                _local(a_param).copy_(full[_local_index(a_param)])
+                _local(b_param).zero_()
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:

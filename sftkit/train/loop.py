@@ -125,8 +125,10 @@ def train(run: Run, stop: StopFlag | None = None) -> int:
                 report_position(env, step, "checkpoint save")
                 t_save = time.monotonic()
                 checkpointer.save(state, last=last_step or stopping)
-                deadline.last_save = time.monotonic() - t_save
-                run.loggers.log({"timing/train/checkpointing": deadline.last_save}, step)
+                paused = time.monotonic() - t_save  # an async save: copying the state only
+                # the deadline must leave room for a whole save, background part included
+                deadline.last_save = max(paused, checkpointer.save_seconds)
+                run.loggers.log({"timing/train/checkpointing": paused}, step)
             if stopping:
                 reason = stop.reason or "checkpointing.checkpoint_must_save_by"
                 saved = "after saving" if cfg.checkpointing.enabled else "WITHOUT a checkpoint"

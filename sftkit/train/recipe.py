@@ -139,10 +139,12 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     """Tokenizer -> data -> checks -> resume pick -> model -> optimizer -> loggers -> resume."""
     seed_everything(cfg.sft.seed)
     tokenizer = load_tokenizer(cfg.policy)
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer, env)
     check_before_model(cfg, env, data)
     fingerprint = resume_fingerprint(cfg, tokenizer, data)
-    resume_dir, new_stage = pick_resume_dir(cfg.checkpointing, fingerprint, env)
+    resume_dir, new_stage = pick_resume_dir(
+        cfg.checkpointing, fingerprint, env, cfg.cluster.collective_timeout_s
+    )
     model = build_model(cfg, env)
     optimizer = setup_optimizer(cfg, env, model)
     scheduler = build_scheduler(optimizer, cfg.policy.scheduler)
@@ -236,6 +238,9 @@ def run_sft(cfg: MasterConfig) -> int:
                 run.checkpointer.save_final(step, run.loggers.exp_dir)
                 curves_at_end(run.loggers.exp_dir)  # exp_NNN/curves.png (matplotlib: optional)
         finally:
+            # An async save in flight is finished before the run lock is released (a run
+            # that ended normally or stopped already waited for it: `save(last=True)`).
+            run.checkpointer.finish_in_flight()
             run.console.close()
             run.loggers.close()
         env.barrier()

@@ -57,6 +57,7 @@ def raw_lora_of(cfg: MasterConfig, use_triton: bool = True) -> dict[str, Any]:
     raw = asdict(cfg.policy.dtensor_cfg.lora_cfg)
     raw.pop("lora_dtype")
     raw.pop("use_dora")  # added after the legacy form: no old checkpoint holds it
+    raw.pop("target_experts")  # newer than the old form too
     for key in [k for k in raw if k.startswith("quantize_")]:  # keys newer than that form
         raw.pop(key)
     return raw | {"use_triton": use_triton}
@@ -150,3 +151,15 @@ def test_bad_lora_rank_fails_before_any_data_is_read(
     assert "policy.dtensor_cfg.lora_cfg.dim is 0" in capsys.readouterr().err
     assert prepared == [] and str(train) not in opened
     assert not (tmp_path / "ck").exists()  # nothing of the run was started
+
+
+def test_lora_on_experts_is_in_the_fingerprint_only_when_on() -> None:
+    lora = ["policy.dtensor_cfg.lora_cfg.enabled=true"]
+    off = resume_fingerprint(load_config(QUICKSTART, lora), None, DATA)
+    on = resume_fingerprint(
+        load_config(QUICKSTART, [*lora, "++policy.dtensor_cfg.lora_cfg.target_experts=true"]),
+        None,
+        DATA,
+    )
+    assert "target_experts" not in off["lora"]  # checkpoints written before the key resume
+    assert on["lora"]["target_experts"] is True

@@ -38,7 +38,9 @@ def test_automodel_cfg_is_dtensor_cfg(caplog: pytest.LogCaptureFixture) -> None:
     ):
         assert key in found and key in _warnings(caplog)
     # Acted on since gpt-oss's MXFP4 experts load dequantized (tests/unit/model/test_model_mxfp4.py).
-    assert cfg.policy.dequantize_base_checkpoint and "policy.dequantize_base_checkpoint" not in found
+    assert (
+        cfg.policy.dequantize_base_checkpoint and "policy.dequantize_base_checkpoint" not in found
+    )
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,11 @@ def test_megatron_peft_is_translated_into_lora_cfg_once(
         (["policy.dtensor_cfg.lora_cfg.enabled=true", "policy.dtensor_cfg.lora_cfg.dropout=1.0"],
          "policy.dtensor_cfg.lora_cfg.dropout"),
         (["policy.megatron_cfg.peft.dim=-4"], "policy.megatron_cfg.peft.dim"),
+        # LoRA on experts: a weight delta (no dropout), not split over tensor-parallel ranks
+        (["policy.dtensor_cfg.lora_cfg.enabled=true", "++policy.dtensor_cfg.lora_cfg.target_experts=true",
+          "policy.dtensor_cfg.lora_cfg.dropout=0.1"], "policy.dtensor_cfg.lora_cfg.target_experts"),
+        (["policy.dtensor_cfg.lora_cfg.enabled=true", "++policy.dtensor_cfg.lora_cfg.target_experts=true",
+          "policy.dtensor_cfg.tensor_parallel_size=2"], "policy.dtensor_cfg.lora_cfg.target_experts"),
     ],
 )  # fmt: skip
 def test_bad_lora_rank_and_dropout_fail_at_load(overrides: list[str], key: str) -> None:

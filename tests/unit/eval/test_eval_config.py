@@ -51,7 +51,7 @@ def test_ignored_settings_are_reported_with_their_reason(caplog) -> None:
         )
     assert "sftkit eval ignores 2 NeMo RL setting(s)" in caplog.text
     assert "generation.backend='hf': sftkit generates with transformers" in caplog.text
-    assert "cluster={'gpus_per_node': 8}: one process" in caplog.text
+    assert "cluster={'gpus_per_node': 8}: cluster.gpus_per_node ranks generate" in caplog.text
 
 
 # -- NeMo RL's eval configs ---------------------------------------------------------------
