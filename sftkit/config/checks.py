@@ -15,6 +15,7 @@ from typing import Any, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from sftkit.config.checks_qlora import qlora_problems
 from sftkit.config.compat import MEGATRON_HONOURED
 from sftkit.config.errors import ConfigError
 from sftkit.config.schema import (
@@ -307,7 +308,7 @@ def check_config(cfg: MasterConfig, sources: dict[str, str] | None = None) -> No
         problems.append((f"policy.{where}.fp8_cfg", f"policy.{where}.fp8_cfg.{fp8_error}."))
     problems += choice_problems(cfg, CHOICES)
     problems += _optimizer_number_problems(policy.optimizer)
-    problems += _lora_problems(cfg) + _qlora_problems(cfg)
+    problems += _lora_problems(cfg) + qlora_problems(cfg)
     shape_ok = True
     for name in ("train", "validation"):
         message = _dataset_shape_error(f"data.{name}", getattr(cfg.data, name))
@@ -375,31 +376,6 @@ def _dora_problems(cfg: MasterConfig) -> list[tuple[str, str]]:
     if lora.dropout > 0 and lora.dropout_position == "post":
         problems.append((key, f"{key}=true with dropout > 0 needs lora_cfg.dropout_position=pre "
                               "(PEFT's DoRA drops the LoRA input; 'post' has no DoRA form)."))  # fmt: skip
-    return problems
-
-
-def _qlora_problems(cfg: MasterConfig) -> list[tuple[str, str]]:
-    """`quantize_base` (QLoRA) needs LoRA, whole linear layers and no FP8: NF4 weights are
-    frozen, and neither torchao's Float8Linear nor the DTensor TP plan take an NF4 weight."""
-    d, meg = cfg.policy.dtensor_cfg, cfg.policy.megatron_cfg.enabled
-    lora = d.lora_cfg
-    if lora.quantize_base is None:
-        return []
-    section = "policy.megatron_cfg.peft" if meg else "policy.dtensor_cfg.lora_cfg"
-    key = f"{section}.quantize_base"
-    why = {
-        "LoRA is off (quantize only frozen base weights): set lora_cfg.enabled=true or "
-        "quantize_base=null": not lora.enabled,
-        "is not supported with tensor_parallel_size > 1 (an NF4 weight cannot be split by the "
-        "TP plan): set one of them to 1 / null": d.tensor_parallel_size > 1,
-        "is not supported with fp8_cfg.enabled (both replace the base linear weights): "
-        "disable one": d.fp8_cfg.enabled,
-    }
-    problems = [(key, f"{key}={lora.quantize_base!r}: {text}.") for text, bad in why.items() if bad]
-    block = lora.quantize_block_size
-    if not isinstance(block, bool) and isinstance(block, int) and block % 2:
-        problems.append((f"{section}.quantize_block_size", f"{section}.quantize_block_size is "
-                         f"{block}; NF4 packs two weights a byte, so use an even size, e.g. 64."))  # fmt: skip
     return problems
 
 
