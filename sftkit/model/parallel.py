@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sftkit.dist import DistEnv
 from sftkit.model.load import decoder_layers
+from sftkit.model.moe import expert_modules, per_expert_reader
 
 logger = logging.getLogger("sftkit")
 
@@ -125,12 +126,20 @@ def _offload_context(args: tuple[Any, ...]) -> Any:
 
 
 def apply_fsdp(
-    model: nn.Module, dp_mesh: Any, param_dtype: torch.dtype | None, cpu_offload: bool
+    model: nn.Module,
+    dp_mesh: Any,
+    param_dtype: torch.dtype | None,
+    cpu_offload: bool,
+    experts: tuple[Any, int] | None = None,
 ) -> None:
     """`fully_shard` each decoder layer, then the root (embeddings, final norm, lm_head).
 
     Parameters stay as loaded (float32 masters unless `bf16_params`); FSDP all-gathers them
     in `param_dtype` and reduce-scatters gradients in float32, averaging over ranks.
+    `experts` (EP: the experts' FSDP mesh and the run's gradient divide factor): each
+    expert-parallel experts module is its own FSDP2 unit over that mesh, first. Its
+    gradients already sum the tokens of the whole "ep" group (the all-to-all's backward),
+    so they are divided by every data-parallel rank, as the dense ones are averaged.
     """
     from torch.distributed.fsdp import (
         CPUOffloadPolicy,
@@ -144,6 +153,12 @@ def apply_fsdp(
         "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
         "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
     }
+    if experts is not None:
+        expert_mesh, divide = experts
+        for _, module in expert_modules(model):
+            if hasattr(module, "_sftkit_ep"):
+                fully_shard(module, **{**options, "mesh": expert_mesh})
+                module.set_gradient_divide_factor(float(divide))  # type: ignore[operator]
     for layer in decoder_layers(model):
         fully_shard(layer, **options)
     fully_shard(model, **options)
@@ -481,10 +496,12 @@ def load_sharded_weights(
         if not select(name):
             continue
         key = next((n for n in aliases[id(param)] if n in where), None)
-        if key is None:
+        if key is not None:
+            _local(param).copy_(where[key].get_slice(key)[_local_index(param)])
+        elif (read := per_expert_reader(model, name, where)) is not None:
+            _local(param).copy_(read(_local_index(param)))
+        else:
             missing.append(name)
-            continue
-        _local(param).copy_(where[key].get_slice(key)[_local_index(param)])
     if missing:
         raise ValueError(
             f"{files[0].parent} lacks {len(missing)} of the model's parameters, e.g. "

@@ -32,8 +32,9 @@ def test_automodel_cfg_is_dtensor_cfg(caplog: pytest.LogCaptureFixture) -> None:
     assert d.expert_parallel_size == 2 and d.automodel_kwargs["backend"]["attn"] == "sdpa"
     assert cfg.policy.make_sequence_length_divisible_by == 1  # ${policy.automodel_cfg...}
     found = ignored_settings(cfg)
+    # expert_parallel_size now acts (expert parallelism): no longer reported as ignored
+    assert "policy.dtensor_cfg.expert_parallel_size" not in found
     for key in (
-        "policy.dtensor_cfg.expert_parallel_size",
         "policy.dequantize_base_checkpoint",
         "policy.dynamic_batching.logprob_mb_tokens",
     ):
