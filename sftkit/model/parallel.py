@@ -159,6 +159,9 @@ def apply_fsdp(
             if hasattr(module, "_sftkit_ep"):
                 fully_shard(module, **{**options, "mesh": expert_mesh})
                 module.set_gradient_divide_factor(float(divide))  # type: ignore[operator]
+                # a custom factor is NCCL's PREMUL_SUM, which gloo lacks ("Cannot use
+                # ReduceOp.PREMUL_SUM with Gloo"): divide before and after a plain sum
+                module.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
     for layer in decoder_layers(model):
         fully_shard(layer, **options)
     fully_shard(model, **options)

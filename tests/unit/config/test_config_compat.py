@@ -113,6 +113,22 @@ def test_disabled_dtensor_parallel_sizes_are_not_read() -> None:
     assert load_config(OLDER, on).policy.dtensor_cfg.tensor_parallel_size == 4
 
 
+def test_expert_parallel_sizes_are_read() -> None:
+    """dtensor_cfg's EP size acts; with Megatron enabled its EP size is the run's (one line
+    when both are set and differ); a disabled dtensor_cfg's is not read."""
+    on = ["policy.dtensor_cfg.expert_parallel_size=4"]
+    assert load_config(OLDER, on).policy.dtensor_cfg.expert_parallel_size == 4
+    off = ["policy.dtensor_cfg.enabled=false", *on]
+    assert load_config(OLDER, off).policy.dtensor_cfg.expert_parallel_size == 1
+    meg = ["policy.megatron_cfg.expert_model_parallel_size=8"]
+    assert load_config(MEGATRON, meg).policy.dtensor_cfg.expert_parallel_size == 8
+    assert "policy.megatron_cfg.expert_model_parallel_size" not in ignored_settings(
+        load_config(MEGATRON, meg)
+    )
+    with pytest.raises(ConfigError, match="expert_model_parallel_size=8 and policy.dtensor_cfg.exp"):
+        load_config(MEGATRON, [*meg, "policy.dtensor_cfg.enabled=true", *on])
+
+
 def test_megatron_optimizer_is_translated(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="sftkit"):
         cfg = load_config(MEGATRON)
