@@ -135,9 +135,7 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
         return model
     # 8. FSDP2, then allocate this rank's shards and read them from the weight files
     compute = DTYPES[p.precision]
-    experts = None
-    if env.dims.ep > 1:
-        experts = (env.dims.expert_fsdp_mesh(env.device.type), env.dims.gradient_divide_factor)
+    experts = env.dims.expert_fsdp_mesh(env.device.type) if env.dims.ep > 1 else None
     apply_fsdp(
         model,
         env.dims.fsdp_mesh(env.device.type),

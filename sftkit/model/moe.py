@@ -16,6 +16,13 @@ regrouped by local expert, run through `grouped_experts`, sent back with the inv
 all-to-all and weighted and summed per token (`index_add`). No token is dropped (no
 capacity factor), so the result is one process's up to float summation order. The
 routing weights are applied on the token's own rank, so the router's gradient stays local.
+
+Gradients: an expert's gradient on its rank already sums the tokens of the whole "ep"
+group (the all-to-all's backward brings them), so it is divided by ep here and FSDP2's
+average over "efsdp" (x "dp_replicate") finishes the division by every data-parallel rank,
+as the dense weights' average over all of them does. (FSDP2's own
+`set_gradient_divide_factor` is not used: it needs NCCL's PREMUL_SUM, which gloo lacks, and
+with `set_force_sum_reduction_for_comms` torch 2.15 divides twice on a one-rank mesh.)
 """
 
 from __future__ import annotations
@@ -85,12 +92,17 @@ def grouped_experts(module: Any, x: Tensor, experts: Tensor, counts: Tensor) -> 
     a parametrization on them (LoRA's delta) applies."""
     offsets = torch.cumsum(counts, 0, dtype=torch.int32).to(x.device)
     transposed = bool(module.is_transposed)
+    scale = float(getattr(module, "_sftkit_grad_scale", 1.0))
+
+    def weight(name: str) -> Tensor:
+        w = _local(getattr(module, name))
+        return _ScaleGrad.apply(w, scale) if scale != 1.0 else w
 
     def linear(h: Tensor, name: str) -> Tensor:
-        w = _local(getattr(module, name))
+        w = weight(name)
         out = grouped_mm(h.to(w.dtype), w if transposed else w.transpose(-2, -1), counts, offsets)
         if module.has_bias:
-            out = out + _local(getattr(module, f"{name}_bias"))[experts]
+            out = out + weight(f"{name}_bias")[experts]
         return out
 
     if module.has_gate:
@@ -124,6 +136,19 @@ def _combine(out: Tensor, order: Tensor, weights: Tensor, top_k: int, hidden: Te
 
 
 # ----------------------------------------------------------------------------- expert parallel
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale` (EP's 1 / ep, module doc)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
 
 
 class _AllToAll(torch.autograd.Function):
@@ -203,6 +228,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: Any) -> int:
                                     shape=param.shape, stride=param.stride())  # fmt: skip
             setattr(module, pname, nn.Parameter(dt, requires_grad=param.requires_grad))
         module._sftkit_ep, module._sftkit_ep_group = ep, ep_mesh.get_group()
+        module._sftkit_grad_scale = 1.0 / ep
         module.forward = types.MethodType(ep_experts_forward, module)
     return len(modules)
 

@@ -130,16 +130,15 @@ def apply_fsdp(
     dp_mesh: Any,
     param_dtype: torch.dtype | None,
     cpu_offload: bool,
-    experts: tuple[Any, int] | None = None,
+    expert_mesh: Any = None,
 ) -> None:
     """`fully_shard` each decoder layer, then the root (embeddings, final norm, lm_head).
 
     Parameters stay as loaded (float32 masters unless `bf16_params`); FSDP all-gathers them
     in `param_dtype` and reduce-scatters gradients in float32, averaging over ranks.
-    `experts` (EP: the experts' FSDP mesh and the run's gradient divide factor): each
-    expert-parallel experts module is its own FSDP2 unit over that mesh, first. Its
-    gradients already sum the tokens of the whole "ep" group (the all-to-all's backward),
-    so they are divided by every data-parallel rank, as the dense ones are averaged.
+    `expert_mesh` (EP: "efsdp", with "dp_replicate" for HSDP): each expert-parallel experts
+    module is its own FSDP2 unit over it, first (`model/moe.py` already divides its
+    gradients by ep, so averaging over this mesh divides by every data-parallel rank).
     """
     from torch.distributed.fsdp import (
         CPUOffloadPolicy,
@@ -153,15 +152,10 @@ def apply_fsdp(
         "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
         "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
     }
-    if experts is not None:
-        expert_mesh, divide = experts
+    if expert_mesh is not None:
         for _, module in expert_modules(model):
             if hasattr(module, "_sftkit_ep"):
                 fully_shard(module, **{**options, "mesh": expert_mesh})
-                module.set_gradient_divide_factor(float(divide))  # type: ignore[operator]
-                # a custom factor is NCCL's PREMUL_SUM, which gloo lacks ("Cannot use
-                # ReduceOp.PREMUL_SUM with Gloo"): divide before and after a plain sum
-                module.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
     for layer in decoder_layers(model):
         fully_shard(layer, **options)
     fully_shard(model, **options)

@@ -37,8 +37,8 @@ def check(family: str, rank: int, mesh: object) -> None:
     reference = dict(ref.named_parameters())
     for name, param in block.named_parameters():
         grad = param.grad
-        if hasattr(grad, "full_tensor"):  # an expert: this rank's experts saw every token
-            grad = grad.full_tensor()
+        if hasattr(grad, "full_tensor"):  # an expert: this rank's experts saw every token,
+            grad = grad.full_tensor() * 2  # divided by ep (FSDP2's average divides the rest)
         else:  # the router: each rank's tokens, summed as data parallelism would
             dist.all_reduce(grad)
         torch.testing.assert_close(grad, reference[name].grad, rtol=1e-5, atol=1e-6, msg=name)

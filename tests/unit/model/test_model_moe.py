@@ -91,6 +91,31 @@ def test_expert_modules_finds_transformers_fused_experts() -> None:
     assert moe.expert_modules(nn.Linear(2, 2)) == []
 
 
+def test_per_expert_files_read_into_fused_blocks(tmp_path: Path) -> None:
+    """transformers writes Qwen3-MoE's experts one matrix per expert; a rank's block of the
+    fused `gate_up_proj`/`down_proj` is read from those keys, only its experts loaded."""
+    from safetensors import safe_open
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path)
+    handle = safe_open(str(tmp_path / "model.safetensors"), framework="pt", device="cpu")
+    where = {key: handle for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in where  # stored per expert
+    experts = model.model.layers[0].mlp.experts
+    for name in ("gate_up_proj", "down_proj"):
+        read = moe.per_expert_reader(model, f"model.layers.0.mlp.experts.{name}", where)
+        assert read is not None
+        block = (slice(2, 4), slice(3, 7), slice(0, 8))  # experts 2-3, some rows, some columns
+        torch.testing.assert_close(read(block), getattr(experts, name).detach()[block])
+    assert moe.per_expert_reader(model, "model.layers.0.self_attn.q_proj.weight", where) is None
+
+
 WORKER = Path(__file__).with_name("ep_worker.py")
 
 
