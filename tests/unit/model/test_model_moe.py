@@ -123,7 +123,8 @@ WORKER = Path(__file__).with_name("ep_worker.py")
 def test_ep_experts_match_one_process(tmp_path: Path) -> None:
     """2 gloo ranks, each with its own tokens and half the experts: outputs, input and
     router gradients equal one process's; expert gradients (summed over the ranks' tokens
-    by the all-to-all's backward) equal one process's on the whole batch."""
+    by the all-to-all's backward, divided by ep) times ep equal one process's on the whole
+    batch."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(WORKER)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
