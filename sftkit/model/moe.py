@@ -251,12 +251,7 @@ def per_expert_reader(model: nn.Module, name: str, where: dict[str, Any]) -> Rea
     stem, sources, renames = found
 
     def key(pattern: str, expert: int) -> str | None:
-        candidate = stem + pattern.replace("*", str(expert))
-        for new, old in [(candidate, candidate), *renames]:  # the name, then older spellings
-            spelled = candidate.replace(new, old)
-            if spelled in where:
-                return spelled
-        return None
+        return _spelled(stem + pattern.replace("*", str(expert)), renames, where)
 
     if key(sources[0], 0) is None:
         return None
@@ -277,6 +272,33 @@ def per_expert_reader(model: nn.Module, name: str, where: dict[str, Any]) -> Rea
 _JOINS = ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)])
 
 
+def _spelled(name: str, renames: list[tuple[str, str]], where: dict[str, Any]) -> str | None:
+    """`name` as the files spell it: itself, or with one of the family's renamings undone."""
+    for new, old in [(name, name), *renames]:
+        candidate = name.replace(new, old)
+        if candidate in where:
+            return candidate
+    return None
+
+
+def file_key(model: nn.Module, name: str, where: dict[str, Any]) -> str | None:
+    """The key of parameter `name` in weight files that keep the family's original names
+    (transformers renames on load, e.g. Nemotron-H's `backbone.` -> `model.`)."""
+    return _spelled(name, _renamings(model), where)
+
+
+def _renamings(model: nn.Module) -> list[tuple[str, str]]:
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    return [
+        (t.target_patterns[0], source)
+        for t in get_checkpoint_conversion_mapping(model_type) or []
+        if not getattr(t, "operations", None)
+        for source in t.source_patterns
+    ]
+
+
 def _per_expert_sources(
     model: nn.Module, name: str
 ) -> tuple[str, list[str], list[tuple[str, str]]] | None:
@@ -286,14 +308,7 @@ def _per_expert_sources(
 
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     transforms = get_checkpoint_conversion_mapping(model_type) or []
-    renames: list[tuple[str, str]] = []
-    for transform in transforms:
-        ops = [
-            (type(o).__name__, getattr(o, "dim", None))
-            for o in getattr(transform, "operations", [])
-        ]
-        if not ops:
-            renames += [(transform.target_patterns[0], s) for s in transform.source_patterns]
+    renames = _renamings(model)
     for transform in transforms:
         ops = [
             (type(o).__name__, getattr(o, "dim", None))

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sftkit.dist import DistEnv
 from sftkit.model.load import decoder_layers
-from sftkit.model.moe import expert_modules, per_expert_reader
+from sftkit.model.moe import expert_modules, file_key, per_expert_reader
 
 logger = logging.getLogger("sftkit")
 
@@ -493,6 +493,7 @@ def load_sharded_weights(
         if not select(name):
             continue
         key = next((n for n in aliases[id(param)] if n in where), None)
+        key = key if key is not None else file_key(model, name, where)
         if key is not None:
             _local(param).copy_(where[key].get_slice(key)[_local_index(param)])
         elif (read := per_expert_reader(model, name, where)) is not None:

@@ -230,7 +230,8 @@ EP_RECIPES = ("sft-gpt-oss-20b-1n4g-fsdp4ep4-automodel.yaml", "sft-nanov3-30BA3B
 @pytest.mark.parametrize("recipe", EP_RECIPES)
 def test_moe_recipe_runs_with_its_expert_parallel_layout(recipe: str, work: Path) -> None:
     """EP 4 over 4 gloo ranks (one expert each): the recipe trains and its per-step loss
-    equals the same recipe on one process."""
+    equals the same recipe on one process (Nemotron-H's files say `backbone.`, read through
+    transformers' renaming)."""
 
     def losses(ranks: int) -> dict[int, float]:
         sub = work / f"{recipe}-{ranks}"
@@ -253,5 +254,7 @@ def test_moe_recipe_runs_with_its_expert_parallel_layout(recipe: str, work: Path
 
     one, four = losses(1), losses(4)
     assert sorted(four) == [1, 2, 3]
+    # The recipes compute in bfloat16: FSDP2's bf16 all-gathers and one process's autocast
+    # round differently (gpt-oss, step 1: 5.934931 vs 5.934811, 2e-5), so 2e-4, not 1e-5.
     for step, loss in one.items():
-        assert abs(four[step] - loss) <= 1e-5 * abs(loss), (step, loss, four[step])
+        assert abs(four[step] - loss) <= 2e-4 * abs(loss), (step, loss, four[step])

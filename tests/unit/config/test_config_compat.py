@@ -125,7 +125,9 @@ def test_expert_parallel_sizes_are_read() -> None:
     assert "policy.megatron_cfg.expert_model_parallel_size" not in ignored_settings(
         load_config(MEGATRON, meg)
     )
-    with pytest.raises(ConfigError, match="expert_model_parallel_size=8 and policy.dtensor_cfg.exp"):
+    with pytest.raises(
+        ConfigError, match="expert_model_parallel_size=8 and policy.dtensor_cfg.exp"
+    ):
         load_config(MEGATRON, [*meg, "policy.dtensor_cfg.enabled=true", *on])
 
 
