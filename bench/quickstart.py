@@ -5,9 +5,10 @@ and the data tokenized on first use, as on a fresh machine), from the repository
 
     OMP_NUM_THREADS=T python examples/run_sft.py --config examples/configs/quickstart.yaml \
         sft.seed=S   (+ checkpoint and log directories under a temp dir)
-    python examples/run_eval.py generation.model_name=<that run's final_hf>
+    python examples/run_eval.py --config examples/configs/evals/quickstart.yaml \
+        generation.model_name=<that run's final_hf>
 
-Per run: `exact_match` on the held-out prompts (`examples/configs/evals/eval.yaml`'s data),
+Per run: `exact_match` on the held-out prompts (`examples/configs/evals/quickstart.yaml`'s data),
 `train_wall_s` and `train_cpu_s` (user + sys of the training process tree: on a shared
 machine wall time grows with the load, CPU time much less), and the eval's times. Then one
 `untrained` line (the freshly created model's exact match: about 0 on a real task) and a
@@ -67,7 +68,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """`run_eval.py` on `model`: its exact match on the held-out prompts, and times."""
     saved = work / f"eval_{tag}.json"
-    argv = [sys.executable, "examples/run_eval.py", f"generation.model_name={model}",
+    argv = [sys.executable, "examples/run_eval.py", "--config",
+            "examples/configs/evals/quickstart.yaml", f"generation.model_name={model}",
             f"data.data_path={args.eval_data}", f"eval.save_path={saved}",
             *(TINY_EVAL if args.tiny else ())]  # fmt: skip
     result = timed(argv, env, work / f"eval_{tag}.log")

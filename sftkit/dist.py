@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -172,12 +173,16 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(
-    device_preference: str = "auto", layout: DTensorConfig | None = None
+    device_preference: str = "auto",
+    layout: DTensorConfig | None = None,
+    collective_timeout_s: float | None = None,
 ) -> DistEnv:
     """Join the process group described by the launcher's environment (RANK, WORLD_SIZE, ...).
 
     Under `srun` without torchrun, the SLURM_* variables are translated first. The layout
     (`policy.dtensor_cfg`) is checked against the world size before the group is joined.
+    `collective_timeout_s` bounds every collective (`cluster.collective_timeout_s`; None:
+    torch's default, 30 minutes on gloo and 10 on NCCL).
     """
     if apply_slurm_env(os.environ):
         logger.debug("Joined srun's task grid as rank %s", os.environ["RANK"])
@@ -188,7 +193,10 @@ def init_distributed(
     device = pick_device(device_preference, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+        timeout = None if collective_timeout_s is None else timedelta(seconds=collective_timeout_s)
+        dist.init_process_group(
+            backend=backend, device_id=device if backend == "nccl" else None, timeout=timeout
+        )
     return DistEnv(rank, world_size, local_rank, device, dims)
 
 

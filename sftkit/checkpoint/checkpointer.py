@@ -27,6 +27,8 @@ import copy
 import hashlib
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,10 +39,22 @@ from torch import nn
 
 from sftkit.checkpoint import layout as ckpt
 from sftkit.checkpoint.layout import CheckpointLayout, StepDir
+from sftkit.checkpoint.manifest import (
+    PROGRESS_BYTES,
+    checkpoint_bytes,
+    checkpoint_group,
+    rank_share,
+)
 from sftkit.checkpoint.outputs import atomic_output_dir
 from sftkit.checkpoint.safe_load import load_state_file
 from sftkit.checkpoint.state import RngState, TrainState, check_finite_weights
-from sftkit.checkpoint.weights import ModelPart, OptimizerPart, gather_hf, save_shards
+from sftkit.checkpoint.weights import (
+    ModelPart,
+    OptimizerPart,
+    cpu_copy,
+    gather_hf,
+    save_shards,
+)
 from sftkit.config import MasterConfig, config_to_yaml
 from sftkit.config.checks import unmeasured_saves
 from sftkit.config.schema import CheckpointingConfig
@@ -48,6 +62,7 @@ from sftkit.data import PreparedData
 from sftkit.data.loader import GlobalBatchSampler
 from sftkit.dist import DistEnv
 from sftkit.log.model_card import write_model_card
+from sftkit.log.progress import Progress
 from sftkit.log.redact import scrub
 from sftkit.model.builtin import adapter_base_name
 from sftkit.model.load import save_hf
@@ -67,7 +82,10 @@ class Stateful(Protocol):
 
 @runtime_checkable
 class Part(Protocol):
-    """A registered part: writes its files of a step, and loads them back."""
+    """A registered part: writes its files of a step, and loads them back. A part may also
+    have `stage(step, rank, shards)`: `save` split into taking a copy of its state now and
+    a returned function that writes it later (an async save's writer thread); without it, an
+    async save calls `save` on the training thread."""
 
     def save(self, step: StepDir, rank: int, shards: dict[str, Any]) -> None:
         """This rank's files in `step`; state for the step's one DCP save goes in `shards`."""
@@ -87,11 +105,21 @@ class FilePart:
     enabled: bool = True  # saved at all (the scheduler follows checkpointing.save_optimizer)
 
     def save(self, step: StepDir, rank: int, shards: dict[str, Any]) -> None:
+        write = self.stage(step, rank, shards)
+        if write is not None:
+            write()
+
+    def stage(self, step: StepDir, rank: int, shards: dict[str, Any]) -> Callable[[], None] | None:
+        """`save` in two halves: the state is copied now, the returned function writes it."""
         if not self.enabled or (rank != 0 and not self.per_rank):
-            return
-        path = self.path(step, rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state.state_dict(), path)
+            return None
+        path, state = self.path(step, rank), cpu_copy(self.state.state_dict())
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, path)
+
+        return write
 
     def load(self, step: StepDir, rank: int) -> None:
         path = self.path(step, rank if self.per_rank else 0)
@@ -103,6 +131,33 @@ class FilePart:
                 f"run's {self.name!r} state. Resume from a checkpoint that has it, or start "
                 "fresh with checkpointing.resume=false"
             )
+
+
+class InFlight:
+    """One async save: `finish` runs on a thread; `wait` joins it and re-raises its error."""
+
+    def __init__(self, finish: Callable[[], Path]) -> None:
+        self.path: Path | None = None
+        self.error: BaseException | None = None
+        # daemon: a run dying of another error must not hang on it; the kill leaves only a
+        # tmp_step_N, which is not a checkpoint (the previous one stays the resume point)
+        self.thread = threading.Thread(
+            target=self._run, args=(finish,), name="sftkit-async-save", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, finish: Callable[[], Path]) -> None:
+        try:
+            self.path = finish()
+        except BaseException as err:  # re-raised on the training thread by `wait`
+            self.error = err
+
+    def wait(self) -> Path:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.path is not None
+        return self.path
 
 
 @dataclass
@@ -121,6 +176,8 @@ class Checkpointer:
     resume_dir: Path | None = None  # `pick_resume_dir`'s choice, read by `load`
     new_stage: bool = False  # resume_mismatch=stage on new data: the sampler starts afresh
     unmeasured_warned: bool = False  # the "metric not measured" warning is said once a run
+    in_flight: InFlight | None = None  # the async save being written (checkpointing.is_async)
+    save_seconds: float = 0.0  # how long the last finished save took, background part included
     states: dict[str, Part] = field(init=False, default_factory=dict)  # the registry
 
     def __post_init__(self) -> None:
@@ -177,49 +234,99 @@ class Checkpointer:
     def save(self, state: TrainState, last: bool = False) -> Path:
         """An atomic checkpoint of everything the next step depends on, then retention.
 
-        `last`: the run's final or stopping save; it stays the latest checkpoint, so an
-        unmeasured ranking metric costs nothing there and is not warned about."""
-        c = self.cfg.checkpointing
+        `checkpointing.is_async`: the state is copied and the call returns; writing,
+        hashing, publishing and retention go on in a background thread while training
+        continues, at most one save in flight (the next save waits for it, and so does
+        `last`). `last`: the run's final or stopping save; it stays the latest checkpoint,
+        so an unmeasured ranking metric costs nothing there and is not warned about."""
+        c, env = self.cfg.checkpointing, self.env
+        self.wait()  # at most one save in flight, and its failure is this save's failure
+        started = time.monotonic()
         # A misaligned save_period was reported once at load (unmeasured_saves).
         warn = not (last or self.unmeasured_warned) and unmeasured_saves(self.cfg) is None
         self.unmeasured_warned |= warn and c.metric_name not in state.metrics
-        check_finite_weights(self.model.parameters(), state.step, self.env.max)
+        check_finite_weights(self.model.parameters(), state.step, env.max)
         state.epoch = self.sampler.epoch
         info = {**state.state_dict(), "format_version": ckpt.FORMAT_VERSION}
         info["fingerprint"] = {
             k: v for k, v in self.fingerprint.items() if k != ckpt.LEGACY_FINGERPRINT
         }
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        path = ckpt.save_checkpoint(
-            self.directory, state.step, info, self._write_files, self.env.rank, self.env.barrier,
-            size_hint=weights * (3 if c.save_optimizer else 1),  # Adam: weights + 2 moments
-            parts=[*self.states, "train_state"],
-        )  # fmt: skip
-        if self.env.is_main:
-            ckpt.apply_retention(
-                self.directory, c.metric_name, c.keep_top_k, c.higher_is_better,
-                c.ft_keep_latest_k, warn_missing=warn,
-            )  # fmt: skip
-            logger.info("Saved checkpoint %s", path)
-        return path
+        size_hint = weights * (3 if c.save_optimizer else 1)  # Adam: weights + 2 moments
+        parts, step = [*self.states, "train_state"], state.step
+        share = rank_share(env.rank, env.world_size if env.initialized else 1)
+        tmp = ckpt.begin_save(self.directory, step, env.rank, env.barrier)
+        with ckpt.full_disk_error(self.directory, step, size_hint):
+            writes = self._write_files(tmp, defer=c.is_async)
 
-    def _write_files(self, directory: Path) -> None:
-        """This rank's files of a checkpoint in `directory` (called on every rank)."""
+        def finish() -> Path:
+            with ckpt.full_disk_error(self.directory, step, size_hint):
+                for write in writes:
+                    write()
+                share.barrier()
+                path = ckpt.finish_save(self.directory, step, info, env.rank, parts, share)
+            if env.is_main:
+                ckpt.apply_retention(
+                    self.directory, c.metric_name, c.keep_top_k, c.higher_is_better,
+                    c.ft_keep_latest_k, warn_missing=warn,
+                )  # fmt: skip
+                logger.info("Saved checkpoint %s", path)
+            self.save_seconds = time.monotonic() - started
+            return path
+
+        if not c.is_async:
+            return finish()
+        self.in_flight = InFlight(finish)
+        if last:  # the run stops after it: published before `save` returns
+            published = self.wait()
+            assert published is not None
+            return published
+        return self.layout.step(step).path
+
+    def wait(self) -> Path | None:
+        """Wait for the async save in flight, if any; returns its path, raises its error."""
+        flight, self.in_flight = self.in_flight, None
+        return None if flight is None else flight.wait()
+
+    def finish_in_flight(self) -> None:
+        """`wait` on the way out of a failed run: its error is logged, not raised (the run's
+        own error is the one to report); the previous checkpoint stays valid either way."""
+        try:
+            self.wait()
+        except Exception as err:
+            logger.error("The checkpoint save in the background failed: %s", err)
+
+    def _write_files(self, directory: Path, defer: bool = False) -> list[Callable[[], None]]:
+        """This rank's files of a checkpoint in `directory` (called on every rank). `defer`:
+        copy the state now and return the writes, for a background thread to run."""
         c = self.cfg.checkpointing
         step, rank, sharded = StepDir(directory), self.env.rank, self.env.world_size > 1
         shards: dict[str, Any] = {}
+        writes: list[Callable[[], None]] = []
         for part in self.states.values():
-            part.save(step, rank, shards)
+            stage = getattr(part, "stage", None) if defer else None
+            if stage is None:
+                part.save(step, rank, shards)
+            elif (write := stage(step, rank, shards)) is not None:
+                writes.append(write)
         if shards:  # every rank writes its shards (torch.distributed.checkpoint)
-            save_shards(shards, step.dcp)
-        if sharded and c.save_consolidated:  # collective: every rank gathers
+            group = checkpoint_group(self.env.world_size) if defer else None
+            if (wait := save_shards(shards, step.dcp, group, defer)) is not None:
+                writes.append(wait)
+        if c.save_consolidated and (sharded or rank == 0):  # sharded: every rank gathers
             self.export_hf(step.consolidated, merge=False)
-        if rank != 0:
-            return
-        step.config.write_text(config_to_yaml(self.cfg))
-        self.tokenizer.save_pretrained(step.tokenizer)
-        if c.save_consolidated and not sharded:
-            self.export_hf(step.consolidated, merge=False)
+        if rank == 0:
+
+            def outputs() -> None:
+                step.config.write_text(config_to_yaml(self.cfg))
+                self.tokenizer.save_pretrained(step.tokenizer)
+
+            writes.append(outputs)
+        if not defer:
+            for write in writes:
+                write()
+            return []
+        return writes
 
     def load(self) -> TrainState:
         """Restore every registered part from `resume_dir`; returns its counters (a fresh
@@ -228,9 +335,14 @@ class Checkpointer:
             return TrainState()
         step = StepDir(self.resume_dir)
         # The RNG last: nothing restored after it may draw from a generator.
-        for name, part in sorted(self.states.items(), key=lambda item: item[0] == "rng"):
-            if not (self.new_stage and name == "sampler"):  # new data: its first batch
-                part.load(step, self.env.rank)
+        ordered = sorted(self.states.items(), key=lambda item: item[0] == "rng")
+        desc = f"loading {step.path.name}"
+        shown = self.env.is_main and checkpoint_bytes(step.path) >= PROGRESS_BYTES
+        with Progress(desc, len(ordered), unit="parts", enabled=shown) as progress:
+            for name, part in ordered:
+                if not (self.new_stage and name == "sampler"):  # new data: its first batch
+                    part.load(step, self.env.rank)
+                progress.update()
         state = TrainState()
         state.load_state_dict(ckpt.read_info(step.path))
         if self.new_stage:
@@ -292,6 +404,8 @@ def resume_fingerprint(cfg: MasterConfig, tokenizer: Any, data: PreparedData) ->
     template = getattr(tokenizer, "chat_template", None) or ""
     lora = asdict(p.dtensor_cfg.lora_cfg)  # Megatron's peft is translated into it at load
     lora.pop("use_triton")
+    if not lora["use_dora"]:  # keys added later count only when set: older LoRA checkpoints
+        lora.pop("use_dora")  # resume as before
     common = {
         # scrubbed: training_info.json is written as is (a URL password in a model path
         # must not reach it); both sides of the resume check are scrubbed alike
@@ -375,16 +489,23 @@ def base_weights(model_name: str) -> str | None:
 
 
 def pick_resume_dir(
-    c: CheckpointingConfig, fingerprint: dict[str, Any], env: DistEnv
+    c: CheckpointingConfig,
+    fingerprint: dict[str, Any],
+    env: DistEnv,
+    timeout_s: float | None = None,
 ) -> tuple[Path | None, bool]:
     """The checkpoint to resume from, or None (after moving old ones aside if starting
     fresh), and whether it starts a new stage (`resume_mismatch=stage` on new data).
 
-    Runs before the (slow) model load, so a mismatch is reported at once."""
+    Runs before the (slow) model load, so a mismatch is reported at once. Collective:
+    every rank verifies its share of the checkpoint (`timeout_s` bounds the waits)."""
     if not c.enabled:
         return None, False
     directory = Path(c.checkpoint_dir)
-    latest = ckpt.latest_checkpoint(directory)
+    # every rank hashes its share of the checkpoint, and all agree on one verdict;
+    # `timeout_s` (cluster.collective_timeout_s) bounds the checkpoint group's collectives
+    world = env.world_size if env.initialized else 1
+    latest = ckpt.latest_checkpoint(directory, rank_share(env.rank, world, timeout_s))
     if latest is not None and c.resume:
         try:
             return latest, ckpt.check_resumable(latest, fingerprint, c.resume_mismatch == "stage")

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from sftkit.checkpoint import layout as ckpt
 from sftkit.checkpoint.layout import StepDir
+from sftkit.checkpoint.manifest import PROGRESS_BYTES, checkpoint_bytes
 from sftkit.checkpoint.outputs import atomic_output_dir
+from sftkit.log.progress import Progress
 
 logger = logging.getLogger("sftkit")
 
@@ -26,13 +28,9 @@ def export_checkpoint(
     """Write `out` from `checkpoint` (a step_N dir, or a checkpoint_dir: its latest).
 
     The checkpoint is untrusted input: its config.yaml asking for `trust_remote_code` (the
-    model's own Python code) is refused unless the caller passes `trust_remote_code`."""
-    from sftkit.checkpoint.weights import ModelPart
-    from sftkit.config import load_config
-    from sftkit.model.builtin import adapter_base_name
-    from sftkit.model.load import load_model, save_hf
-    from sftkit.model.lora import apply_lora, lora_spec_from_config, merge_lora, save_adapter
-
+    model's own Python code) is refused unless the caller passes `trust_remote_code`. A
+    progress line per stage (verify, build the model, load the weights, write) on a large
+    checkpoint."""
     in_the_way = _in_the_way(out)
     if in_the_way:
         raise ValueError(
@@ -40,7 +38,23 @@ def export_checkpoint(
             "export into a new or empty directory: an export replaces its directory whole"
         )
     checkpoint = resolve_checkpoint(checkpoint)
-    problem = ckpt.verify(checkpoint)
+    shown = checkpoint_bytes(checkpoint) >= PROGRESS_BYTES  # a small one takes seconds
+    with Progress(f"exporting {checkpoint.name}", 4, unit="stages", enabled=shown) as progress:
+        return _export(checkpoint, out, adapter, trust_remote_code, progress)
+
+
+def _export(
+    checkpoint: Path, out: Path, adapter: bool, trust_remote_code: bool, progress: Progress
+) -> Path:
+    """`export_checkpoint`'s stages: verify, build the model, load the weights, write."""
+    from sftkit.checkpoint.weights import ModelPart
+    from sftkit.config import load_config
+    from sftkit.model.builtin import adapter_base_name
+    from sftkit.model.load import load_model, save_hf
+    from sftkit.model.lora import apply_lora, lora_spec_from_config, merge_lora, save_adapter
+
+    problem = ckpt.verify(checkpoint)  # logs its own progress while hashing
+    progress.update()
     if problem:
         raise ValueError(f"{checkpoint} is not a complete checkpoint: {problem}")
     step = StepDir(checkpoint)
@@ -55,6 +69,7 @@ def export_checkpoint(
         cfg.policy.model_name,
         trust_remote_code=cfg.policy.trust_remote_code,
         config_overrides=dict(cfg.policy.hf_config_overrides or {}),
+        dequantize=cfg.policy.dequantize_base_checkpoint,
     )
     spec = lora_spec_from_config(cfg.policy)
     if spec is not None:
@@ -63,6 +78,7 @@ def export_checkpoint(
         raise ValueError(f"{checkpoint} is a full fine-tune; --adapter needs a LoRA run")
     if spec is not None:
         _check_base(checkpoint, cfg.policy.model_name)
+    progress.update()
     # A multi-rank checkpoint (policy/dcp) is consolidated here, in one process.
     try:
         ModelPart(model, trainable_only=spec is not None, world_size=1).load(step, rank=0)
@@ -73,6 +89,7 @@ def export_checkpoint(
                 "of the run writing it?); export a step that run keeps, or after it ends"
             ) from err
         raise
+    progress.update()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(step.tokenizer)
@@ -86,6 +103,7 @@ def export_checkpoint(
                 merge_lora(model)
             save_hf(model, tokenizer, tmp)
         (tmp / EXPORT_MARKER).write_text(f"exported by sftkit from {checkpoint.name}\n")
+    progress.update()
     return out
 
 

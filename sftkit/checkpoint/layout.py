@@ -16,8 +16,9 @@ discovery around them, in NeMo RL's layout. Every path of a checkpoint is asked 
     checkpoint_dir/final_hf/, final_adapter/   the run's outputs
 
 A save is written to `tmp_step_N/` and renamed to `step_N/` by rank 0 after a barrier, once
-the manifest is on disk. A directory without a manifest, or whose files do not match it,
-is not a checkpoint: resume skips it with a warning and uses the one before.
+the manifest is on disk; every rank hashes its share of the files for it. An async save
+(`checkpointing.is_async`) writes and finishes on a background thread, at most one in
+flight. A directory without a manifest, or whose files do not match it, is not a checkpoint: resume skips it with a warning and uses the one before.
 
 FORMAT_VERSION rule: it names what a reader must understand to resume. Adding a file that
 older checkpoints lack (a new registered part loaded as optional, a new manifest key) keeps
@@ -26,48 +27,51 @@ required, raises it; `check_resumable` then either reads the old version through
 written for it, or refuses it in one line naming both versions. Version 1 is the layout
 above (sftkit's first; the part names in the manifest are optional, so version 1 still).
 
-Fault injection for tests (inert unless the variable is set): `SFTKIT_TEST_SAVE_FAULT=<point>`
-or `<point>@<step>` kills the process with SIGKILL at that point of a save, and
-`SFTKIT_TEST_SLOW_SAVE=<seconds>` sleeps at every point, so a test can kill a real process
-mid-save. The points, in order: start, files_written, info_written, manifest_tmp,
-manifest_written, renamed, retention.
+The manifest, its parallel hashing and verification, and the fault-injection hook that
+tests use to kill a save at a named point are `sftkit.checkpoint.manifest`'s.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sftkit.checkpoint.manifest import (  # noqa: F401 (the layout's public names)
+    ALONE,
+    FAULT_ENV,
+    FAULT_POINTS,
+    FORMAT_VERSION,
+    INFO,
+    MANIFEST,
+    SLOW_ENV,
+    Share,
+    fault_point,
+    fsync_dir,
+    inside,
+    read_info,
+    verify,
+    write_manifest,
+)
 from sftkit.errors import RunFailure
 
 logger = logging.getLogger("sftkit")
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-INFO = "training_info.json"
 # The resume fingerprint's entry holding the pre-derive (raw-value) form, never stored:
 # checkpoints written before fingerprints keyed on derived values are compared with it.
 LEGACY_FINGERPRINT = "legacy"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_DIR = re.compile(r"^tmp_step_(\d+)$")
-FAULT_ENV = "SFTKIT_TEST_SAVE_FAULT"
-SLOW_ENV = "SFTKIT_TEST_SLOW_SAVE"
-FAULT_POINTS = (
-    "start", "files_written", "info_written", "manifest_tmp", "manifest_written", "renamed",
-    "retention",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -174,129 +178,6 @@ class CheckpointWriteError(RunFailure):
     """A save could not be written (disk full); the previous checkpoint is intact (exit 1)."""
 
 
-def fault_point(point: str, step: int | None = None) -> None:
-    """Test hook: sleep and/or SIGKILL this process here when the environment asks for it."""
-    slow = os.environ.get(SLOW_ENV)
-    if slow:
-        time.sleep(float(slow))
-    wanted = os.environ.get(FAULT_ENV)
-    if not wanted:
-        return
-    name, _, at = wanted.partition("@")
-    if name == point and (not at or step is None or int(at) == step):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_manifest(directory: Path, step: int | None = None, parts: Iterable[str] = ()) -> None:
-    """Record size and hash of every file and the registered `parts`' names, then fsync:
-    the commit point of a save."""
-    files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-        files[str(path.relative_to(directory))] = {
-            "size": path.stat().st_size,
-            "sha256": _sha256(path),
-        }
-    tmp = directory / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        manifest = {"format_version": FORMAT_VERSION, "parts": sorted(parts), "files": files}
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    fault_point("manifest_tmp", step)
-    os.replace(tmp, directory / MANIFEST)
-
-
-def inside(root: Path, path: Path) -> bool:
-    """True when `path`, symlinks resolved, lies within `root` (a checkpoint never points out)."""
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return False
-    return True
-
-
-def _manifest_problem(directory: Path, manifest: Any) -> str | None:
-    """Why a parsed manifest.json cannot be trusted (wrong shape, a path leading out)."""
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict):
-        return "malformed manifest.json (not an object with a 'files' mapping)"
-    for name, meta in files.items():
-        if not (
-            isinstance(meta, dict)
-            and type(meta.get("size")) is int
-            and isinstance(meta.get("sha256"), str)
-        ):
-            return f"malformed manifest.json (entry {name!r} needs an integer size and a sha256)"
-        relative = Path(name)
-        if (
-            relative.is_absolute()
-            or ".." in relative.parts
-            or not inside(directory, directory / name)
-        ):
-            return f"manifest.json names {name!r}, outside the checkpoint"
-    return None
-
-
-def verify(directory: Path, hashes: bool = True) -> str | None:
-    """None when `directory` is a complete checkpoint, else the reason it is not.
-
-    A checkpoint is untrusted input: a manifest of the wrong shape, a path leading out of the
-    directory or a symlink inside it make it "not a checkpoint", like a bad hash.
-    """
-    manifest_path = directory / MANIFEST
-    if directory.is_symlink() or not manifest_path.is_file():
-        return "no manifest.json (the save did not finish)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (ValueError, OSError) as err:
-        return f"unreadable manifest.json ({err})"
-    problem = _manifest_problem(directory, manifest)
-    if problem:
-        return problem
-    links = [p for p in directory.rglob("*") if p.is_symlink()]
-    if links:
-        return f"{links[0].relative_to(directory)} is a symlink (checkpoints hold plain files)"
-    for name, meta in manifest["files"].items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != meta["size"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {meta['size']}"
-        if hashes and _sha256(path) != meta["sha256"]:
-            return f"{name} does not match its sha256 (corrupted)"
-    if INFO not in manifest["files"]:
-        return f"the manifest does not list {INFO}"
-    try:
-        info = read_info(directory)
-    except (ValueError, OSError) as err:
-        return f"unreadable {INFO} ({err})"
-    if not isinstance(info, dict) or type(info.get("step")) is not int:
-        return f"malformed {INFO} (not an object with an integer step)"
-    if not isinstance(info.get("fingerprint", {}), dict) or any(
-        not isinstance(v, (int, float)) for k, v in info.items() if k.startswith(("val:", "train:"))
-    ):
-        return f"malformed {INFO} (fingerprint or metric of the wrong type)"
-    return None
-
-
 def step_dirs(checkpoint_dir: Path) -> list[tuple[int, Path]]:
     """`step_N` directories, newest first (tmp_ and other names ignored)."""
     if not checkpoint_dir.is_dir():
@@ -309,10 +190,11 @@ def step_dirs(checkpoint_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
-    """The newest complete, verified checkpoint; broken ones are skipped with a warning."""
+def latest_checkpoint(checkpoint_dir: str | Path, share: Share = ALONE) -> Path | None:
+    """The newest complete, verified checkpoint; broken ones are skipped with a warning.
+    Collective over `share`: each rank hashes its share, all agree (the same answer)."""
     for _, path in step_dirs(Path(checkpoint_dir)):
-        problem = verify(path)
+        problem = verify(path, share=share)
         if problem is None:
             return path
         logger.warning("Skipping checkpoint %s: %s; trying the one before", path, problem)
@@ -331,10 +213,6 @@ def ranking_metric(metric_name: str | None, metrics: dict[str, float]) -> dict[s
     logged = {"train": "train/", "val": "validation/"}.get(prefix, "\0") + name
     value = metrics.get(logged)
     return {} if value is None else {metric_name: float(value)}
-
-
-def read_info(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / INFO).read_text())
 
 
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -425,23 +303,78 @@ def save_checkpoint(
     barrier: Callable[[], None] = lambda: None,
     size_hint: int = 0,
     parts: Iterable[str] = (),
+    share: Share = ALONE,
 ) -> Path:
     """Write one checkpoint atomically and return its final path.
 
-    `write_files(tmp_dir)` runs on every rank (each writes its own parts); rank 0 then
-    writes training_info.json and the manifest and renames after a barrier. A full disk
-    removes the partial `tmp_step_N` and raises CheckpointWriteError saying how much space
-    the save needs (the previous checkpoint's size, else `size_hint` bytes). `parts`: the
-    names the manifest lists.
+    `write_files(tmp_dir)` runs on every rank (each writes its own parts); then every rank
+    hashes its share of the files (`share`), rank 0 writes training_info.json and the
+    manifest and renames after a barrier. A full disk removes the partial `tmp_step_N` and
+    raises CheckpointWriteError saying how much space the save needs (the previous
+    checkpoint's size, else `size_hint` bytes). `parts`: the names the manifest lists.
     """
+    tmp = begin_save(checkpoint_dir, step, rank, barrier)
+    with full_disk_error(checkpoint_dir, step, size_hint):
+        write_files(tmp)
+        barrier()
+        return finish_save(checkpoint_dir, step, info, rank, parts, share)
+
+
+def begin_save(checkpoint_dir: Path, step: int, rank: int, barrier: Callable[[], None]) -> Path:
+    """Make the empty `tmp_step_N` every rank writes into (collective); returns it."""
     tmp = CheckpointLayout(checkpoint_dir).tmp(step).path
+    with full_disk_error(checkpoint_dir, step, 0):
+        if rank == 0:
+            fault_point("start", step)
+            remove_stale_tmp_dirs(checkpoint_dir)
+            tmp.mkdir(parents=True)
+    barrier()
+    return tmp
+
+
+def finish_save(
+    checkpoint_dir: Path,
+    step: int,
+    info: dict[str, Any],
+    rank: int,
+    parts: Iterable[str],
+    share: Share = ALONE,
+) -> Path:
+    """Publish `tmp_step_N` once every rank's files are in it: training_info.json, the
+    manifest (each rank hashes its share), the rename to `step_N` (collective over `share`)."""
+    layout = CheckpointLayout(checkpoint_dir)
+    tmp, final = layout.tmp(step).path, layout.step(step).path
+    if rank == 0:
+        fault_point("files_written", step)
+        with open(StepDir(tmp).info, "w") as f:
+            json.dump(info, f, indent=1)
+        fault_point("info_written", step)
+    share.barrier()  # every rank lists the same files, training_info.json among them
+    write_manifest(tmp, step, parts, share)
+    if rank == 0:
+        fault_point("manifest_written", step)
+        if final.is_symlink():  # never follow a link out of checkpoint_dir
+            final.unlink()
+        elif final.exists():  # a broken save of the same step, skipped when this run resumed
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fault_point("renamed", step)
+        fsync_dir(checkpoint_dir)
+    share.barrier()
+    return final
+
+
+@contextmanager
+def full_disk_error(checkpoint_dir: Path, step: int, size_hint: int) -> Iterator[None]:
+    """Turn a full disk inside a save into CheckpointWriteError: the partial `tmp_step_N` is
+    removed and the message says how much space a checkpoint needs (the previous
+    checkpoint's size, else `size_hint` bytes) and how much is free."""
     try:
-        return _save_checkpoint(
-            checkpoint_dir, tmp, step, info, write_files, rank, barrier, list(parts)
-        )
+        yield
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
+        tmp = CheckpointLayout(checkpoint_dir).tmp(step).path
         written = _tree_size(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         previous = step_dirs(checkpoint_dir)
@@ -465,42 +398,6 @@ def _tree_size(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def _save_checkpoint(
-    checkpoint_dir: Path,
-    tmp: Path,
-    step: int,
-    info: dict[str, Any],
-    write_files: Callable[[Path], None],
-    rank: int,
-    barrier: Callable[[], None],
-    parts: list[str],
-) -> Path:
-    final = CheckpointLayout(checkpoint_dir).step(step).path
-    if rank == 0:
-        fault_point("start", step)
-        remove_stale_tmp_dirs(checkpoint_dir)
-        tmp.mkdir(parents=True)
-    barrier()
-    write_files(tmp)
-    barrier()
-    if rank == 0:
-        fault_point("files_written", step)
-        with open(StepDir(tmp).info, "w") as f:
-            json.dump(info, f, indent=1)
-        fault_point("info_written", step)
-        write_manifest(tmp, step, parts)
-        fault_point("manifest_written", step)
-        if final.is_symlink():  # never follow a link out of checkpoint_dir
-            final.unlink()
-        elif final.exists():  # a broken save of the same step, skipped when this run resumed
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fault_point("renamed", step)
-        fsync_dir(checkpoint_dir)
-    barrier()
-    return final
-
-
 def check_writable(directory: Path, key: str) -> None:
     """Create `directory` and a probe file in it, before any slow work; a ValueError names
     the config `key` when that fails (a file in the path, no permission, read-only disk)."""
@@ -518,7 +415,7 @@ def check_writable(directory: Path, key: str) -> None:
 
 
 def remove_stale_tmp_dirs(checkpoint_dir: Path) -> None:
-    """Delete `tmp_step_N` left by a killed save (saves are synchronous: none is in flight)."""
+    """Delete `tmp_step_N` left by a killed save (an async save in flight was waited for)."""
     if not checkpoint_dir.is_dir():
         return
     for path in checkpoint_dir.iterdir():

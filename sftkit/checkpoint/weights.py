@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,6 +20,7 @@ from torch import nn
 
 from sftkit.checkpoint.layout import StepDir
 from sftkit.checkpoint.safe_load import dcp_load, load_state_file
+from sftkit.model import dora
 from sftkit.model.lora import lora_modules
 from sftkit.model.parallel import load_sharded_weights
 
@@ -37,6 +40,7 @@ class ModelPart:
     model: nn.Module
     trainable_only: bool  # a LoRA run: the frozen base comes from the model, not the checkpoint
     world_size: int
+    staging: Staging = field(default_factory=lambda: Staging())  # an async save's copies
 
     def state_dict(self) -> dict[str, Any]:
         """By parameter name, this rank's shards (DCP's form)."""
@@ -50,10 +54,24 @@ class ModelPart:
         set_model_state_dict(self.model, state, options=_state_options(self.trainable_only))
 
     def save(self, step: StepDir, rank: int, shards: dict[str, Any]) -> None:
+        write = self.stage(step, rank, shards, snapshot=False)
+        if write is not None:
+            write()
+
+    def stage(
+        self, step: StepDir, rank: int, shards: dict[str, Any], snapshot: bool = True
+    ) -> Callable[[], None] | None:
+        """`save` in two halves: what to write is taken now (`snapshot`: a CPU copy, so training
+        may go on), the returned function writes it. Sharded state goes to `shards` (DCP
+        copies it when the async save starts)."""
         if self.world_size > 1:
             shards["model"] = self.state_dict()
-        elif rank == 0:
-            save_model_weights(self.model, step.weights, self.trainable_only)
+            return None
+        if rank != 0:
+            return None
+        staging = self.staging if snapshot else None
+        tensors, metadata, name = model_tensors(self.model, self.trainable_only, staging)
+        return lambda: write_tensors(tensors, metadata, step.weights / name)
 
     def load(self, step: StepDir, rank: int) -> None:
         if step.dcp.is_dir():
@@ -80,6 +98,7 @@ class OptimizerPart:
     trainable_only: bool
     world_size: int
     enabled: bool = True  # checkpointing.save_optimizer
+    staging: Staging = field(default_factory=lambda: Staging())  # an async save's copies
 
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -94,13 +113,29 @@ class OptimizerPart:
         set_optimizer_state_dict(self.model, self.optimizer, state, options=options)
 
     def save(self, step: StepDir, rank: int, shards: dict[str, Any]) -> None:
+        write = self.stage(step, rank, shards, snapshot=False)
+        if write is not None:
+            write()
+
+    def stage(
+        self, step: StepDir, rank: int, shards: dict[str, Any], snapshot: bool = True
+    ) -> Callable[[], None] | None:
+        """`save` in two halves, as `ModelPart.stage`."""
         if not self.enabled:
-            return
+            return None
         if self.world_size > 1:
             shards["optim"] = self.state_dict()
-        elif rank == 0:
+            return None
+        if rank != 0:
+            return None
+        state = self.optimizer.state_dict()
+        state = cpu_copy(state, self.staging) if snapshot else state  # the live moments
+
+        def write() -> None:
             step.optimizer_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(self.optimizer.state_dict(), step.optimizer)
+            torch.save(state, step.optimizer)
+
+        return write
 
     def load(self, step: StepDir, rank: int) -> None:
         if not step.has_optimizer:
@@ -120,23 +155,76 @@ class OptimizerPart:
 # ----------------------------------------------------------------------------- model weights
 
 
+class Staging:
+    """CPU buffers an async save copies the state into, reused from save to save (one in
+    flight: the previous save is written before the next copies). Allocating and first
+    touching fresh memory made the copy of a 25M-parameter model with Adam 2-5x slower
+    (0.1-0.4 s against 0.06 s) on the training thread."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def copy(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = self.buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype)
+        return buffer.copy_(tensor.detach())
+
+
+def model_tensors(
+    model: nn.Module, trainable_only: bool, staging: Staging | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, str]:
+    """What `write_tensors` writes for the model (or only its trainable weights): tensors,
+    safetensors metadata and file name. `staging`: copies in its CPU buffers, unaffected by
+    later steps (else the tensors themselves)."""
+    from safetensors.torch import _remove_duplicate_names
+
+    metadata: dict[str, str] | None = None
+    if trainable_only:
+        name = "trainable.safetensors"
+        tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        name = "model.safetensors"
+        tensors = dict(model.state_dict())
+        # tied tensors (embeddings = lm_head) are stored once, as safetensors' save_model does
+        for kept, removed in _remove_duplicate_names(tensors).items():
+            for other in removed:
+                metadata = {**(metadata or {}), other: kept}
+                del tensors[other]
+    if staging is not None:
+        return {n: staging.copy(n, t) for n, t in tensors.items()}, metadata, name
+    return {n: t.contiguous().cpu() for n, t in tensors.items()}, metadata, name
+
+
+def cpu_copy(tree: Any, staging: Staging | None = None, key: str = "") -> Any:
+    """`tree` (dicts, lists, tuples) with every tensor copied to CPU memory (into `staging`'s
+    buffers when given): what a background writer may write while training changes the
+    originals."""
+    if isinstance(tensor := tree, torch.Tensor):
+        if staging is not None:
+            return staging.copy(key, tensor)
+        return tensor.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: cpu_copy(v, staging, f"{key}/{k}") for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(cpu_copy(v, staging, f"{key}/{i}") for i, v in enumerate(tree))
+    return copy.deepcopy(tree)
+
+
+def write_tensors(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path, metadata=metadata)
+
+
 def save_model_weights(model: nn.Module, directory: Path, trainable_only: bool) -> Path:
     """Write the model's weights (or only its trainable ones) as one safetensors file."""
-    from safetensors.torch import save_file, save_model
-
-    directory.mkdir(parents=True, exist_ok=True)
-    if trainable_only:
-        path = directory / "trainable.safetensors"
-        tensors = {
-            name: p.detach().contiguous().cpu()
-            for name, p in model.named_parameters()
-            if p.requires_grad
-        }
-        save_file(tensors, path)
-    else:
-        path = directory / "model.safetensors"
-        save_model(model, str(path))  # handles tied (shared) tensors
-    return path
+    tensors, metadata, name = model_tensors(model, trainable_only)
+    write_tensors(tensors, metadata, directory / name)
+    return directory / name
 
 
 def load_model_weights(model: nn.Module, directory: Path) -> None:
@@ -171,13 +259,27 @@ def _state_options(trainable_only: bool, full: bool = False) -> Any:
     return StateDictOptions(ignore_frozen_params=trainable_only, full_state_dict=full)
 
 
-def save_shards(shards: dict[str, Any], directory: Path) -> None:
+def save_shards(
+    shards: dict[str, Any], directory: Path, group: Any = None, defer: bool = False
+) -> Callable[[], None] | None:
     """The parts' shards through torch.distributed.checkpoint: each rank writes its own,
-    keyed by parameter name, so any number of ranks can load them back (collective)."""
+    keyed by parameter name, so any number of ranks can load them back (collective).
+
+    `defer`: DCP's `async_save` over `group` (gloo: it runs off the training thread); the
+    shards are copied to CPU before it returns, the returned function waits for the write."""
     import torch.distributed.checkpoint as dcp
 
     directory.mkdir(parents=True, exist_ok=True)
-    dcp.save(shards, checkpoint_id=str(directory))
+    if not defer:
+        dcp.save(shards, checkpoint_id=str(directory))
+        return None
+    # a Future: no async_stager is given (that would return an AsyncSaveResponse)
+    future = cast(Future, dcp.async_save(shards, checkpoint_id=str(directory), process_group=group))
+
+    def wait() -> None:
+        future.result()
+
+    return wait
 
 
 def load_full_optimizer_state(
@@ -220,10 +322,14 @@ def gather_hf(
         return
     for name, module in lora_modules(model).items():
         a, b = state.pop(f"{name}.lora_A.weight"), state.pop(f"{name}.lora_B.weight")
+        m = state.pop(f"{name}.{dora.MAGNITUDE}.weight", None)
         if merge_lora:
             weight = state[f"{name}.weight"]
-            delta = module.lora_scale * (b.float() @ a.float())
-            state[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
+            if m is not None:
+                merged = dora.merged_weight(weight, a, b, module.lora_scale, m)
+            else:
+                merged = weight.float() + module.lora_scale * (b.float() @ a.float())
+            state[f"{name}.weight"] = merged.to(weight.dtype)
     save_hf_state_dict(model, state, tokenizer, directory)
 
 

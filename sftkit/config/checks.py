@@ -340,6 +340,28 @@ def _lora_problems(cfg: MasterConfig) -> list[tuple[str, str]]:
         problems.append(
             (f"{section}.dropout", f"{section}.dropout is {lora.dropout!r}; use a value in [0, 1).")
         )
+    problems += _dora_problems(cfg)
+    return problems
+
+
+def _dora_problems(cfg: MasterConfig) -> list[tuple[str, str]]:
+    """DoRA's layouts: no tensor parallelism (the row norm of a row-wise split weight would
+    need a reduction across ranks), dropout only where PEFT puts it."""
+    lora, d = cfg.policy.dtensor_cfg.lora_cfg, cfg.policy.dtensor_cfg
+    key = "policy.dtensor_cfg.lora_cfg.use_dora"
+    if not lora.use_dora:
+        return []
+    problems = []
+    if d.tensor_parallel_size > 1:
+        problems.append((key, f"{key}=true is not supported with tensor parallelism "
+                              "(tensor_parallel_size > 1): use FSDP2 only, or use_dora=false."))  # fmt: skip
+    # getattr: `target_experts` (LoRA on MoE experts' fused weights) lands in a parallel change
+    if getattr(lora, "target_experts", False):
+        problems.append((key, f"{key}=true does not apply to MoE experts: set "
+                              "lora_cfg.target_experts=false, or use_dora=false."))  # fmt: skip
+    if lora.dropout > 0 and lora.dropout_position == "post":
+        problems.append((key, f"{key}=true with dropout > 0 needs lora_cfg.dropout_position=pre "
+                              "(PEFT's DoRA drops the LoRA input; 'post' has no DoRA form)."))  # fmt: skip
     return problems
 
 

@@ -122,12 +122,14 @@ RANGES: dict[str, Range] = {
     "data.max_input_seq_length": _count("tokens per example", 2**24),
     "data.num_workers": Range(0, 4096, "tokenization worker processes"),
     "data.max_row_chars": _count("characters per row"),
+    "data.prepare_timeout_s": _real(0, 30 * 86400, "seconds", low_open=True),
     "logger.num_val_samples_to_print": Range(0, 2**20, "validation rows sampled"),
     "logger.val_sample_max_new_tokens": _count("new tokens per sample", 2**20),
     "logger.gpu_monitoring.collection_interval": _real(0, 86400, "seconds", low_open=True),
     "logger.gpu_monitoring.flush_interval": _real(0, 86400, "seconds", low_open=True),
     "cluster.gpus_per_node": _count("ranks per node", 1024),
     "cluster.num_nodes": _count("nodes", 2**16),
+    "cluster.collective_timeout_s": _count("seconds a collective may wait", 7 * 86400),
 }
 
 

@@ -65,7 +65,9 @@ class CheckpointingConfig:
     save_optimizer: bool = doc(True, "include optimizer and scheduler state")
     model_save_format: str = doc("safetensors", "weights format inside checkpoints")
     save_consolidated: bool = doc(False, "also write an HF-loadable directory at each save")
-    is_async: bool = doc(False, "NeMo RL asynchronous finalisation (saves are synchronous here)")
+    is_async: bool = doc(
+        False, "save in the background: training goes on while a save is written (one at a time)"
+    )
     ft_save_period: int | None = doc(None, 'extra "fault tolerance" save period in steps')
     ft_keep_latest_k: int | None = doc(None, "always keep the latest k checkpoints")
     resume: bool = doc(
@@ -106,6 +108,10 @@ class LoraConfig:
     dropout: float = doc(0.0, "dropout probability on the LoRA branch, in [0, 1)")
     dropout_position: str = doc("post", "pre: on the LoRA input | post: on the LoRA output")
     lora_A_init: str = doc("xavier", "xavier (normal) | uniform (kaiming)")
+    use_dora: bool = doc(
+        False,
+        "DoRA (PEFT's and Automodel's use_dora): a trained magnitude per output row times the normalised W + s B A; exported in PEFT's format",
+    )
     use_triton: bool = doc(True, "fused Triton kernels on GPU when tensor parallelism is off")
     lora_dtype: str = doc(
         "float32",
@@ -205,7 +211,7 @@ class PolicyConfig:
     precision: str = doc("bfloat16", "compute dtype: float32 | bfloat16 | float16")
     offload_optimizer_for_logprob: bool = doc(False, "RL-only: offload optimizer during logprobs")
     dequantize_base_checkpoint: bool = doc(
-        False, "NeMo Automodel: dequantize (gpt-oss MXFP4) on load"
+        False, "load a gpt-oss MXFP4 checkpoint's experts dequantized (required for one)"
     )
     megatron_recipe: str | None = doc(None, "Megatron-Bridge recipe function (Megatron-only)")
     trust_remote_code: bool = doc(False, "run model code from the hub (off unless set)", nemo=False)
@@ -262,6 +268,18 @@ class DataConfig:
     )
     cache_dir: str | None = doc(
         None, "tokenized-data cache; null uses ~/.cache/sftkit/data", nemo=False
+    )
+    cache_scope: str = doc(
+        "node",
+        "node | shared: on a cache miss one process per node prepares the data (cache_dir on "
+        "each node's own disk) or one in the whole run (a cache_dir every node sees); the "
+        "other ranks wait and map its entry",
+        nemo=False,
+    )
+    prepare_timeout_s: float = doc(
+        7200.0,
+        "seconds the other ranks wait for the preparing process before stopping the run",
+        nemo=False,
     )
     max_row_chars: int | None = doc(
         None,
@@ -345,6 +363,12 @@ class ClusterConfig:
     master_port_range_low: int | None = doc(None, "Ray port range")
     master_port_range_high: int | None = doc(None, "Ray port range")
     device: str = doc("auto", "auto | cpu | cuda", nemo=False)
+    collective_timeout_s: int = doc(
+        600,
+        "seconds any collective (all-reduce, barrier) may wait for a rank before the job ends "
+        "naming the stalled rank (torch's own default: 30 min on gloo, 10 on NCCL)",
+        nemo=False,
+    )
 
 
 @dataclass
@@ -394,6 +418,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.overlong_policy": ("truncate", "drop", "mask"),
     "data.reasoning": ("train", "mask", "drop_history"),
     "data.loss_mask": ("sftkit", "nemo_rl"),
+    "data.cache_scope": ("node", "shared"),
     "checkpointing.model_save_format": ("safetensors", "torch_save"),
     "checkpointing.resume_mismatch": ("error", "fresh", "stage"),
     "checkpointing.pretrained_checkpoint.format": ("megatron_bridge", "megatron_lm"),
@@ -429,7 +454,6 @@ IGNORED_KEYS: dict[str, str] = {
         "packed microbatches run in the packer's order (largest_first is not implemented)"
     ),
     "policy.offload_optimizer_for_logprob": "RL-only (no logprob pass in SFT)",
-    "policy.dequantize_base_checkpoint": "weights load as transformers stores them",
     "policy.megatron_recipe": "Megatron-only",
     "policy.tokenizer.is_tokenizer_processor": "text-only: the tokenizer is an AutoTokenizer",
     "policy.dynamic_batching.logprob_mb_tokens": "RL-only (no logprob pass in SFT)",
@@ -482,7 +506,6 @@ IGNORED_KEYS: dict[str, str] = {
     "policy.megatron_cfg.optimizer": "Megatron-only (lr, betas, eps, weight decay, clip are used)",
     "policy.megatron_cfg.scheduler": "Megatron-only (the lr warmup and decay are used)",
     "policy.megatron_cfg.distributed_data_parallel_config": "Megatron-only",
-    "checkpointing.is_async": "saves are synchronous",
     "checkpointing.pretrained_checkpoint": "Megatron checkpoints are not loaded",
     "logger.swanlab_enabled": "no SwanLab sink",
     "cluster.segment_size": "Ray-only",

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sftkit.data.types import ExampleSet, Source
+from sftkit.log.progress import Progress
 
 if TYPE_CHECKING:
     from sftkit.data.processor import ProcessorSettings
@@ -267,10 +268,15 @@ def node_lock(cache_dir: Path, key: str) -> Iterator[None]:
 
 
 def entry_problem(
-    directory: Path, meta: dict[str, Any], splits: tuple[str, ...], vocab_size: int
+    directory: Path,
+    meta: dict[str, Any],
+    splits: tuple[str, ...],
+    vocab_size: int,
+    progress: bool = False,
 ) -> str | None:
     """Why entry `directory` cannot be trusted, or None. Sizes are checked on every call;
-    checksums and bounds once per node and file state (see the module docstring)."""
+    checksums and bounds once per node and file state (see the module docstring);
+    `progress`: report the checksum pass (`Progress`)."""
     state: dict[str, list[int]] = {}
     for split in splits:
         info = meta.get(split)
@@ -291,12 +297,14 @@ def entry_problem(
     with contextlib.suppress(OSError, ValueError):
         if json.loads(marker.read_text()) == state:
             return None
-    for split in splits:
-        problem = _checksum_problem(directory, split, meta[split]) or _bounds_problem(
-            open_split(directory, split, meta[split]), meta[split], split, vocab_size
-        )
-        if problem:
-            return problem
+    size = sum(st[0] for st in state.values())
+    with Progress("checking the data cache", size, "B", enabled=progress) as bar:
+        for split in splits:
+            problem = _checksum_problem(directory, split, meta[split], bar) or _bounds_problem(
+                open_split(directory, split, meta[split]), meta[split], split, vocab_size
+            )
+            if problem:
+                return problem
     tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
     with contextlib.suppress(OSError):  # a read-only cache is checked again next time
         tmp.write_text(json.dumps(state))
@@ -304,13 +312,16 @@ def entry_problem(
     return None
 
 
-def _checksum_problem(directory: Path, split: str, info: dict[str, Any]) -> str | None:
+def _checksum_problem(
+    directory: Path, split: str, info: dict[str, Any], bar: Progress
+) -> str | None:
     for name in ARRAYS:
         path = directory / f"{split}.{name}.bin"
         h = hashlib.sha256()
         with path.open("rb") as f:
             while block := f.read(1 << 24):
                 h.update(block)
+                bar.update(len(block))
         if h.hexdigest() != info["sha256"].get(name):
             return f"{path} does not match its checksum in meta.json (changed after it was written)"
     return None

@@ -23,13 +23,14 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sftkit.config.checks import default_name
 from sftkit.config.schema import DataConfig, MasterConfig, PolicyConfig
 from sftkit.data import cache
 from sftkit.data.datasets import has_split, iter_rows, load_dataset
 from sftkit.data.errors import DataError
+from sftkit.data.once import PrepareGroup
 from sftkit.data.processor import (
     BatchResult,
     OverlongPolicy,
@@ -37,6 +38,10 @@ from sftkit.data.processor import (
     ProcessorSettings,
 )
 from sftkit.data.types import PreparedData
+from sftkit.log.progress import Progress
+
+if TYPE_CHECKING:
+    from sftkit.dist import DistEnv
 
 logger = logging.getLogger("sftkit")
 
@@ -70,21 +75,45 @@ class Part:
             yield (apply(row) if apply else row, spec.task_name)
 
 
-def prepare_data(cfg: MasterConfig, tokenizer: Any) -> PreparedData:
+def prepare_data(cfg: MasterConfig, tokenizer: Any, env: DistEnv | None = None) -> PreparedData:
     """Load the configured datasets, tokenize and mask them, and apply the length policy.
 
     Validation = the held-out parts of the training datasets (`split_validation_size`,
     named after their train entry) plus the `data.validation` datasets, one named set
     each. Max length = `data.max_input_seq_length` (derived at load from
-    `policy.max_total_sequence_length` when unset).
+    `policy.max_total_sequence_length` when unset). With several ranks (`env`), one process
+    per node or per run (`data.cache_scope`) reads and tokenizes; the others wait for its
+    cache entry and map it (`sftkit.data.once`).
     """
     data = cfg.data
+    start = time.perf_counter()
     settings = settings_from_config(data, cfg.policy, cfg.sft.only_unmask_final)
     train, validation = dataset_entries(data)
-    parts = collect_parts(train, validation)
     cache_dir = _cache_dir(data.cache_dir)
-    result = tokenize_splits(parts, tokenizer, settings, max(1, data.num_workers), cache_dir)
+    group = PrepareGroup.of(env, data.cache_scope, data.prepare_timeout_s)
+    progress = env is None or env.is_main
+    if group is not None and not group.preparer:
+        key = group.wait()
+        directory, meta = _open_checked(cache_dir / key, len(tokenizer))
+        how = f"prepared by {group.who}"
+    else:
+        workers = max(1, data.num_workers)
+        try:
+            parts = collect_parts(train, validation)
+            directory, meta, hit = _entry(parts, tokenizer, settings, workers, cache_dir, progress)
+        except Exception as err:
+            if group is not None:
+                group.failed(err)
+            raise
+        if group is not None:
+            group.done(directory.name)
+        how = "from the cache" if hit else f"{workers} worker(s)"
+    result = _result(directory, meta, settings, hit=how == "from the cache")
     result.train = result.train.with_weights({e.name: e.weight for e in train})
+    logger.info(
+        "data ready in %.1fs (%s): %s",
+        time.perf_counter() - start, how, describe_report(result.report),
+    )  # fmt: skip
     return result
 
 
@@ -197,17 +226,30 @@ def tokenize_splits(
     workers: int,
     cache_dir: Path,
 ) -> PreparedData:
-    """Tokenize each split through the cache; the result maps the cache entry."""
-    start = time.perf_counter()
+    """Tokenize each split through the cache (this process alone); the result maps the
+    cache entry."""
+    directory, meta, hit = _entry(parts, tokenizer, settings, workers, cache_dir, True)
+    return _result(directory, meta, settings, hit)
+
+
+def _entry(
+    parts: dict[str, list[Part]],
+    tokenizer: Any,
+    settings: ProcessorSettings,
+    workers: int,
+    cache_dir: Path,
+    progress: bool,
+) -> tuple[Path, dict[str, Any], bool]:
+    """(the cache entry, its metadata, whether it was there): found and checked, or built."""
     with _gc_paused():  # rows are plain data without cycles; collections only cost time
-        key, rows = _key(parts, tokenizer, settings)
+        key, rows = _key(parts, tokenizer, settings, progress)
     if not rows["train"]:
         raise ValueError("data.train produced no rows. Check data.train (or data.dataset_name).")
     directory = cache_dir / key
     cache.remove_abandoned(cache_dir)  # temp entries of killed builds
     with cache.node_lock(cache_dir, key):  # one process per node checks or builds the entry
         meta = cache.read_meta(directory)
-        problem = meta and cache.entry_problem(directory, meta, SPLITS, len(tokenizer))
+        problem = meta and cache.entry_problem(directory, meta, SPLITS, len(tokenizer), progress)
         if meta is not None and problem:
             logger.warning("data cache entry %s is damaged: %s; rebuilding it", directory, problem)
             cache.discard(directory)
@@ -215,11 +257,36 @@ def tokenize_splits(
         hit = meta is not None
         if meta is None:
             Processor(tokenizer, settings)  # fail fast on tokenizer/template problems
-            meta = _build(parts, tokenizer, settings, workers, cache_dir, key, sum(rows.values()))
+            total = sum(rows.values())
+            meta = _build(parts, tokenizer, settings, workers, cache_dir, key, total, progress)
             meta = cache.read_meta(directory) or meta  # another node may have published first
-            problem = cache.entry_problem(directory, meta, SPLITS, len(tokenizer))
+            problem = cache.entry_problem(directory, meta, SPLITS, len(tokenizer), progress)
             if problem:  # a bug in this build, or a disk that loses writes
                 raise DataError(str(directory), f"the entry just built is damaged: {problem}.")
+    return directory, meta, hit
+
+
+def _open_checked(directory: Path, vocab_size: int) -> tuple[Path, dict[str, Any]]:
+    """The entry another process prepared: sizes checked, and its checksums where this is
+    the first process of its node to open it (`cache.entry_problem`, under the node lock)."""
+    with cache.node_lock(directory.parent, directory.name):
+        meta = cache.read_meta(directory)
+        problem = "meta.json is missing or unreadable" if meta is None else None
+        problem = problem or cache.entry_problem(directory, meta or {}, SPLITS, vocab_size)
+        if problem:
+            cache.discard(directory)  # the next start prepares it again
+            raise DataError(
+                str(directory), f"the prepared data cannot be used: {problem}.",
+                "start the run again; the entry was removed and will be rebuilt.",
+            )  # fmt: skip
+    assert meta is not None
+    return directory, meta
+
+
+def _result(
+    directory: Path, meta: dict[str, Any], settings: ProcessorSettings, hit: bool
+) -> PreparedData:
+    """The mapped splits of entry `directory` with its report; warnings for what it dropped."""
     sets = {split: cache.open_split(directory, split, meta[split]) for split in SPLITS}
     result = PreparedData(sets["train"], sets["validation"], {"cache_hit": int(hit)})
     for split in SPLITS:
@@ -243,12 +310,6 @@ def tokenize_splits(
             f"no training examples remain after the length policy ({counts}). Raise "
             "data.max_input_seq_length, or use data.overlong_policy: truncate."
         )
-    logger.info(
-        "data ready in %.1fs (%s): %s",
-        time.perf_counter() - start,
-        "from the cache" if hit else f"{workers} worker(s)",
-        describe_report(result.report),
-    )
     return result
 
 
@@ -306,18 +367,21 @@ def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
 
 
 def _key(
-    parts: dict[str, list[Part]], tokenizer: Any, settings: ProcessorSettings
+    parts: dict[str, list[Part]], tokenizer: Any, settings: ProcessorSettings, progress: bool
 ) -> tuple[str, dict[str, int]]:
     """The cache key (one streaming pass over every row) and the row count per split."""
     h = cache.key_hasher(tokenizer, settings)
     rows = dict.fromkeys(SPLITS, 0)
-    for split in SPLITS:
-        h.update(f"\0split:{split}\0".encode())
-        for part in parts[split]:
-            h.update(f"\0source:{part.name}\0".encode())
-            for chunk in _chunks(part.items(), HASH_CHUNK):
-                h.update(cache.rows_digest(chunk))
-                rows[split] += len(chunk)
+    # The row count is known only at the end of this pass: lines every 30 s, count and rate.
+    with Progress("hashing the data", None, "rows", enabled=progress) as bar:
+        for split in SPLITS:
+            h.update(f"\0split:{split}\0".encode())
+            for part in parts[split]:
+                h.update(f"\0source:{part.name}\0".encode())
+                for chunk in _chunks(part.items(), HASH_CHUNK):
+                    h.update(cache.rows_digest(chunk))
+                    rows[split] += len(chunk)
+                    bar.update(len(chunk))
     return h.hexdigest()[:32], rows
 
 
@@ -399,21 +463,25 @@ def _build(
     cache_dir: Path,
     key: str,
     total: int,
+    progress: bool,
 ) -> dict[str, Any]:
-    """Tokenize every split into a new cache entry; returns its metadata."""
+    """Tokenize every split into a new cache entry (written as the chunks arrive); returns
+    its metadata."""
     workers = min(workers, os.cpu_count() or 1, max(1, total // 64))
     # ~16 chunks per worker keep the last one from finishing long after the others
     size = min(max(16, -(-total // (workers * 16))), CHUNK_MAX)
     tmp = cache.new_entry(cache_dir, key)
     try:
         writers = {split: cache.SplitWriter(tmp, split) for split in SPLITS}
-        with _gc_paused(), _submitter(tokenizer, settings, workers) as (submit, window):
+        bar = Progress("tokenizing and writing the data cache", total, "rows", enabled=progress)
+        with _gc_paused(), bar, _submitter(tokenizer, settings, workers) as (submit, window):
             for task, result in _ordered(_tasks(parts, size), submit, window):
                 if result is None:
                     writers[task.split].end_source(task.name)
                 else:
                     assert task.rows is not None
                     writers[task.split].add(result, [t for _, t in task.rows])
+                    bar.update(len(task.rows))
         meta = {split: writer.close() for split, writer in writers.items()}
         cache.publish(tmp, cache_dir / key, meta)
     finally:

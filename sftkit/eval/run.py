@@ -1,19 +1,20 @@
-"""Evaluate a trained model: generate for local prompts and score against references.
+"""Evaluate a trained model: generate for a benchmark's prompts and score the answers.
 
     uv run examples/run_eval.py [--config examples/configs/evals/eval.yaml] [overrides]
 
 `generation.model_name` may be an HF directory (`<checkpoint_dir>/final_hf`), a training
 checkpoint (`step_N`, or the checkpoint_dir for its newest: converted to HF on the fly,
 as NeMo RL's `convert_dcp_to_hf.py` would), a PEFT adapter directory (`final_adapter`,
-merged into its base model), or a hub id. Prompts are rendered with the training chat
-template and `prompt_file` / `system_prompt_file`, as the eval guide asks.
+merged into its base model), or a hub id. Prompts come from `sftkit.eval.benchmarks`
+(NeMo RL's benchmarks and processors, or local data) with the training chat template.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
+import os
 import tempfile
 import time
 from collections import Counter
@@ -26,16 +27,28 @@ import torch
 
 from sftkit.checkpoint.layout import CheckpointLayout, StepDir
 from sftkit.config.schema import TokenizerConfig
-from sftkit.eval.config import EvalConfig, EvalDataSection, GenerationSection, load_eval_config
+from sftkit.dist import in_launcher, init_distributed, shutdown_distributed
+from sftkit.eval.benchmarks import build_items, load_source, prompt_spec
+from sftkit.eval.config import EvalConfig, load_eval_config
+from sftkit.eval.generate import GenerationStream, generate_all
+from sftkit.eval.verify import MathEnv, VerifierPool, pass_at_k, score_groups
 
 logger = logging.getLogger("sftkit")
+GATHER_TIMEOUT_S = 6 * 3600.0  # ranks finish their shares within this of each other
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".distcp", ".pt")  # what a fingerprint reads
 
 SCORERS: dict[str, Callable[[str, str], bool]] = {
     "exact_match": lambda pred, ref: pred.strip() == ref.strip(),
     "contains": lambda pred, ref: ref.strip() in pred,
 }
 
-__all__ = ["evaluate", "load_eval_config", "main", "pass_at_k", "read_eval_rows"]
+QUICKSTART_HINT = (
+    " (no --config: this is NeMo RL's eval.yaml, Qwen2.5-Math-1.5B-Instruct on AIME 2024 from "
+    "the Hugging Face Hub; offline, score the quick start: uv run examples/run_eval.py --config "
+    "examples/configs/evals/quickstart.yaml)"
+)
+
+__all__ = ["evaluate", "load_eval_config", "main", "pass_at_k"]
 
 
 # -- model --------------------------------------------------------------------------------
@@ -76,7 +89,7 @@ def hf_model_dir(model_name: str) -> Iterator[tuple[str, str | None]]:
         yield model_name, None  # a hub id
 
 
-def load_model(model_dir: str, adapter: str | None, device: str) -> Any:
+def load_model(model_dir: str, adapter: str | None, device: str, local_rank: int = 0) -> Any:
     from transformers import AutoModelForCausalLM
 
     from sftkit.dist import pick_device
@@ -92,7 +105,7 @@ def load_model(model_dir: str, adapter: str | None, device: str) -> Any:
         from peft import PeftModel  # an optional dependency, only for adapter directories
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return model.to(pick_device(device, 0)).eval()
+    return model.to(pick_device(device, local_rank)).eval()
 
 
 def load_eval_tokenizer(cfg: EvalConfig, model_dir: str, adapter: str | None) -> Any:
@@ -101,7 +114,11 @@ def load_eval_tokenizer(cfg: EvalConfig, model_dir: str, adapter: str | None) ->
 
     from sftkit.data.tokenizer import resolve_chat_template
 
-    name = cfg.tokenizer.name or _tokenizer_dir(model_dir, adapter)
+    name = cfg.tokenizer.name
+    if name in (None, cfg.generation.model_name):
+        # NeMo RL's eval.yaml sets tokenizer.name: ${generation.model_name}: the model's own,
+        # which for a step_N or an adapter lives elsewhere than the path given
+        name = _tokenizer_dir(model_dir, adapter)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
@@ -130,98 +147,7 @@ def _tokenizer_dir(model_dir: str, adapter: str | None) -> str:
     return model_dir
 
 
-# -- data and prompts -------------------------------------------------------------------
-def read_eval_rows(cfg: EvalDataSection) -> list[dict[str, Any]]:
-    """Rows of `data.data_path` (any format training reads); each needs both keys."""
-    from sftkit.data.datasets.files import read_rows
-    from sftkit.data.errors import DataError
-
-    rows = list(read_rows(cfg.data_path, split=cfg.split))
-    for row in rows:
-        for key in (cfg.problem_key, cfg.solution_key):
-            if row.get(key) is None:
-                raise DataError(
-                    str(row.get("_origin", cfg.data_path)),
-                    f"no {key!r} value (keys: {sorted(k for k in row if k != '_origin')}).",
-                    "set data.problem_key / data.solution_key to your columns.",
-                )
-    return rows[: cfg.max_samples] if cfg.max_samples else rows
-
-
-def build_prompts(cfg: EvalConfig, tokenizer: Any, rows: list[dict[str, Any]]) -> list[str]:
-    """Chat-templated prompts ending in the generation header, with BOS as training adds it."""
-    from sftkit.data.datasets.base import TaskDataSpec
-
-    spec = TaskDataSpec("eval", cfg.data.prompt_file, cfg.data.system_prompt_file)
-    kwargs = dict(cfg.tokenizer.chat_template_kwargs or {})
-    bos = tokenizer.bos_token
-    prompts = []
-    for row in rows:
-        messages = [{"role": "user", "content": str(row[cfg.data.problem_key])}]
-        messages = spec.apply({"messages": messages})["messages"]
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **kwargs
-        )
-        prompts.append(bos + text if bos and not text.startswith(bos) else text)
-    return prompts
-
-
 # -- generation and scoring -------------------------------------------------------------
-@torch.no_grad()
-def generate(
-    model: Any, tokenizer: Any, prompts: list[str], cfg: GenerationSection, n: int, limit: int
-) -> list[list[str]]:
-    """`n` completions per prompt (greedy when temperature is 0), batched, left-padded."""
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    sampling = cfg.temperature > 0
-    eos = [tokenizer.eos_token_id, *(cfg.stop_token_ids or [])]
-    outputs: list[list[str]] = []
-    for start in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[start : start + cfg.batch_size]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-        if limit and enc["input_ids"].shape[1] > limit:
-            raise ValueError(
-                f"a prompt has {enc['input_ids'].shape[1]} tokens, more than "
-                f"data.max_input_seq_length={limit}; raise it or shorten the prompts."
-            )
-        enc = {k: v.to(device) for k, v in enc.items()}
-        out = model.generate(
-            **enc,
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=sampling,
-            temperature=cfg.temperature if sampling else None,
-            top_p=cfg.top_p if sampling else None,
-            top_k=(cfg.top_k if cfg.top_k > 0 else 0) if sampling else None,
-            num_return_sequences=n if sampling else 1,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=[i for i in eos if i is not None],
-        )
-        texts = tokenizer.batch_decode(
-            out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
-        )
-        texts = [_cut(t, cfg.stop_strings) for t in texts]
-        per = n if sampling else 1
-        for k in range(len(chunk)):
-            group = texts[k * per : (k + 1) * per]
-            outputs.append(group if sampling else group * n)  # greedy samples are identical
-    return outputs
-
-
-def _cut(text: str, stops: list[str] | None) -> str:
-    for stop in stops or []:
-        if stop and stop in text:
-            text = text[: text.index(stop)]
-    return text
-
-
-def pass_at_k(n: int, correct: int, k: int) -> float:
-    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
-    if n - correct < k:
-        return 1.0
-    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
-
-
 def score_prompt(samples: list[str], reference: str, metric: str, k: int) -> tuple[float, bool]:
     """(score of one prompt, whether its first sample is right)."""
     scorer = SCORERS["contains" if metric == "contains" else "exact_match"]
@@ -234,39 +160,89 @@ def score_prompt(samples: list[str], reference: str, metric: str, k: int) -> tup
     return sum(hits) / len(hits), hits[0]
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Generate for every row and score it; the result is what `eval.save_path` receives."""
+def evaluate(cfg: EvalConfig, rank: int = 0, world: int = 1, local_rank: int = 0) -> dict[str, Any]:
+    """Generate for every row and score it; the result is what `eval.save_path` receives.
+    With several ranks each generates a share; rank 0 scores all and returns the result,
+    the others return {}."""
     t0 = time.monotonic()
     torch.manual_seed(cfg.eval.seed)
-    rows = read_eval_rows(cfg.data)
+    source = load_source(cfg)
+    spec = prompt_spec(cfg)
+    math_env = MathEnv.from_env(cfg.env)  # a bad env.math fails before the model loads
     with hf_model_dir(cfg.generation.model_name) as (model_dir, adapter):
         tokenizer = load_eval_tokenizer(cfg, model_dir, adapter)
-        prompts = build_prompts(cfg, tokenizer, rows)
-        model = load_model(model_dir, adapter, cfg.generation.device)
+        items = build_items(source, spec, tokenizer)
+        prompts = [i.prompt for i in items]
+        model = load_model(model_dir, adapter, cfg.generation.device, local_rank)
+        fingerprint = run_fingerprint(cfg, prompts, model_dir, adapter)
     n = cfg.eval.num_tests_per_prompt
     limit = cfg.data.max_input_seq_length or 0
-    samples = generate(model, tokenizer, prompts, cfg.generation, n, limit)
-    scores, generations = [], []
-    for row, group in zip(rows, samples, strict=True):
-        reference = str(row[cfg.data.solution_key])
-        value, first_right = score_prompt(group, reference, cfg.eval.metric, cfg.eval.k_value)
-        scores.append(value)
-        entry = {"prompt": str(row[cfg.data.problem_key]), "generation": group[0],
+    path = cfg.eval.generations_path
+    stream = GenerationStream(Path(path), fingerprint, rank, world) if path else None
+    samples = generate_all(model, tokenizer, prompts, cfg.generation, n, limit,
+                           seed=cfg.eval.seed, stream=stream, rank=rank, world=world)  # fmt: skip
+    if rank != 0:
+        return {}
+    references = [item.reference for item in items]
+    timed_out = 0
+    if cfg.eval.metric in ("pass@k", "cons@k"):  # NeMo RL's metrics: its answer checks
+        with VerifierPool(source.verifier, math_env.num_workers) as pool:
+            checked = score_groups(pool, samples, references, cfg.eval.metric, cfg.eval.k_value)
+            timed_out = pool.timed_out
+        results = [(c.value, c.first_right) for c in checked]
+    else:
+        results = [score_prompt(g, r, cfg.eval.metric, cfg.eval.k_value)
+                   for g, r in zip(samples, references, strict=True)]  # fmt: skip
+    generations = []
+    for item, group, reference, (value, first_right) in zip(
+        items, samples, references, results, strict=True
+    ):
+        entry = {"prompt": item.problem, "generation": group[0],
                  "reference": reference, "correct": first_right, "score": value}  # fmt: skip
         if n > 1:
             entry["samples"] = group
         generations.append(entry)
     return {
         "model": cfg.generation.model_name,
-        "dataset": cfg.data.data_path,
+        "dataset": source.name,
+        "verifier": source.verifier,
         "metric": cfg.eval.metric,
         "k": cfg.eval.k_value,
         "num_tests_per_prompt": n,
         "temperature": cfg.generation.temperature,
-        "score": sum(scores) / max(len(scores), 1),
-        "num_samples": len(rows),
+        "score": sum(v for v, _ in results) / max(len(results), 1),
+        "num_samples": len(items),
+        "verify_timed_out": timed_out,  # answers whose check was killed (scored 0)
         "seconds": round(time.monotonic() - t0, 2),
         "generations": generations,
+    }
+
+
+def run_fingerprint(
+    cfg: EvalConfig, prompts: list[str], model_dir: str, adapter: str | None
+) -> dict[str, Any]:
+    """What makes a streamed generation reusable: the model (and its weight files' sizes
+    and times, so a retrained final_hf is not mistaken for the old one), the prompts and
+    the sampling settings."""
+    # The configured path, not model_dir: a step_N checkpoint is converted into a new
+    # temporary directory on every run.
+    local = Path(cfg.generation.model_name).expanduser()
+    roots = [local if local.exists() else Path(model_dir), *([Path(adapter)] if adapter else [])]
+    weights = sorted(
+        f"{file}:{file.stat().st_size}:{file.stat().st_mtime_ns}"
+        for root in roots if root.is_dir()
+        for file in root.rglob("*") if file.suffix in WEIGHT_SUFFIXES
+    )  # fmt: skip
+    gen = cfg.generation
+    return {
+        "model": gen.model_name,
+        "weights": hashlib.sha256("|".join(weights).encode()).hexdigest()[:16],
+        "prompts": hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:16],
+        "num_prompts": len(prompts),
+        "n": cfg.eval.num_tests_per_prompt,
+        "seed": cfg.eval.seed,
+        "sampling": [gen.temperature, gen.top_p, gen.top_k, gen.max_new_tokens],
+        "stop": [gen.stop_strings, gen.stop_token_ids],
     }
 
 
@@ -280,18 +256,84 @@ def main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     setup_logging()
     cfg = load_eval_config(args.config, overrides)
-    result = redact(evaluate(cfg))  # a model URL's password, a token in a generation
+    ranks = int(cfg.cluster.get("gpus_per_node", 1) or 1)
+    if int(cfg.cluster.get("num_nodes", 1) or 1) > 1:
+        raise ValueError(
+            f"cluster.num_nodes={cfg.cluster['num_nodes']}: sftkit eval generates on one node; "
+            "set cluster.num_nodes=1 and cluster.gpus_per_node to this node's GPUs."
+        )
+    offline_if_unreachable(cfg)
+    if ranks > 1 and not in_launcher(os.environ):  # data-parallel: this node's ranks
+        from sftkit.lifecycle.launch import launch_ranks
+
+        return launch_ranks(ranks, cfg.generation.device, ["eval", *argv])
+    # Ranks wait for each other only at the gather after generating their shares: one
+    # rank's share can run past torch's 10-minute NCCL default on a long benchmark.
+    env = init_distributed(cfg.generation.device, collective_timeout_s=GATHER_TIMEOUT_S)
+    try:
+        result = evaluate(cfg, env.rank, env.world_size, env.local_rank)
+    except Exception as err:
+        if (
+            args.config is None
+        ):  # NeMo RL's eval.yaml (hub model and benchmark): name the offline one
+            from sftkit.errors import add_usage_hint
+
+            add_usage_hint(err, QUICKSTART_HINT)
+        raise
+    finally:
+        shutdown_distributed()
+    if not env.is_main:
+        return 0
+    result = redact(result)  # a model URL's password, a token in a generation
     gen = cfg.generation
     sampling = "greedy" if gen.temperature == 0 else f"temperature {gen.temperature}"
     metric = result["metric"].replace("@k", f"@{cfg.eval.k_value}")
+    timed_out = (
+        f", {result['verify_timed_out']} checks timed out" if result["verify_timed_out"] else ""
+    )
     print(scrub(
         f"model {result['model']} | data {result['dataset']} | {sampling}, max_new_tokens "
         f"{gen.max_new_tokens} | {metric} {result['score']:.4f} ({result['num_samples']} "
-        f"samples, {result['seconds']}s)"
+        f"samples{timed_out}, {result['seconds']}s)"
     ))  # fmt: skip
     if cfg.eval.save_path:
-        path = Path(cfg.eval.save_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-        print(f"saved {path}")
+        print(f"saved {save_result(result, cfg, Path(cfg.eval.save_path))}")
+    if cfg.logger.log_dir:
+        from sftkit.eval.track import log_to_run, metric_names
+
+        exp_dir = log_to_run(cfg.logger.log_dir, cfg.generation.model_name, metric_names(result))
+        print(f"logged to the run in {exp_dir}")
     return 0
+
+
+def offline_if_unreachable(cfg: EvalConfig) -> bool:
+    """Probe the hub once when the model, tokenizer or benchmark may come from it; offline
+    mode when unreachable, so a missing file fails in seconds, not after minutes of retries
+    (as `sftkit.hub.offline_if_unreachable` does for training)."""
+    from sftkit.hub import hub_offline, hub_reachable, may_use_hub, set_offline
+
+    data = cfg.data.data_path or cfg.data.dataset_name
+    names = [cfg.generation.model_name, cfg.tokenizer.name, data]
+    if hub_offline() or not may_use_hub(names) or hub_reachable():
+        return False
+    set_offline()
+    logger.info("The Hugging Face Hub is unreachable: using only locally cached files.")
+    return True
+
+
+def save_result(result: dict[str, Any], cfg: EvalConfig, path: Path) -> Path:
+    """`*.json`: one file, the score, the generations and the config (`config`); any other
+    path is a directory, as NeMo RL's save_path: `config.json` and `evaluation_data.json`."""
+    import dataclasses
+
+    from sftkit.log import redact
+
+    config = redact(dataclasses.asdict(cfg))
+    if path.suffix == ".json":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**result, "config": config}, indent=1))
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    (path / "evaluation_data.json").write_text(json.dumps(result, indent=1))
+    return path

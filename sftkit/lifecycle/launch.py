@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -28,9 +29,20 @@ def requested_ranks(cfg: MasterConfig) -> int:
     return cfg.cluster.gpus_per_node * cfg.cluster.num_nodes
 
 
-def child_command(argv: list[str]) -> list[str]:
-    """The per-rank command: the same `sft` invocation, with the same overrides."""
-    return ["-m", "sftkit.cli", "sft", *argv]
+def child_command(argv: list[str], command: str = "sft") -> list[str]:
+    """The per-rank command: the same `sft` (or `eval`) invocation, with the same overrides."""
+    return ["-m", "sftkit.cli", command, *argv]
+
+
+def launch_ranks(nproc: int, device: str, command: list[str]) -> int:
+    """Start `nproc` ranks of `python -m sftkit.cli <command>` on this node (`sftkit eval`'s
+    data-parallel generation) and wait; the exit code as for training."""
+    try:
+        _check_devices(device, nproc)
+    except ValueError as err:  # eval's device key is generation.device
+        raise ValueError(str(err).replace("cluster.device", "generation.device")) from None
+    marker = Path(tempfile.mkdtemp(prefix="sftkit-ranks-")) / "preempted"
+    return _elastic_run(nproc, command[1:], marker, command[0])
 
 
 def maybe_self_launch(cfg: MasterConfig, argv: list[str]) -> int | None:
@@ -80,7 +92,7 @@ def _check_devices(preference: str, nproc: int) -> None:
         )
 
 
-def _elastic_run(nproc: int, argv: list[str], marker: Path) -> int:
+def _elastic_run(nproc: int, argv: list[str], marker: Path, command: str = "sft") -> int:
     """Run the ranks; 75 whenever rank 0 left the preemption `marker` (it saved and stopped
     for requeue), also when this launcher was the one signalled: torch's agent then gives
     the ranks SIGTERM and a grace period, and raises SignalException."""
@@ -109,7 +121,7 @@ def _elastic_run(nproc: int, argv: list[str], marker: Path) -> int:
     logger.info("Starting %d ranks on this node (torch elastic)", nproc)
     code = 0
     try:
-        elastic_launch(config, sys.executable)(*child_command(argv))
+        elastic_launch(config, sys.executable)(*child_command(argv, command))
     except ChildFailedError as err:
         codes = {rank: failure.exitcode for rank, failure in err.failures.items()}
         code = codes.get(0, next(iter(codes.values())))

@@ -13,6 +13,8 @@ The loop computes metrics with NeMo RL's names (`train/loss`, `train/grad_norm`,
     console.close(); loggers.close()
 """
 
+from typing import TYPE_CHECKING, Any
+
 from sftkit.log.console import (
     ConsoleReporter,
     format_eta,
@@ -20,17 +22,6 @@ from sftkit.log.console import (
     format_validation_line,
     setup_logging,
 )
-from sftkit.log.flops import (
-    active_matmul_params,
-    device_peak_flops,
-    flops_per_token,
-    matmul_params,
-    mfu,
-    peak_flops,
-    throughput_metrics,
-)
-from sftkit.log.gpu import GpuMonitor
-from sftkit.log.loggers import Loggers, build_loggers
 from sftkit.log.redact import (
     REDACTED,
     RedactingFilter,
@@ -48,6 +39,51 @@ from sftkit.log.sinks import (
     read_jsonl,
 )
 from sftkit.log.trackers import MlflowSink, WandbSink, check_reachable, flatten
+
+if TYPE_CHECKING:
+    from sftkit.log.flops import (
+        active_matmul_params,
+        device_peak_flops,
+        flops_per_token,
+        matmul_params,
+        mfu,
+        peak_flops,
+        throughput_metrics,
+    )
+    from sftkit.log.gpu import GpuMonitor
+    from sftkit.log.loggers import Loggers, build_loggers
+
+# These modules import torch (1.5 CPU-s): loaded on first use, so the config path
+# (`--print-config`, a config error, `sftkit keys`) answers without it.
+_LAZY = {
+    **dict.fromkeys(
+        (
+            "active_matmul_params",
+            "device_peak_flops",
+            "flops_per_token",
+            "matmul_params",
+            "mfu",
+            "peak_flops",
+            "throughput_metrics",
+        ),
+        "sftkit.log.flops",
+    ),  # fmt: skip
+    "GpuMonitor": "sftkit.log.gpu",
+    "Loggers": "sftkit.log.loggers",
+    "build_loggers": "sftkit.log.loggers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sftkit.log' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "REDACTED",

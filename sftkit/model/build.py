@@ -39,6 +39,7 @@ from torch import nn
 from sftkit.config import MasterConfig
 from sftkit.dist import DistEnv
 from sftkit.model.attention import check_document_isolation, enable_packed_attention
+from sftkit.model.dora import init_magnitudes_sharded
 from sftkit.model.fp8 import apply_fp8
 from sftkit.model.fused import apply_fused_kernels, compile_layers
 from sftkit.model.load import DTYPES, load_model
@@ -86,9 +87,13 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
         "trust_remote_code": p.trust_remote_code,
         "attn_implementation": p.attn_implementation,
         "config_overrides": dict(p.hf_config_overrides or {}),
+        "dequantize": p.dequantize_base_checkpoint,  # gpt-oss's MXFP4 experts
     }
     # 1. load
-    model = (build_meta_model if sharded else load_model)(p.model_name, **load_options)
+    if sharded:  # weights are read in step 8, block by block
+        model = build_meta_model(p.model_name, **load_options)
+    else:
+        model = load_model(p.model_name, **load_options, progress=env.is_main)
     # 2. fuse weights: nothing yet (fused QKV / gate-up projections would go here)
     # 3. LoRA
     spec = lora_spec_from_config(p)
@@ -144,9 +149,12 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
         experts,
     )
     materialize(model, torch.device("cpu") if d.cpu_offload else env.device)
-    load_sharded_weights(model, weight_files(p.model_name, env), lambda n: not is_lora_param(n))
+    files = weight_files(p.model_name, env)
+    load_sharded_weights(model, files, lambda n: not is_lora_param(n), progress=env.is_main)
     if spec is not None:
         init_lora_sharded(model, spec.lora_A_init, lora_rng)
+        if spec.use_dora:  # m = ||W|| per row: after the base weights and B = 0
+            init_magnitudes_sharded(model)
     if p.sequence_packing.enabled:  # skipped on the meta device in step 5: weights now
         check_document_isolation(model)
     return model

@@ -11,8 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from sftkit.log.progress import Progress
 from sftkit.model.attention import set_attention_implementation
 from sftkit.model.builtin import resolve_model_path
+from sftkit.model.mxfp4 import from_pretrained_options, plan_dequantize
 from sftkit.model.size_check import check_model_size
 
 logger = logging.getLogger("sftkit")
@@ -30,11 +32,14 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     config_overrides: dict[str, Any] | None = None,
+    dequantize: bool = False,
+    progress: bool = False,
 ) -> nn.Module:
     """`AutoModelForCausalLM` from an HF id, a local directory or `sftkit:<builtin>`.
 
     Parameters stay in `param_dtype` (float32 master weights by default; compute precision
-    comes from autocast in the loop).
+    comes from autocast in the loop). `dequantize`: `policy.dequantize_base_checkpoint`
+    (`sftkit.model.mxfp4`). `progress`: a closing line for a long load.
     """
     from transformers import AutoModelForCausalLM
 
@@ -44,14 +49,20 @@ def load_model(
         )
     path, config = model_config(model_name, trust_remote_code, config_overrides)
     kwargs: dict[str, Any] = {"config": config, "dtype": param_dtype}
+    if plan_dequantize(config, model_name, dequantize):
+        kwargs.update(from_pretrained_options())
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, trust_remote_code=trust_remote_code, **kwargs
-        )
-    except OSError as err:  # config found, weights not (partial download, no network)
-        raise ValueError(_unloadable(model_name, err)) from err
+    # transformers reads the files itself (its own bar on a terminal): without a hook into
+    # it, a log gets a closing line with the size and time of a load longer than `quiet_s`.
+    with Progress("loading weights", None, "B", enabled=progress) as bar:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, trust_remote_code=trust_remote_code, **kwargs
+            )
+        except OSError as err:  # config found, weights not (partial download, no network)
+            raise ValueError(_unloadable(model_name, err)) from err
+        bar.update(sum(p.numel() * p.element_size() for p in model.parameters()))
     if getattr(model.config, "use_cache", False):
         # A KV cache during training only costs memory (and, with an attention mask,
         # changes how transformers builds masks for packed rows).

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sftkit.model import dora
 from sftkit.model.load import DTYPES, lora_unsafe_leaves, moe_routers
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class LoraSpec:
     lora_A_init: Literal["xavier", "uniform"] = "xavier"  # xavier normal | kaiming uniform
     use_triton: bool = True  # fused Triton kernels on CUDA (never under tensor parallelism)
     lora_dtype: torch.dtype = torch.float32  # adapter parameter dtype (uniform for FSDP)
+    use_dora: bool = False  # DoRA: a trained magnitude per output row (`sftkit.model.dora`)
 
     def __post_init__(self) -> None:
         if self.dim < 1:
@@ -70,6 +72,11 @@ class LoraSpec:
             raise ValueError(
                 f"LoRA lora_A_init must be 'xavier' (normal) or 'uniform' (kaiming), "
                 f"got {self.lora_A_init!r}."
+            )
+        if self.use_dora and self.dropout > 0 and self.dropout_position == "post":
+            raise ValueError(
+                "LoRA use_dora with dropout > 0 needs dropout_position 'pre' (PEFT's DoRA drops "
+                "the LoRA input; 'post' has no DoRA form); set lora_cfg.dropout_position=pre."
             )
 
     @property
@@ -98,6 +105,7 @@ def lora_spec_from_config(policy_cfg: PolicyConfig) -> LoraSpec | None:
         lora_A_init=lcfg.lora_A_init,  # type: ignore[arg-type]
         use_triton=bool(lcfg.use_triton),
         lora_dtype=DTYPES[lcfg.lora_dtype],
+        use_dora=bool(lcfg.use_dora),
     )
 
 
@@ -279,6 +287,8 @@ class LoraLinear(nn.Linear):
             else:
                 nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
+        if dora.has_dora(self):
+            dora.init_magnitude(self)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         shape = x.shape
@@ -289,10 +299,15 @@ class LoraLinear(nn.Linear):
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         active = self.training and self.lora_dropout_p > 0
         if _is_dtensor(weight, A, B, x2):  # tensor parallel: plain ops keep DTensor layouts
+            if dora.has_dora(self):  # the config refuses it; a model built in code too
+                raise ValueError("LoRA use_dora is not supported under tensor parallelism.")
             out = self._forward_composite(x2, weight, bias, A, B, active)
         else:
             with torch.autocast(dev, enabled=False):
-                if active and self.lora_dropout_position == "post":
+                if dora.has_dora(self):
+                    out = dora.dora_forward(self, x2, weight, bias, A, B, active,
+                                             LoraLinearFunction.apply)  # fmt: skip
+                elif active and self.lora_dropout_position == "post":
                     base = F.linear(x2, weight, bias)
                     branch = LoraLinearFunction.apply(
                         x2, None, None, None, A, B, self.lora_scale, self.lora_use_triton
@@ -345,6 +360,8 @@ def _inject(module: nn.Linear, spec: LoraSpec) -> None:
     lora.lora_scale = spec.scale
     lora.lora_dropout_position = spec.dropout_position
     lora.lora_use_triton = spec.use_triton
+    if spec.use_dora:
+        dora.add_magnitude(lora, spec.lora_dtype)
     if dev.type != "meta":
         lora.reset_lora_parameters(spec.lora_A_init)
 
@@ -358,6 +375,8 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise ValueError("apply_lora: the model already has LoRA layers; apply it once.")
     names = select_lora_modules(model, spec)
+    if spec.use_dora:
+        dora.refuse_experts(names)
     for name in names:
         _inject(model.get_submodule(name), spec)  # type: ignore[arg-type]
     for pname, param in model.named_parameters():
@@ -378,7 +397,7 @@ def reset_lora_parameters(model: nn.Module, spec: LoraSpec) -> None:
 
 
 def _is_lora_param(name: str) -> bool:
-    return ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
+    return any(f".{k}." in f".{name}" for k in ("lora_A", "lora_B", dora.MAGNITUDE))
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
@@ -400,6 +419,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for name, module in lora_modules(model).items():
         out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = _full(module.lora_A.weight).detach()
         out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = _full(module.lora_B.weight).detach()
+        if dora.has_dora(module):  # PEFT's key has no `.weight`
+            out[f"{PEFT_PREFIX}{name}.{dora.MAGNITUDE}"] = _full(dora.magnitude(module)).detach()
     return out
 
 
@@ -408,7 +429,10 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
     own = lora_state_dict(model)
     params = {f"{PEFT_PREFIX}{n}.{ab}.weight": getattr(m, ab).weight
               for n, m in lora_modules(model).items() for ab in ("lora_A", "lora_B")}  # fmt: skip
-    given = {k.replace(".default.", "."): v for k, v in sd.items()}
+    params |= {f"{PEFT_PREFIX}{n}.{dora.MAGNITUDE}": dora.magnitude(m)
+               for n, m in lora_modules(model).items() if dora.has_dora(m)}  # fmt: skip
+    given = {k.replace(".default.", ".").replace(f"{dora.MAGNITUDE}.weight", dora.MAGNITUDE): v
+             for k, v in sd.items()}  # fmt: skip
     given = {(k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k): v for k, v in given.items()}
     missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
     if missing or unexpected:
@@ -464,7 +488,7 @@ def save_adapter(model: nn.Module, out_dir: Path, base_model_name_or_path: str,
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": spec.use_dora,
         "init_lora_weights": True,
         "modules_to_save": None,
         "inference_mode": True,
@@ -475,15 +499,21 @@ def save_adapter(model: nn.Module, out_dir: Path, base_model_name_or_path: str,
 
 
 def merge_lora(model: nn.Module) -> None:
-    """In place: W += scale * B @ A, then restore plain linear layers (a normal HF model)."""
+    """In place: W += scale * B @ A (DoRA: `dora.merged_weight`), then restore plain linear
+    layers (a normal HF model)."""
     for module in lora_modules(model).values():
         with torch.no_grad():
             w = module.weight
-            delta = module.lora_B.weight.float() @ module.lora_A.weight.float()
-            w.copy_((w.float() + module.lora_scale * delta).to(w.dtype))
+            A, B = module.lora_A.weight, module.lora_B.weight
+            if dora.has_dora(module):
+                merged = dora.merged_weight(w, A, B, module.lora_scale, dora.magnitude(module))
+            else:
+                merged = w.float() + module.lora_scale * (B.float() @ A.float())
+            w.copy_(merged.to(w.dtype))
         base_cls = module._lora_base_cls
-        for attr in ("lora_A", "lora_B", "lora_dropout"):
-            delattr(module, attr)
+        for attr in ("lora_A", "lora_B", "lora_dropout", dora.MAGNITUDE):
+            if hasattr(module, attr):
+                delattr(module, attr)
         for attr in ("lora_scale", "lora_dropout_position", "lora_use_triton", "_lora_base_cls"):
             module.__dict__.pop(attr, None)
         module.__class__ = base_cls  # type: ignore[assignment]  # the swap back to nn.Linear

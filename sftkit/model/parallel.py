@@ -415,13 +415,17 @@ def build_meta_model(
     trust_remote_code: bool,
     attn_implementation: str | None,
     config_overrides: dict[str, Any],
+    dequantize: bool = False,
 ) -> nn.Module:
     """The HF model's architecture with parameters on the meta device (no weights read)."""
     from transformers import AutoModelForCausalLM
 
     from sftkit.model.load import keep_attention_softcap, model_config
+    from sftkit.model.mxfp4 import drop_quantization, plan_dequantize
 
     _, config = model_config(model_name, trust_remote_code, config_overrides)
+    if plan_dequantize(config, model_name, dequantize):  # read in load_sharded_weights
+        drop_quantization(config)
     if attn_implementation:
         config._attn_implementation = attn_implementation
     config.use_cache = False
@@ -474,14 +478,21 @@ def _local(param: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def load_sharded_weights(
-    model: nn.Module, files: list[Path], select: Callable[[str], bool] = lambda _: True
+    model: nn.Module,
+    files: list[Path],
+    select: Callable[[str], bool] = lambda _: True,
+    progress: bool = False,
 ) -> None:
     """Copy each selected parameter's own block from safetensors `files`, reading only that
     block from disk: no rank ever holds a whole tensor it does not own.
 
     A tied parameter is found under any of its names. Raises when one is missing.
+    `progress`: report the bytes this rank has read (`Progress`).
     """
     from safetensors import safe_open
+
+    from sftkit.log.progress import Progress
+    from sftkit.model.mxfp4 import read_dequantized
 
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
     where = {key: h for h in handles for key in h.keys()}  # noqa: SIM118 (not a dict)
@@ -489,17 +500,24 @@ def load_sharded_weights(
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(name)
     missing = []
-    for name, param in model.named_parameters():
-        if not select(name):
-            continue
-        key = next((n for n in aliases[id(param)] if n in where), None)
-        key = key if key is not None else file_key(model, name, where)
-        if key is not None:
-            _local(param).copy_(where[key].get_slice(key)[_local_index(param)])
-        elif (read := per_expert_reader(model, name, where)) is not None:
-            _local(param).copy_(read(_local_index(param)))
-        else:
-            missing.append(name)
+    chosen = [(n, p) for n, p in model.named_parameters() if select(n)]
+    size = sum(_local(p).numel() * _local(p).element_size() for _, p in chosen)
+    with Progress("loading weights", size, "B", enabled=progress) as bar:
+        for name, param in chosen:
+            local = _local(param)
+            key = next((n for n in aliases[id(param)] if n in where), None)
+            key = key if key is not None else file_key(model, name, where)
+            if key is not None:
+                local.copy_(where[key].get_slice(key)[_local_index(param)])
+            elif (read := per_expert_reader(model, name, where)) is not None:
+                local.copy_(read(_local_index(param)))  # one matrix per expert on disk
+            else:  # gpt-oss's MXFP4 experts (`sftkit.model.mxfp4`), else missing
+                block = read_dequantized(where, name, _local_index(param), param.dtype)
+                if block is None:
+                    missing.append(name)
+                else:
+                    local.copy_(block)
+            bar.update(local.numel() * local.element_size())
     if missing:
         raise ValueError(
             f"{files[0].parent} lacks {len(missing)} of the model's parameters, e.g. "
@@ -545,4 +563,4 @@ def materialize(model: nn.Module, device: torch.device) -> None:
 
 def is_lora_param(name: str) -> bool:
     """A LoRA parameter's name (`sftkit.model.lora`): initialised, not loaded from the base."""
-    return ".lora_A." in name or ".lora_B." in name
+    return ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name

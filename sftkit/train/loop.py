@@ -15,6 +15,7 @@ from sftkit.data.loader import dummy_micro_batch, micro_batches, rank_share
 from sftkit.errors import EXIT_OK, EXIT_REQUEUE
 from sftkit.lifecycle.lock import ensure_held
 from sftkit.lifecycle.signals import Deadline, StopFlag
+from sftkit.lifecycle.stall import report_position
 from sftkit.log import throughput_metrics
 from sftkit.model.context_parallel import shard_batches
 from sftkit.train.state import Run
@@ -52,6 +53,7 @@ def train(run: Run, stop: StopFlag | None = None) -> int:
                     break
                 continue
             step = state.step + 1
+            report_position(env, step, "train")  # names this rank if it stalls (lifecycle.stall)
 
             # Micro-batches for this rank; every rank runs the same number (dummies pad).
             mine = [run.train_examples[i] for i in rank_share(indices, env.dp_rank, dims.dp)]
@@ -116,13 +118,17 @@ def train(run: Run, stop: StopFlag | None = None) -> int:
                                    "first; the resumed run runs it", step)  # fmt: skip
                     state.validation_due = True
                 else:
+                    report_position(env, step, "validation")
                     state.metrics.update(validator.validate(step))
             if checkpointer.should_save(step, last_step, stopping):
                 ensure_held(run.lock, env)  # a run whose lock was taken over writes nothing
+                report_position(env, step, "checkpoint save")
                 t_save = time.monotonic()
                 checkpointer.save(state, last=last_step or stopping)
-                deadline.last_save = time.monotonic() - t_save
-                run.loggers.log({"timing/train/checkpointing": deadline.last_save}, step)
+                paused = time.monotonic() - t_save  # an async save: copying the state only
+                # the deadline must leave room for a whole save, background part included
+                deadline.last_save = max(paused, checkpointer.save_seconds)
+                run.loggers.log({"timing/train/checkpointing": paused}, step)
             if stopping:
                 reason = stop.reason or "checkpointing.checkpoint_must_save_by"
                 saved = "after saving" if cfg.checkpointing.enabled else "WITHOUT a checkpoint"

@@ -22,6 +22,12 @@ from sftkit.dist import DistEnv, init_distributed, shutdown_distributed
 from sftkit.errors import EXIT_FAILED, EXIT_REQUEUE
 from sftkit.lifecycle.lock import ensure_held, take_run_lock
 from sftkit.lifecycle.signals import Preempted, StopFlag, preempted_marker, write_preempted_marker
+from sftkit.lifecycle.stall import (
+    StalledRankError,
+    is_collective_timeout,
+    report_position,
+    stall_report,
+)
 from sftkit.log import (
     ConsoleReporter,
     Loggers,
@@ -134,10 +140,12 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
     """Tokenizer -> data -> checks -> resume pick -> model -> optimizer -> loggers -> resume."""
     seed_everything(cfg.sft.seed)
     tokenizer = load_tokenizer(cfg.policy)
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer, env)
     check_before_model(cfg, env, data)
     fingerprint = resume_fingerprint(cfg, tokenizer, data)
-    resume_dir, new_stage = pick_resume_dir(cfg.checkpointing, fingerprint, env)
+    resume_dir, new_stage = pick_resume_dir(
+        cfg.checkpointing, fingerprint, env, cfg.cluster.collective_timeout_s
+    )
     model = build_model(cfg, env)
     optimizer = setup_optimizer(cfg, env, model)
     scheduler = build_scheduler(optimizer, cfg.policy.scheduler)
@@ -202,7 +210,8 @@ def setup(cfg: MasterConfig, env: DistEnv) -> Run:
 
 def run_sft(cfg: MasterConfig) -> int:
     """The whole run; returns the process exit code (`sftkit.errors`' `EXIT_*`)."""
-    env = init_distributed(cfg.cluster.device, cfg.policy.dtensor_cfg)
+    timeout_s = cfg.cluster.collective_timeout_s
+    env = init_distributed(cfg.cluster.device, cfg.policy.dtensor_cfg, timeout_s)
     setup_logging(env.rank)
     install_redaction()
     c = cfg.checkpointing
@@ -216,6 +225,7 @@ def run_sft(cfg: MasterConfig) -> int:
         ckpt.check_writable(Path(c.checkpoint_dir), "checkpointing.checkpoint_dir")
         if env.is_main:
             ckpt.check_writable(Path(cfg.logger.log_dir), "logger.log_dir")
+        report_position(env, 0, "setup")
         lock = take_run_lock(Path(c.checkpoint_dir), c.take_over_lock, env)
         if env.is_main:
             preempted_marker(Path(c.checkpoint_dir)).unlink(missing_ok=True)
@@ -229,6 +239,9 @@ def run_sft(cfg: MasterConfig) -> int:
                 run.checkpointer.save_final(step, run.loggers.exp_dir)
                 curves_at_end(run.loggers.exp_dir)  # exp_NNN/curves.png (matplotlib: optional)
         finally:
+            # An async save in flight is finished before the run lock is released (a run
+            # that ended normally or stopped already waited for it: `save(last=True)`).
+            run.checkpointer.finish_in_flight()
             run.console.close()
             run.loggers.close()
         env.barrier()
@@ -238,6 +251,10 @@ def run_sft(cfg: MasterConfig) -> int:
             "again (exit code %d)", signal.Signals(signalled.signum).name, EXIT_REQUEUE,
         )  # fmt: skip
         code = EXIT_REQUEUE
+    except Exception as err:
+        if is_collective_timeout(err):  # one line naming the stalled rank, not gloo's error
+            raise StalledRankError(stall_report(env, timeout_s)) from err
+        raise
     finally:
         stop.interrupt = False  # a signal from here on must not replace the outcome
         try:

@@ -2,13 +2,15 @@
 
 Killed runs are real processes: a fork of this test process runs the real entry point
 (`sft_main`) and is killed with SIGKILL at a named point of the save of step 3
-(`SFTKIT_TEST_SAVE_FAULT`), or at a random moment inside a slowed-down save. The restart
-must resume from the newest complete checkpoint and log exactly what the uninterrupted
-reference logged.
+(`SFTKIT_TEST_SAVE_FAULT`), or at a random moment inside a slowed-down save; the same with
+`checkpointing.is_async=true`, where the save is written by a background thread while the
+next steps train. The restart must resume from the newest complete checkpoint and log
+exactly what the uninterrupted reference logged.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -23,6 +25,11 @@ from sftkit.checkpoint import layout as ckpt
 
 STEPS = 5
 EXACT = ("train/loss", "train/grad_norm", "train/lr")
+ASYNC = "checkpointing.is_async=true"
+SAVE_POINTS = [
+    ("start", 2), ("files_written", 2), ("info_written", 2), ("manifest_tmp", 2),
+    ("manifest_written", 2), ("renamed", 3), ("retention", 3),
+]  # fmt: skip
 
 
 def fork_run(small_run, work: Path, env: dict[str, str], *more: str) -> int:
@@ -60,28 +67,26 @@ def assert_restart_is_exact(small_run, reference_run, work: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("point", "resumes_from"),
-    [
-        ("start", 2), ("files_written", 2), ("info_written", 2), ("manifest_tmp", 2),
-        ("manifest_written", 2), ("renamed", 3), ("retention", 3),
-    ],
-)  # fmt: skip
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize(("point", "resumes_from"), SAVE_POINTS)
 def test_sigkill_at_each_save_point(
-    small_run, reference_run, tmp_path: Path, point: str, resumes_from: int
+    small_run, reference_run, tmp_path: Path, point: str, resumes_from: int, mode: str
 ) -> None:
     keep = ["checkpointing.keep_top_k=1", "checkpointing.metric_name=null"]
+    keep += [ASYNC] if mode == "async" else []
     pid = fork_run(small_run, tmp_path, {ckpt.FAULT_ENV: f"{point}@3"}, *keep)
     assert killed_by_sigkill(pid)
     assert assert_restart_is_exact(small_run, reference_run, tmp_path) == resumes_from
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigkill_at_random_moments_inside_a_save(
-    small_run, reference_run, tmp_path: Path, seed: int
+    small_run, reference_run, tmp_path: Path, seed: int, mode: str
 ) -> None:
-    pid = fork_run(small_run, tmp_path, {ckpt.SLOW_ENV: "0.03"})
+    more = [ASYNC] if mode == "async" else []
+    pid = fork_run(small_run, tmp_path, {ckpt.SLOW_ENV: "0.03"}, *more)
     deadline = time.monotonic() + 60
     while not list((tmp_path / "ckpt").glob("tmp_step_*")) and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -89,6 +94,24 @@ def test_sigkill_at_random_moments_inside_a_save(
     os.kill(pid, signal.SIGKILL)
     assert killed_by_sigkill(pid)
     assert_restart_is_exact(small_run, reference_run, tmp_path)
+
+
+def test_async_saves_write_what_sync_saves_write(small_run, reference_run, tmp_path: Path) -> None:
+    """Every step's state, copied when the save starts and written while the next steps
+    train, hashes as the synchronous reference's does (weights, optimizer, sampler, RNG)."""
+    result = small_run.inprocess(tmp_path, f"sft.max_num_steps={STEPS}", ASYNC)
+    assert result.returncode == 0
+    rows, ref = result.train_rows(), reference_run.train_rows()
+    assert all(rows[step][k] == ref[step][k] for step in rows for k in EXACT)
+    for step in range(1, STEPS + 1):
+        path = tmp_path / "ckpt" / f"step_{step}"
+        assert ckpt.verify(path) is None
+        files = json.loads((path / ckpt.MANIFEST).read_text())["files"]
+        reference = reference_run.checkpoint_dir / f"step_{step}" / ckpt.MANIFEST
+        expected = json.loads(reference.read_text())["files"]
+        state = [n for n in files if n.endswith((".safetensors", ".pt"))]
+        assert len(state) >= 5
+        assert {n: files[n] for n in state} == {n: expected[n] for n in state}, step
 
 
 def two_checkpoints(reference_run, work: Path) -> Path:

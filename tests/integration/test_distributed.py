@@ -18,6 +18,8 @@ import pytest
 import torch
 from conftest import RunResult, SmallRun, dir_times, finished
 
+from sftkit.checkpoint import layout as ckpt
+
 STEPS = 6
 RTOL = 1e-5
 COMMON = (
@@ -141,6 +143,23 @@ def test_resume_sharded_checkpoint_on_one_rank(
     shutil.rmtree(work / "ckpt" / "final_hf")
     resumed = one_rank(small_run, work)
     assert_same_losses(single, resumed, [4, 5, 6])
+
+
+@pytest.mark.slow
+def test_async_saves_on_two_ranks_resume_exactly(
+    small_run: SmallRun, single: RunResult, fsdp: RunResult, tmp_path: Path
+) -> None:
+    """`checkpointing.is_async` on two ranks (DCP's async_save, manifest hashed in the
+    background): the same losses, step_3 written while steps 4-5 trained resumes them."""
+    run = two_ranks(small_run, tmp_path / "async", "checkpointing.is_async=true")
+    assert_same_losses(fsdp, run, list(range(1, STEPS + 1)))
+    assert ckpt.verify(run.checkpoint_dir / "step_3") is None
+    assert_same_weights(fsdp.checkpoint_dir / "final_hf", run.checkpoint_dir / "final_hf")
+    work = tmp_path / "resume"
+    shutil.copytree(run.work, work)
+    shutil.rmtree(work / "ckpt" / "step_6")
+    shutil.rmtree(work / "ckpt" / "final_hf")
+    assert_same_losses(single, one_rank(small_run, work), [4, 5, 6])
 
 
 @pytest.mark.heavy  # minutes of CPU on 2 cores: `uv run --group dev pytest -m heavy`

@@ -96,6 +96,8 @@ def test_eval_scores_the_final_model(trained: dict, tmp_path: Path) -> None:
     data = REPO / "examples" / "data" / "addition_validation.jsonl"
     result = run(
         "run_eval.py",
+        "--config",
+        str(REPO / "examples" / "configs" / "evals" / "quickstart.yaml"),
         f"data.data_path={data}",
         "data.max_samples=32",
         f"eval.save_path={out}",

@@ -140,3 +140,22 @@ def test_torchrun_leaves_the_marker(small_run, tmp_path: Path) -> None:
     assert marker.is_file(), (code, (tmp_path / "stderr.txt").read_text()[-3000:])
     latest = ckpt.latest_checkpoint(tmp_path / "ckpt")
     assert latest is not None and latest.name == f"step_{json.loads(marker.read_text())['step']}"
+
+
+@pytest.mark.slow  # a training subprocess
+def test_preemption_with_an_async_save_in_flight_publishes_both(small_run, tmp_path: Path) -> None:
+    """`checkpointing.is_async` with slow saves (one in flight when SIGTERM comes): the
+    stopping save waits for it, then saves the stopped step and finishes it before exit 75."""
+    proc = small_run.start(tmp_path, "checkpointing.is_async=true", "sft.max_num_steps=600",
+                           "sft.max_num_epochs=100", env={ckpt.SLOW_ENV: "0.1"})  # fmt: skip
+    code = terminate_after_step(proc, tmp_path / "logs")
+    assert code == EXIT_REQUEUE, (tmp_path / "stderr.txt").read_text()[-3000:]
+    stopped = max(
+        json.loads(line).get("step", 0)
+        for path in (tmp_path / "logs").rglob("metrics.jsonl")
+        for line in path.read_text().splitlines()
+    )
+    latest = ckpt.latest_checkpoint(tmp_path / "ckpt")
+    assert latest == tmp_path / "ckpt" / f"step_{stopped}"
+    assert ckpt.verify(latest) is None and ckpt.verify(latest.with_name("step_1")) is None
+    assert not list((tmp_path / "ckpt").glob("tmp_step_*"))

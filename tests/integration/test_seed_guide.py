@@ -212,7 +212,8 @@ def test_megatron_peft_custom_template_then_eval(
     for model in ("step_2", "final_adapter", "final_hf"):
         out = work / f"eval_{model}.json"
         capsys.readouterr()
-        code = eval_main([f"generation.model_name={work / 'ckpt' / model}",
+        code = eval_main(["--config", str(REPO / "examples/configs/evals/quickstart.yaml"),
+                          f"generation.model_name={work / 'ckpt' / model}",
                           f"data.data_path={data}", "generation.max_new_tokens=2",
                           f"eval.save_path={out}"])  # fmt: skip
         assert code == 0, capsys.readouterr().err[-2000:]

@@ -112,6 +112,12 @@ def _read_text(path: str, key: str) -> str:
     return found.read_text(encoding="utf-8")
 
 
+def read_prompt_text(path: str, key: str) -> str:
+    """A prompt file's text, found as `TaskDataSpec` finds it, without the `{}` check
+    (NeMo RL's multiple-choice prompts have none: the question and options follow them)."""
+    return _read_text(path, key)
+
+
 class RawDataset:
     """Base class: subclasses set `formatted_ds` and `task_spec` in `__init__`."""
 

@@ -56,6 +56,7 @@ def write_checkpoint(directory: Path, fingerprint: dict[str, Any]) -> Path:
 def raw_lora_of(cfg: MasterConfig, use_triton: bool = True) -> dict[str, Any]:
     raw = asdict(cfg.policy.dtensor_cfg.lora_cfg)
     raw.pop("lora_dtype")
+    raw.pop("use_dora")  # added after the legacy form: no old checkpoint holds it
     return raw | {"use_triton": use_triton}
 
 
@@ -105,6 +106,17 @@ def test_fingerprint_keys_on_effective_values(tmp_path: Path) -> None:
     step = write_checkpoint(tmp_path, base)
     full = resume_fingerprint(load_config(QUICKSTART, ["data.max_input_seq_length=64"]), None, DATA)
     ckpt.check_resumable(step, full)
+
+
+def test_use_dora_is_fingerprinted_when_set() -> None:
+    """Set, it refuses resuming a DoRA checkpoint as LoRA (or back); unset, it is left out,
+    so LoRA checkpoints written before the key existed resume."""
+    lora = ["policy.dtensor_cfg.lora_cfg.enabled=true"]
+    plain = resume_fingerprint(load_config(QUICKSTART, lora), None, DATA)
+    dora = ["policy.dtensor_cfg.lora_cfg.use_dora=true"]
+    with_dora = resume_fingerprint(load_config(QUICKSTART, [*lora, *dora]), None, DATA)
+    assert "use_dora" not in plain["lora"] and with_dora["lora"]["use_dora"] is True
+    assert {k: v for k, v in with_dora["lora"].items() if k != "use_dora"} == plain["lora"]
 
 
 def test_bad_lora_rank_fails_before_any_data_is_read(

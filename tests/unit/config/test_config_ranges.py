@@ -58,6 +58,7 @@ ABSURD = [
     ("logger.gpu_monitoring.collection_interval", "0"),
     ("cluster.gpus_per_node", "0"),
     ("cluster.num_nodes", "-1"),
+    ("cluster.collective_timeout_s", "0"),
 ]
 
 

@@ -107,7 +107,7 @@ def test_checksums_are_verified_once_per_node_not_on_every_open(
     calls: list[str] = []
     real = cache._checksum_problem
     monkeypatch.setattr(
-        cache, "_checksum_problem", lambda d, s, i: calls.append(s) or real(d, s, i)
+        cache, "_checksum_problem", lambda d, s, i, *bar: calls.append(s) or real(d, s, i, *bar)
     )
     cfg, tokenizer = _cfg(tmp_path), make_tokenizer("qwen25")
     prepare_data(cfg, tokenizer)  # the builder checks what it wrote

@@ -313,3 +313,30 @@ def test_data_report_is_one_readable_line(tmp_path: Path, caplog) -> None:
     assert "dropped as too long" not in lines[0] and "=0" not in lines[0]  # zeros left out
     readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     assert all(name in readme for name in COUNTER_NAMES.values())  # each one explained
+
+
+def test_hashing_tokenizing_and_checking_report_progress(tmp_path: Path, caplog, monkeypatch):
+    """Each long pass logs progress lines (a quarter at a time here) and a closing line."""
+    import functools
+    import logging
+
+    from sftkit.data import cache
+    from sftkit.data import prepare as prepare_module
+    from sftkit.log.progress import Progress
+
+    fast = functools.partial(Progress, step_fraction=0.25, every_s=0.0, bar=False)
+    monkeypatch.setattr(prepare_module, "Progress", fast)
+    monkeypatch.setattr(cache, "Progress", fast)
+    data = {"dataset_name": "openai_format", "data_path": str(_write(tmp_path / "d.jsonl", 64))}
+    with caplog.at_level(logging.INFO, logger="sftkit"):
+        prepare_data(_cfg(tmp_path, data), make_tokenizer("qwen25"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("hashing the data: 64 rows | ") for line in lines), lines
+    tokenizing = [line for line in lines if line.startswith("tokenizing and writing")]
+    assert "tokenizing and writing the data cache: 25% (16 rows/64 rows)" in tokenizing[0]
+    assert (
+        "eta" in tokenizing[0]
+        and tokenizing[-1].endswith("s")
+        and "done, 64 rows" in tokenizing[-1]
+    )
+    assert any(line.startswith("checking the data cache: done") for line in lines), lines

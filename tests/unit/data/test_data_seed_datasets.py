@@ -10,8 +10,9 @@ import pytest
 
 from sftkit.data.datasets import load_dataset
 from sftkit.data.errors import DataError
-from sftkit.eval.config import load_eval_config
-from sftkit.eval.run import pass_at_k, read_eval_rows, score_prompt
+from sftkit.eval.benchmarks import load_source
+from sftkit.eval.config import QUICKSTART_EVAL_CONFIG, load_eval_config
+from sftkit.eval.run import pass_at_k, score_prompt
 
 # The `data.default` block of the seed guide, verbatim.
 GUIDE_DEFAULT = {
@@ -111,18 +112,19 @@ def test_eval_config_accepts_nemo_keys_and_names_typos(tmp_path: Path) -> None:
         load_eval_config(None, ["eval.k_value=5"])
     with pytest.raises(ValueError, match=r"generation.max_new_tokens: Value 'x'"):
         load_eval_config(None, ["generation.max_new_tokens=x"])
-    with pytest.raises(ValueError, match="data.dataset_name='math500'.*data.data_path"):
-        load_eval_config(None, ["data.dataset_name=math500"])
+    # NeMo RL's benchmark names are accepted (issue 27; they used to be refused)
+    assert load_eval_config(None, ["data.dataset_name=math500"]).data.dataset_name == "math500"
 
 
 def test_eval_rows_and_scores(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "eval.jsonl", [{"q": "1+1", "a": 2}, {"q": "2+2", "a": 4}])
-    cfg = load_eval_config(None, [f"data.data_path={path}", "data.problem_key=q",
-                                  "data.solution_key=a"]).data  # fmt: skip
-    assert [r["q"] for r in read_eval_rows(cfg)] == ["1+1", "2+2"]
-    cfg.solution_key = "answer"
+    cfg = load_eval_config(str(QUICKSTART_EVAL_CONFIG), [f"data.data_path={path}",
+                           "data.problem_key=q", "data.solution_key=a"])  # fmt: skip
+    rows = load_source(cfg).rows
+    assert [r["messages"][0]["content"] for r in rows] == ["1+1", "2+2"]
+    cfg.data.solution_key = "answer"
     with pytest.raises(DataError, match=r"eval.jsonl:1: no 'answer' value.*solution_key"):
-        read_eval_rows(cfg)
+        load_source(cfg)
     assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0
     assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2)
     assert score_prompt([" 2", "3", "2", "2"], "2", "pass@k", 1) == (0.75, True)

@@ -78,3 +78,30 @@ def test_sdpa_is_replaced_where_it_would_drop_the_attention_softcap(
     llama.config._attn_implementation = "sdpa"
     keep_attention_softcap(llama)
     assert uncapped.config._attn_implementation == llama.config._attn_implementation == "sdpa"
+
+
+def test_loading_weights_reports_progress(
+    model_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Block by block (several ranks): a line per quarter of the bytes, then a closing line;
+    one process (transformers reads the files): the closing line with size and time."""
+    import functools
+
+    from sftkit.log.progress import Progress
+    from sftkit.model import load, parallel
+
+    monkeypatch.setattr(load, "Progress", functools.partial(Progress, quiet_s=0.0, bar=False))
+    with caplog.at_level("INFO", logger="sftkit"):
+        model = load_model(str(model_dir), progress=True)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loading")]
+    assert len(done) == 1 and done[0].startswith(f"loading weights: done, {size / 1000:.1f} KB")
+    caplog.clear()
+    fresh = LlamaForCausalLM(model.config)
+    with caplog.at_level("INFO", logger="sftkit"):
+        parallel.load_sharded_weights(fresh, sorted(model_dir.glob("*.safetensors")), progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loading")]
+    assert any("%" in line and "eta" in line for line in lines), lines
+    assert lines[-1].startswith("loading weights: done")
+    for name, param in fresh.state_dict().items():
+        assert param.equal(model.state_dict()[name]), name  # the weights themselves
