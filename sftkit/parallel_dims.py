@@ -12,6 +12,11 @@ Ranks sit on one ("dp_replicate", "dp_shard", "cp", "tp") grid, "tp" varying fas
 tensor-parallel peers hold the same tokens; context-parallel peers hold different chunks of
 the same rows; data-parallel ranks (replica x shard) hold different examples. A new
 dimension is one field here, one name in `MESH_DIMS` and the place that uses it.
+
+Expert parallelism borrows its ranks from "dp_shard", as torchtitan's does: with ep > 1 the
+mesh splits "dp_shard" into ("efsdp", "ep"), "ep" inner, so a rank's coordinates and batch
+share do not change. Each "ep" group holds one copy of the experts, E / ep per rank, and
+FSDP2 shards those over "efsdp"; every other parameter is sharded over all "dp_shard_cp".
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ FLAT_DIMS = {
     "dp_shard_cp": ("dp_shard", "cp"),  # FSDP2 shards parameters and reduces gradients here
     "dp_cp": ("dp_replicate", "dp_shard", "cp"),  # sums of per-rank numbers (`DistEnv.sum`)
 }
+# With expert parallelism "dp_shard" is itself the flattening of ("efsdp", "ep").
+EP_MESH_DIMS = ("dp_replicate", "efsdp", "ep", "cp", "tp")
 # The config key behind each degree, for error messages.
 KEYS = {
     "tp": "policy.dtensor_cfg.tensor_parallel_size",
@@ -59,8 +66,8 @@ class ParallelDims:
     dp_shard: int = 1  # FSDP2 shards parameters over these (x cp)
     cp: int = 1  # context parallel: ranks that split each sequence
     tp: int = 1  # tensor parallel: ranks that split each layer's weights
-    # Expert and pipeline parallelism are not implemented: the config layer warns that their
-    # keys are ignored and these stay 1; a layout asking for more is refused (`problems`).
+    # Expert parallel: ranks of "dp_shard" that split the experts (E / ep each); it divides
+    # dp_shard and adds no ranks. Pipeline parallelism is not implemented (refused > 1).
     ep: int = 1
     pp: int = 1
     _meshes: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -83,16 +90,17 @@ class ParallelDims:
         if world_size == 1:
             return cls()
         tp, cp, rep = d.tensor_parallel_size, d.context_parallel_size, d.dp_replicate_size
-        lines = problems(world_size, tp, cp, rep)
+        ep = d.expert_parallel_size
+        lines = problems(world_size, tp, cp, rep, ep)
         if lines:
             raise ValueError("\n".join(lines))
-        return cls(dp_replicate=rep, dp_shard=world_size // (tp * cp * rep), cp=cp, tp=tp)
+        return cls(dp_replicate=rep, dp_shard=world_size // (tp * cp * rep), cp=cp, tp=tp, ep=ep)
 
     # ------------------------------------------------------------------------- degrees
 
     @property
     def world_size(self) -> int:
-        return math.prod(getattr(self, k) for k in MESH_DIMS) * self.ep * self.pp
+        return math.prod(getattr(self, k) for k in MESH_DIMS) * self.pp  # ep borrows dp_shard
 
     @property
     def dp(self) -> int:
@@ -138,12 +146,22 @@ class ParallelDims:
         if device_type not in self._meshes:
             from torch.distributed.device_mesh import init_device_mesh
 
-            sizes = tuple(getattr(self, k) for k in MESH_DIMS)
-            mesh = init_device_mesh(device_type, sizes, mesh_dim_names=MESH_DIMS)
-            for name, dims in FLAT_DIMS.items():
+            names: tuple[str, ...] = MESH_DIMS
+            flat = FLAT_DIMS
+            if self.ep > 1:  # "dp_shard" = ("efsdp", "ep"), in the same rank order
+                names = EP_MESH_DIMS
+                flat = {k: _split_shard(v) for k, v in {"dp_shard": ("dp_shard",), **flat}.items()}
+            sizes = tuple(self._size(k) for k in names)
+            mesh = init_device_mesh(device_type, sizes, mesh_dim_names=names)
+            for name, dims in flat.items():
                 mesh[dims]._flatten(name)
             self._meshes[device_type] = mesh
         return self._meshes[device_type]
+
+    def _size(self, dim: str) -> int:
+        if dim == "efsdp":
+            return self.dp_shard // self.ep
+        return int(getattr(self, dim))
 
     def fsdp_mesh(self, device_type: str) -> DeviceMesh:
         """What FSDP2 wraps over: (replicate, shard) for HSDP, else the shard dim."""
@@ -151,10 +169,21 @@ class ParallelDims:
         assert mesh is not None, "one process has no FSDP mesh"
         return mesh["dp_replicate", "dp_shard_cp"] if self.dp_replicate > 1 else mesh["dp_shard_cp"]
 
+    def expert_fsdp_mesh(self, device_type: str) -> DeviceMesh:
+        """What FSDP2 wraps the experts over under EP: ("dp_replicate", "efsdp") for HSDP,
+        else "efsdp" (one rank when ep = dp_shard: FSDP2 then only reduces gradients)."""
+        mesh = self.mesh(device_type)
+        assert mesh is not None and self.ep > 1, "no expert-parallel mesh"
+        return mesh["dp_replicate", "efsdp"] if self.dp_replicate > 1 else mesh["efsdp"]
+
     def group(self, device_type: str, name: str) -> Any:
         """The process group of one (possibly flattened) mesh dim; None with one rank."""
         mesh = self.mesh(device_type)
         return None if mesh is None else mesh[name].get_group()
+
+
+def _split_shard(dims: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(d for dim in dims for d in (("efsdp", "ep") if dim == "dp_shard" else (dim,)))
 
 
 def problems(
@@ -165,11 +194,19 @@ def problems(
     lines = [f"{KEYS[k]}={v} must be at least 1" for k, v in sizes.items() if v < 1]
     if lines:
         return lines
-    lines += [
-        f"{KEYS[k]}={v}: sftkit has no {k} parallelism; set it to 1"
-        for k, v in (("ep", ep), ("pp", pp))
-        if v > 1
-    ]
+    if pp > 1:
+        lines.append(f"{KEYS['pp']}={pp}: sftkit has no pp parallelism; set it to 1")
+    if ep > 1 and (tp > 1 or cp > 1):
+        lines.append(
+            f"{KEYS['ep']}={ep} with tensor_parallel_size={tp} and context_parallel_size={cp}: "
+            "sftkit's expert parallelism borrows FSDP ranks only; set both to 1 (or ep to 1)"
+        )
+    elif ep > 1 and world_size % (dp_replicate * ep):
+        lines.append(
+            f"{KEYS['ep']}={ep} must divide the {world_size // dp_replicate} FSDP ranks of "
+            f"each replica (world {world_size} / dp_replicate_size={dp_replicate}); set it to "
+            "a divisor of them"
+        )
     if cp > 1 and dp_replicate > 1:
         lines.append(
             f"policy.dtensor_cfg.context_parallel_size={cp} with dp_replicate_size={dp_replicate} "

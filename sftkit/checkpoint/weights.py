@@ -348,6 +348,13 @@ def save_hf_state_dict(
     config: Any = copy.deepcopy(model.config)
     if getattr(config.get_text_config(), "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # stored once, as the input embeddings
+    # The layout `save_pretrained` writes: fused MoE experts back to one matrix per expert
+    # where the family's checkpoints keep them so (transformers' conversion mapping).
+    from transformers.core_model_loading import revert_weight_conversion
+
+    reverted = revert_weight_conversion(cast(Any, model), state)
+    # the per-expert matrices are views of one fused tensor; safetensors stores each alone
+    state = {k: v if k in state else v.clone() for k, v in reverted.items()}
     save_torch_state_dict(state, directory)
     # FSDP2 subclasses the model class on the fly (`FSDPLlamaForCausalLM`): name the original.
     original = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers"))

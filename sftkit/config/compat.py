@@ -39,7 +39,8 @@ MEGATRON_HONOURED: tuple[str, ...] = tuple(
         "optimizer.sgd_momentum", "optimizer.clip_grad", "scheduler.start_weight_decay",
         "scheduler.end_weight_decay", "scheduler.weight_decay_incr_style",
         "scheduler.lr_decay_style", "scheduler.lr_decay_iters", "scheduler.lr_warmup_iters",
-        "scheduler.lr_warmup_init", "context_parallel_size", "fp8_cfg.enabled", "fp8_cfg.fp8",
+        "scheduler.lr_warmup_init", "context_parallel_size", "expert_model_parallel_size",
+        "fp8_cfg.enabled", "fp8_cfg.fp8",
         "fp8_cfg.fp8_recipe", "fp8_cfg.fp8_param",
     )
 )  # fmt: skip
@@ -47,6 +48,7 @@ _DECAY_STYLES = ("constant", "linear", "cosine")
 _PARALLEL_DEFAULTS: dict[str, Any] = {
     "tensor_parallel_size": 1,
     "context_parallel_size": 1,
+    "expert_parallel_size": 1,
     "sequence_parallel": False,
 }
 _MIN_START_FACTOR = 1e-12  # torch's LinearLR needs a start factor > 0
@@ -275,18 +277,23 @@ def _peft_as_lora(peft: Any) -> LoraConfig:
 
 def megatron_layout(cfg: DictConfig) -> None:
     """With `policy.megatron_cfg.enabled`, its `context_parallel_size` (NeMo RL's Megatron
-    spelling, e.g. the yarn-128k recipe's CP 8) is the run's context-parallel size."""
+    spelling, e.g. the yarn-128k recipe's CP 8) and `expert_model_parallel_size` are the
+    run's context- and expert-parallel sizes."""
     meg, d = cfg.policy.megatron_cfg, cfg.policy.dtensor_cfg
-    if not meg.enabled or meg.context_parallel_size in (None, 1):
+    if not meg.enabled:
         return
-    if d.context_parallel_size not in (1, meg.context_parallel_size):
-        raise ConfigError(
-            f"policy.megatron_cfg.context_parallel_size={meg.context_parallel_size} and "
-            f"policy.dtensor_cfg.context_parallel_size={d.context_parallel_size} differ; "
-            "set one of them",
-            path="policy.megatron_cfg.context_parallel_size",
-        )
-    d.context_parallel_size = meg.context_parallel_size
+    for mkey, dkey in (("context_parallel_size", "context_parallel_size"),
+                       ("expert_model_parallel_size", "expert_parallel_size")):  # fmt: skip
+        size = meg[mkey]
+        if size in (None, 1):
+            continue
+        if d[dkey] not in (1, size):
+            raise ConfigError(
+                f"policy.megatron_cfg.{mkey}={size} and policy.dtensor_cfg.{dkey}={d[dkey]} "
+                "differ; set one of them",
+                path=f"policy.megatron_cfg.{mkey}",
+            )
+        d[dkey] = size
 
 
 def megatron_optimizer(cfg: DictConfig) -> bool:

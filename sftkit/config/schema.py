@@ -169,7 +169,10 @@ class DTensorConfig:
     dp_replicate_size: int = doc(
         1, "HSDP: FSDP2 shards within world/(R x TP) ranks, replicates R times"
     )
-    expert_parallel_size: int = doc(1, "MoE expert parallel degree (experts are FSDP2-sharded)")
+    expert_parallel_size: int = doc(
+        1,
+        "MoE expert parallel degree: ranks (taken from the FSDP ranks) that split the experts, E / ep each, tokens exchanged by all-to-all; 1: FSDP2 shards the experts like any weight",
+    )
     custom_parallel_plan: str | None = doc(None, "dotted path to a TP plan")
     automodel_kwargs: dict[str, Any] = doc(factory=dict, text="NeMo Automodel options")
     lora_cfg: LoraConfig = field(default_factory=LoraConfig)
@@ -482,7 +485,6 @@ IGNORED_KEYS: dict[str, str] = {
     "policy.offload_optimizer_for_logprob": "RL-only (no logprob pass in SFT)",
     "policy.megatron_recipe": "Megatron-only",
     "policy.tokenizer.is_tokenizer_processor": "text-only: the tokenizer is an AutoTokenizer",
-    "policy.dtensor_cfg.expert_parallel_size": "no expert parallelism: FSDP2 shards experts",
     "policy.dynamic_batching.logprob_mb_tokens": "RL-only (no logprob pass in SFT)",
     "policy.sequence_packing.logprob_mb_tokens": "RL-only (no logprob pass in SFT)",
     "policy.dtensor_cfg._v2": "both DTensor versions map to sftkit's engine",
@@ -506,7 +508,6 @@ IGNORED_KEYS: dict[str, str] = {
     "policy.megatron_cfg.recompute_modules": "Megatron-only",
     "policy.megatron_cfg.tensor_model_parallel_size": "Megatron-only; use dtensor_cfg.tensor_parallel_size",
     "policy.megatron_cfg.expert_tensor_parallel_size": "Megatron-only",
-    "policy.megatron_cfg.expert_model_parallel_size": "Megatron-only",
     "policy.megatron_cfg.pipeline_model_parallel_size": "Megatron-only (no pipeline parallelism)",
     "policy.megatron_cfg.context_parallel_size": "Megatron-only",
     "policy.megatron_cfg.pipeline_dtype": "Megatron-only",

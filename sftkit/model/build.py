@@ -8,8 +8,9 @@
                        branches with their base layers and FSDP shards them as parameters;
                        then FP8 (`fp8_cfg`) swaps the remaining nn.Linear layers for
                        torchao's Float8Linear, before TP, AC, compile and FSDP2 wrap them
-    4. mesh + TP       the layout's mesh (`env.dims`), then DTensor tensor
-                       parallelism; one process: moved to its device
+    4. mesh + EP + TP  the layout's mesh (`env.dims`), experts split over "ep"
+                       (`model/moe.py`), then DTensor tensor parallelism; one process:
+                       moved to its device
     5. kernels         fused RMSNorm/SwiGLU/RoPE forwards and packed attention swap module
                        forwards in place: after TP (they see the sharded projections),
                        before AC and compile (which wrap those forwards) and FSDP; context
@@ -18,7 +19,8 @@
                        outside the kernels, and activation offload to host memory around it
     7. compile         per decoder layer, over everything above
     8. FSDP2           last, as torchtitan does: it shards what the steps above produced;
-                       then a sharded model is allocated, loaded block by block and its
+                       experts under EP are their own units over "efsdp"; then a
+                       sharded model is allocated, loaded block by block and its
                        LoRA initialised as one process would
 
 Like torchtitan's `parallelize_llama`: one function, one order. LoRA's random init draws
@@ -42,6 +44,7 @@ from sftkit.model.fp8 import apply_fp8
 from sftkit.model.fused import apply_fused_kernels, compile_layers
 from sftkit.model.load import DTYPES, load_model
 from sftkit.model.lora import apply_lora, lora_spec_from_config
+from sftkit.model.moe import apply_expert_parallel
 from sftkit.model.parallel import (
     apply_activation_checkpointing,
     apply_fsdp,
@@ -62,6 +65,17 @@ from sftkit.model.qlora import (
 )
 
 logger = logging.getLogger("sftkit")
+
+
+def _expert_parallel(model: nn.Module, ep_mesh: Any) -> None:
+    ep = ep_mesh.size()
+    if apply_expert_parallel(model, ep_mesh):
+        logger.info("Expert parallel: %d ranks split the experts (all-to-all dispatch)", ep)
+    else:
+        logger.warning(
+            "policy.dtensor_cfg.expert_parallel_size=%d: this model has no experts, so EP "
+            "has nothing to shard; it trains with FSDP2 over all ranks", ep,
+        )  # fmt: skip
 
 
 def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
@@ -111,6 +125,8 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
     # 4. mesh + tensor parallel (one process: the device)
     mesh = env.mesh  # None: one process
     if mesh is not None:
+        if env.dims.ep > 1:
+            _expert_parallel(model, mesh["ep"])
         if env.dims.tp > 1:
             plan = tensor_parallel_plan(model, d.custom_parallel_plan, d.sequence_parallel)
             apply_tensor_parallel(model, mesh["tp"], plan)
@@ -144,11 +160,13 @@ def build_model(cfg: MasterConfig, env: DistEnv) -> nn.Module:
         return model
     # 8. FSDP2, then allocate this rank's shards and read them from the weight files
     compute = DTYPES[p.precision]
+    experts = env.dims.expert_fsdp_mesh(env.device.type) if env.dims.ep > 1 else None
     apply_fsdp(
         model,
         env.dims.fsdp_mesh(env.device.type),
         None if compute == torch.float32 else compute,
         d.cpu_offload,
+        experts,
     )
     materialize(model, torch.device("cpu") if d.cpu_offload else env.device)
     files = weight_files(p.model_name, env)

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sftkit.dist import DistEnv
 from sftkit.model.load import decoder_layers
+from sftkit.model.moe import expert_modules, file_key, per_expert_reader
 
 logger = logging.getLogger("sftkit")
 
@@ -125,12 +126,19 @@ def _offload_context(args: tuple[Any, ...]) -> Any:
 
 
 def apply_fsdp(
-    model: nn.Module, dp_mesh: Any, param_dtype: torch.dtype | None, cpu_offload: bool
+    model: nn.Module,
+    dp_mesh: Any,
+    param_dtype: torch.dtype | None,
+    cpu_offload: bool,
+    expert_mesh: Any = None,
 ) -> None:
     """`fully_shard` each decoder layer, then the root (embeddings, final norm, lm_head).
 
     Parameters stay as loaded (float32 masters unless `bf16_params`); FSDP all-gathers them
     in `param_dtype` and reduce-scatters gradients in float32, averaging over ranks.
+    `expert_mesh` (EP: "efsdp", with "dp_replicate" for HSDP): each expert-parallel experts
+    module is its own FSDP2 unit over it, first (`model/moe.py` already divides its
+    gradients by ep, so averaging over this mesh divides by every data-parallel rank).
     """
     from torch.distributed.fsdp import (
         CPUOffloadPolicy,
@@ -144,6 +152,10 @@ def apply_fsdp(
         "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
         "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
     }
+    if expert_mesh is not None:
+        for _, module in expert_modules(model):
+            if hasattr(module, "_sftkit_ep"):
+                fully_shard(module, **{**options, "mesh": expert_mesh})
     for layer in decoder_layers(model):
         fully_shard(layer, **options)
     fully_shard(model, **options)
@@ -495,14 +507,17 @@ def load_sharded_weights(
         for name, param in chosen:
             local = _local(param)
             key = next((n for n in aliases[id(param)] if n in where), None)
-            if key is None:  # gpt-oss's MXFP4 experts (`sftkit.model.mxfp4`), else missing
+            key = key if key is not None else file_key(model, name, where)
+            if key is not None:
+                local.copy_(where[key].get_slice(key)[_local_index(param)])
+            elif (read := per_expert_reader(model, name, where)) is not None:
+                local.copy_(read(_local_index(param)))  # one matrix per expert on disk
+            else:  # gpt-oss's MXFP4 experts (`sftkit.model.mxfp4`), else missing
                 block = read_dequantized(where, name, _local_index(param), param.dtype)
                 if block is None:
                     missing.append(name)
                 else:
                     local.copy_(block)
-            else:
-                local.copy_(where[key].get_slice(key)[_local_index(param)])
             bar.update(local.numel() * local.element_size())
     if missing:
         raise ValueError(

@@ -64,7 +64,8 @@ def check_before_model(cfg: MasterConfig, env: DistEnv, data: PreparedData) -> N
     # The same pure function of (config, world size) `init_distributed` built `env.dims` from:
     # callers that make a DistEnv by hand (tests, benches) get the config's layout checked too.
     dims = ParallelDims.from_config(d, env.world_size)
-    sizes = ("tensor_parallel_size", "context_parallel_size", "dp_replicate_size")
+    sizes = ("tensor_parallel_size", "context_parallel_size", "dp_replicate_size",
+             "expert_parallel_size")  # fmt: skip
     layout = {k: getattr(d, k) for k in sizes}
     if env.world_size == 1 and any(size > 1 for size in layout.values()):
         logger.warning(

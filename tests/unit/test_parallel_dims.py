@@ -89,15 +89,40 @@ def test_impossible_layouts_give_one_line_each(
         assert expected in line
 
 
-@pytest.mark.parametrize(
-    ("field", "key"),
-    [("ep", "policy.dtensor_cfg.expert_parallel_size=2"),
-     ("pp", "policy.megatron_cfg.pipeline_model_parallel_size=2")],
-)  # fmt: skip
-def test_unimplemented_dimensions_are_refused_in_one_line(field: str, key: str) -> None:
+def test_pipeline_parallelism_is_refused_in_one_line() -> None:
     with pytest.raises(ValueError) as raised:
-        ParallelDims(dp_shard=2, **{field: 2})
-    assert str(raised.value) == f"{key}: sftkit has no {field} parallelism; set it to 1"
+        ParallelDims(dp_shard=2, pp=2)
+    key = "policy.megatron_cfg.pipeline_model_parallel_size=2"
+    assert str(raised.value) == f"{key}: sftkit has no pp parallelism; set it to 1"
+
+
+def test_expert_parallel_borrows_fsdp_ranks() -> None:
+    """EP adds no ranks: 4 ranks at ep 2 are 4 FSDP ranks, 2 expert groups of 2, and a
+    rank's coordinates and batch share are those of the same run without EP."""
+    d = DTensorConfig(expert_parallel_size=2)
+    dims = ParallelDims.from_config(d, 4)
+    assert (dims.dp_shard, dims.ep, dims.world_size, dims.dp) == (4, 2, 4, 4)
+    assert dims.gradient_divide_factor == 4
+    plain = layout(4)
+    assert [dims.dp_rank(r) for r in range(4)] == [plain.dp_rank(r) for r in range(4)]
+    rep = ParallelDims.from_config(DTensorConfig(expert_parallel_size=2, dp_replicate_size=2), 8)
+    assert (rep.dp_replicate, rep.dp_shard, rep.ep) == (2, 4, 2)
+
+
+@pytest.mark.parametrize(
+    ("world", "sizes", "line"),
+    [
+        (6, {"expert_parallel_size": 4}, "expert_parallel_size=4 must divide the 6 FSDP ranks"),
+        (8, {"expert_parallel_size": 4, "dp_replicate_size": 4},
+         "expert_parallel_size=4 must divide the 2 FSDP ranks of each replica"),
+        (4, {"expert_parallel_size": 2, "tensor_parallel_size": 2},
+         "expert_parallel_size=2 with tensor_parallel_size=2 and context_parallel_size=1"),
+    ],
+)  # fmt: skip
+def test_impossible_expert_layouts_give_one_line(world: int, sizes: dict, line: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        ParallelDims.from_config(DTensorConfig(**sizes), world)
+    assert len(str(raised.value).splitlines()) == 1 and line in str(raised.value)
 
 
 def test_the_layout_is_immutable() -> None:
@@ -118,7 +143,7 @@ RECIPE_HAND = {
     "sft-llama3.2-1b-2n8g-hsdp.yaml": ((2, 8, 1, 1), 16, 1),
     "sft-llama3.1-8b-1n8g-fsdp2tp2.yaml": ((1, 4, 1, 2), 4, 1),
     "sft-llama3.1-8b-1n8g-fsdp2tp4-dynamicbatch.yaml": ((1, 2, 1, 4), 2, 1),
-    "sft-gpt-oss-20b-1n8g-fsdp8ep8-automodel.yaml": ((1, 8, 1, 1), 8, 1),  # ep: warned, 1
+    "sft-gpt-oss-20b-1n8g-fsdp8ep8-automodel.yaml": ((1, 8, 1, 1), 8, 1),  # ep 8 of the 8
     "sft-qwen2.5-math7b-2n8g-megatron.yaml": ((1, 8, 2, 1), 16, 4),
 }
 RECIPE_FILES = sorted(RECIPES.rglob("*.yaml"))
@@ -144,6 +169,7 @@ def test_every_recipe_on_its_intended_gpu_count(path: Path) -> None:
     tp, cp, rep = d.tensor_parallel_size, d.context_parallel_size, d.dp_replicate_size
     if world > 1:
         assert (dims.dp_replicate, dims.cp, dims.tp) == (rep, cp, tp)
+        assert dims.ep == d.expert_parallel_size  # borrowed from dp_shard: no extra ranks
         assert dims.dp_shard == world // (rep * cp * tp)
     assert dims.world_size == world
     assert dims.gradient_divide_factor == world // dims.tp

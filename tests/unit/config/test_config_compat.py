@@ -32,10 +32,9 @@ def test_automodel_cfg_is_dtensor_cfg(caplog: pytest.LogCaptureFixture) -> None:
     assert d.expert_parallel_size == 2 and d.automodel_kwargs["backend"]["attn"] == "sdpa"
     assert cfg.policy.make_sequence_length_divisible_by == 1  # ${policy.automodel_cfg...}
     found = ignored_settings(cfg)
-    for key in (
-        "policy.dtensor_cfg.expert_parallel_size",
-        "policy.dynamic_batching.logprob_mb_tokens",
-    ):
+    # expert_parallel_size now acts (expert parallelism): no longer reported as ignored
+    assert "policy.dtensor_cfg.expert_parallel_size" not in found
+    for key in ("policy.dynamic_batching.logprob_mb_tokens",):
         assert key in found and key in _warnings(caplog)
     # Acted on since gpt-oss's MXFP4 experts load dequantized (tests/unit/model/test_model_mxfp4.py).
     assert (
@@ -113,6 +112,24 @@ def test_disabled_dtensor_parallel_sizes_are_not_read() -> None:
     assert load_config(OLDER, off).policy.dtensor_cfg.tensor_parallel_size == 1
     on = ["policy.dtensor_cfg.tensor_parallel_size=4"]
     assert load_config(OLDER, on).policy.dtensor_cfg.tensor_parallel_size == 4
+
+
+def test_expert_parallel_sizes_are_read() -> None:
+    """dtensor_cfg's EP size acts; with Megatron enabled its EP size is the run's (one line
+    when both are set and differ); a disabled dtensor_cfg's is not read."""
+    on = ["policy.dtensor_cfg.expert_parallel_size=4"]
+    assert load_config(OLDER, on).policy.dtensor_cfg.expert_parallel_size == 4
+    off = ["policy.dtensor_cfg.enabled=false", *on]
+    assert load_config(OLDER, off).policy.dtensor_cfg.expert_parallel_size == 1
+    meg = ["policy.megatron_cfg.expert_model_parallel_size=8"]
+    assert load_config(MEGATRON, meg).policy.dtensor_cfg.expert_parallel_size == 8
+    assert "policy.megatron_cfg.expert_model_parallel_size" not in ignored_settings(
+        load_config(MEGATRON, meg)
+    )
+    with pytest.raises(
+        ConfigError, match="expert_model_parallel_size=8 and policy.dtensor_cfg.exp"
+    ):
+        load_config(MEGATRON, [*meg, "policy.dtensor_cfg.enabled=true", *on])
 
 
 def test_megatron_optimizer_is_translated(caplog: pytest.LogCaptureFixture) -> None:
