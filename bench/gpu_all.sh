@@ -14,6 +14,10 @@
 #            steps, float32 masters vs FP8 (target: last-window loss within 2%)
 # 4c. maxctx bench/max_context.py: longest trainable sequence, 8B LoRA and 1B full, sftkit
 #            vs HF+PEFT+Liger (fit of peak memory at 3 lengths, one verifying step each)
+# 4d. qlora bench/qlora.py --gpu: Llama-3.1-8B shape (random bf16 weights written once),
+#            seq 4096, LoRA r16 on all linears, capped at 24 GB: sftkit QLoRA (NF4) vs PEFT +
+#            bitsandbytes (skipped with a note unless a bitsandbytes wheel is in .wheels/),
+#            each in its own process; sftkit's memory estimate vs max_memory_allocated
 # 5. tests   tests/gpu (every CUDA test, `gpu` marker) and the kernel unit files beside it
 #            (varlen attention, fused kernels and loss, LoRA kernel, FP8, bf16 optimizer)
 # 6. e2e     the real entry point on CUDA: bf16 + packing, LoRA, FP8, a few dozen steps
@@ -38,7 +42,7 @@ mkdir -p "$DEPS"
 for w in .wheels/*.whl; do python -m zipfile -e "$w" "$DEPS"; done
 tar -xzf .wheels/antlr4-python3-runtime-*.tar.gz -C /tmp && cp -r /tmp/antlr4-python3-runtime-*/src/antlr4 "$DEPS"/
 export PYTHONPATH=.:$DEPS
-STEPS=${STEPS:-sft,recipe,fp8,full8b,fp8conv,maxctx,tests,e2e,moe,lora,fsdp,heavy}
+STEPS=${STEPS:-sft,recipe,fp8,full8b,fp8conv,maxctx,qlora,tests,e2e,moe,lora,fsdp,heavy}
 on() { [[ ",$STEPS," == *",$1,"* ]]; }
 {
   nvidia-smi --query-gpu=name,memory.total,power.limit,driver_version --format=csv
@@ -82,6 +86,13 @@ if on maxctx && [ "$(left)" -gt 90 ]; then
   timeout $(( B + 10 )) python bench/max_context.py --budget "$(( B - 10 ))" \
     ${MAXCTX_ARGS:---max-len 65536} --out "$OUT/max_context.jsonl" > "$OUT/max_context.log" 2>&1
   echo "exit $?" >> "$OUT/max_context.log"
+fi
+
+if on qlora && [ "$(left)" -gt 120 ]; then
+  B=$(left); [ "$B" -gt "${QLORA_BUDGET:-150}" ] && B=${QLORA_BUDGET:-150}
+  timeout "$B" python bench/qlora.py --gpu --seq 4096 --steps 3 ${QLORA_ARGS:-} \
+    --out "$OUT/qlora.jsonl" > "$OUT/qlora.log" 2>&1
+  echo "exit $?" >> "$OUT/qlora.log"
 fi
 
 B=$(left)

@@ -90,11 +90,15 @@ def _sft(argv: list[str]) -> int:
     args, overrides = _config_args(argv, "run_sft.py")
     setup_logging()
     cfg = load_config(args.config, overrides)
-    if args.print_config:
-        print(config_to_yaml(cfg), end="")
-        return 0
     from sftkit.hub import offline_if_unreachable
 
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        offline_if_unreachable(cfg)  # the estimate reads the model's config.json
+        from sftkit.model.memory import estimate_lines
+
+        print("\n".join(estimate_lines(cfg)))
+        return 0
     offline_if_unreachable(cfg)  # offline: hub errors in seconds, not after retries
     try:
         launched = _maybe_self_launch(cfg, argv)

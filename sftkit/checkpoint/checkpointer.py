@@ -408,6 +408,8 @@ def resume_fingerprint(cfg: MasterConfig, tokenizer: Any, data: PreparedData) ->
         lora.pop("target_experts")
     if not lora["use_dora"]:  # keys added later count only when set: older LoRA checkpoints
         lora.pop("use_dora")  # resume as before
+    if lora["quantize_base"] is None:  # LoRA checkpoints from before QLoRA keep resuming
+        lora = {k: v for k, v in lora.items() if not k.startswith("quantize_")}
     common = {
         # scrubbed: training_info.json is written as is (a URL password in a model path
         # must not reach it); both sides of the resume check are scrubbed alike

@@ -125,7 +125,8 @@ def check_finite_weights(
     held them and resuming repeated the failure.
     """
     local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
-    tensors = [t.detach() for t in local if t.numel() > 0]
+    # A frozen NF4 base (QLoRA) is never updated and has no inf/NaN encoding: skipped.
+    tensors = [t.detach() for t in local if t.numel() > 0 and type(t).__name__ != "NF4Tensor"]
     bad = 0.0
     if tensors:
         peaks = torch._foreach_norm(tensors, float("inf"))

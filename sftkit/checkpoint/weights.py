@@ -321,6 +321,9 @@ def gather_hf(
     state = cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
     if not is_main:
         return
+    for key, value in state.items():  # QLoRA: HF directories hold the dequantized base
+        if type(value).__name__ == "NF4Tensor":
+            state[key] = value.to(value.dtype)
     for name, module in lora_modules(model).items():
         a, b = state.pop(f"{name}.lora_A.weight"), state.pop(f"{name}.lora_B.weight")
         m = state.pop(f"{name}.{dora.MAGNITUDE}.weight", None)

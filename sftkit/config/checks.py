@@ -15,6 +15,7 @@ from typing import Any, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from sftkit.config.checks_qlora import qlora_problems
 from sftkit.config.compat import MEGATRON_HONOURED
 from sftkit.config.errors import ConfigError
 from sftkit.config.schema import (
@@ -307,7 +308,7 @@ def check_config(cfg: MasterConfig, sources: dict[str, str] | None = None) -> No
         problems.append((f"policy.{where}.fp8_cfg", f"policy.{where}.fp8_cfg.{fp8_error}."))
     problems += choice_problems(cfg, CHOICES)
     problems += _optimizer_number_problems(policy.optimizer)
-    problems += _lora_problems(cfg)
+    problems += _lora_problems(cfg) + qlora_problems(cfg)
     shape_ok = True
     for name in ("train", "validation"):
         message = _dataset_shape_error(f"data.{name}", getattr(cfg.data, name))

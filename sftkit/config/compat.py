@@ -65,6 +65,8 @@ _MEGATRON_PATH_PARTS = {"decoder": "model", "self_attention": "self_attn"}
 _PEFT_HONOURED = (
     "enabled", "target_modules", "exclude_modules", "dim", "alpha", "dropout",
     "dropout_position", "lora_A_init_method", "lora_B_init_method", "lora_dtype",
+    "quantize_base", "quantize_compute_dtype", "quantize_block_size",
+    "quantize_scaler_block_size",
 )  # fmt: skip
 # Megatron's lora_dtype spellings -> the schema's dtype names.
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32",
@@ -263,6 +265,10 @@ def _peft_as_lora(peft: Any) -> LoraConfig:
         lora_A_init="uniform" if a_init in ("kaiming", "kaiming_uniform") else a_init,
         use_triton=True,
         lora_dtype=_DTYPE_NAMES[dtype],
+        quantize_base=peft.quantize_base,
+        quantize_compute_dtype=peft.quantize_compute_dtype,
+        quantize_block_size=int(peft.quantize_block_size),
+        quantize_scaler_block_size=int(peft.quantize_scaler_block_size),
     )
 
 

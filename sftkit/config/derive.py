@@ -10,7 +10,7 @@ values are what `--print-config` prints and what the resume fingerprint keys on.
 | `policy.dynamic_batching.train_mb_tokens`, `policy.sequence_packing.train_mb_tokens` | `max_total_sequence_length * train_micro_batch_size` |
 | `data.max_row_chars` | `max(1,000,000, 8 * data.max_input_seq_length)` |
 | `policy.tokenizer.chat_template` | `custom_template` when set (the seed guide's spelling) |
-| `policy.dtensor_cfg.lora_cfg` | the LoRA that trains: Megatron's `peft` translated into it (`compat.megatron_peft`), `use_triton` off under tensor parallelism |
+| `policy.dtensor_cfg.lora_cfg` | the LoRA that trains: Megatron's `peft` translated into it (`compat.megatron_peft`), `use_triton` off under tensor parallelism, `quantize_compute_dtype` (null: `policy.precision`) |
 
 Order: defaults first (the Megatron translation reads `clip_grad` and the weight decays
 derived here), then `compat.translate`, then the effective LoRA (after the layout is final).
@@ -88,3 +88,5 @@ def effective_lora(cfg: Any) -> None:
             "> 1; the PyTorch LoRA path is used."
         )
         lora.use_triton = False
+    if lora.quantize_base is not None and lora.quantize_compute_dtype is None:
+        lora.quantize_compute_dtype = cfg.policy.precision  # NF4 dequantizes to the run's dtype

@@ -66,6 +66,8 @@ _LORA = {
     "dim": _count("the LoRA rank", 2**16),
     "alpha": _real(0, what="the LoRA scale is alpha / dim", low_open=True),
     "dropout": _real(0, 0.999, "a dropout probability"),
+    "quantize_block_size": _count("weights per NF4 scale", 2**16),
+    "quantize_scaler_block_size": _count("NF4 scales per double-quantization block", 2**16),
 }
 
 # Dotted path -> range. A path through a list or free-form mapping (`kwargs.betas.0`) is

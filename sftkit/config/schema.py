@@ -119,6 +119,24 @@ class LoraConfig:
         "Megatron's peft.lora_dtype is translated into it",
         nemo=False,
     )
+    quantize_base: str | None = doc(
+        None,
+        "QLoRA: nf4 stores the frozen base linear layers as 4-bit NF4 (torchao, double-"
+        "quantized scales), quantized while loading; the head and embeddings stay dense | null",
+        nemo=False,
+    )
+    quantize_compute_dtype: str | None = doc(
+        None, "dtype NF4 weights dequantize to for the matmuls; null: policy.precision", nemo=False
+    )
+    quantize_block_size: int = doc(
+        64, "weights per NF4 scale; must divide each quantized weight's size", nemo=False
+    )
+    quantize_scaler_block_size: int = doc(
+        256,
+        "NF4 scales per double-quantization block, at most (the largest divisor of a weight's "
+        "block count up to this is used)",
+        nemo=False,
+    )
     target_experts: bool = doc(
         False,
         "also adapt MoE experts' fused 3-D weights (gate_up_proj, down_proj: per-expert A and B, "
@@ -413,6 +431,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "policy.dtensor_cfg.lora_cfg.dropout_position": ("pre", "post"),
     "policy.dtensor_cfg.lora_cfg.lora_A_init": ("xavier", "uniform"),
     "policy.dtensor_cfg.lora_cfg.lora_dtype": ("float32", "bfloat16", "float16"),
+    "policy.dtensor_cfg.lora_cfg.quantize_base": ("nf4",),
+    "policy.dtensor_cfg.lora_cfg.quantize_compute_dtype": ("float32", "bfloat16", "float16"),
+    "policy.megatron_cfg.peft.quantize_base": ("nf4",),
+    "policy.megatron_cfg.peft.quantize_compute_dtype": ("float32", "bfloat16", "float16"),
     "policy.megatron_cfg.peft.dropout_position": ("pre", "post"),
     "policy.megatron_cfg.peft.lora_A_init_method": ("xavier", "uniform"),
     "policy.sequence_packing.algorithm": (

@@ -94,7 +94,7 @@ def init_magnitudes_sharded(model: nn.Module) -> None:
         local_m, local_w = _local(mag), _local(module.weight)
         if local_m.shape[0] != local_w.shape[0] or _local(module.lora_B.weight).any():
             raise AssertionError(f"{name}: DoRA magnitude shard does not match its weight rows")
-        local_m.copy_(torch.linalg.norm(local_w, dim=1).to(local_m.dtype))
+        local_m.copy_(torch.linalg.norm(dense(local_w), dim=1).to(local_m.dtype))  # NF4 too
 
 
 def _local(t: Tensor) -> Tensor:

@@ -97,7 +97,10 @@ def keep_attention_softcap(model: nn.Module) -> None:
 
 
 def model_config(
-    model_name: str, trust_remote_code: bool, overrides: dict[str, Any] | None = None
+    model_name: str,
+    trust_remote_code: bool,
+    overrides: dict[str, Any] | None = None,
+    check_size: bool = True,
 ) -> tuple[str, Any]:
     """(local path or hub id, HF config with `policy.hf_config_overrides` applied).
 
@@ -132,7 +135,8 @@ def model_config(
                 "spelling"
             )
         setattr(config, key, value)
-    check_model_size(config, model_name)  # before anything is allocated, even on meta
+    if check_size:  # the memory estimate (meta only) describes models this host cannot hold
+        check_model_size(config, model_name)  # before anything is allocated, even on meta
     return path, config
 
 

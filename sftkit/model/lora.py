@@ -224,7 +224,7 @@ class LoraLinearFunction(torch.autograd.Function):
         if weight is None:
             out = torch.zeros(lx.shape[0], B.shape[0], dtype=lx.dtype, device=lx.device)
         else:
-            out = F.linear(x, weight, bias)
+            out = F.linear(x, _dense(weight, x.dtype), bias)
         if triton_ok:
             from sftkit.model.kernels.lora import lora_forward_add_
 
@@ -232,13 +232,18 @@ class LoraLinearFunction(torch.autograd.Function):
         else:
             out.addmm_(lx @ A.t(), B.t(), alpha=scale)
         need_x = weight is not None and weight.requires_grad
-        ctx.save_for_backward(x if (need_x or lora_x is None) else None, weight, lora_x, A, B)
+        # A frozen NF4 weight rides on ctx, not saved tensors: activation offload would copy
+        # a dense host copy of it per layer (torch's save_on_cpu packs every saved tensor).
+        ctx.nf4_weight = weight if weight is not None and _is_nf4(weight) else None
+        saved_w = None if ctx.nf4_weight is not None else weight
+        ctx.save_for_backward(x if (need_x or lora_x is None) else None, saved_w, lora_x, A, B)
         ctx.scale, ctx.triton_ok, ctx.has_bias = scale, triton_ok, bias is not None
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, lora_x, A, B = ctx.saved_tensors
+        weight = ctx.nf4_weight if ctx.nf4_weight is not None else weight
         lx = x if lora_x is None else lora_x
         scale = ctx.scale
         need = ctx.needs_input_grad
@@ -246,7 +251,7 @@ class LoraLinearFunction(torch.autograd.Function):
         dx = dw = db = dlx = None
         # dX of the base path first, so the LoRA term can be added into it in place.
         if need[0] and weight is not None:
-            dx = grad @ weight
+            dx = grad @ _dense(weight, grad.dtype)
         want_lora_dx = need[3] if lora_x is not None else need[0]
         into = dx if (lora_x is None and dx is not None) else None
         if want_lora_dx and ctx.triton_ok:
@@ -306,7 +311,10 @@ class LoraLinear(nn.Linear):
         shape = x.shape
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        weight, bias = self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)
+        # An NF4 base (QLoRA) stays NF4 here: the Function dequantizes it per matmul and keeps
+        # only the 4-bit tensor for backward, not a dense copy per layer.
+        weight = self.weight if _is_nf4(self.weight) else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
         A, B = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         active = self.training and self.lora_dropout_p > 0
@@ -346,6 +354,15 @@ class LoraLinear(nn.Linear):
 
 def _is_dtensor(*tensors: Tensor) -> bool:
     return any(type(t).__name__ == "DTensor" for t in tensors)
+
+
+def _is_nf4(t: Tensor) -> bool:
+    """torchao's NF4Tensor (`sftkit.model.qlora`), known by name: torchao stays optional."""
+    return type(t).__name__ == "NF4Tensor"
+
+
+def _dense(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    return weight.to(dtype) if _is_nf4(weight) else weight  # NF4: dequantize
 
 
 _LORA_CLASSES: dict[type, type] = {nn.Linear: LoraLinear}
@@ -537,6 +554,8 @@ def merge_lora(model: nn.Module) -> None:
     lora_experts.merge_expert_lora(model)
     for module in lora_modules(model).values():
         with torch.no_grad():
+            if _is_nf4(module.weight):  # QLoRA: merge into the dequantized base
+                module.weight = nn.Parameter(module.weight.to(module.weight.dtype), False)
             w = module.weight
             A, B = module.lora_A.weight, module.lora_B.weight
             if dora.has_dora(module):

@@ -416,6 +416,7 @@ def build_meta_model(
     attn_implementation: str | None,
     config_overrides: dict[str, Any],
     dequantize: bool = False,
+    check_size: bool = True,
 ) -> nn.Module:
     """The HF model's architecture with parameters on the meta device (no weights read)."""
     from transformers import AutoModelForCausalLM
@@ -423,7 +424,7 @@ def build_meta_model(
     from sftkit.model.load import keep_attention_softcap, model_config
     from sftkit.model.mxfp4 import drop_quantization, plan_dequantize
 
-    _, config = model_config(model_name, trust_remote_code, config_overrides)
+    _, config = model_config(model_name, trust_remote_code, config_overrides, check_size)
     if plan_dequantize(config, model_name, dequantize):  # read in load_sharded_weights
         drop_quantization(config)
     if attn_implementation:
@@ -561,9 +562,10 @@ def init_lora_sharded(model: nn.Module, init: str, rng: torch.Tensor) -> None:
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:
-    """Allocate a meta-device (possibly sharded) model on `device`, keeping buffer values."""
+    """Allocate a meta-device (possibly sharded) model on `device`, keeping buffer values
+    and the tensors already there (QLoRA's NF4 weights, quantized before FSDP2 cut them)."""
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
-    model.to_empty(device=device)
+    model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             if name in buffers:

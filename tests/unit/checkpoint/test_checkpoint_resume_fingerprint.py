@@ -58,6 +58,8 @@ def raw_lora_of(cfg: MasterConfig, use_triton: bool = True) -> dict[str, Any]:
     raw.pop("lora_dtype")
     raw.pop("use_dora")  # added after the legacy form: no old checkpoint holds it
     raw.pop("target_experts")  # newer than the old form too
+    for key in [k for k in raw if k.startswith("quantize_")]:  # keys newer than that form
+        raw.pop(key)
     return raw | {"use_triton": use_triton}
 
 

@@ -29,6 +29,18 @@ from sftkit.config import ConfigError, load_config
         (["policy.dtensor_cfg.lora_cfg.dropout_position=mid"], "dropout_position is 'mid'"),
         (["policy.dtensor_cfg.lora_cfg.lora_A_init=normal"], "lora_A_init is 'normal'"),
         (["policy.megatron_cfg.peft.dropout_position=x"], "peft.dropout_position is 'x'"),
+        (["policy.dtensor_cfg.lora_cfg.quantize_base=nf4"], "quantize_base='nf4': LoRA is off"),
+        (["policy.dtensor_cfg.lora_cfg.quantize_base=int4"], "quantize_base is 'int4'; choose"),
+        (
+            [f"policy.dtensor_cfg.lora_cfg.{k}" for k in ("quantize_block_size=63",
+             "quantize_base=nf4", "enabled=true")],  # fmt: skip
+            "quantize_block_size is 63; NF4 packs two weights a byte",
+        ),
+        (
+            ["policy.dtensor_cfg.lora_cfg.quantize_base=nf4", "policy.dtensor_cfg.lora_cfg.enabled=true",
+             "policy.dtensor_cfg.fp8_cfg.enabled=true"],  # fmt: skip
+            "is not supported with fp8_cfg.enabled",
+        ),
         (["policy.sequence_packing.algorithm=best_fit"], "sequence_packing.algorithm"),
         (["data.train=abc"], "data.train is 'abc'; it must be a dataset config"),
         (["data.validation=[{data_path: a}, 3]"], "data.validation is .*a list of them"),
