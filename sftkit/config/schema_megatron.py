@@ -29,7 +29,9 @@ class PeftConfig:
     a2a_experimental: bool = doc(False, "Megatron all-to-all communication strategy")
     lora_dtype: str | None = doc(None, 'weight dtype; the seed\'s "None" string is read as null')
     quantize_base: str | None = doc(None, "sftkit's QLoRA: see lora_cfg.quantize_base", nemo=False)
-    quantize_compute_dtype: str | None = doc(None, "see lora_cfg.quantize_compute_dtype", nemo=False)
+    quantize_compute_dtype: str | None = doc(
+        None, "see lora_cfg.quantize_compute_dtype", nemo=False
+    )
     quantize_block_size: int = doc(64, "see lora_cfg.quantize_block_size", nemo=False)
     quantize_scaler_block_size: int = doc(
         256, "see lora_cfg.quantize_scaler_block_size", nemo=False

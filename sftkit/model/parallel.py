@@ -501,17 +501,21 @@ def load_sharded_weights(
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(name)
     missing = []
+    converted = False  # read from a layout other than the model's own names
     chosen = [(n, p) for n, p in model.named_parameters() if select(n)]
     size = sum(_local(p).numel() * _local(p).element_size() for _, p in chosen)
     with Progress("loading weights", size, "B", enabled=progress) as bar:
         for name, param in chosen:
             local = _local(param)
             key = next((n for n in aliases[id(param)] if n in where), None)
-            key = key if key is not None else file_key(model, name, where)
+            if key is None:
+                key = file_key(model, name, where)
+                converted = converted or key is not None
             if key is not None:
                 local.copy_(where[key].get_slice(key)[_local_index(param)])
             elif (read := per_expert_reader(model, name, where)) is not None:
                 local.copy_(read(_local_index(param)))  # one matrix per expert on disk
+                converted = True
             else:  # gpt-oss's MXFP4 experts (`sftkit.model.mxfp4`), else missing
                 block = read_dequantized(where, name, _local_index(param), param.dtype)
                 if block is None:
@@ -524,6 +528,11 @@ def load_sharded_weights(
             f"{files[0].parent} lacks {len(missing)} of the model's parameters, e.g. "
             f"{missing[:3]}; is it a checkpoint of this model (policy.model_name)?"
         )
+    if not converted:
+        # As `from_pretrained` records for a checkpoint stored under the model's own names:
+        # no conversion to revert at export, so `final_hf` keeps the base's layout (fused
+        # experts stay fused) on any number of ranks, as one process writes it.
+        model._weight_conversions = []  # type: ignore[assignment]
 
 
 @torch.no_grad()

@@ -71,8 +71,13 @@ def block_sizes(name: str, numel: int, spec: QuantSpec, shards: int = 1) -> tupl
 def quantize(name: str, weight: Tensor, spec: QuantSpec, shards: int = 1) -> Tensor:
     """`weight` as a frozen NF4 tensor that dequantizes to `spec.compute_dtype`; with
     `shards`, FSDP2 can cut it into that many equal row blocks (torchao's split)."""
-    from torchao.quantization import to_nf4
-
+    try:
+        from torchao.quantization import to_nf4
+    except ImportError as err:
+        raise ValueError(
+            "policy.dtensor_cfg.lora_cfg.quantize_base=nf4 needs torchao: `pip install torchao` "
+            f"(or `pip install sftkit[fp8]`), or set quantize_base=null ({err})"
+        ) from err
     if weight.shape[0] % shards:
         raise ValueError(
             f"{name}: {weight.shape[0]} rows do not split over {shards} FSDP ranks; an NF4 "

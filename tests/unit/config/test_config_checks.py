@@ -32,13 +32,18 @@ from sftkit.config import ConfigError, load_config
         (["policy.dtensor_cfg.lora_cfg.quantize_base=nf4"], "quantize_base='nf4': LoRA is off"),
         (["policy.dtensor_cfg.lora_cfg.quantize_base=int4"], "quantize_base is 'int4'; choose"),
         (
-            [f"policy.dtensor_cfg.lora_cfg.{k}" for k in ("quantize_block_size=63",
-             "quantize_base=nf4", "enabled=true")],  # fmt: skip
+            [
+                f"policy.dtensor_cfg.lora_cfg.{k}"
+                for k in ("quantize_block_size=63", "quantize_base=nf4", "enabled=true")
+            ],  # fmt: skip
             "quantize_block_size is 63; NF4 packs two weights a byte",
         ),
         (
-            ["policy.dtensor_cfg.lora_cfg.quantize_base=nf4", "policy.dtensor_cfg.lora_cfg.enabled=true",
-             "policy.dtensor_cfg.fp8_cfg.enabled=true"],  # fmt: skip
+            [
+                "policy.dtensor_cfg.lora_cfg.quantize_base=nf4",
+                "policy.dtensor_cfg.lora_cfg.enabled=true",
+                "policy.dtensor_cfg.fp8_cfg.enabled=true",
+            ],  # fmt: skip
             "is not supported with fp8_cfg.enabled",
         ),
         (["policy.sequence_packing.algorithm=best_fit"], "sequence_packing.algorithm"),

@@ -122,3 +122,15 @@ def test_dora_on_an_nf4_base_starts_at_the_dequantized_row_norms(tiny_model_dir:
     torch.testing.assert_close(magnitude(layer).detach(), expected)
     x = torch.randn(3, layer.in_features)
     torch.testing.assert_close(layer(x), x @ layer.weight.to(torch.float32).t())  # B = 0
+
+
+def test_missing_torchao_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without torchao (it is the `fp8` extra, not a core dependency) QLoRA says what to install."""
+    import sys
+
+    from sftkit.model import qlora
+
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    spec = qlora.QuantSpec(compute_dtype=torch.float32, block_size=64, scaler_block_size=256)
+    with pytest.raises(ValueError, match=r"quantize_base=nf4 needs torchao: `pip install torchao`"):
+        qlora.quantize("layer.weight", torch.ones(64, 64), spec)
