@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import transformers
 from conftest import RunResult, SmallRun
+from moe_model import write_tiny_qwen3_moe
 from test_distributed import RTOL, STEPS, assert_same_weights
 
 COMMON = (
@@ -31,21 +31,7 @@ PACKED = "policy.sequence_packing.enabled=true"
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Qwen3-MoE (4 experts, top-2) with the built-in tokenizer."""
-    from sftkit.model.builtin import build_tokenizer
-
-    root = tmp_path_factory.mktemp("qwen3_moe_ep")
-    tokenizer = build_tokenizer(384)
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, hidden_size=32,
-        intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
-        max_position_embeddings=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
+    return write_tiny_qwen3_moe(tmp_path_factory.mktemp("qwen3_moe_ep"))
 
 
 def run(small_run: SmallRun, work: Path, model: Path, ranks: int, *more: str) -> RunResult:

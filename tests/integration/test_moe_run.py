@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from moe_model import write_tiny_qwen3_moe
 
 from tests.conftest import SmallRun
 
@@ -18,21 +19,7 @@ ON = "++policy.hf_config_overrides.output_router_logits=true"
 
 @pytest.fixture(scope="module")
 def qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sftkit.model.builtin import build_tokenizer
-
-    root = tmp_path_factory.mktemp("qwen3_moe")
-    tokenizer = build_tokenizer(384)
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, hidden_size=32,
-        intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
-        max_position_embeddings=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
+    return write_tiny_qwen3_moe(tmp_path_factory.mktemp("qwen3_moe"))
 
 
 def losses(small_run: SmallRun, work: Path, model: Path, *more: str) -> dict[int, dict]:
