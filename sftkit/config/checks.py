@@ -355,13 +355,6 @@ def _lora_problems(cfg: MasterConfig) -> list[tuple[str, str]]:
             "over tensor-parallel ranks; set policy.dtensor_cfg.tensor_parallel_size=1 (FSDP2 "
             f"shards them) or {key}=false."
         )))  # fmt: skip
-    ep = cfg.policy.dtensor_cfg.expert_parallel_size or 1
-    if lora.target_experts and ep > 1:  # EP's 1/ep gradient scale would reach the adapters
-        problems.append((key, (
-            f"{key} is true with expert_parallel_size {ep}: expert adapters are not split over "
-            "expert-parallel ranks yet; set policy.dtensor_cfg.expert_parallel_size=1 (FSDP2 "
-            f"shards them) or {key}=false."
-        )))  # fmt: skip
     problems += _dora_problems(cfg)
     return problems
 

@@ -219,14 +219,20 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: Any) -> int:
                 f"policy.dtensor_cfg.expert_parallel_size={ep} does not divide {name}'s "
                 f"{n_experts} experts; set it to a divisor of {n_experts}"
             )
-        for pname in (*EXPERT_WEIGHTS, *EXPERT_BIASES):
-            param = getattr(module, pname, None)
-            if not isinstance(param, nn.Parameter):
-                continue
-            block = param.chunk(ep, dim=0)[ep_mesh.get_local_rank()]
-            dt = DTensor.from_local(block, ep_mesh, [Shard(0)], run_check=False,
-                                    shape=param.shape, stride=param.stride())  # fmt: skip
-            setattr(module, pname, nn.Parameter(dt, requires_grad=param.requires_grad))
+        # The weights, and LoRA's per-expert A and B (`sftkit.model.lora_experts`), which
+        # have the experts on dim 0 too: W + s B@A is then formed on this rank's experts.
+        holders = [
+            module,
+            *(getattr(module, n) for n in ("lora_A", "lora_B") if hasattr(module, n)),
+        ]
+        for holder in holders:
+            for pname, param in list(holder.named_parameters(recurse=False)):
+                if holder is module and pname not in (*EXPERT_WEIGHTS, *EXPERT_BIASES):
+                    continue
+                block = param.chunk(ep, dim=0)[ep_mesh.get_local_rank()]
+                dt = DTensor.from_local(block, ep_mesh, [Shard(0)], run_check=False,
+                                        shape=param.shape, stride=param.stride())  # fmt: skip
+                setattr(holder, pname, nn.Parameter(dt, requires_grad=param.requires_grad))
         module._sftkit_ep, module._sftkit_ep_group = ep, ep_mesh.get_group()
         module._sftkit_grad_scale = 1.0 / ep
         module.forward = types.MethodType(ep_experts_forward, module)

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 from conftest import RunResult, SmallRun
 from moe_model import write_tiny_qwen3_moe
@@ -138,3 +139,25 @@ def test_dense_model_with_ep_says_there_is_nothing_to_shard(
                                   "cluster.gpus_per_node=2", "checkpointing.enabled=false")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "this model has no experts, so EP has nothing to shard" in result.stderr
+
+
+@pytest.mark.slow
+def test_lora_on_experts_under_ep2_matches_one_rank(
+    small_run: SmallRun, moe_dir: Path, tmp_path: Path
+) -> None:
+    """Expert adapters split over the EP ranks with their experts (each rank forms
+    W + s B@A for its own experts): the same steps, adapter and merged model as one rank."""
+    from safetensors.torch import load_file
+    from test_moe_run import EXPERT_LORA
+
+    more = (*EXPERT_LORA, "policy.optimizer.kwargs.lr=0.01")
+    one = run(small_run, tmp_path / "one", moe_dir, 1, *more)
+    two = run(small_run, tmp_path / "two", moe_dir, 2, EP2, *more)
+    assert "Expert parallel: 2 ranks split the experts" in two.stderr
+    assert_same_steps(one, two, [1, 2, 3, 4])  # EXPERT_LORA: 4 steps
+    a = load_file(one.checkpoint_dir / "final_adapter" / "adapter_model.safetensors")
+    b = load_file(two.checkpoint_dir / "final_adapter" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b) and any("experts" in k for k in a)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_weights(one.checkpoint_dir / "final_hf", two.checkpoint_dir / "final_hf")

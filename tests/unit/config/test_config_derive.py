@@ -62,9 +62,6 @@ def test_megatron_peft_is_translated_into_lora_cfg_once(
           "policy.dtensor_cfg.lora_cfg.dropout=0.1"], "policy.dtensor_cfg.lora_cfg.target_experts"),
         (["policy.dtensor_cfg.lora_cfg.enabled=true", "++policy.dtensor_cfg.lora_cfg.target_experts=true",
           "policy.dtensor_cfg.tensor_parallel_size=2"], "policy.dtensor_cfg.lora_cfg.target_experts"),
-        # ... nor over expert-parallel ranks (EP's 1/ep gradient scale would reach them)
-        (["policy.dtensor_cfg.lora_cfg.enabled=true", "++policy.dtensor_cfg.lora_cfg.target_experts=true",
-          "policy.dtensor_cfg.expert_parallel_size=2"], "policy.dtensor_cfg.lora_cfg.target_experts"),
     ],
 )  # fmt: skip
 def test_bad_lora_rank_and_dropout_fail_at_load(overrides: list[str], key: str) -> None:
