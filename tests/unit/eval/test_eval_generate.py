@@ -144,6 +144,9 @@ def test_fingerprint_changes_with_the_weights_and_the_sampling(tmp_path: Path) -
     assert run_fingerprint(cfg, ["a", "b"], str(model), None)["sampling"] != second["sampling"]
 
 
+# A real SIGKILL of `sftkit eval` (39 s here); the in-process interruption test above covers
+# the same resume path in the default suite.
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_killed_eval_resumes_to_the_same_file(tiny_model_dir: Path, tmp_path: Path) -> None:
     """`sftkit eval` killed (SIGKILL) after some batches reached its JSONL: the same command
