@@ -228,14 +228,16 @@ def remove_abandoned(cache_dir: Path, now: float | None = None) -> list[Path]:
         parts = tmp.name[1:-4].split(".")
         host = ".".join(parts[2:-1]) if len(parts) >= 4 else None
         pid = int(parts[1]) if len(parts) >= 4 and parts[1].isdigit() else None
-        gone = host == socket.gethostname() and pid is not None and not _alive(pid)
+        gone = host == socket.gethostname() and pid is not None and not pid_alive(pid)
         if gone or _idle_seconds(tmp, now) > STALE_TMP_S:
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs (the run lock's and the data cache's
+    evidence that a holder or a build is gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

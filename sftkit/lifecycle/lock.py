@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sftkit.data.cache import pid_alive
 from sftkit.dist import DistEnv
 from sftkit.errors import RunFailure
 
@@ -99,19 +100,9 @@ def stale_reason(holder: Holder | None, me: Holder) -> str | None:
     if holder.host == me.host:
         if holder.pid == me.pid:
             return "left by this process"
-        if not _alive(holder.pid):
+        if not pid_alive(holder.pid):
             return f"process {holder.pid} is gone"
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
 
 
 def take_run_lock(directory: Path, take_over: bool, env: DistEnv) -> RunLock | None:
